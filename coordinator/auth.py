@@ -1,0 +1,64 @@
+"""Bearer-secret checks with a short in-process cache (revocation visible within ``ttl`` seconds).
+
+Malformed secrets are refused without touching the database; every failure looks the same to the
+caller (one 401 body), so responses do not reveal whether a key exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from coordinator import accounts, keys
+from coordinator.accounts import Principal
+
+Lookup = Callable[[AsyncSession, str], Awaitable[Principal | None]]
+
+
+class SecretCache:
+    """Resolves secrets of one kind (consumer keys or agent tokens) to principals."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        prefix: str,
+        lookup: Lookup,
+        ttl: float = 1.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._sessions = sessions
+        self._prefix = prefix
+        self._lookup = lookup
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+
+    async def resolve(self, authorization: str | None) -> Principal | None:
+        """The principal for an ``Authorization: Bearer …`` header value, or ``None``."""
+        if not authorization:
+            return None
+        scheme, _, secret = authorization.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not keys.is_well_formed(secret, self._prefix):
+            return None
+        secret_digest = keys.digest(secret)
+        now = time.monotonic()
+        cached = self._entries.get(secret_digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self._sessions() as session:
+            principal = await self._lookup(session, secret_digest)
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        self._entries[secret_digest] = (now + self._ttl, principal)
+        return principal
+
+
+def consumer_keys(sessions: async_sessionmaker[AsyncSession]) -> SecretCache:
+    return SecretCache(sessions, keys.CONSUMER_PREFIX, accounts.find_api_key)
+
+
+def agent_tokens(sessions: async_sessionmaker[AsyncSession]) -> SecretCache:
+    return SecretCache(sessions, keys.AGENT_PREFIX, accounts.find_agent_token)

@@ -1,0 +1,27 @@
+"""Everything a running coordinator holds in memory, built once by ``create_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from coordinator.auth import SecretCache
+from coordinator.dispatch import Dispatcher
+from coordinator.registry import Registry
+from coordinator.settings import Settings
+from coordinator.stats import RequestStats
+from coordinator.upstream import Upstream
+
+
+@dataclass
+class PoolState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    consumer_keys: SecretCache
+    agent_tokens: SecretCache
+    registry: Registry
+    upstream: Upstream
+    dispatcher: Dispatcher
+    stats: RequestStats

@@ -1,0 +1,30 @@
+"""The platform-owned fallback: any OpenAI-compatible endpoint the operator configures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+from shared.backend import Event, prepare_body, run_chat
+
+
+class Upstream:
+    def __init__(self, base_url: str | None, api_key: str | None, models: dict[str, str], timeout: float) -> None:
+        self.models = models if base_url else {}
+        self._url = f"{base_url}/chat/completions" if base_url else ""
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    def serves(self, slug: str) -> bool:
+        return slug in self.models
+
+    def run(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> AsyncIterator[Event]:
+        body = prepare_body(raw, self.models[slug], stream)
+        return run_chat(self._client, self._url, body, stream=stream, want_usage=want_usage, headers=self._headers)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

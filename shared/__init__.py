@@ -1,0 +1,1 @@
+"""What the coordinator and the provider agent both speak: wire protocol, OpenAI shapes, errors."""

@@ -1,0 +1,45 @@
+"""Error codes of the public API (DESIGN §7) and of the agent protocol.
+
+The HTTP envelope is ``{"error": {"message", "type", "code", "param"}}``; ``type`` follows OpenAI's
+names so the official SDKs classify errors as they would against OpenAI.
+"""
+
+from __future__ import annotations
+
+INVALID_REQUEST = "invalid_request"
+INVALID_API_KEY = "invalid_api_key"
+INSUFFICIENT_CREDITS = "insufficient_credits"
+POLICY_BLOCKED = "policy_blocked"
+MODEL_NOT_FOUND = "model_not_found"
+NOT_FOUND = "not_found"
+REQUEST_TOO_LARGE = "request_too_large"
+RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+PROVIDER_ERROR = "provider_error"
+NO_CAPACITY = "no_capacity"
+INTERNAL_ERROR = "internal_error"
+
+# Job failure codes an agent reports in ``JobFailed``.
+BACKEND_UNAVAILABLE = "backend_unavailable"
+BACKEND_ERROR = "backend_error"
+BACKEND_REJECTED = "backend_rejected"
+AGENT_BUSY = "agent_busy"
+AGENT_DRAINING = "agent_draining"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "provider_error",
+    503: "service_unavailable",
+}
+
+
+def error_type(status: int) -> str:
+    """OpenAI-style ``type`` for an HTTP status."""
+    return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")

@@ -1,0 +1,31 @@
+"""Prices: the API speaks USD per 1M tokens, storage and the wire speak integer nano-USD per token."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+NANO_PER_USD = 1_000_000_000
+TOKENS_PER_PRICE_UNIT = 1_000_000
+
+
+def usd_per_million_to_nano_per_token(value: str | int | float | Decimal) -> int:
+    """Convert a USD-per-1M-tokens price to exact nano-USD per token.
+
+    1 USD / 1M tokens is 1000 nano-USD per token, so any price with at most 6 decimals converts
+    exactly; finer prices, negatives and non-numbers raise ``ValueError``.
+    """
+    try:
+        usd = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"price {value!r} is not a number") from None
+    if not usd.is_finite() or usd < 0:
+        raise ValueError(f"price {value!r} must be a non-negative number")
+    nano = usd * NANO_PER_USD / TOKENS_PER_PRICE_UNIT
+    if nano != nano.to_integral_value():
+        raise ValueError(f"price {value!r} has more precision than 0.000001 USD per 1M tokens")
+    return int(nano)
+
+
+def nano_per_token_to_usd_per_million(nano: int) -> float:
+    """The display form of a per-token price (USD per 1M tokens)."""
+    return float(Decimal(nano) * TOKENS_PER_PRICE_UNIT / NANO_PER_USD)

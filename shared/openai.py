@@ -1,0 +1,142 @@
+"""OpenAI chat-completion shapes.
+
+:class:`ChatCompletionRequest` validates a consumer's body (types, ranges, required fields); the
+coordinator forwards the original bytes, so fields not listed here reach the backend untouched.
+The ``*View`` structs read just what the pool needs out of a backend's responses and chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from shared.protocol import Usage
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ImageUrl(msgspec.Struct):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(msgspec.Struct):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(msgspec.Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(msgspec.Struct):
+    name: str
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+StopWord = Annotated[str, Meta(min_length=1)]
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    """The fields of ``POST /v1/chat/completions`` the pool checks before dispatching."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=200)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Probability | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] | None = None
+    stop: StopWord | Annotated[list[StopWord], Meta(max_length=4)] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[int, Meta(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+
+# --- reading backend output -------------------------------------------------------------------
+
+
+class ErrorView(msgspec.Struct):
+    message: str = ""
+    code: str | int | None = None
+    type: str | None = None
+
+
+class ChoiceView(msgspec.Struct):
+    finish_reason: str | None = None
+
+
+class ChunkView(msgspec.Struct):
+    """What the pool reads out of a streamed chunk or a whole response."""
+
+    choices: list[ChoiceView] = []
+    usage: Usage | None = None
+    error: ErrorView | str | None = None
+
+
+class ErrorBodyView(msgspec.Struct):
+    error: ErrorView | str | None = None
+    message: str | None = None

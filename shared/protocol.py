@@ -1,0 +1,175 @@
+"""The coordinator <-> agent websocket protocol (DESIGN §4).
+
+Every message is a tagged msgspec Struct (``tag_field="type"``) sent as one binary msgpack frame.
+Evolution rules: new fields get defaults, types never change, unknown fields are ignored, and an
+unknown tag is reported as :class:`UnknownMessage` so the receiver can log and skip it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+    """Base of every websocket message."""
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    """Token counts as the backend reported them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ModelOffer(msgspec.Struct, omit_defaults=True):
+    """One model an agent serves; prices are nano-USD per token."""
+
+    slug: str
+    backend_model: str
+    price_in: int
+    price_out: int
+    context_window: int | None = None
+
+
+class Limits(msgspec.Struct, omit_defaults=True):
+    """Per-connection limits the coordinator enforces."""
+
+    max_frame_bytes: int
+    max_messages_per_second: int
+
+
+# --- agent -> coordinator ---------------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    protocol: int
+    agent_version: str
+    models: list[ModelOffer]
+    max_concurrency: int
+    hardware: dict[str, str] = {}
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    in_flight: int = 0
+
+
+class JobChunk(Message, tag="job.chunk"):
+    """One piece of output: an SSE event's JSON payload, or (non-stream) part of the response body."""
+
+    job_id: str
+    seq: int
+    data: bytes
+
+
+class JobDone(Message, tag="job.done"):
+    """The job finished. ``tail`` holds the last chunks, withheld so the coordinator can stamp the
+    very last one with ``x_pool`` (the finish-reason chunk and, when asked for, the usage chunk)."""
+
+    job_id: str
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    tail: list[bytes] = []
+
+
+class JobFailed(Message, tag="job.failed"):
+    job_id: str
+    code: str
+    message: str
+    retryable: bool = False
+    status: int | None = None
+
+
+class Draining(Message, tag="draining"):
+    """The agent takes no new jobs and will close once its in-flight jobs finish."""
+
+
+# --- coordinator -> agent ---------------------------------------------------------------------
+
+
+class Welcome(Message, tag="welcome"):
+    agent_id: str
+    heartbeat_interval: float
+    limits: Limits
+
+
+class JobAssign(Message, tag="job.assign"):
+    """Run ``request`` (the consumer's JSON body, untouched) on ``backend_model``."""
+
+    job_id: str
+    model: str
+    backend_model: str
+    request: bytes
+    stream: bool
+    want_usage: bool
+    deadline: float
+
+
+class JobCancel(Message, tag="job.cancel"):
+    job_id: str
+
+
+class Reject(Message, tag="reject"):
+    reason: str
+
+
+AgentMessage = Hello | Heartbeat | JobChunk | JobDone | JobFailed | Draining
+CoordinatorMessage = Welcome | JobAssign | JobCancel | Reject
+
+
+class UnknownMessage(msgspec.Struct):
+    """A well-formed frame whose tag this side does not know (sent by a newer peer)."""
+
+    tag: str
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid message: not msgpack, not a map, or a known tag with bad fields."""
+
+
+class _Tagged(msgspec.Struct):
+    type: str
+
+
+class _Codec:
+    def __init__(self, union: object, tags: set[str]) -> None:
+        self._decoder: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder(union)
+        self._tag_decoder = msgspec.msgpack.Decoder(_Tagged)
+        self._tags = tags
+
+    def decode(self, frame: bytes) -> object:
+        """Decode one frame; unknown tags give :class:`UnknownMessage`, anything malformed raises."""
+        try:
+            return self._decoder.decode(frame)
+        except msgspec.DecodeError as exc:
+            try:
+                tag = self._tag_decoder.decode(frame).type
+            except msgspec.DecodeError:
+                raise ProtocolError(f"invalid frame: {exc}") from None
+            if tag not in self._tags:
+                return UnknownMessage(tag)
+            raise ProtocolError(f"invalid {tag!r} message: {exc}") from None
+
+
+def _tags(*types: type[Message]) -> set[str]:
+    return {str(t.__struct_config__.tag) for t in types}
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    """Encode one message as a msgpack frame."""
+    return _encoder.encode(message)
+
+
+def agent_decoder() -> _Codec:
+    """Decoder the coordinator uses for frames from agents."""
+    return _Codec(AgentMessage, _tags(Hello, Heartbeat, JobChunk, JobDone, JobFailed, Draining))
+
+
+def coordinator_decoder() -> _Codec:
+    """Decoder the agent uses for frames from the coordinator."""
+    return _Codec(CoordinatorMessage, _tags(Welcome, JobAssign, JobCancel, Reject))
