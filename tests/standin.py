@@ -92,7 +92,9 @@ class Standin:
         for i in range(self.chunks):
             delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            await send({"type": "http.response.body", "body": b"data: " + _json.encode(chunk) + b"\n\n", "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": b"data: " + _json.encode(chunk) + b"\n\n", "more_body": True}
+            )
             if self.interval:
                 await asyncio.sleep(self.interval)
         tail = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]

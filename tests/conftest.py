@@ -1,0 +1,64 @@
+"""Shared fixtures: real databases (SQLite and PostgreSQL) and real pool processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.harness import Pool
+
+DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_url() -> str:
+    return os.environ.get("POOL_TEST_POSTGRES_URL", DEFAULT_PG)
+
+
+async def _reset_postgres(url: str) -> None:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        await conn.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public;")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A freshly emptied PostgreSQL database. Mandatory: a missing server fails the test."""
+    url = postgres_url()
+    try:
+        asyncio.run(_reset_postgres(url))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.fail(f"PostgreSQL is required at {url} (set POOL_TEST_POSTGRES_URL): {exc}")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on both databases."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """A coordinator on SQLite with one consumer key and one agent token; agents per test."""
+    harness = Pool(tmp_path_factory.mktemp("pool"))
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+@pytest.fixture(autouse=True)
+def _agents_cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "pool" in request.fixturenames:
+        request.getfixturevalue("pool").stop_agents()

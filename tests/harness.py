@@ -1,0 +1,113 @@
+"""A pool of real processes for tests: coordinator, agents, stand-in backends."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+from scripts import localpool
+from scripts.localpool import Proc
+
+
+class Pool:
+    def __init__(self, workdir: Path, db_url: str | None = None, **settings: str) -> None:
+        self.dir = workdir
+        self.db_url = db_url or f"sqlite+aiosqlite:///{workdir / 'pool.db'}"
+        self.settings = {"heartbeat_interval": "0.5", "first_chunk_timeout": "30", **settings}
+        self.env = localpool.coordinator_env(self.db_url, **self.settings)
+        self.port = localpool.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.coordinator: Proc | None = None
+        self.agents: list[Proc] = []
+        self.backends: list[Proc] = []
+        self.key = ""
+        self.token = ""
+        self._names = 0
+
+    def start(self) -> None:
+        localpool.admin(self.env, "create-user", "--email", "consumer@example.com")
+        localpool.admin(self.env, "create-user", "--email", "provider@example.com")
+        self.key = localpool.admin(self.env, "create-key", "--email", "consumer@example.com")
+        self.token = localpool.admin(self.env, "create-agent-token", "--email", "provider@example.com")
+        self.coordinator = localpool.start_coordinator(self.port, self.env, self.dir)
+
+    def restart(self, **settings: str) -> None:
+        """Restart the coordinator with other settings (same database, same keys)."""
+        assert self.coordinator is not None
+        self.stop_agents()
+        self.coordinator.stop()
+        self.settings.update(settings)
+        self.env = localpool.coordinator_env(self.db_url, **self.settings)
+        self.coordinator = localpool.start_coordinator(self.port, self.env, self.dir, name=self._name("coordinator"))
+
+    def stop(self) -> None:
+        self.stop_agents()
+        for proc in self.backends:
+            proc.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+
+    def _name(self, kind: str) -> str:
+        self._names += 1
+        return f"{kind}{self._names}"
+
+    # --- agents and backends -------------------------------------------------------------------
+
+    def standin(self, **options: object) -> str:
+        """Start a stand-in backend; returns its base URL."""
+        port = localpool.free_port()
+        self.backends.append(localpool.start_standin(port, self.dir, name=self._name("standin"), **options))  # type: ignore[arg-type]
+        return f"http://127.0.0.1:{port}"
+
+    def agent(self, backend: str, models: list[str], wait: bool = True, token: str | None = None, **kw: object) -> Proc:
+        before = self.agent_count()
+        proc = localpool.start_agent(
+            self.url,
+            token or self.token,
+            backend,
+            models,
+            self.dir,
+            name=self._name("agent"),
+            **kw,  # type: ignore[arg-type]
+        )
+        self.agents.append(proc)
+        if wait:
+            localpool.wait_agents(self.url, before + 1, proc)
+        return proc
+
+    def stop_agents(self) -> None:
+        for proc in self.agents:
+            proc.stop()
+            if proc.alive():
+                proc.popen.kill()
+        self.agents.clear()
+        self.wait_agent_count(0)
+
+    def agent_count(self) -> int:
+        return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["agents"])
+
+    def wait_agent_count(self, count: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.agent_count() != count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expected {count} agents, have {self.agent_count()}")
+            time.sleep(0.05)
+
+    # --- consumers -----------------------------------------------------------------------------
+
+    def client(self, **kw: object) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kw)  # type: ignore[arg-type]
+
+    def post(self, body: object = None, content: bytes | None = None, key: str | None = None) -> httpx.Response:
+        secret = key if key is not None else self.key
+        headers = {"authorization": f"Bearer {secret}"} if secret else {}
+        if content is not None:
+            headers["content-type"] = "application/json"
+            return httpx.post(f"{self.url}/v1/chat/completions", headers=headers, content=content, timeout=60)
+        return httpx.post(f"{self.url}/v1/chat/completions", headers=headers, json=body, timeout=60)
+
+    def status(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.url}/v1/pool/status", timeout=5).json())

@@ -1,0 +1,194 @@
+"""The chat endpoint through real coordinator and agent processes, against a stand-in backend:
+shapes, passthrough, x_pool, and a clear 4xx for every bad field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import msgspec
+import openai
+import pytest
+
+from tests.harness import Pool
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def served(pool: Pool) -> str:
+    """One agent serving `smollm2-135m` from a stand-in; returns the stand-in's URL."""
+    backend = pool.standin(chunks=4)
+    pool.agent(backend, ["smollm2-135m=standin-model"])
+    return backend
+
+
+def test_openai_sdk_non_stream_and_stream(pool: Pool, served: str) -> None:
+    client = pool.client()
+    reply = client.chat.completions.create(model="smollm2-135m", messages=MSG)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 tok3"
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+    x_pool = (reply.model_extra or {})["x_pool"]
+    assert x_pool["fallback"] is False and x_pool["agent"].startswith("agt_") and x_pool["latency_ms"] >= 0
+
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=MSG,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "tok0 tok1 tok2 tok3 "
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 9
+    assert (chunks[-1].model_extra or {})["x_pool"]["fallback"] is False
+    # without include_usage every chunk has a choice (naive `choices[0]` loops keep working)
+    plain = list(client.chat.completions.create(model="smollm2-135m", messages=MSG, stream=True))  # type: ignore[arg-type]
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
+    assert "x_pool" in (plain[-1].model_extra or {}) and plain[-1].choices[0].finish_reason == "stop"
+
+
+def test_fields_reach_the_backend_untouched(pool: Pool, served: str) -> None:
+    body = {
+        "model": "smollm2-135m",
+        "messages": MSG,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "max_tokens": 7,
+        "max_completion_tokens": 7,
+        "stop": ["\n"],
+        "seed": 42,
+        "ignore_eos": True,  # a backend-specific field the pool does not know
+    }
+    assert pool.post(body).status_code == 200
+    seen = httpx.get(f"{served}/_last").json()
+    assert seen.pop("model") == "standin-model"
+    assert seen == {k: v for k, v in body.items() if k != "model"}
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"model": None}, "model"),
+        ({"model": 5}, "model"),
+        ({"model": ""}, "model"),
+        ({"messages": None}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0].type"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"temperature": 3}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"n": 3}, "n"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"seed": "x"}, "seed"),
+        ({"presence_penalty": 9}, "presence_penalty"),
+        ({"frequency_penalty": -9}, "frequency_penalty"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
+        ({"logprobs": "x"}, "logprobs"),
+        ({"top_logprobs": 50}, "top_logprobs"),
+        ({"tools": {}}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice.function"),
+        ({"parallel_tool_calls": "x"}, "parallel_tool_calls"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": "json"}, "response_format"),
+        ({"user": 7}, "user"),
+    ],
+)
+def test_bad_fields_get_400_with_param(pool: Pool, patch: dict[str, object], param: str) -> None:
+    body: dict[str, object] = {"model": "smollm2-135m", "messages": MSG}
+    for key, value in patch.items():
+        if value is None:
+            body.pop(key)
+        else:
+            body[key] = value
+    response = pool.post(body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "JSON"),
+        (b"[1,2]", "JSON object"),
+        (b'"text"', "JSON object"),
+        (b"\xff\xfe", "JSON"),
+    ],
+)
+def test_malformed_bodies_get_400(pool: Pool, content: bytes, fragment: str) -> None:
+    response = pool.post(content=content)
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_oversized_body_gets_413_and_keeps_serving(pool: Pool, served: str) -> None:
+    huge = json.dumps({"model": "smollm2-135m", "messages": [{"role": "user", "content": "x" * 5_000_000}]})
+    response = pool.post(content=huge.encode())
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert pool.post({"model": "smollm2-135m", "messages": MSG}).status_code == 200
+
+
+def test_unknown_model_and_bad_keys(pool: Pool) -> None:
+    response = pool.post({"model": "no-such-model", "messages": MSG})
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "message": response.json()["error"]["message"],
+        "type": "invalid_request_error",
+        "code": "model_not_found",
+        "param": "model",
+    }
+    bodies = set()
+    for key in ("", "pool_live_short", pool.key[:-1] + "x", pool.token, "Bearer"):
+        response = pool.post({"model": "smollm2-135m", "messages": MSG}, key=key)
+        assert response.status_code == 401
+        bodies.add(response.content)
+    assert len(bodies) == 1  # every auth failure looks the same
+    stranger = openai.OpenAI(base_url=f"{pool.url}/v1", api_key="pool_live_nope", max_retries=0)
+    assert stranger.models.list().object == "list"  # the directory is public
+    with pytest.raises(openai.AuthenticationError):
+        stranger.chat.completions.create(model="smollm2-135m", messages=MSG)  # type: ignore[arg-type]
+    # auth comes before body validation
+    assert pool.post(content=b"{bad", key="").status_code == 401
+
+
+def test_unknown_route_and_method_use_the_envelope(pool: Pool) -> None:
+    missing = httpx.get(f"{pool.url}/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = httpx.get(f"{pool.url}/v1/chat/completions")
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_models_directory_and_schema(pool: Pool, served: str) -> None:
+    listing = httpx.get(f"{pool.url}/v1/models").json()
+    assert listing["object"] == "list"
+    entry = next(m for m in listing["data"] if m["id"] == "smollm2-135m")
+    assert {"id", "object", "created", "owned_by"} <= entry.keys()
+    assert entry["providerCount"] == 1 and entry["minPricePer1mTokensUsd"] == pytest.approx(0.3)
+    assert entry["slug"] == "smollm2-135m" and entry["displayName"] and entry["avgTrustScore"] is None
+    assert [m.id for m in pool.client().models.list()] == [m["id"] for m in listing["data"]]
+    schema = httpx.get(f"{pool.url}/schema/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/models", "/v1/pool/status"} <= schema["paths"].keys()
+    assert "ChatCompletionRequest" in msgspec.json.encode(schema).decode()

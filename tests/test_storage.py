@@ -1,0 +1,103 @@
+"""Storage on both databases: migrations, accounts, secret lookup and revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import inspect, update
+
+from coordinator import accounts, auth, db, keys
+from coordinator.models import AgentToken, ApiKey
+from scripts.localpool import ROOT
+
+
+async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        assert await db.current_revision(engine) is None
+        await db.migrate(engine)
+        await db.migrate(engine)  # every `serve` runs it again
+        assert await db.current_revision(engine) == "0001"
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        assert {"users", "api_keys", "agent_tokens", "alembic_version"} <= tables
+    finally:
+        await engine.dispose()
+
+
+async def test_accounts_store_only_digests_and_resolve(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    await db.migrate(engine)
+    sessions = db.sessionmaker(engine)
+    try:
+        async with sessions() as session, session.begin():
+            user = await accounts.create_user(session, "Dev@Example.com")
+            key = await accounts.create_api_key(session, "dev@example.com", "laptop")
+            token = await accounts.create_agent_token(session, "dev@example.com", "gpu")
+        async with sessions() as session:
+            stored = (await session.get(ApiKey, 1)) or pytest.fail("key not stored")
+            assert stored.digest == keys.digest(key) and key not in (stored.prefix, stored.digest)
+            assert stored.prefix == key[:16] and stored.user_id == user.id
+
+        consumer = auth.SecretCache(sessions, keys.CONSUMER_PREFIX, accounts.find_api_key, ttl=0.2)
+        agents = auth.agent_tokens(sessions)
+        principal = await consumer.resolve(f"Bearer {key}")
+        assert principal is not None and principal.user_id == user.id
+        assert await consumer.resolve(f"Bearer {token}") is None  # a token is not a key
+        assert (await agents.resolve(f"Bearer {token}")) is not None
+        assert await agents.resolve(f"Bearer {key}") is None
+        assert await consumer.resolve(f"Basic {key}") is None
+        assert await consumer.resolve(None) is None
+        forged = keys.generate(keys.CONSUMER_PREFIX)  # well-formed but unknown
+        assert await consumer.resolve(f"Bearer {forged}") is None
+
+        async with sessions() as session, session.begin():
+            await session.execute(update(ApiKey).values(revoked_at=datetime.now(UTC)))
+            await session.execute(update(AgentToken).values(revoked_at=datetime.now(UTC)))
+        await asyncio.sleep(0.25)  # past the cache TTL: revocation is visible
+        assert await consumer.resolve(f"Bearer {key}") is None
+        assert await auth.agent_tokens(sessions).resolve(f"Bearer {token}") is None
+    finally:
+        await engine.dispose()
+
+
+async def test_account_errors(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    await db.migrate(engine)
+    try:
+        async with db.sessionmaker(engine)() as session:
+            await accounts.create_user(session, "a@example.com")
+            await session.commit()
+            with pytest.raises(accounts.AccountError, match="already exists"):
+                await accounts.create_user(session, "A@example.com")
+            await session.rollback()
+            with pytest.raises(accounts.AccountError, match="no user"):
+                await accounts.create_api_key(session, "nobody@example.com")
+            with pytest.raises(accounts.AccountError, match="not an email"):
+                await accounts.create_user(session, "not-an-email")
+    finally:
+        await engine.dispose()
+
+
+def test_admin_cli_prints_only_the_secret(db_url: str) -> None:
+    env = {"POOL_DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "coordinator", *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+        )
+
+    assert run("migrate").returncode == 0
+    assert run("admin", "create-user", "--email", "cli@example.com").returncode == 0
+    key = run("admin", "create-key", "--email", "cli@example.com", "--name", "k")
+    token = run("admin", "create-agent-token", "--email", "cli@example.com")
+    assert key.returncode == 0 and keys.is_well_formed(key.stdout.strip(), keys.CONSUMER_PREFIX)
+    assert key.stdout.count("\n") == 1
+    assert token.returncode == 0 and keys.is_well_formed(token.stdout.strip(), keys.AGENT_PREFIX)
+    assert key.stdout.strip() not in key.stderr  # the secret is not logged
+    missing = run("admin", "create-key", "--email", "ghost@example.com")
+    assert missing.returncode == 1 and "no user" in missing.stderr and missing.stdout == ""

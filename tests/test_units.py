@@ -1,0 +1,193 @@
+"""Pure functions: keys, prices, protocol codec, SSE parsing, body rewriting, placement, config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from coordinator import keys, placement
+from coordinator.registry import ConnectedAgent, Registry
+from coordinator.routes.agent_ws import hello_problem
+from coordinator.routes.chat import XPool, stamp
+from coordinator.settings import Settings, SettingsError
+from provider_agent.config import ConfigError, load
+from provider_agent.connection import backoff_delay
+from shared import protocol
+from shared.backend import SSEParser, prepare_body
+from shared.money import usd_per_million_to_nano_per_token
+from shared.protocol import Hello, JobChunk, ModelOffer, ProtocolError, UnknownMessage
+
+
+def test_key_format_and_checksum() -> None:
+    secret = keys.generate(keys.CONSUMER_PREFIX)
+    assert secret.startswith("pool_live_") and len(secret) == len("pool_live_") + 49
+    assert keys.is_well_formed(secret, keys.CONSUMER_PREFIX)
+    assert not keys.is_well_formed(secret, keys.AGENT_PREFIX)
+    flipped = secret[:-7] + ("A" if secret[-7] != "A" else "B") + secret[-6:]
+    assert not keys.is_well_formed(flipped, keys.CONSUMER_PREFIX)
+    assert not keys.is_well_formed(secret + "x", keys.CONSUMER_PREFIX)
+    assert not keys.is_well_formed(secret[:-1] + "!", keys.CONSUMER_PREFIX)
+    assert keys.digest(secret) != keys.digest(keys.generate(keys.CONSUMER_PREFIX))
+    assert len(keys.digest(secret)) == 64
+    assert keys.display_prefix(secret) == secret[:16]
+
+
+@pytest.mark.parametrize(
+    ("usd", "nano"), [("0", 0), ("1", 1000), ("0.05", 50), ("2.5", 2500), ("0.000001", 0), ("15", 15000)]
+)
+def test_price_conversion_is_exact(usd: str, nano: int) -> None:
+    if usd == "0.000001":
+        with pytest.raises(ValueError, match="precision"):
+            usd_per_million_to_nano_per_token(usd)
+    else:
+        assert usd_per_million_to_nano_per_token(usd) == nano
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", "nan", "inf"])
+def test_bad_prices_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        usd_per_million_to_nano_per_token(bad)
+
+
+def test_protocol_round_trip_unknown_tag_and_garbage() -> None:
+    decoder = protocol.agent_decoder()
+    chunk = JobChunk(job_id="j", seq=3, data=b'{"a":1}')
+    assert decoder.decode(protocol.encode(chunk)) == chunk
+    assert decoder.decode(msgspec.msgpack.encode({"type": "job.progress", "pct": 5})) == UnknownMessage("job.progress")
+    # a newer peer's extra fields are ignored
+    extended = msgspec.msgpack.encode({"type": "heartbeat", "in_flight": 2, "gpu_temp": 71})
+    assert decoder.decode(extended) == protocol.Heartbeat(in_flight=2)
+    for garbage in (b"\xc1\xc1", b"", msgspec.msgpack.encode([1, 2]), msgspec.msgpack.encode({"type": "hello"})):
+        with pytest.raises(ProtocolError):
+            decoder.decode(garbage)
+    # the coordinator's messages are not valid from an agent
+    assert isinstance(decoder.decode(protocol.encode(protocol.JobCancel(job_id="j"))), UnknownMessage)
+
+
+def _hello(**kw: object) -> Hello:
+    fields: dict[str, object] = {
+        "protocol": protocol.PROTOCOL_VERSION,
+        "agent_version": "t",
+        "models": [ModelOffer("m", "m", 1, 2)],
+        "max_concurrency": 2,
+    }
+    fields.update(kw)
+    return Hello(**fields)  # type: ignore[arg-type]
+
+
+def test_hello_validation_gives_reasons() -> None:
+    assert hello_problem(_hello()) is None
+    assert "protocol version 99" in (hello_problem(_hello(protocol=99)) or "")
+    assert "no models" in (hello_problem(_hello(models=[])) or "")
+    assert "max_concurrency" in (hello_problem(_hello(max_concurrency=0)) or "")
+    assert "slug" in (hello_problem(_hello(models=[ModelOffer("Bad Slug", "m", 1, 1)])) or "")
+    assert "twice" in (hello_problem(_hello(models=[ModelOffer("m", "a", 1, 1), ModelOffer("m", "b", 1, 1)])) or "")
+    assert "negative" in (hello_problem(_hello(models=[ModelOffer("m", "a", -1, 1)])) or "")
+
+
+def test_sse_parser_handles_split_events_and_crlf() -> None:
+    parser = SSEParser()
+    stream = b'data: {"a":1}\n\ndata: {"b"' + b":2}\r\n\r\n: comment\n\ndata: [DONE]\n\n"
+    out: list[bytes] = []
+    for i in range(len(stream)):
+        out += parser.feed(stream[i : i + 1])
+    assert out == [b'{"a":1}', b'{"b":2}', b"[DONE]"]
+
+
+def test_prepare_body_keeps_unknown_fields_and_forces_usage() -> None:
+    raw = b'{"model":"slug","messages":[],"ignore_eos":true,"stream":true,"stream_options":{"x":1}}'
+    body = msgspec.json.decode(prepare_body(raw, "backend-name", stream=True))
+    assert body["model"] == "backend-name"
+    assert body["ignore_eos"] is True
+    assert body["stream_options"] == {"x": 1, "include_usage": True}
+    assert "stream_options" not in msgspec.json.decode(prepare_body(b'{"model":"a"}', "b", stream=False))
+
+
+def test_stamp_adds_x_pool_without_reparsing() -> None:
+    x_pool = XPool(provider=1, agent="agt_1", fallback=False, latency_ms=5)
+    stamped = msgspec.json.decode(stamp(b'{"id":"c","choices":[]}\n', x_pool))
+    assert stamped["x_pool"] == {"provider": 1, "agent": "agt_1", "fallback": False, "latency_ms": 5}
+    assert msgspec.json.decode(stamp(b"{}", x_pool))["x_pool"]["agent"] == "agt_1"
+
+
+class _Link:
+    async def send(self, message: object) -> None:
+        return None
+
+    async def close(self, code: int, reason: str) -> None:
+        return None
+
+
+def _agent(agent_id: str, in_flight: int, capacity: int, price: int = 1, slug: str = "m") -> ConnectedAgent:
+    return ConnectedAgent(
+        agent_id, 1, 1, {slug: ModelOffer(slug, slug, price, price)}, capacity, _Link(), 0.0, in_flight=in_flight
+    )
+
+
+def test_placement_prefers_least_loaded_then_cheaper_and_skips_full() -> None:
+    registry = Registry()
+    registry.add(_agent("busy", 3, 4))
+    registry.add(_agent("idle", 0, 4, price=5))
+    registry.add(_agent("full", 2, 2, price=0))
+    registry.add(_agent("other", 0, 4, slug="x"))
+    assert placement.choose(registry, "m").agent_id == "idle"  # type: ignore[union-attr]
+    assert placement.choose(registry, "m", exclude={"idle"}).agent_id == "busy"  # type: ignore[union-attr]
+    assert placement.choose(registry, "m", exclude={"idle", "busy"}) is None
+    registry.add(_agent("cheap", 0, 4, price=2))
+    assert placement.choose(registry, "m").agent_id == "cheap"  # type: ignore[union-attr]
+    registry.get("cheap").draining = True  # type: ignore[union-attr]
+    assert placement.choose(registry, "m").agent_id == "idle"  # type: ignore[union-attr]
+
+
+def test_agent_config_precedence(tmp_path: Path) -> None:
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        'coordinator = "http://file:1"\ntoken = "t"\nbackend = "http://b:2"\nmodel = ["a=x"]\n'
+        'price_in = "1"\nprice_out = "2"\nmax_concurrency = 3\n'
+    )
+    env = {"POOL_AGENT_COORDINATOR": "https://env:3", "POOL_AGENT_MODEL": "b,c=y"}
+    config = load({"max_concurrency": 7, "model": []}, env, config_file)
+    assert config.coordinator_url == "wss://env:3/v1/agent/connect"
+    assert config.backend_url == "http://b:2/v1"
+    assert [(m.slug, m.backend_model) for m in config.models] == [("b", "b"), ("c", "y")]
+    assert (config.price_in, config.price_out, config.max_concurrency) == (1000, 2000, 7)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({}, "missing --coordinator, --token, --backend, --model"),
+        ({"coordinator": "ftp://x", "token": "t", "backend": "http://b", "model": ["m"]}, "coordinator URL"),
+        ({"coordinator": "http://c", "token": "t", "backend": "b", "model": ["m"]}, "backend URL"),
+        ({"coordinator": "http://c", "token": "t", "backend": "http://b", "model": ["m"], "price_in": "x"}, "price-in"),
+        (
+            {"coordinator": "http://c", "token": "t", "backend": "http://b", "model": ["m"], "max_concurrency": 0},
+            "max-concurrency",
+        ),
+        ({"coordinator": "http://c", "token": "t", "backend": "http://b", "model": ["m", "m=x"]}, "twice"),
+    ],
+)
+def test_agent_config_errors_are_clear(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(flags, {})
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    early = [backoff_delay(0, 0.5, 30) for _ in range(200)]
+    late = [backoff_delay(20, 0.5, 30) for _ in range(200)]
+    assert all(0.25 <= d <= 0.5 for d in early)
+    assert all(0.25 <= d <= 30 for d in late) and max(late) > 10
+    assert len(set(late)) > 100  # jittered, not a fixed schedule
+
+
+def test_coordinator_settings_from_env() -> None:
+    settings = Settings.from_env(
+        {"POOL_UPSTREAM_MODELS": "a=up-a, b", "POOL_HEARTBEAT_INTERVAL": "2", "POOL_UPSTREAM_BASE_URL": "http://u/v1/"}
+    )
+    assert settings.upstream_models == {"a": "up-a", "b": "b"}
+    assert settings.stale_after == 6
+    assert settings.upstream_base_url == "http://u/v1"
+    with pytest.raises(SettingsError, match="POOL_HEARTBEAT_INTERVAL"):
+        Settings.from_env({"POOL_HEARTBEAT_INTERVAL": "-1"})
