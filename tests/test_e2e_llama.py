@@ -1,0 +1,197 @@
+"""End to end with the real model: llama.cpp's server running SmolLM2-135M-Instruct, the coordinator
+and agents as separate processes, driven by the official `openai` package."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scripts import localpool
+from scripts.localpool import ROOT
+from tests.harness import Pool
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("llama")
+    port = localpool.free_port()
+    proc = localpool.start_llama(localpool.smollm2_path(), port, workdir, parallel=4)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+def test_real_model_non_stream_and_stream(pool: Pool, llama: str) -> None:
+    pool.agent(llama, ["smollm2-135m"])
+    client = pool.client()
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=20,  # type: ignore[arg-type]
+    )
+    assert (reply.choices[0].message.content or "").strip()
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert reply.model == "local-model"  # the backend's name, not a provider's file path
+
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=QUESTION,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and len([c for c in chunks if c.choices]) > 3
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    x_pool = (chunks[-1].model_extra or {})["x_pool"]
+    assert x_pool["fallback"] is False and x_pool["ttft_ms"] <= x_pool["latency_ms"]
+
+
+def test_tools_and_response_format_reach_the_backend(pool: Pool, llama: str) -> None:
+    pool.agent(llama, ["smollm2-135m"])
+    client = pool.client()
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
+    # SmolLM2's chat template has no tool syntax, so llama.cpp accepts and ignores `tools`; what
+    # shows they arrive intact is that llama.cpp parses them (a malformed schema would be a 400).
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=QUESTION,
+        tools=tools,
+        tool_choice="auto",
+        max_tokens=10,  # type: ignore[arg-type]
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # response_format is enforced by llama.cpp's grammar: the reply can only be this JSON
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "enum": ["Paris"]}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    constrained = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=30,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},  # type: ignore[typeddict-item]
+    )
+    assert json.loads(constrained.choices[0].message.content or "") == {"capital": "Paris"}
+
+
+def test_two_agents_share_concurrent_real_load(pool: Pool, llama: str) -> None:
+    pool.agent(llama, ["smollm2-135m"], max_concurrency=2)
+    pool.agent(llama, ["smollm2-135m"], max_concurrency=2)
+
+    async def burst() -> list[dict[str, object]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"{pool.url}/v1/chat/completions",
+                        headers={"authorization": f"Bearer {pool.key}"},
+                        json={"model": "smollm2-135m", "messages": QUESTION, "max_tokens": 8},
+                    )
+                    for _ in range(4)
+                )
+            )
+        return [r.json() for r in responses]
+
+    replies = asyncio.run(burst())
+    assert all(r["choices"][0]["message"]["content"] for r in replies)  # type: ignore[index]
+    assert len({r["x_pool"]["agent"] for r in replies}) == 2  # type: ignore[index]
+
+
+def test_killed_agent_before_first_chunk_still_replies(pool: Pool, llama: str) -> None:
+    stuck = pool.agent(pool.standin(mode="hang"), ["smollm2-135m"], price_in="0.01", price_out="0.01")
+    pool.agent(llama, ["smollm2-135m"], price_in="1", price_out="1")
+
+    async def run() -> str:
+        client = pool.client()
+        loop = asyncio.get_running_loop()
+        request = loop.run_in_executor(
+            None,
+            lambda: client.chat.completions.create(
+                model="smollm2-135m",
+                messages=QUESTION,
+                max_tokens=20,
+                temperature=0,  # type: ignore[arg-type]
+            ),
+        )
+        await asyncio.sleep(1.0)
+        stuck.popen.kill()
+        reply = await request
+        return reply.choices[0].message.content or ""
+
+    assert asyncio.run(run()).strip()
+
+
+def _slots_busy(llama: str) -> int:
+    return sum(1 for slot in httpx.get(f"{llama}/slots", timeout=5).json() if slot["is_processing"])
+
+
+def test_consumer_disconnect_cancels_the_backend_request(pool: Pool, llama: str) -> None:
+    pool.agent(llama, ["smollm2-135m"])
+    with httpx.stream(
+        "POST",
+        f"{pool.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {pool.key}"},
+        json={"model": "smollm2-135m", "messages": QUESTION, "stream": True, "max_tokens": 3000, "ignore_eos": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [line for line in (next(lines) for _ in range(12)) if line.startswith("data:")]
+        assert len(received) >= 5
+        assert _slots_busy(llama) == 1  # 3000 forced tokens take far longer than this test waits
+    deadline = time.monotonic() + 5
+    while _slots_busy(llama) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _slots_busy(llama) == 0
+
+
+def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {**os.environ, "DEMO_PORT": str(localpool.free_port())}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.demo"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output = b""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        while b"Directory:" not in output and time.monotonic() < deadline and proc.poll() is None:
+            output += proc.stdout.readline()
+        text = output.decode()
+        assert "Ready." in text, text
+        assert "first answer through the pool" in text and "curl -s" in text and "OpenAI(" in text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    children = subprocess.run(["pgrep", "-f", str(ROOT / ".pool" / "demo")], capture_output=True, text=True).stdout
+    assert children.strip() == ""

@@ -1,0 +1,95 @@
+"""Platform upstream fallback (a loopback stand-in plays the paid upstream), and a coordinator on
+PostgreSQL serving end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scripts import localpool
+from tests.harness import Pool
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def upstream_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    workdir = tmp_path_factory.mktemp("upstream")
+    port = localpool.free_port()
+    upstream = localpool.start_standin(port, workdir, name="upstream", chunks=3)
+    failing_port = localpool.free_port()
+    failing = localpool.start_standin(failing_port, workdir, name="failing", mode="fail")
+    harness = Pool(
+        workdir,
+        upstream_base_url=f"http://127.0.0.1:{port}/v1",
+        upstream_api_key="sk-platform",
+        upstream_models="gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol",
+    )
+    harness.backends += [upstream, failing]
+    harness.start()
+    harness.extra = {"upstream": f"http://127.0.0.1:{port}", "failing": f"http://127.0.0.1:{failing_port}/v1"}  # type: ignore[attr-defined]
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+def test_no_agent_falls_back_to_upstream(upstream_pool: Pool) -> None:
+    pool = upstream_pool
+    client = pool.client()
+    reply = client.chat.completions.create(model="gemma-3-270m", messages=MSG)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == "tok0 tok1 tok2"
+    x_pool = (reply.model_extra or {})["x_pool"]
+    assert x_pool["fallback"] is True and x_pool["provider"] == "platform" and x_pool["agent"] is None
+    seen = httpx.get(f"{pool.extra['upstream']}/_last").json()  # type: ignore[attr-defined]
+    assert seen["model"] == "upstream-gemma"
+
+    chunks = list(
+        client.chat.completions.create(
+            model="gemma-3-270m",
+            messages=MSG,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 "
+    assert chunks[-1].usage is not None and (chunks[-1].model_extra or {})["x_pool"]["fallback"] is True
+
+    status = pool.status()
+    assert status["fallbackRate"] > 0  # type: ignore[operator]
+    assert {m["modelSlug"] for m in status["byModel"]} >= {"gemma-3-270m", "smollm2-135m"}  # type: ignore[union-attr]
+    gemma = next(m for m in status["byModel"] if m["modelSlug"] == "gemma-3-270m")  # type: ignore[union-attr]
+    assert gemma["avgLatencyP95Ms"] is not None and gemma["providerCount"] == 0
+
+
+def test_agents_first_upstream_when_full(upstream_pool: Pool) -> None:
+    pool = upstream_pool
+    pool.agent(pool.standin(chunks=2), ["smollm2-135m"])
+    reply = pool.post({"model": "smollm2-135m", "messages": MSG}).json()
+    assert reply["x_pool"]["fallback"] is False
+    assert reply["choices"][0]["message"]["content"] == "tok0 tok1"
+
+
+def test_upstream_failure_is_502(upstream_pool: Pool) -> None:
+    pool = upstream_pool
+    pool.restart(upstream_base_url=pool.extra["failing"])  # type: ignore[attr-defined]
+    for stream in (False, True):
+        response = pool.post({"model": "gemma-3-270m", "messages": MSG, "stream": stream})
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "provider_error"
+        assert "stand-in failure" in response.json()["error"]["message"]
+
+
+def test_coordinator_on_postgresql_serves_end_to_end(pg_url: str, tmp_path: Path) -> None:
+    pool = Pool(tmp_path, db_url=pg_url)
+    pool.start()  # `serve` applies the migrations on PostgreSQL; keys live there
+    try:
+        pool.agent(pool.standin(chunks=2), ["smollm2-135m"])
+        reply = pool.post({"model": "smollm2-135m", "messages": MSG})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "tok0 tok1"
+        assert pool.post({"model": "smollm2-135m", "messages": MSG}, key="pool_live_x").status_code == 401
+    finally:
+        pool.stop()
