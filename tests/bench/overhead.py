@@ -1,0 +1,124 @@
+"""Pool overhead against a direct call, measured in one run.
+
+A loopback stand-in backend streams N chunks at a set pace. The same requests go directly to it and
+through coordinator + agent (real processes); the table shows medians/p99 for both and what the pool
+adds: latency for non-stream requests, time to first token and inter-chunk gap for streams, at
+concurrency 1, 16 and 64.
+
+    .venv/bin/python -m tests.bench.overhead [--requests 200] [--chunks 20] [--interval-ms 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.harness import Pool
+
+MSG = [{"role": "user", "content": "bench"}]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def non_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str) -> float:
+    started = time.perf_counter()
+    response = await client.post(url, headers=headers, json={"model": model, "messages": MSG})
+    response.raise_for_status()
+    return (time.perf_counter() - started) * 1000
+
+
+async def stream(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str) -> tuple[float, list[float]]:
+    started = time.perf_counter()
+    first: float | None = None
+    stamps: list[float] = []
+    body = {"model": model, "messages": MSG, "stream": True}
+    async with client.stream("POST", url, headers=headers, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                now = time.perf_counter()
+                first = first or now
+                stamps.append(now)
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+    return ((first or started) - started) * 1000, gaps
+
+
+async def run_level(url: str, headers: dict[str, str], model: str, concurrency: int, total: int, streaming: bool):  # type: ignore[no-untyped-def]
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        queue = list(range(total))
+        results: list[object] = []
+
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                if streaming:
+                    results.append(await stream(client, url, headers, model))
+                else:
+                    results.append(await non_stream(client, url, headers, model))
+
+        for _ in range(min(5, total)):  # warm up connections
+            await (stream(client, url, headers, model) if streaming else non_stream(client, url, headers, model))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200, help="requests per level and path")
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--interval-ms", type=float, default=5.0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="pool-bench-"))
+    pool = Pool(workdir, heartbeat_interval="5", log_level="WARNING")
+    pool.start()
+    try:
+        fast = pool.standin(chunks=args.chunks)
+        paced = pool.standin(chunks=args.chunks, interval_ms=args.interval_ms)
+        pool.agent(fast, ["bench-fast"], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
+        pool.agent(paced, ["bench-paced"], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
+        pool_url = f"{pool.url}/v1/chat/completions"
+        auth = {"authorization": f"Bearer {pool.key}"}
+        print(f"stand-in: {args.chunks} chunks, stream pace {args.interval_ms} ms; {args.requests} requests per cell")
+        header = (
+            f"{'conc':>4} | {'non-stream p50 direct/pool/added':>34} | {'p99 direct/pool/added':>28} | "
+            f"{'TTFT p50 direct/pool/added':>28} | {'gap mean direct/pool/added':>28}"
+        )
+        print(header)
+        print("-" * len(header))
+        for concurrency in (1, 16, 64):
+            direct_ns = asyncio.run(
+                run_level(f"{fast}/v1/chat/completions", {}, "bench-fast", concurrency, args.requests, False)
+            )
+            pooled_ns = asyncio.run(run_level(pool_url, auth, "bench-fast", concurrency, args.requests, False))
+            direct_st = asyncio.run(
+                run_level(f"{paced}/v1/chat/completions", {}, "bench-paced", concurrency, args.requests, True)
+            )
+            pooled_st = asyncio.run(run_level(pool_url, auth, "bench-paced", concurrency, args.requests, True))
+            d50, p50 = pct(direct_ns, 0.5), pct(pooled_ns, 0.5)  # type: ignore[arg-type]
+            d99, p99 = pct(direct_ns, 0.99), pct(pooled_ns, 0.99)  # type: ignore[arg-type]
+            dt, pt = pct([r[0] for r in direct_st], 0.5), pct([r[0] for r in pooled_st], 0.5)  # type: ignore[index]
+            dg = statistics.mean(g for r in direct_st for g in r[1])  # type: ignore[index]
+            pg = statistics.mean(g for r in pooled_st for g in r[1])  # type: ignore[index]
+            print(
+                f"{concurrency:>4} | {d50:>9.2f} {p50:>9.2f} {p50 - d50:>+9.2f} ms"
+                f" | {d99:>7.2f} {p99:>8.2f} {p99 - d99:>+8.2f} ms"
+                f" | {dt:>7.2f} {pt:>8.2f} {pt - dt:>+8.2f} ms | {dg:>7.2f} {pg:>8.2f} {pg - dg:>+8.2f} ms",
+                flush=True,
+            )
+    finally:
+        pool.stop()
+
+
+if __name__ == "__main__":
+    main()
