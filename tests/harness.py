@@ -25,6 +25,7 @@ class Pool:
         self.backends: list[Proc] = []
         self.key = ""
         self.token = ""
+        self.extra: dict[str, str] = {}  # URLs a fixture wants to hand to its tests
         self._names = 0
 
     def start(self) -> None:

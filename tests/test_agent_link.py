@@ -15,6 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from scripts import localpool
 from scripts.localpool import ROOT
 from shared import protocol
 from shared.protocol import Hello, ModelOffer, Reject, Welcome
@@ -222,15 +223,13 @@ def test_agent_reconnects_after_coordinator_restart(pool: Pool) -> None:
     assert pool.coordinator is not None
     pool.coordinator.stop()
     pool.coordinator = None
-    from scripts import localpool
-
     pool.coordinator = localpool.start_coordinator(pool.port, pool.env, pool.dir, name="coordinator-restarted")
     localpool.wait_agents(pool.url, 1, agent, timeout=40)
     _serving(pool)
     assert agent.alive()
 
 
-def test_protocol_module_has_no_side_effects() -> None:
+def test_agent_does_not_import_coordinator_dependencies() -> None:
     # importing the agent must not need the coordinator's dependencies (it runs on provider boxes)
     code = (
         "import sys, provider_agent.__main__; assert 'litestar' not in sys.modules and 'sqlalchemy' not in sys.modules"

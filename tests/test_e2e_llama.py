@@ -188,10 +188,12 @@ def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
         text = output.decode()
         assert "Ready." in text, text
         assert "first answer through the pool" in text and "curl -s" in text and "OpenAI(" in text
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 3  # llama.cpp, coordinator, agent
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    children = subprocess.run(["pgrep", "-f", str(ROOT / ".pool" / "demo")], capture_output=True, text=True).stdout
-    assert children.strip() == ""
+    still_running = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert still_running == []

@@ -30,7 +30,7 @@ def upstream_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     )
     harness.backends += [upstream, failing]
     harness.start()
-    harness.extra = {"upstream": f"http://127.0.0.1:{port}", "failing": f"http://127.0.0.1:{failing_port}/v1"}  # type: ignore[attr-defined]
+    harness.extra = {"upstream": f"http://127.0.0.1:{port}", "failing": f"http://127.0.0.1:{failing_port}/v1"}
     try:
         yield harness
     finally:
@@ -44,7 +44,7 @@ def test_no_agent_falls_back_to_upstream(upstream_pool: Pool) -> None:
     assert reply.choices[0].message.content == "tok0 tok1 tok2"
     x_pool = (reply.model_extra or {})["x_pool"]
     assert x_pool["fallback"] is True and x_pool["provider"] == "platform" and x_pool["agent"] is None
-    seen = httpx.get(f"{pool.extra['upstream']}/_last").json()  # type: ignore[attr-defined]
+    seen = httpx.get(f"{pool.extra['upstream']}/_last").json()
     assert seen["model"] == "upstream-gemma"
 
     chunks = list(
@@ -75,7 +75,7 @@ def test_agents_first_upstream_when_full(upstream_pool: Pool) -> None:
 
 def test_upstream_failure_is_502(upstream_pool: Pool) -> None:
     pool = upstream_pool
-    pool.restart(upstream_base_url=pool.extra["failing"])  # type: ignore[attr-defined]
+    pool.restart(upstream_base_url=pool.extra["failing"])
     for stream in (False, True):
         response = pool.post({"model": "gemma-3-270m", "messages": MSG, "stream": stream})
         assert response.status_code == 502
