@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import sys
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator import accounts, db
+from coordinator import accounts, billing, db
 from coordinator.settings import Settings, SettingsError
 from shared import logs
+from shared.money import usd_to_nano
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
         sub = admin_commands.add_parser(name, help=f"create {what}; prints only the secret")
         sub.add_argument("--email", required=True)
         sub.add_argument("--name", default="")
+    grant = admin_commands.add_parser("grant-credits", help="add credits to a user's wallet; prints the transaction")
+    grant.add_argument("--email", required=True)
+    grant.add_argument("--usd", required=True, help="amount in USD, e.g. 10 or 0.25")
+    grant.add_argument("--idempotency-key", help="grant at most once for this key")
+    limits = admin_commands.add_parser("set-key-limits", help="override a consumer key's rate limits")
+    limits.add_argument("--key-id", type=int, required=True)
+    limits.add_argument("--rpm", type=int, help="requests per minute (omit: the default)")
+    limits.add_argument("--tpm", type=int, help="tokens per minute (omit: the default)")
     return parser
 
 
@@ -64,7 +74,30 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
     async def create_token(session: AsyncSession) -> str:
         return await accounts.create_agent_token(session, args.email, args.name)
 
-    actions = {"create-user": create_user, "create-key": create_key, "create-agent-token": create_token}
+    async def grant_credits(session: AsyncSession) -> str:
+        try:
+            amount = usd_to_nano(args.usd, billing.MAX_GRANT_USD)
+        except ValueError as exc:
+            raise accounts.AccountError(f"--usd {exc}") from None
+        user = await accounts.user_by_email(session, args.email)
+        key = args.idempotency_key or f"cli:{secrets.token_hex(12)}"
+        result = await billing.topup(session.bind, key, user.id, amount)  # type: ignore[arg-type]
+        return f"{result.tx_id} {'(already granted)' if result.replayed else ''}".strip()
+
+    async def set_limits(session: AsyncSession) -> str:
+        for value in (args.rpm, args.tpm):
+            if value is not None and value <= 0:
+                raise accounts.AccountError("limits must be positive")
+        await accounts.set_key_limits(session, args.key_id, args.rpm, args.tpm)
+        return f"key {args.key_id}: rpm={args.rpm or 'default'} tpm={args.tpm or 'default'}"
+
+    actions = {
+        "create-user": create_user,
+        "create-key": create_key,
+        "create-agent-token": create_token,
+        "grant-credits": grant_credits,
+        "set-key-limits": set_limits,
+    }
     return asyncio.run(_with_session(settings, actions[args.admin_command]))
 
 

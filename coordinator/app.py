@@ -16,13 +16,21 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from coordinator import __version__, auth, db, periodic
+from coordinator import __version__, auth, billing, db, periodic
+from coordinator.accounting import Accounting
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_body
+from coordinator.metering import Price
+from coordinator.ratelimit import FailureLimits, KeyLimits
 from coordinator.registry import Registry
+from coordinator.requestlog import RequestLog, RequestRecord
+from coordinator.routes.account import account_router
+from coordinator.routes.admin import grant_credits
 from coordinator.routes.agent_ws import agent_connect
 from coordinator.routes.chat import create_chat_completion
 from coordinator.routes.directory import list_models, pool_status
+from coordinator.routes.portal import agent_tokens_router, login, signup, tokens_router
+from coordinator.sessions import SessionTokens
 from coordinator.settings import Settings
 from coordinator.state import PoolState
 from coordinator.stats import RequestStats
@@ -52,11 +60,21 @@ def _envelope(status: int, code: str, message: str, param: str | None = None, he
     )
 
 
-def _pool_error(_: Request[Any, Any, Any], exc: PoolError) -> Response[bytes]:
+def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> None:
+    """Log a chat request that ended in an error before its handler could (bad body, too large)."""
+    record: RequestRecord | None = getattr(request.state, "record", None)
+    if record is not None and record.status == 0:
+        record.status, record.error_code = status, code
+        pool: PoolState = request.app.state.pool
+        pool.accounting.finish(record, None)
+
+
+def _pool_error(request: Request[Any, Any, Any], exc: PoolError) -> Response[bytes]:
+    _log_refused(request, exc.status, exc.code)
     return _envelope(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
 
-def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
     """Turn Litestar's body-decoding errors into the envelope, naming the offending field."""
     message, param = str(exc.detail), None
     extra = exc.extra if isinstance(exc.extra, list) else []
@@ -76,21 +94,25 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
             message = "The request body must be a JSON object."
     elif "malformed" in message or "JSON" in message:
         message = f"The request body is not valid JSON: {message}"
+    _log_refused(request, 400, errors.INVALID_REQUEST)
     return _envelope(400, errors.INVALID_REQUEST, message, param)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     message = str(exc.detail)
     if status == 413:
         message = "The request body is too large."
     elif status == 400 and ("malformed" in message or "decode" in message.lower()):
         message = f"The request body is not valid JSON: {message}"
-    return _envelope(status, _CODES.get(status, errors.INVALID_REQUEST), message, None, exc.headers)
+    code = _CODES.get(status, errors.INVALID_REQUEST)
+    _log_refused(request, status, code)
+    return _envelope(status, code, message, None, exc.headers)
 
 
-def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
+    _log_refused(request, 500, errors.INTERNAL_ERROR)
     return _envelope(500, errors.INTERNAL_ERROR, "Internal error; it has been logged.")
 
 
@@ -123,6 +145,22 @@ async def healthz(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"status": "ok", "version": __version__, "agents": len(pool.registry)}
 
 
+def portal_sessions(settings: Settings) -> SessionTokens:
+    secret = settings.jwt_secret
+    if secret is None and settings.jwt_jwks_url is None:
+        log.warning("POOL_JWT_SECRET is not set: portal sessions end when this process stops")
+        secret = secrets.token_urlsafe(32)
+    return SessionTokens(
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl=settings.jwt_ttl_seconds,
+        secret=secret,
+        jwks_url=settings.jwt_jwks_url,
+        algorithms=settings.jwt_algorithms,
+        leeway=settings.jwt_leeway_seconds,
+    )
+
+
 def build_state(settings: Settings) -> PoolState:
     engine = db.create_engine(settings.database_url)
     sessions = db.sessionmaker(engine)
@@ -132,7 +170,11 @@ def build_state(settings: Settings) -> PoolState:
         settings.upstream_api_key,
         settings.upstream_models,
         settings.upstream_timeout,
+        price=Price(settings.upstream_price_in, settings.upstream_price_out),
+        cost=Price(settings.upstream_cost_in, settings.upstream_cost_out),
     )
+    requests = RequestLog(engine, settings.request_log_interval)
+    key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
     return PoolState(
         settings=settings,
         engine=engine,
@@ -143,6 +185,18 @@ def build_state(settings: Settings) -> PoolState:
         upstream=upstream,
         dispatcher=Dispatcher(registry, upstream, settings.first_chunk_timeout, settings.job_deadline),
         stats=RequestStats(settings.status_window_seconds),
+        requests=requests,
+        key_limits=key_limits,
+        auth_failures=FailureLimits(settings.auth_failures_per_minute),
+        accounting=Accounting(
+            engine,
+            requests,
+            key_limits,
+            fee_bps=settings.fee_bps,
+            hold_ttl=settings.hold_ttl,
+            lease=settings.instance_lease_seconds,
+        ),
+        portal=portal_sessions(settings),
     )
 
 
@@ -151,17 +205,34 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        accounting = pool.accounting
+        await billing.renew_instance(pool.engine, accounting.instance_id, accounting.started_at)
+        pool.requests.start()
         sched = periodic.scheduler(pool)
         sched.start()
         try:
             yield
         finally:
             sched.shutdown(wait=False)
+            await accounting.drain()
+            await pool.requests.close()
             await pool.upstream.aclose()
             await pool.engine.dispose()
 
     app = Litestar(
-        route_handlers=[create_chat_completion, list_models, pool_status, agent_connect, healthz],
+        route_handlers=[
+            create_chat_completion,
+            list_models,
+            pool_status,
+            agent_connect,
+            healthz,
+            signup,
+            login,
+            tokens_router,
+            agent_tokens_router,
+            account_router,
+            grant_credits,
+        ],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers={

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from coordinator import placement
+from coordinator.metering import Price
 from coordinator.registry import ConnectedAgent, Registry
 from coordinator.upstream import Upstream
 from shared import errors
@@ -117,12 +118,25 @@ class Dispatcher:
             job.queue.put_nowait(event)
         job.finished = True
 
-    async def start(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> Attempt | None:
-        """Run the request on the best agent, failing over before the first event, then on the
-        upstream; ``None`` when nobody can take it. A non-retryable failure is returned as is."""
+    def ceiling(self, slug: str) -> Price | None:
+        """The highest input and output prices anyone able to serve ``slug`` now asks (what a hold
+        must cover), or ``None`` when nobody can serve it."""
+        prices = [placement.offer_price(agent, slug) for agent in self.registry.serving(slug) if agent.free_slots > 0]
+        if self.upstream.serves(slug):
+            prices.append(self.upstream.price)
+        if not prices:
+            return None
+        return Price(max(p.input for p in prices), max(p.output for p in prices))
+
+    async def start(
+        self, slug: str, raw: bytes, *, stream: bool, want_usage: bool, max_price: Price | None = None
+    ) -> Attempt | None:
+        """Run the request on the best agent no dearer than ``max_price``, failing over before the
+        first event, then on the upstream; ``None`` when nobody can take it. A non-retryable
+        failure is returned as is."""
         tried: set[str] = set()
         last_failure: Failure | None = None
-        while (agent := placement.choose(self.registry, slug, exclude=tried)) is not None:
+        while (agent := placement.choose(self.registry, slug, exclude=tried, max_price=max_price)) is not None:
             tried.add(agent.agent_id)
             job = await self.assign(agent, slug, raw, stream=stream, want_usage=want_usage)
             first = await job.next(self.first_chunk_timeout)
@@ -136,7 +150,7 @@ class Dispatcher:
                     last_failure = first
                     continue
             return Attempt(job, first)
-        if self.upstream.serves(slug):
+        if self.upstream.serves(slug) and (max_price is None or max_price.covers(self.upstream.price)):
             job = self.run_upstream(slug, raw, stream=stream, want_usage=want_usage)
             return Attempt(job, await job.next(self.first_chunk_timeout))
         if last_failure is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -22,6 +22,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    password_hash: Mapped[str | None] = mapped_column(String(200), default=None)
+    subject: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)  # external IdP ``sub``
 
 
 class ApiKey(Base):
@@ -36,6 +38,9 @@ class ApiKey(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class AgentToken(Base):
@@ -50,3 +55,122 @@ class AgentToken(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+# --- money (DESIGN §5): written only by coordinator/billing.py ------------------------------------
+
+
+class Account(Base):
+    """A ledger account; ``balance`` is the sum of its entries, kept in step by the same transaction.
+
+    Ids are readable and derived from the owner (``wallet:42``, ``platform:fees``), so the hot path
+    needs no lookup to find them.
+    """
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("kind NOT IN ('wallet', 'held', 'earnings') OR balance >= 0", name="ck_accounts_not_negative"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LedgerTransaction(Base):
+    """One movement of money; its entries sum to zero. Never updated or deleted."""
+
+    __tablename__ = "ledger_transactions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str | None] = mapped_column(String(200), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LedgerEntry(Base):
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tx_id: Mapped[str] = mapped_column(ForeignKey("ledger_transactions.id", ondelete="RESTRICT"), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class Hold(Base):
+    """Credits reserved for one request; resolves exactly once (``pending`` → settled or released)."""
+
+    __tablename__ = "holds"
+    __table_args__ = (Index("ix_holds_status_owner", "status", "owner"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the request id
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(10))
+    owner: Mapped[str] = mapped_column(String(40))  # the coordinator instance serving the request
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    charged: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str | None] = mapped_column(String(40), default=None)
+
+
+class Topup(Base):
+    """An idempotent credit grant: the same key always names the same grant."""
+
+    __tablename__ = "topups"
+
+    idempotency_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_digest: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    tx_id: Mapped[str] = mapped_column(ForeignKey("ledger_transactions.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CoordinatorInstance(Base):
+    """A running coordinator process; its holds are orphaned once it stops renewing ``seen_at``."""
+
+    __tablename__ = "coordinator_instances"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class RequestLogRow(Base):
+    """One consumer request as it ended. Never prompts, never keys."""
+
+    __tablename__ = "request_log"
+    __table_args__ = (
+        Index("ix_request_log_user_day", "user_id", "day"),
+        Index("ix_request_log_provider_day", "provider_user_id", "day"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the request id
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    day: Mapped[str] = mapped_column(String(10))  # UTC date, YYYY-MM-DD: portable grouping
+    user_id: Mapped[int | None] = mapped_column(Integer)
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    provider_user_id: Mapped[int | None] = mapped_column(Integer)
+    agent_id: Mapped[str | None] = mapped_column(String(40))
+    fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[int] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    ttft_ms: Mapped[int | None] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    reported_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    reported_completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    usage_capped: Mapped[bool] = mapped_column(Boolean, default=False)
+    cost: Mapped[int] = mapped_column(BigInteger, default=0)
+    provider_earned: Mapped[int] = mapped_column(BigInteger, default=0)
+    platform_fee: Mapped[int] = mapped_column(BigInteger, default=0)
+    upstream_cost: Mapped[int] = mapped_column(BigInteger, default=0)

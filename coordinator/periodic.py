@@ -1,4 +1,5 @@
-"""Periodic sweeps (APScheduler): drop agents that stopped heartbeating."""
+"""Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
+and release holds whose request is gone."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from coordinator.routes.agent_ws import CLOSE_STALE
+from coordinator import accounts
+from coordinator.routes.agent_ws import CLOSE_REVOKED, CLOSE_STALE
 from coordinator.state import PoolState
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,39 @@ async def drop_stale_agents(pool: PoolState) -> int:
     return len(stale)
 
 
+async def drop_revoked_agents(pool: PoolState) -> int:
+    """Disconnect agents whose token was revoked (on any coordinator process)."""
+    agents = pool.registry.agents()
+    if not agents:
+        return 0
+    async with pool.sessions() as session:
+        revoked = await accounts.revoked_agent_tokens(session, {a.token_id for a in agents})
+    dropped = 0
+    for agent in agents:
+        if agent.token_id in revoked and pool.registry.remove(agent.agent_id) is agent:
+            log.warning("agent token revoked, disconnecting", extra={"agent_id": agent.agent_id})
+            pool.dispatcher.agent_lost(agent, "token revoked")
+            task = asyncio.ensure_future(agent.link.close(CLOSE_REVOKED, "agent token revoked"))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+            dropped += 1
+    return dropped
+
+
+async def release_orphaned_holds(pool: PoolState) -> None:
+    try:
+        await pool.accounting.sweep()
+    except Exception as exc:  # the database is away; try again next time
+        log.error("hold sweep failed", extra={"error": str(exc)})
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
-    interval = max(0.2, pool.settings.heartbeat_interval / 2)
-    sched.add_job(drop_stale_agents, "interval", seconds=interval, args=[pool], max_instances=1, coalesce=True)
+    settings = pool.settings
+    interval = max(0.2, settings.heartbeat_interval / 2)
+    once = {"args": [pool], "max_instances": 1, "coalesce": True}
+    sched.add_job(drop_stale_agents, "interval", seconds=interval, **once)
+    sched.add_job(drop_revoked_agents, "interval", seconds=1.0, **once)
+    sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
+    sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
     return sched

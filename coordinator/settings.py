@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+
+from shared.money import usd_per_million_to_nano_per_token
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///pool.db"
 
@@ -47,6 +50,29 @@ class Settings:
     status_window_seconds: float = 900.0
     no_capacity_retry_after: int = 5
     log_level: str = "INFO"
+    # money
+    platform_fee: Decimal = Decimal("0.1")
+    upstream_price_in: int = 0  # nano-USD per token consumers pay for fallback requests
+    upstream_price_out: int = 0
+    upstream_cost_in: int = 0  # nano-USD per token the upstream bills the platform
+    upstream_cost_out: int = 0
+    default_output_tokens: int = 4096
+    hold_sweep_interval: float = 5.0
+    instance_lease_seconds: float = 30.0
+    admin_token: str | None = None
+    # limits
+    rate_limit_rpm: int = 600
+    rate_limit_tpm: int = 2_000_000
+    auth_failures_per_minute: int = 60
+    # portal sessions
+    jwt_secret: str | None = None
+    jwt_issuer: str = "provider-pool"
+    jwt_audience: str = "provider-pool-portal"
+    jwt_ttl_seconds: int = 3600
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("RS256",)
+    jwt_leeway_seconds: float = 0.0
+    request_log_interval: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +88,16 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"POOL_{name.upper()}={raw!r}: {exc}") from None
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def fee_bps(self) -> int:
+        """The platform fee in basis points."""
+        return int(self.platform_fee * 10_000)
+
+    @property
+    def hold_ttl(self) -> float:
+        """How long a hold may stay pending before the sweep releases it whatever its owner."""
+        return self.job_deadline + self.idle_timeout + 60
 
     @property
     def stale_after(self) -> float:
@@ -83,6 +119,35 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _fraction(raw: str) -> Decimal:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ValueError("not a number") from None
+    if not 0 <= value < 1 or value * 10_000 != int(value * 10_000):
+        raise ValueError("must be a fraction in [0, 1) with at most 4 decimals")
+    return value
+
+
+ASYMMETRIC_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+
+
+def _asymmetric_algorithms(raw: str) -> tuple[str, ...]:
+    """Algorithms for tokens verified with the identity provider's public keys (never none or HS*)."""
+    names = tuple(a.strip() for a in raw.split(",") if a.strip())
+    bad = [name for name in names if name not in ASYMMETRIC_ALGORITHMS]
+    if not names or bad:
+        raise ValueError(f"choose from {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}")
+    return names
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 _FIELDS: dict[str, Callable[[str], object]] = {
     "database_url": str,
     "heartbeat_interval": _positive_float,
@@ -101,4 +166,24 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "status_window_seconds": _positive_float,
     "no_capacity_retry_after": _positive_int,
     "log_level": str.upper,
+    "platform_fee": _fraction,
+    "upstream_price_in": usd_per_million_to_nano_per_token,
+    "upstream_price_out": usd_per_million_to_nano_per_token,
+    "upstream_cost_in": usd_per_million_to_nano_per_token,
+    "upstream_cost_out": usd_per_million_to_nano_per_token,
+    "default_output_tokens": _positive_int,
+    "hold_sweep_interval": _positive_float,
+    "instance_lease_seconds": _positive_float,
+    "admin_token": str,
+    "rate_limit_rpm": _positive_int,
+    "rate_limit_tpm": _positive_int,
+    "auth_failures_per_minute": _positive_int,
+    "jwt_secret": str,
+    "jwt_issuer": str,
+    "jwt_audience": str,
+    "jwt_ttl_seconds": _positive_int,
+    "jwt_jwks_url": str,
+    "jwt_algorithms": lambda raw: _asymmetric_algorithms(raw),
+    "jwt_leeway_seconds": _non_negative_float,
+    "request_log_interval": _positive_float,
 }

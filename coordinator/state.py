@@ -6,9 +6,13 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from coordinator.accounting import Accounting
 from coordinator.auth import SecretCache
 from coordinator.dispatch import Dispatcher
+from coordinator.ratelimit import FailureLimits, KeyLimits
 from coordinator.registry import Registry
+from coordinator.requestlog import RequestLog
+from coordinator.sessions import SessionTokens
 from coordinator.settings import Settings
 from coordinator.stats import RequestStats
 from coordinator.upstream import Upstream
@@ -25,3 +29,8 @@ class PoolState:
     upstream: Upstream
     dispatcher: Dispatcher
     stats: RequestStats
+    requests: RequestLog
+    key_limits: KeyLimits
+    auth_failures: FailureLimits
+    accounting: Accounting
+    portal: SessionTokens

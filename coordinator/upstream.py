@@ -6,12 +6,27 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from coordinator.metering import Price
 from shared.backend import Event, prepare_body, run_chat
+
+FREE = Price(0, 0)
 
 
 class Upstream:
-    def __init__(self, base_url: str | None, api_key: str | None, models: dict[str, str], timeout: float) -> None:
+    """``price`` is what consumers pay for a fallback request, ``cost`` what the upstream bills the platform."""
+
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        models: dict[str, str],
+        timeout: float,
+        price: Price = FREE,
+        cost: Price = FREE,
+    ) -> None:
         self.models = models if base_url else {}
+        self.price = price
+        self.cost = cost
         self._url = f"{base_url}/chat/completions" if base_url else ""
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(

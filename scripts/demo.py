@@ -4,6 +4,7 @@ coordinator on SQLite and one agent serving it as ``smollm2-135m``. Ctrl-C stops
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -32,7 +33,7 @@ def main() -> int:
     db_path = STATE / "pool.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    env = localpool.coordinator_env(f"sqlite+aiosqlite:///{db_path}")
+    env = localpool.coordinator_env(f"sqlite+aiosqlite:///{db_path}", jwt_secret=secrets.token_urlsafe(32))
     port = _port(int(os.environ.get("DEMO_PORT", "8080")))
     base = f"http://127.0.0.1:{port}"
     stop = threading.Event()
@@ -44,6 +45,7 @@ def main() -> int:
         llama_port = localpool.free_port()
         children.append(localpool.start_llama(localpool.smollm2_path(), llama_port, STATE, parallel=2))
         localpool.admin(env, "create-user", "--email", "demo@example.com")
+        localpool.admin(env, "grant-credits", "--email", "demo@example.com", "--usd", "10")
         key = localpool.admin(env, "create-key", "--email", "demo@example.com", "--name", "demo")
         token = localpool.admin(env, "create-agent-token", "--email", "demo@example.com", "--name", "demo")
         print(f"starting the coordinator on {base} …", flush=True)

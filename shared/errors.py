@@ -8,6 +8,10 @@ from __future__ import annotations
 
 INVALID_REQUEST = "invalid_request"
 INVALID_API_KEY = "invalid_api_key"
+INVALID_SESSION = "invalid_session"
+INVALID_CREDENTIALS = "invalid_credentials"
+CONFLICT = "conflict"
+IDEMPOTENCY_CONFLICT = "idempotency_key_reused"
 INSUFFICIENT_CREDITS = "insufficient_credits"
 POLICY_BLOCKED = "policy_blocked"
 MODEL_NOT_FOUND = "model_not_found"
@@ -33,6 +37,7 @@ _TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     502: "provider_error",

@@ -29,3 +29,19 @@ def usd_per_million_to_nano_per_token(value: str | int | float | Decimal) -> int
 def nano_per_token_to_usd_per_million(nano: int) -> float:
     """The display form of a per-token price (USD per 1M tokens)."""
     return float(Decimal(nano) * TOKENS_PER_PRICE_UNIT / NANO_PER_USD)
+
+
+def usd_to_nano(value: str | float | int, maximum: int) -> int:
+    """Exact nano-USD for a positive amount of at most 9 decimals and at most ``maximum`` USD."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError("must be a number") from None
+    if not amount.is_finite() or amount <= 0 or amount > maximum:
+        raise ValueError(f"must be more than 0 and at most {maximum}")
+    nano = amount * NANO_PER_USD
+    if nano != nano.to_integral_value():
+        raise ValueError("has more than 9 decimals")
+    return int(nano)

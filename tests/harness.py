@@ -11,12 +11,24 @@ from openai import OpenAI
 from scripts import localpool
 from scripts.localpool import Proc
 
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+ADMIN_TOKEN = "test-admin-token"
+CONSUMER = "consumer@example.com"
+PROVIDER = "provider@example.com"
+
 
 class Pool:
-    def __init__(self, workdir: Path, db_url: str | None = None, **settings: str) -> None:
+    def __init__(self, workdir: Path, db_url: str | None = None, credits_usd: str = "1000", **settings: str) -> None:
         self.dir = workdir
         self.db_url = db_url or f"sqlite+aiosqlite:///{workdir / 'pool.db'}"
-        self.settings = {"heartbeat_interval": "0.5", "first_chunk_timeout": "30", **settings}
+        self.credits_usd = credits_usd
+        self.settings = {
+            "heartbeat_interval": "0.5",
+            "first_chunk_timeout": "30",
+            "jwt_secret": JWT_SECRET,
+            "admin_token": ADMIN_TOKEN,
+            **settings,
+        }
         self.env = localpool.coordinator_env(self.db_url, **self.settings)
         self.port = localpool.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -29,10 +41,12 @@ class Pool:
         self._names = 0
 
     def start(self) -> None:
-        localpool.admin(self.env, "create-user", "--email", "consumer@example.com")
-        localpool.admin(self.env, "create-user", "--email", "provider@example.com")
-        self.key = localpool.admin(self.env, "create-key", "--email", "consumer@example.com")
-        self.token = localpool.admin(self.env, "create-agent-token", "--email", "provider@example.com")
+        localpool.admin(self.env, "create-user", "--email", CONSUMER)
+        localpool.admin(self.env, "create-user", "--email", PROVIDER)
+        if self.credits_usd:
+            localpool.admin(self.env, "grant-credits", "--email", CONSUMER, "--usd", self.credits_usd)
+        self.key = localpool.admin(self.env, "create-key", "--email", CONSUMER)
+        self.token = localpool.admin(self.env, "create-agent-token", "--email", PROVIDER)
         self.coordinator = localpool.start_coordinator(self.port, self.env, self.dir)
 
     def restart(self, **settings: str) -> None:
@@ -85,7 +99,8 @@ class Pool:
             if proc.alive():
                 proc.popen.kill()
         self.agents.clear()
-        self.wait_agent_count(0)
+        if self.coordinator is not None and self.coordinator.alive():
+            self.wait_agent_count(0)
 
     def agent_count(self) -> int:
         return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["agents"])

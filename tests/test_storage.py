@@ -8,10 +8,13 @@ import sys
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import inspect, update
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text, update
 
 from coordinator import accounts, auth, db, keys
-from coordinator.models import AgentToken, ApiKey
+from coordinator.models import AgentToken, ApiKey, Base
 from scripts.localpool import ROOT
 
 
@@ -21,10 +24,30 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
         assert await db.current_revision(engine) is None
         await db.migrate(engine)
         await db.migrate(engine)  # every `serve` runs it again
-        assert await db.current_revision(engine) == "0001"
+        assert await db.current_revision(engine) == "0002"
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
-        assert {"users", "api_keys", "agent_tokens", "alembic_version"} <= tables
+            # The migrations build exactly what the models describe.
+            drift = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
+        assert {"users", "api_keys", "agent_tokens", "accounts", "ledger_entries", "holds", "request_log"} <= tables
+        assert drift == []
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_opens_accounts_for_existing_users(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: command.upgrade(db._alembic_config(sync), "0001"))
+            await conn.execute(
+                text("INSERT INTO users (email, created_at) VALUES ('old@example.com', :t)"),
+                {"t": datetime(2026, 1, 1, tzinfo=UTC)},
+            )
+        await db.migrate(engine)
+        async with engine.connect() as conn:
+            ids = set((await conn.execute(text("SELECT id FROM accounts"))).scalars())
+        assert {"wallet:1", "held:1", "earnings:1", "platform:fees", "platform:upstream", "platform:funding"} <= ids
     finally:
         await engine.dispose()
 

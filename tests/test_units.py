@@ -8,6 +8,8 @@ import msgspec
 import pytest
 
 from coordinator import keys, placement
+from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, text_deltas
+from coordinator.ratelimit import FailureLimits, KeyLimits, duration
 from coordinator.registry import ConnectedAgent, Registry
 from coordinator.routes.agent_ws import hello_problem
 from coordinator.routes.chat import XPool, stamp
@@ -16,8 +18,9 @@ from provider_agent.config import ConfigError, load
 from provider_agent.connection import backoff_delay
 from shared import protocol
 from shared.backend import SSEParser, prepare_body
-from shared.money import usd_per_million_to_nano_per_token
-from shared.protocol import Hello, JobChunk, ModelOffer, ProtocolError, UnknownMessage
+from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
+from shared.openai import ChatCompletionRequest
+from shared.protocol import Hello, JobChunk, ModelOffer, ProtocolError, UnknownMessage, Usage
 
 
 def test_key_format_and_checksum() -> None:
@@ -106,9 +109,16 @@ def test_prepare_body_keeps_unknown_fields_and_forces_usage() -> None:
 
 
 def test_stamp_adds_x_pool_without_reparsing() -> None:
-    x_pool = XPool(provider=1, agent="agt_1", fallback=False, latency_ms=5)
+    x_pool = XPool(request_id="req_1", provider=1, agent="agt_1", fallback=False, latency_ms=5, cost_usd=0.25)
     stamped = msgspec.json.decode(stamp(b'{"id":"c","choices":[]}\n', x_pool))
-    assert stamped["x_pool"] == {"provider": 1, "agent": "agt_1", "fallback": False, "latency_ms": 5}
+    assert stamped["x_pool"] == {
+        "request_id": "req_1",
+        "provider": 1,
+        "agent": "agt_1",
+        "fallback": False,
+        "latency_ms": 5,
+        "cost_usd": 0.25,
+    }
     assert msgspec.json.decode(stamp(b"{}", x_pool))["x_pool"]["agent"] == "agt_1"
 
 
@@ -191,3 +201,100 @@ def test_coordinator_settings_from_env() -> None:
     assert settings.upstream_base_url == "http://u/v1"
     with pytest.raises(SettingsError, match="POOL_HEARTBEAT_INTERVAL"):
         Settings.from_env({"POOL_HEARTBEAT_INTERVAL": "-1"})
+
+
+# --- metering, limits, money -------------------------------------------------------------------
+
+
+def test_hold_covers_the_worst_case_and_bills_are_capped() -> None:
+    request = msgspec.json.decode(
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":7}', type=ChatCompletionRequest
+    )
+    meter = Meter(prompt_bound(b"x" * 100), output_bound(request, 4096))
+    assert (meter.prompt_bound, meter.completion_bound) == (100 + TEMPLATE_ALLOWANCE, 7)
+    assert meter.hold_amount(Price(2, 3)) == (100 + TEMPLATE_ALLOWANCE) * 2 + 7 * 3
+    unbounded = msgspec.json.decode(
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}]}', type=ChatCompletionRequest
+    )
+    assert output_bound(unbounded, 8192) == 8192
+    meter.usage = Usage(prompt_tokens=10, completion_tokens=50, total_tokens=60)
+    bill = meter.bill(completed=True, stream=False)
+    assert (bill.prompt_tokens, bill.completion_tokens, bill.capped, bill.cut) == (10, 7, True, False)
+    meter.usage = Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15)
+    assert not meter.bill(completed=True, stream=True).capped
+
+
+def test_cut_streams_bill_only_delivered_text() -> None:
+    meter = Meter(100, 50)
+    for chunk in (
+        b'{"choices":[{"delta":{"role":"assistant","content":null}}]}',
+        b'{"choices":[{"delta":{"content":"Hel"}}]}',
+        b'{"choices":[{"delta":{"content": "lo"}}]}',
+        b'{"choices":[{"delta":{"content":""}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\\"a"}}]}}]}',
+        b'{"choices":[{"delta":{},"finish_reason":"stop"}]}',
+    ):
+        meter.delivered += text_deltas(chunk)
+    assert meter.delivered == 3
+    meter.usage = Usage(prompt_tokens=9, completion_tokens=40, total_tokens=49)
+    cut = meter.bill(completed=False, stream=True)
+    assert (cut.prompt_tokens, cut.completion_tokens, cut.cut) == (0, 3, True)
+    assert meter.bill(completed=False, stream=False).completion_tokens == 0
+    meter.usage = None
+    assert meter.bill(completed=True, stream=True).completion_tokens == 3
+
+
+def test_key_limits_refuse_with_openai_headers() -> None:
+    limits = KeyLimits(default_rpm=2, default_tpm=1000)
+    first = limits.admit(1, estimate=10)
+    assert first.allowed and first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert limits.admit(1, estimate=10).allowed
+    refused = limits.admit(1, estimate=10)
+    assert (
+        not refused.allowed and refused.retry_after >= 1 and refused.headers["retry-after"] == str(refused.retry_after)
+    )
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limits.admit(2, estimate=10).allowed  # other keys are untouched
+    tokens = KeyLimits(default_rpm=100, default_tpm=100)
+    assert tokens.admit(3, estimate=60).allowed
+    tokens.correct(3, 200)  # the request used far more than estimated: the bucket is in debt
+    assert not tokens.admit(3, estimate=1).allowed
+    assert KeyLimits(1, 1).admit(4, 0, rpm=5, tpm=5).headers["x-ratelimit-limit-requests"] == "5"
+    assert (duration(0.02), duration(1.0), duration(61), duration(360)) == ("20ms", "1s", "1m1s", "6m0s")
+
+
+def test_failed_authentications_block_a_client() -> None:
+    failures = FailureLimits(per_minute=3)
+    for _ in range(3):
+        assert failures.blocked("10.0.0.1") == 0
+        failures.failed("10.0.0.1")
+    assert failures.blocked("10.0.0.1") >= 1
+    assert failures.blocked("10.0.0.2") == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "nano"), [("10", 10_000_000_000), (0.25, 250_000_000), ("0.000000001", 1), (3, 3_000_000_000)]
+)
+def test_usd_amounts_convert_exactly(value: object, nano: int) -> None:
+    assert usd_to_nano(value, 1_000_000) == nano  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "0.0000000001", "NaN", "Infinity", True, "1000001"])
+def test_bad_usd_amounts_are_refused(value: object) -> None:
+    with pytest.raises(ValueError):
+        usd_to_nano(value, 1_000_000)  # type: ignore[arg-type]
+
+
+def test_money_settings() -> None:
+    settings = Settings.from_env({"POOL_PLATFORM_FEE": "0.125", "POOL_UPSTREAM_PRICE_OUT": "2.5"})
+    assert (settings.fee_bps, settings.upstream_price_out) == (1250, 2500)
+    for name, raw in (
+        ("PLATFORM_FEE", "1.5"),
+        ("PLATFORM_FEE", "0.12345"),
+        ("JWT_ALGORITHMS", "HS256,RS256"),
+        ("JWT_ALGORITHMS", "none"),
+        ("RATE_LIMIT_RPM", "0"),
+    ):
+        with pytest.raises(SettingsError):
+            Settings.from_env({f"POOL_{name}": raw})

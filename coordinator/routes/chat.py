@@ -1,24 +1,36 @@
-"""``POST /v1/chat/completions``: OpenAI-compatible, streamed (SSE) or not."""
+"""``POST /v1/chat/completions``: OpenAI-compatible, streamed (SSE) or not.
+
+The order of checks is the order of costs: key (guard), model, rate limits, capacity, then the hold
+(402 before anything runs). Settling and logging happen after the answer, off the request's path.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from coordinator import catalog
+from coordinator.accounting import Charge, upstream_cost
+from coordinator.accounts import Principal
+from coordinator.billing import InsufficientCredits
 from coordinator.dispatch import Attempt, Job, provider_error
-from coordinator.errors import PoolError, error_body, invalid_api_key
+from coordinator.errors import error_body
+from coordinator.guards import require_consumer_key
+from coordinator.metering import Meter, Price, output_bound, prompt_bound, text_deltas
+from coordinator.placement import offer_price
+from coordinator.requestlog import RequestRecord
 from coordinator.state import PoolState
 from shared import errors
 from shared.backend import Chunk, Done, Failure
+from shared.money import NANO_PER_USD
 from shared.openai import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -29,20 +41,13 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 class XPool(msgspec.Struct, omit_defaults=True):
+    request_id: str
     provider: int | str
     agent: str | None
     fallback: bool
     latency_ms: int
+    cost_usd: float
     ttft_ms: int | None = None
-
-
-async def require_consumer_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: a valid ``pool_live_`` key, checked before the body is read."""
-    pool: PoolState = connection.app.state.pool
-    principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
-    if principal is None:
-        raise invalid_api_key()
-    connection.state.principal = principal
 
 
 def stamp(payload: bytes, x_pool: XPool) -> bytes:
@@ -55,138 +60,268 @@ def stamp(payload: bytes, x_pool: XPool) -> bytes:
     return inner + separator + b'"x_pool":' + _json.encode(x_pool) + b"}"
 
 
-def _x_pool(job: Job, started: float, first_at: float | None = None) -> XPool:
-    now = time.perf_counter()
-    agent = job.agent
-    return XPool(
-        provider=agent.user_id if agent is not None else "platform",
-        agent=agent.agent_id if agent is not None else None,
-        fallback=job.fallback,
-        latency_ms=round((now - started) * 1000),
-        ttft_ms=None if first_at is None else round((first_at - started) * 1000),
-    )
+def usd(nano: int) -> str:
+    return f"${nano / NANO_PER_USD:.6f}"
 
 
-def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(
-        _json.encode(error_body(status, code, message)),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+@dataclass(eq=False)
+class Call:
+    """One chat request in flight: what it may cost, what it did, and how it ended (once)."""
+
+    pool: PoolState
+    record: RequestRecord
+    started: float
+    meter: Meter
+    token_estimate: int = 0
+    held: int | None = None
+    ended: bool = False
+
+    def end(
+        self,
+        status: int,
+        *,
+        job: Job | None = None,
+        completed: bool = False,
+        code: str | None = None,
+        first_at: float | None = None,
+    ) -> XPool | None:
+        """Record the outcome, bill what ``job`` delivered (release the hold without a job) and log,
+        in the background. Only the first call counts."""
+        if self.ended:
+            return None
+        self.ended = True
+        pool, record = self.pool, self.record
+        record.status, record.error_code = status, code
+        record.latency_ms = round((time.perf_counter() - self.started) * 1000)
+        record.ttft_ms = None if first_at is None else round((first_at - self.started) * 1000)
+        charge: Charge | None = None
+        if self.held is not None:
+            charge = Charge(0, None, reason=code or "failed")
+        if job is not None and self.held is not None:
+            charge = self._bill(job, completed)
+        if job is not None or status in (502, 503):
+            pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=status == 200)
+        pool.accounting.finish(record, charge, self.token_estimate)
+        return XPool(
+            request_id=record.id,
+            provider=record.provider_user_id if record.provider_user_id is not None else "platform",
+            agent=record.agent_id,
+            fallback=record.fallback,
+            latency_ms=record.latency_ms,
+            cost_usd=record.cost / NANO_PER_USD,
+            ttft_ms=record.ttft_ms,
+        )
+
+    def _bill(self, job: Job, completed: bool) -> Charge:
+        record, agent = self.record, job.agent
+        record.fallback = job.fallback
+        record.agent_id = agent.agent_id if agent is not None else None
+        record.provider_user_id = agent.user_id if agent is not None else None
+        bill = self.meter.bill(completed=completed, stream=record.stream)
+        record.prompt_tokens, record.completion_tokens = bill.prompt_tokens, bill.completion_tokens
+        if bill.reported is not None:
+            record.reported_prompt_tokens = bill.reported.prompt_tokens
+            record.reported_completion_tokens = bill.reported.completion_tokens
+        price = offer_price(agent, record.model) if agent is not None else self.pool.upstream.price
+        amount = bill.amount(price)
+        held = self.held or 0
+        record.usage_capped = bill.capped or amount > held
+        record.cost = min(amount, held)
+        cost = 0
+        if agent is None:
+            used = bill.reported or bill
+            cost = upstream_cost(self.pool.upstream.cost, used.prompt_tokens, used.completion_tokens)
+        return Charge(record.cost, record.provider_user_id, cost, reason="completed" if completed else "cut")
+
+    def reject(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response[bytes]:
+        self.end(status, code=code)
+        return Response(
+            _json.encode(error_body(status, code, message, param)),
+            status_code=status,
+            media_type="application/json",
+            headers=headers,
+        )
+
+    def no_capacity(self, headers: dict[str, str]) -> Response[bytes]:
+        retry_after = self.pool.settings.no_capacity_retry_after
+        return self.reject(
+            503,
+            errors.NO_CAPACITY,
+            f"No provider has capacity for `{self.record.model}` right now. Retry in {retry_after} s.",
+            headers={**headers, "retry-after": str(retry_after)},
+        )
+
+    def failed(self, failure: Failure, headers: dict[str, str]) -> Response[bytes]:
+        """The request failed before any output: nothing is charged."""
+        status, code, message = provider_error(failure)
+        return self.reject(status, code, message, headers=headers)
+
+    def abandon(self, job: Job) -> None:
+        """After a stream response: if the relay never ran to its end, stop the job and bill what went out."""
+        if not self.ended:
+            job.cancel()
+            self.end(499, job=job, code="consumer_gone")
 
 
-def _sse_error(failure: Failure) -> bytes:
-    status, code, message = provider_error(failure)
-    return b"data: " + _json.encode(error_body(status, code, message)) + b"\n\n"
+def _known_model(pool: PoolState, slug: str) -> bool:
+    return slug in catalog.CATALOG or pool.upstream.serves(slug) or bool(pool.registry.serving(slug))
 
 
-def _check_model(pool: PoolState, slug: str) -> None:
-    if slug in catalog.CATALOG or pool.upstream.serves(slug) or pool.registry.serving(slug):
-        return
-    raise PoolError(
-        404,
-        errors.MODEL_NOT_FOUND,
-        f"The model `{slug}` does not exist in this pool. GET /v1/models lists the available models.",
-        param="model",
-    )
+def _model_cap(pool: PoolState, slug: str) -> int:
+    """The most tokens a completion of ``slug`` can have: its context window where known."""
+    windows = [w for a in pool.registry.serving(slug) if (w := a.models[slug].context_window)]
+    known = catalog.CATALOG.get(slug)
+    if known is not None and known.context_window:
+        windows.append(known.context_window)
+    return min(windows) if windows else pool.settings.default_output_tokens
 
 
 @post(
     "/v1/chat/completions",
     guards=[require_consumer_key],
     summary="Create a chat completion",
-    description="OpenAI-compatible chat completions, served by a provider agent or the platform upstream.",
+    description=(
+        "OpenAI-compatible chat completions, served by a provider agent or the platform upstream. The worst-case "
+        "cost is held from the caller's credits before dispatch (402 `insufficient_credits` if short) and the "
+        "actual usage is charged when the request ends."
+    ),
     tags=["inference"],
     status_code=200,
 )
 async def create_chat_completion(request: Request[Any, Any, Any], data: ChatCompletionRequest) -> Response[Any]:
     pool: PoolState = request.app.state.pool
-    started = time.perf_counter()
-    _check_model(pool, data.model)
+    principal: Principal = request.state.principal
+    record: RequestRecord = request.state.record
+    record.model, record.stream = data.model, data.stream
     raw = await request.body()
+    call = Call(
+        pool, record, time.perf_counter(), Meter(prompt_bound(raw), output_bound(data, _model_cap(pool, data.model)))
+    )
+    if not _known_model(pool, data.model):
+        return call.reject(
+            404,
+            errors.MODEL_NOT_FOUND,
+            f"The model `{data.model}` does not exist in this pool. GET /v1/models lists the available models.",
+            param="model",
+        )
+    estimate = len(raw) // 4 + (data.max_completion_tokens or data.max_tokens or 0)
+    decision = pool.key_limits.admit(principal.credential_id, estimate, principal.rpm, principal.tpm)
+    if not decision.allowed:
+        return call.reject(
+            429,
+            errors.RATE_LIMIT_EXCEEDED,
+            f"Rate limit reached for this key. Retry in {decision.retry_after} s.",
+            headers=decision.headers,
+        )
+    call.token_estimate = estimate
+    limits = decision.headers
+    ceiling = pool.dispatcher.ceiling(data.model)
+    if ceiling is None:
+        return call.no_capacity(limits)
+    try:
+        return await _run(call, data, raw, ceiling, limits)
+    except BaseException:
+        call.end(500, code=errors.INTERNAL_ERROR)
+        raise
+
+
+async def _run(
+    call: Call, data: ChatCompletionRequest, raw: bytes, ceiling: Price, limits: dict[str, str]
+) -> Response[Any]:
+    pool = call.pool
+    amount = call.meter.hold_amount(ceiling)
+    try:
+        await pool.accounting.hold(call.record, amount)
+    except InsufficientCredits as exc:
+        return call.reject(
+            402,
+            errors.INSUFFICIENT_CREDITS,
+            f"Insufficient credits: this request may cost up to {usd(exc.needed)} (prompt and max_tokens at the "
+            f"highest price on offer) and {usd(exc.available)} is available. Add credits or lower max_tokens.",
+            headers=limits,
+        )
+    call.held = amount
     stream = data.stream
     want_usage = bool(stream and data.stream_options and data.stream_options.include_usage)
-    if stream:
-        attempt = await pool.dispatcher.start(data.model, raw, stream=True, want_usage=want_usage)
-        if attempt is None:
-            return _no_capacity(pool, data.model, started)
-        if isinstance(attempt.first, Failure):
-            return _failed(pool, data.model, attempt.first, attempt.job, started)
-        return Stream(
-            _relay(pool, data.model, attempt, started),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    return await _complete(pool, data.model, raw, started)
-
-
-def _no_capacity(pool: PoolState, slug: str, started: float) -> Response[bytes]:
-    pool.stats.record(slug, (time.perf_counter() - started) * 1000, fallback=False, ok=False)
-    retry_after = pool.settings.no_capacity_retry_after
-    return _error_response(
-        503,
-        errors.NO_CAPACITY,
-        f"No provider has capacity for `{slug}` right now. Retry in {retry_after} s.",
-        headers={"retry-after": str(retry_after)},
-    )
-
-
-def _failed(pool: PoolState, slug: str, failure: Failure, job: Job, started: float) -> Response[bytes]:
-    pool.stats.record(slug, (time.perf_counter() - started) * 1000, fallback=job.fallback, ok=False)
-    status, code, message = provider_error(failure)
-    return _error_response(status, code, message)
-
-
-async def _complete(pool: PoolState, slug: str, raw: bytes, started: float) -> Response[Any]:
-    """Non-stream: nothing reaches the consumer before the end, so any retryable failure fails over."""
-    attempt = await pool.dispatcher.start(slug, raw, stream=False, want_usage=False)
+    attempt = await pool.dispatcher.start(data.model, raw, stream=stream, want_usage=want_usage, max_price=ceiling)
     if attempt is None:
-        return _no_capacity(pool, slug, started)
+        return call.no_capacity(limits)
+    if isinstance(attempt.first, Failure):
+        attempt.job.cancel()
+        return call.failed(attempt.first, limits)
+    if stream:
+        return Stream(
+            _relay(call, attempt),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **limits},
+            background=BackgroundTask(call.abandon, attempt.job),
+        )
+    return await _complete(call, attempt, limits)
+
+
+async def _complete(call: Call, attempt: Attempt, limits: dict[str, str]) -> Response[Any]:
+    """Non-stream: nothing reaches the consumer before the end, so any retryable failure fails over."""
     job, event = attempt.job, attempt.first
     parts: list[bytes] = []
     while True:
         if isinstance(event, Chunk):
             parts.append(event.data)
         elif isinstance(event, Done):
-            body = stamp(b"".join(parts), _x_pool(job, started))
-            pool.stats.record(slug, (time.perf_counter() - started) * 1000, fallback=job.fallback, ok=True)
-            return Response(body, media_type="application/json")
+            call.meter.usage = event.usage
+            x_pool = call.end(200, job=job, completed=True)
+            assert x_pool is not None
+            return Response(stamp(b"".join(parts), x_pool), media_type="application/json", headers=limits)
         else:
             job.cancel()
-            return _failed(pool, slug, event, job, started)
-        event = await job.next(pool.settings.idle_timeout)
+            return call.failed(event, limits)
+        event = await job.next(call.pool.settings.idle_timeout)
 
 
-async def _relay(pool: PoolState, slug: str, attempt: Attempt, started: float) -> AsyncIterator[bytes]:
+async def _relay(call: Call, attempt: Attempt) -> AsyncIterator[bytes]:
     """Relay a started job as SSE; an error after the first chunk ends the stream with an error event."""
     job, event = attempt.job, attempt.first
     first_at = time.perf_counter()
-    idle = pool.settings.idle_timeout
+    idle = call.pool.settings.idle_timeout
+    meter = call.meter
     try:
         while True:
             out: list[bytes] = []
+            deltas = 0  # counted as delivered once the consumer's connection took them
             for item in (event, *job.ready()):
                 if isinstance(item, Chunk):
+                    deltas += text_deltas(item.data)
                     out.append(b"data: " + item.data + b"\n\n")
                     continue
+                meter.delivered += deltas
                 if isinstance(item, Done):
-                    x_pool = _x_pool(job, started, first_at)
+                    meter.delivered += sum(text_deltas(chunk) for chunk in item.tail)
+                    meter.usage = item.usage
+                    x_pool = call.end(200, job=job, completed=True, first_at=first_at)
                     tail = list(item.tail)
-                    if tail:
+                    if tail and x_pool is not None:
                         tail[-1] = stamp(tail[-1], x_pool)
                     out.extend(b"data: " + chunk + b"\n\n" for chunk in tail)
                     out.append(b"data: [DONE]\n\n")
-                    pool.stats.record(slug, x_pool.latency_ms, fallback=job.fallback, ok=True)
                 else:
                     log.warning("stream failed after first chunk", extra={"job_id": job.job_id, "code": item.code})
-                    out.append(_sse_error(item))
-                    pool.stats.record(slug, (time.perf_counter() - started) * 1000, fallback=job.fallback, ok=False)
+                    status, code, message = provider_error(item)
+                    call.end(status, job=job, code=code, first_at=first_at)
+                    out.append(b"data: " + _json.encode(error_body(status, code, message)) + b"\n\n")
                 yield b"".join(out)
                 return
             yield b"".join(out)
+            meter.delivered += deltas
             event = await job.next(idle)
     finally:
         if not job.finished:
             log.info("consumer went away, cancelling job", extra={"job_id": job.job_id})
             job.cancel()
+        call.end(499, job=job, code="consumer_gone", first_at=first_at)

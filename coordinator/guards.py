@@ -1,0 +1,133 @@
+"""Route guards: who may call what (DESIGN §6).
+
+A consumer key (``pool_live_…``) opens the inference API; a portal session (a JWT) opens the
+portal's key and token management; the read-only account endpoints accept either; the admin API
+wants ``POOL_ADMIN_TOKEN``. A key is never a session and a session is never a key. Repeated failures
+from one client address are refused with 429 before any lookup.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from coordinator import accounts, keys
+from coordinator.errors import PoolError, invalid_api_key
+from coordinator.requestlog import RequestRecord
+from coordinator.sessions import InvalidSession
+from coordinator.state import PoolState
+from shared import errors, logs
+
+log = logging.getLogger(__name__)
+
+Connection = ASGIConnection[Any, Any, Any, Any]
+
+
+def _pool(connection: Connection) -> PoolState:
+    pool: PoolState = connection.app.state.pool
+    return pool
+
+
+def client_address(connection: Connection) -> str:
+    client = connection.client
+    return client.host if client is not None else "unknown"
+
+
+def _check_not_blocked(pool: PoolState, client: str) -> None:
+    wait = pool.auth_failures.blocked(client)
+    if wait:
+        raise PoolError(
+            429,
+            errors.RATE_LIMIT_EXCEEDED,
+            f"Too many failed authentications from this address. Retry in {wait} s.",
+            headers={"retry-after": str(wait)},
+        )
+
+
+def invalid_session() -> PoolError:
+    return PoolError(
+        401, errors.INVALID_SESSION, "Invalid or expired session. Log in and send `Authorization: Bearer <token>`."
+    )
+
+
+def _bearer(connection: Connection) -> str:
+    scheme, _, value = (connection.headers.get("authorization") or "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+async def require_consumer_key(connection: Connection, _: BaseRouteHandler) -> None:
+    """A valid ``pool_live_`` key, checked before the body is read; opens the request's log record."""
+    pool = _pool(connection)
+    client = client_address(connection)
+    _check_not_blocked(pool, client)
+    principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
+    if principal is None:
+        pool.auth_failures.failed(client)
+        raise invalid_api_key()
+    connection.state.principal = principal
+    connection.state.record = RequestRecord(
+        id=logs.request_id.get() or "req_unknown", user_id=principal.user_id, key_id=principal.credential_id
+    )
+
+
+async def _session_user(pool: PoolState, token: str) -> int | None:
+    if not token or token.startswith((keys.CONSUMER_PREFIX, keys.AGENT_PREFIX)):
+        return None
+    try:
+        claims = await pool.portal.verify(token)
+    except InvalidSession as exc:
+        log.info("portal session refused", extra={"reason": str(exc)})
+        return None
+    subject = str(claims["sub"])
+    if pool.portal.external:
+        async with pool.sessions() as session, session.begin():
+            email = claims.get("email")
+            user = await accounts.user_for_subject(session, subject, email if isinstance(email, str) else None)
+            return user.id
+    return int(subject) if subject.isdigit() else None
+
+
+async def require_session(connection: Connection, _: BaseRouteHandler) -> None:
+    """A valid portal session (JWT); keys are refused."""
+    pool = _pool(connection)
+    client = client_address(connection)
+    _check_not_blocked(pool, client)
+    user_id = await _session_user(pool, _bearer(connection))
+    if user_id is None:
+        pool.auth_failures.failed(client)
+        raise invalid_session()
+    connection.state.user_id = user_id
+
+
+async def require_account(connection: Connection, _: BaseRouteHandler) -> None:
+    """A portal session or a consumer key: for reading one's own credits, usage and generations."""
+    pool = _pool(connection)
+    client = client_address(connection)
+    _check_not_blocked(pool, client)
+    token = _bearer(connection)
+    if token.startswith(keys.CONSUMER_PREFIX):
+        principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
+        user_id = principal.user_id if principal is not None else None
+    else:
+        user_id = await _session_user(pool, token)
+    if user_id is None:
+        pool.auth_failures.failed(client)
+        raise invalid_session()
+    connection.state.user_id = user_id
+
+
+async def require_admin(connection: Connection, _: BaseRouteHandler) -> None:
+    """``Authorization: Bearer $POOL_ADMIN_TOKEN``; the admin API is off without one."""
+    pool = _pool(connection)
+    expected = pool.settings.admin_token
+    if not expected:
+        raise PoolError(403, errors.POLICY_BLOCKED, "The admin API is disabled (set POOL_ADMIN_TOKEN).")
+    client = client_address(connection)
+    _check_not_blocked(pool, client)
+    if not hmac.compare_digest(_bearer(connection).encode(), expected.encode()):
+        pool.auth_failures.failed(client)
+        raise PoolError(401, errors.INVALID_API_KEY, "Invalid admin token.")

@@ -1,0 +1,94 @@
+"""What a request may cost before it runs, and what it did cost after: pure arithmetic, no I/O.
+
+Before dispatch the pool holds the worst case: a bound on the prompt's tokens x the input price plus
+the output cap x the output price. After, it bills the usage the server reported, capped at what it
+could have produced; a stream that was cut bills only the completion tokens that reached the consumer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shared.openai import ChatCompletionRequest
+from shared.protocol import Usage
+
+# A chat template adds a few tokens per message (and some templates a default system prompt) beyond
+# the body's bytes; the JSON punctuation of each message already outweighs them, this covers the rest.
+TEMPLATE_ALLOWANCE = 256
+
+# A streamed chunk that carries generated text or tool-call arguments (compact or spaced JSON).
+_TEXT_DELTA = re.compile(rb'"(?:content|reasoning_content|arguments)"\s*:\s*"(?!")')
+
+
+@dataclass(frozen=True)
+class Price:
+    """Nano-USD per token."""
+
+    input: int
+    output: int
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return prompt_tokens * self.input + completion_tokens * self.output
+
+    def covers(self, other: Price) -> bool:
+        return other.input <= self.input and other.output <= self.output
+
+
+def prompt_bound(raw: bytes) -> int:
+    """An upper bound on the prompt's tokens: byte-level tokenizers never make more tokens than bytes."""
+    return len(raw) + TEMPLATE_ALLOWANCE
+
+
+def output_bound(request: ChatCompletionRequest, model_cap: int) -> int:
+    """The most completion tokens the request can produce: its own limit, else the model's cap."""
+    asked = request.max_completion_tokens or request.max_tokens
+    return min(asked, model_cap) if asked else model_cap
+
+
+def text_deltas(chunk: bytes) -> int:
+    """1 if a streamed chunk carries generated text (at least one token), else 0."""
+    return 1 if _TEXT_DELTA.search(chunk) is not None else 0
+
+
+@dataclass(frozen=True)
+class Bill:
+    prompt_tokens: int
+    completion_tokens: int
+    reported: Usage | None
+    capped: bool
+    cut: bool
+
+    def amount(self, price: Price) -> int:
+        return price.cost(self.prompt_tokens, self.completion_tokens)
+
+
+class Meter:
+    """Counts what one request delivered (``delivered``: text deltas handed to the consumer's
+    connection) and turns it into billable tokens."""
+
+    __slots__ = ("completion_bound", "delivered", "prompt_bound", "usage")
+
+    def __init__(self, prompt_tokens_bound: int, completion_tokens_bound: int) -> None:
+        self.prompt_bound = prompt_tokens_bound
+        self.completion_bound = completion_tokens_bound
+        self.delivered = 0
+        self.usage: Usage | None = None
+
+    def hold_amount(self, price: Price) -> int:
+        return price.cost(self.prompt_bound, self.completion_bound)
+
+    def bill(self, *, completed: bool, stream: bool) -> Bill:
+        """Billable tokens. A completed request bills its reported usage, capped at the bounds (a
+        stream without usage bills the text deltas counted); a cut stream bills the delivered deltas
+        only; a non-stream request that did not complete delivered nothing."""
+        usage = self.usage
+        if not completed:
+            delivered = min(self.delivered, self.completion_bound) if stream else 0
+            return Bill(0, delivered, usage, capped=False, cut=True)
+        if usage is None:
+            return Bill(0, min(self.delivered, self.completion_bound), None, capped=False, cut=False)
+        prompt = min(max(0, usage.prompt_tokens), self.prompt_bound)
+        completion = min(max(0, usage.completion_tokens), self.completion_bound)
+        capped = prompt != usage.prompt_tokens or completion != usage.completion_tokens
+        return Bill(prompt, completion, usage, capped=capped, cut=False)

@@ -1,0 +1,146 @@
+"""Per-key request and token limits, and a limit on failed authentications per client. In memory.
+
+Token buckets that refill continuously (``limit`` per minute), as OpenAI's limits behave. The token
+bucket may go into debt: a request is admitted while the bucket is not empty, charged its estimate,
+and corrected to the real usage when it ends, so one large request cannot starve forever.
+Each coordinator process keeps its own buckets; with N processes a key can reach N times its limits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class Bucket:
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = float(per_minute)
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until the bucket holds ``amount``."""
+        return max(0.0, (amount - self.level) / self.rate)
+
+    def until_full(self) -> float:
+        return self.wait_for(self.capacity)
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    headers: dict[str, str]
+    retry_after: int = 0
+
+
+class _LRU(Generic[V]):
+    """A bounded map: the least recently used entries go first."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._data: OrderedDict[object, V] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: object) -> V | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: object, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+
+class KeyLimits:
+    """Requests-per-minute and tokens-per-minute buckets per consumer key."""
+
+    def __init__(self, default_rpm: int, default_tpm: int, max_keys: int = 100_000) -> None:
+        self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
+        self._buckets: _LRU[tuple[Bucket, Bucket]] = _LRU(max_keys)
+
+    def _pair(self, key_id: int, rpm: int, tpm: int, now: float) -> tuple[Bucket, Bucket]:
+        pair = self._buckets.get(key_id)
+        if pair is None or pair[0].capacity != rpm or pair[1].capacity != tpm:
+            pair = (Bucket(rpm, now), Bucket(tpm, now))
+            self._buckets.put(key_id, pair)
+        return pair
+
+    def admit(self, key_id: int, estimate: int, rpm: int | None = None, tpm: int | None = None) -> Decision:
+        """Take one request and ``estimate`` tokens from the key's buckets, or refuse with headers."""
+        now = time.monotonic()
+        requests, tokens = self._pair(key_id, rpm or self.default_rpm, tpm or self.default_tpm, now)
+        requests.refill(now)
+        tokens.refill(now)
+        allowed = requests.level >= 1 and tokens.level > 0
+        if allowed:
+            requests.level -= 1
+            tokens.level -= estimate
+        retry = 0 if allowed else max(requests.wait_for(1), tokens.wait_for(1))
+        headers = {
+            "x-ratelimit-limit-requests": str(int(requests.capacity)),
+            "x-ratelimit-remaining-requests": str(max(0, int(requests.level))),
+            "x-ratelimit-reset-requests": duration(requests.until_full()),
+            "x-ratelimit-limit-tokens": str(int(tokens.capacity)),
+            "x-ratelimit-remaining-tokens": str(max(0, int(tokens.level))),
+            "x-ratelimit-reset-tokens": duration(tokens.until_full()),
+        }
+        if not allowed:
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        return Decision(allowed, headers, max(1, math.ceil(retry)) if not allowed else 0)
+
+    def correct(self, key_id: int, tokens_delta: int) -> None:
+        """Charge (or refund, if negative) the difference between a request's estimate and its usage."""
+        pair = self._buckets.get(key_id)
+        if pair is not None and tokens_delta:
+            bucket = pair[1]
+            bucket.refill(time.monotonic())
+            bucket.level = min(bucket.capacity, bucket.level - tokens_delta)
+
+
+class FailureLimits:
+    """Failed authentications per client address: after ``per_minute`` of them, refuse for a while."""
+
+    def __init__(self, per_minute: int, max_clients: int = 100_000) -> None:
+        self.per_minute = per_minute
+        self._buckets: _LRU[Bucket] = _LRU(max_clients)
+
+    def blocked(self, client: str) -> int:
+        """Seconds the client must wait, or 0."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return 0
+        bucket.refill(time.monotonic())
+        return 0 if bucket.level >= 1 else max(1, math.ceil(bucket.wait_for(1)))
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = Bucket(self.per_minute, now)
+            self._buckets.put(client, bucket)
+        bucket.refill(now)
+        bucket.level = max(0.0, bucket.level - 1)

@@ -1,0 +1,126 @@
+"""The request log: one row per consumer request, written in batches off the hot path.
+
+Rows wait in memory and a background task inserts them every ``interval`` seconds (or sooner when
+``batch`` rows wait); :meth:`RequestLog.close` flushes what is left on shutdown. A failed flush keeps
+its rows for the next attempt. Rows never hold prompts or keys, only ids, counts and amounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, insert, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from coordinator.models import ApiKey, RequestLogRow
+
+log = logging.getLogger(__name__)
+_table = cast(Table, RequestLogRow.__table__)
+_keys = cast(Table, ApiKey.__table__)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the log keeps of one request; filled in as the request goes."""
+
+    id: str
+    user_id: int | None
+    key_id: int | None
+    model: str = ""
+    stream: bool = False
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    provider_user_id: int | None = None
+    agent_id: str | None = None
+    fallback: bool = False
+    status: int = 0
+    error_code: str | None = None
+    latency_ms: int = 0
+    ttft_ms: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reported_prompt_tokens: int | None = None
+    reported_completion_tokens: int | None = None
+    usage_capped: bool = False
+    cost: int = 0
+    provider_earned: int = 0
+    platform_fee: int = 0
+    upstream_cost: int = 0
+
+    def row(self) -> dict[str, object]:
+        values = asdict(self)
+        values["day"] = self.created_at.astimezone(UTC).strftime("%Y-%m-%d")
+        return values
+
+
+class RequestLog:
+    def __init__(
+        self, engine: AsyncEngine, interval: float = 0.5, batch: int = 500, max_pending: int = 200_000
+    ) -> None:
+        self._engine = engine
+        self._interval = interval
+        self._batch = batch
+        self._max_pending = max_pending
+        self._pending: dict[str, RequestRecord] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def add(self, record: RequestRecord) -> None:
+        if len(self._pending) >= self._max_pending:
+            log.error("request log backlog full, dropping the oldest row")
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[record.id] = record
+        if len(self._pending) >= self._batch:
+            self._wake.set()
+
+    def unflushed(self, request_id: str) -> RequestRecord | None:
+        """A row still waiting in memory (so readers see a request before its flush)."""
+        return self._pending.get(request_id)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="request-log")
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write every waiting row; returns how many were written."""
+        async with self._lock:
+            if not self._pending:
+                return 0
+            records = list(self._pending.values())
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.execute(insert(_table), [r.row() for r in records])
+                    used: dict[int, datetime] = {}
+                    for r in records:
+                        if r.key_id is not None:
+                            used[r.key_id] = max(used.get(r.key_id, r.created_at), r.created_at)
+                    if used:
+                        await conn.execute(
+                            update(_keys).where(_keys.c.id == bindparam("key")).values(last_used_at=bindparam("at")),
+                            [{"key": key, "at": at} for key, at in sorted(used.items())],
+                        )
+            except Exception as exc:
+                log.error("request log flush failed, will retry", extra={"rows": len(records), "error": str(exc)})
+                return 0
+            for r in records:
+                if self._pending.get(r.id) is r:
+                    del self._pending[r.id]
+            return len(records)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()

@@ -1,0 +1,237 @@
+"""A user's money, read-only: credits, usage by day and model, one generation, provider earnings.
+
+Open to a portal session or one of the user's consumer keys; every query is scoped to that user.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, cast
+
+import msgspec
+from litestar import Request, Router, get
+from litestar.params import Parameter
+from sqlalchemy import Table, case, func, select
+
+from coordinator import billing
+from coordinator.errors import PoolError
+from coordinator.guards import require_account
+from coordinator.models import RequestLogRow
+from coordinator.requestlog import RequestRecord
+from coordinator.state import PoolState
+from shared import errors
+from shared.money import NANO_PER_USD
+
+MAX_DAYS = 366
+_log = cast(Table, RequestLogRow.__table__)
+
+
+def usd(nano: int) -> float:
+    return nano / NANO_PER_USD
+
+
+class Credits(msgspec.Struct):
+    balanceUsd: float
+    heldUsd: float
+    availableUsd: float
+    balanceNano: int
+    heldNano: int
+    availableNano: int
+
+
+class UsageRow(msgspec.Struct):
+    date: str
+    model: str
+    requests: int
+    failedRequests: int
+    promptTokens: int
+    completionTokens: int
+    costUsd: float
+    costNano: int
+
+
+class Usage(msgspec.Struct):
+    fromDate: str
+    toDate: str
+    data: list[UsageRow]
+
+
+class Generation(msgspec.Struct):
+    id: str
+    model: str
+    createdAt: datetime
+    status: int
+    errorCode: str | None
+    stream: bool
+    fallback: bool
+    provider: int | str | None
+    agentId: str | None
+    latencyMs: int
+    ttftMs: int | None
+    promptTokens: int
+    completionTokens: int
+    reportedPromptTokens: int | None
+    reportedCompletionTokens: int | None
+    usageCapped: bool
+    costUsd: float
+    costNano: int
+
+
+class EarningsRow(msgspec.Struct):
+    date: str
+    model: str
+    requests: int
+    promptTokens: int
+    completionTokens: int
+    earnedUsd: float
+    earnedNano: int
+
+
+class Earnings(msgspec.Struct):
+    balanceUsd: float
+    balanceNano: int
+    fromDate: str
+    toDate: str
+    data: list[EarningsRow]
+
+
+def _pool(request: Request[Any, Any, Any]) -> PoolState:
+    pool: PoolState = request.app.state.pool
+    return pool
+
+
+def _date_range(start: str | None, end: str | None) -> tuple[str, str]:
+    """Validate an inclusive ``YYYY-MM-DD`` range (default: the last 30 days, UTC)."""
+    today = datetime.now(UTC).date()
+    parsed: list[date] = []
+    for name, value, default in (("from", start, today - timedelta(days=29)), ("to", end, today)):
+        if value is None:
+            parsed.append(default)
+            continue
+        try:
+            parsed.append(date.fromisoformat(value))
+        except ValueError:
+            raise PoolError(400, errors.INVALID_REQUEST, f"`{name}` must be a date (YYYY-MM-DD).", param=name) from None
+    first, last = parsed
+    if first > last:
+        raise PoolError(400, errors.INVALID_REQUEST, "`from` must not be after `to`.", param="from")
+    if (last - first).days >= MAX_DAYS:
+        raise PoolError(400, errors.INVALID_REQUEST, f"A range covers at most {MAX_DAYS} days.", param="from")
+    return first.isoformat(), last.isoformat()
+
+
+@get("/credits", summary="Your credit balance, what is held for running requests, and what is available")
+async def credits(request: Request[Any, Any, Any]) -> Credits:
+    pool = _pool(request)
+    async with pool.engine.connect() as conn:
+        money = await billing.balances(conn, request.state.user_id)
+    total = money.available + money.held
+    return Credits(usd(total), usd(money.held), usd(money.available), total, money.held, money.available)
+
+
+@get("/usage", summary="Your requests, tokens and cost per day and model")
+async def usage(
+    request: Request[Any, Any, Any],
+    from_date: str | None = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)"),
+    to_date: str | None = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)"),
+) -> Usage:
+    pool = _pool(request)
+    first, last = _date_range(from_date, to_date)
+    await pool.requests.flush()
+    query = (
+        select(
+            _log.c.day,
+            _log.c.model,
+            func.count(),
+            func.sum(case((_log.c.status != 200, 1), else_=0)),
+            func.sum(_log.c.prompt_tokens),
+            func.sum(_log.c.completion_tokens),
+            func.sum(_log.c.cost),
+        )
+        .where(_log.c.user_id == request.state.user_id, _log.c.day >= first, _log.c.day <= last)
+        .group_by(_log.c.day, _log.c.model)
+        .order_by(_log.c.day, _log.c.model)
+    )
+    async with pool.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    data = [
+        UsageRow(day, model, int(n), int(failed or 0), int(p or 0), int(c or 0), usd(int(cost or 0)), int(cost or 0))
+        for day, model, n, failed, p, c, cost in rows
+    ]
+    return Usage(first, last, data)
+
+
+def _generation(r: Any) -> Generation:
+    provider = r.provider_user_id if r.provider_user_id is not None else ("platform" if r.fallback else None)
+    return Generation(
+        id=r.id,
+        model=r.model,
+        createdAt=r.created_at,
+        status=r.status,
+        errorCode=r.error_code,
+        stream=r.stream,
+        fallback=r.fallback,
+        provider=provider,
+        agentId=r.agent_id,
+        latencyMs=r.latency_ms,
+        ttftMs=r.ttft_ms,
+        promptTokens=r.prompt_tokens,
+        completionTokens=r.completion_tokens,
+        reportedPromptTokens=r.reported_prompt_tokens,
+        reportedCompletionTokens=r.reported_completion_tokens,
+        usageCapped=r.usage_capped,
+        costUsd=usd(r.cost),
+        costNano=r.cost,
+    )
+
+
+@get("/generation/{generation_id:str}", summary="One of your requests: tokens, cost, provider, latency, fallback")
+async def generation(request: Request[Any, Any, Any], generation_id: str) -> Generation:
+    pool = _pool(request)
+    user_id = request.state.user_id
+    pending: RequestRecord | None = pool.requests.unflushed(generation_id)
+    if pending is not None and pending.user_id == user_id:
+        return _generation(pending)
+    async with pool.engine.connect() as conn:
+        row = (await conn.execute(select(_log).where(_log.c.id == generation_id, _log.c.user_id == user_id))).first()
+    if row is None:
+        raise PoolError(404, errors.NOT_FOUND, "No such generation (it may take a second to appear).", param="id")
+    return _generation(row)
+
+
+@get("/provider/earnings", summary="What your agents earned, per day and model, and your earnings balance")
+async def provider_earnings(
+    request: Request[Any, Any, Any],
+    from_date: str | None = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)"),
+    to_date: str | None = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)"),
+) -> Earnings:
+    pool = _pool(request)
+    user_id = request.state.user_id
+    first, last = _date_range(from_date, to_date)
+    await pool.requests.flush()
+    query = (
+        select(
+            _log.c.day,
+            _log.c.model,
+            func.count(),
+            func.sum(_log.c.prompt_tokens),
+            func.sum(_log.c.completion_tokens),
+            func.sum(_log.c.provider_earned),
+        )
+        .where(_log.c.provider_user_id == user_id, _log.c.day >= first, _log.c.day <= last)
+        .group_by(_log.c.day, _log.c.model)
+        .order_by(_log.c.day, _log.c.model)
+    )
+    async with pool.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+        money = await billing.balances(conn, user_id)
+    data = [
+        EarningsRow(day, model, int(n), int(p or 0), int(c or 0), usd(int(e or 0)), int(e or 0))
+        for day, model, n, p, c, e in rows
+    ]
+    return Earnings(usd(money.earnings), money.earnings, first, last, data)
+
+
+account_router = Router(
+    "/v1", route_handlers=[credits, usage, generation, provider_earnings], guards=[require_account], tags=["account"]
+)

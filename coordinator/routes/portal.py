@@ -1,0 +1,170 @@
+"""Portal identity and credentials: signup, login, and the user's own keys and agent tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, Router, delete, get, post
+from litestar.params import Parameter
+from msgspec import Meta
+from sqlalchemy import select
+
+from coordinator import accounts, sessions
+from coordinator.errors import PoolError
+from coordinator.guards import client_address, require_session
+from coordinator.models import AgentToken, ApiKey, User
+from coordinator.state import PoolState
+from shared import errors
+
+Email = Annotated[str, Meta(min_length=3, max_length=320)]
+Password = Annotated[str, Meta(min_length=8, max_length=1024)]
+DisplayName = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class Credentials(msgspec.Struct, forbid_unknown_fields=True):
+    email: Email
+    password: Password
+
+
+class UserOut(msgspec.Struct):
+    id: int
+    email: str
+
+
+class SessionOut(msgspec.Struct):
+    token: str
+    tokenType: str
+    expiresIn: int
+    user: UserOut
+
+
+class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
+    displayName: DisplayName
+
+
+class TokenOut(msgspec.Struct):
+    id: int
+    displayName: str
+    prefix: str
+    createdAt: datetime
+    lastUsedAt: datetime | None
+
+
+class TokenCreated(msgspec.Struct):
+    id: int
+    displayName: str
+    prefix: str
+    createdAt: datetime
+    token: str
+
+
+class TokenList(msgspec.Struct):
+    data: list[TokenOut]
+
+
+def _pool(request: Request[Any, Any, Any]) -> PoolState:
+    pool: PoolState = request.app.state.pool
+    return pool
+
+
+def _session(pool: PoolState, user: User) -> SessionOut:
+    return SessionOut(
+        token=pool.portal.issue(str(user.id)),
+        tokenType="Bearer",
+        expiresIn=pool.portal.ttl,
+        user=UserOut(user.id, user.email),
+    )
+
+
+def _local_only(pool: PoolState) -> None:
+    if pool.portal.external:
+        raise PoolError(403, errors.POLICY_BLOCKED, "Accounts are managed by this pool's identity provider.")
+
+
+@post("/v1/auth/signup", summary="Create an account and start a portal session", tags=["portal"], status_code=201)
+async def signup(request: Request[Any, Any, Any], data: Credentials) -> SessionOut:
+    pool = _pool(request)
+    _local_only(pool)
+    password_hash = await sessions.hash_password(data.password)
+    try:
+        async with pool.sessions() as session, session.begin():
+            user = await accounts.create_user(session, data.email, password_hash=password_hash)
+    except accounts.AccountError as exc:
+        taken = "already exists" in str(exc)
+        raise PoolError(
+            409 if taken else 400,
+            errors.CONFLICT if taken else errors.INVALID_REQUEST,
+            "An account with this email already exists." if taken else str(exc),
+            param="email",
+        ) from None
+    return _session(pool, user)
+
+
+@post("/v1/auth/login", summary="Start a portal session", tags=["portal"], status_code=200)
+async def login(request: Request[Any, Any, Any], data: Credentials) -> SessionOut:
+    pool = _pool(request)
+    _local_only(pool)
+    client = client_address(request)
+    wait = pool.auth_failures.blocked(client)
+    if wait:
+        raise PoolError(
+            429,
+            errors.RATE_LIMIT_EXCEEDED,
+            f"Too many failed logins. Retry in {wait} s.",
+            headers={"retry-after": str(wait)},
+        )
+    try:
+        email = accounts.normalize_email(data.email)
+    except accounts.AccountError:
+        email = ""
+    async with pool.sessions() as session:
+        user = await session.scalar(select(User).where(User.email == email)) if email else None
+    if not await sessions.verify_password(user.password_hash if user else None, data.password) or user is None:
+        pool.auth_failures.failed(client)
+        raise PoolError(401, errors.INVALID_CREDENTIALS, "Wrong email or password.")
+    return _session(pool, user)
+
+
+def _credential_router(path: str, model: type[ApiKey] | type[AgentToken], what: str) -> Router:
+    """List, create and revoke one kind of credential; a user only ever sees their own."""
+
+    @post("/", summary=f"Create {what}; the secret is returned once", status_code=201, operation_id=f"create_{path}")
+    async def create(request: Request[Any, Any, Any], data: TokenCreate) -> TokenCreated:
+        pool = _pool(request)
+        try:
+            async with pool.sessions() as session, session.begin():
+                row, secret = await accounts.create_credential(session, model, request.state.user_id, data.displayName)
+        except accounts.LimitReached as exc:
+            raise PoolError(409, errors.CONFLICT, str(exc)) from None
+        return TokenCreated(row.id, row.name, row.prefix + "…", row.created_at, secret)
+
+    @get("/", summary=f"List your {what}s (never their secrets)", operation_id=f"list_{path}")
+    async def list_(request: Request[Any, Any, Any]) -> TokenList:
+        pool = _pool(request)
+        async with pool.sessions() as session:
+            rows = await accounts.list_credentials(session, model, request.state.user_id)
+        return TokenList([TokenOut(r.id, r.name, r.prefix + "…", r.created_at, r.last_used_at) for r in rows])
+
+    @delete(
+        "/{credential_id:int}",
+        summary=f"Revoke one of your {what}s (refused everywhere within 1 s)",
+        status_code=204,
+        operation_id=f"revoke_{path}",
+    )
+    async def revoke(
+        request: Request[Any, Any, Any], credential_id: Annotated[int, Parameter(ge=1, le=2**31 - 1)]
+    ) -> Response[None]:
+        pool = _pool(request)
+        async with pool.sessions() as session, session.begin():
+            revoked = await accounts.revoke_credential(session, model, request.state.user_id, credential_id)
+        if not revoked:
+            raise PoolError(404, errors.NOT_FOUND, f"No such {what}.", param="id")
+        return Response(None, status_code=204)
+
+    return Router(f"/v1/{path}", route_handlers=[create, list_, revoke], guards=[require_session], tags=["portal"])
+
+
+tokens_router = _credential_router("tokens", ApiKey, "consumer key")
+agent_tokens_router = _credential_router("agent-tokens", AgentToken, "agent token")

@@ -1,0 +1,177 @@
+"""The money path on SQLite and PostgreSQL: holds, settlements, releases, top-ups, the orphan sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from coordinator import accounts, billing, db
+from coordinator.billing import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
+from tests.ledger_checks import balance, ledger_problems, pending_holds
+
+OWNER = "crd_test"
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = db.create_engine(db_url)
+    await db.migrate(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def new_user(engine: AsyncEngine, credits: int = 0) -> int:
+    async with db.sessionmaker(engine)() as session, session.begin():
+        user = await accounts.create_user(session, f"u{secrets.token_hex(4)}@example.com")
+        if credits:
+            await billing.grant(await session.connection(), user.id, credits)
+        return user.id
+
+
+def hold_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+async def test_hold_then_settle_splits_the_charge(engine: AsyncEngine) -> None:
+    consumer, provider = await new_user(engine, 10_000), await new_user(engine)
+    h = hold_id()
+    await billing.hold(engine, h, consumer, None, 3_000, OWNER, 60)
+    assert (await balance(engine, wallet(consumer)), await balance(engine, held(consumer))) == (7_000, 3_000)
+    done = await billing.settle(engine, h, 1_001, provider_user_id=provider, fee_bps=1_000)
+    assert done is not None
+    assert (done.charged, done.provider_share, done.platform_fee, done.capped) == (1_001, 900, 101, False)
+    assert await balance(engine, wallet(consumer)) == 10_000 - 1_001
+    assert await balance(engine, held(consumer)) == 0
+    assert await balance(engine, earnings(provider)) == 900
+    assert await ledger_problems(engine) == []
+
+
+async def test_settle_never_charges_above_the_hold(engine: AsyncEngine) -> None:
+    consumer, provider = await new_user(engine, 5_000), await new_user(engine)
+    h = hold_id()
+    await billing.hold(engine, h, consumer, None, 2_000, OWNER, 60)
+    done = await billing.settle(engine, h, 9_999, provider_user_id=provider, fee_bps=2_500)
+    assert done is not None and done.charged == 2_000 and done.capped
+    assert await balance(engine, wallet(consumer)) == 3_000
+    assert await balance(engine, earnings(provider)) == 1_500
+    assert await ledger_problems(engine) == []
+
+
+async def test_fallback_charges_the_pool_price_and_records_the_upstream_cost(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 5_000)
+    fees_before = await balance(engine, PLATFORM_FEES)
+    costs_before = await balance(engine, UPSTREAM_COSTS)
+    h = hold_id()
+    await billing.hold(engine, h, consumer, None, 1_000, OWNER, 60)
+    done = await billing.settle(engine, h, 800, provider_user_id=None, fee_bps=1_000, upstream_cost=300)
+    assert done is not None and (done.charged, done.provider_share, done.upstream_cost) == (800, 0, 300)
+    assert await balance(engine, PLATFORM_FEES) - fees_before == 800 - 300
+    assert await balance(engine, UPSTREAM_COSTS) - costs_before == 300
+    assert await ledger_problems(engine) == []
+
+
+async def test_a_hold_resolves_exactly_once(engine: AsyncEngine) -> None:
+    consumer, provider = await new_user(engine, 10_000), await new_user(engine)
+    first, second = hold_id(), hold_id()
+    await billing.hold(engine, first, consumer, None, 1_000, OWNER, 60)
+    assert await billing.release(engine, first, "cancelled")
+    assert await billing.settle(engine, first, 500, provider_user_id=provider, fee_bps=0) is None
+    assert not await billing.release(engine, first, "again")
+    await billing.hold(engine, second, consumer, None, 1_000, OWNER, 60)
+    outcomes = await asyncio.gather(
+        billing.settle(engine, second, 400, provider_user_id=provider, fee_bps=0),
+        billing.release(engine, second, "race"),
+        billing.settle(engine, second, 700, provider_user_id=provider, fee_bps=0),
+        return_exceptions=True,
+    )
+    assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
+    winners = [o for o in outcomes if o not in (None, False)]
+    assert len(winners) == 1
+    assert await balance(engine, held(consumer)) == 0
+    assert await ledger_problems(engine) == []
+
+
+async def test_concurrent_holds_never_overspend(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 10 * 777)
+    results = await asyncio.gather(
+        *(billing.hold(engine, hold_id(), consumer, None, 777, OWNER, 60) for _ in range(100)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, billing.InsufficientCredits)]
+    others = [r for r in results if isinstance(r, BaseException) and not isinstance(r, billing.InsufficientCredits)]
+    assert others == []
+    assert (len(results) - len(refused), len(refused)) == (10, 90)
+    assert await balance(engine, wallet(consumer)) == 0
+    assert await balance(engine, held(consumer)) == 10 * 777
+    assert await ledger_problems(engine) == []
+
+
+async def test_insufficient_credits_changes_nothing(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 100)
+    with pytest.raises(billing.InsufficientCredits) as refused:
+        await billing.hold(engine, hold_id(), consumer, None, 101, OWNER, 60)
+    assert (refused.value.needed, refused.value.available) == (101, 100)
+    assert await balance(engine, wallet(consumer)) == 100
+    assert await balance(engine, held(consumer)) == 0
+    assert await ledger_problems(engine) == []
+
+
+async def test_topup_is_idempotent(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine)
+    funding_before = await balance(engine, FUNDING)
+    key = "topup-" + secrets.token_hex(4)
+    results = await asyncio.gather(*(billing.topup(engine, key, consumer, 2_500) for _ in range(5)))
+    assert len({r.tx_id for r in results}) == 1
+    assert sum(not r.replayed for r in results) == 1
+    assert await balance(engine, wallet(consumer)) == 2_500
+    assert await balance(engine, FUNDING) == funding_before - 2_500
+    with pytest.raises(billing.IdempotencyConflict):
+        await billing.topup(engine, key, consumer, 2_501)
+    assert await balance(engine, wallet(consumer)) == 2_500
+    assert await ledger_problems(engine) == []
+
+
+async def test_ledger_entries_are_append_only(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 1_000)
+    for statement in ("UPDATE ledger_entries SET amount = amount + 1", "DELETE FROM ledger_entries"):
+        with pytest.raises((IntegrityError, DBAPIError)):
+            async with engine.begin() as conn:
+                await conn.execute(text(statement))
+    with pytest.raises((IntegrityError, DBAPIError)):
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE accounts SET balance = -1 WHERE id = :id"), {"id": wallet(consumer)})
+    assert await balance(engine, wallet(consumer)) == 1_000
+    assert await ledger_problems(engine) == []
+
+
+async def test_sweep_releases_holds_of_dead_and_forgotten_requests(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 10_000)
+    started = datetime.now(UTC)
+    dead, alive, other = ("crd_" + name + secrets.token_hex(3) for name in ("dead_", "alive_", "other_"))
+    for instance in (dead, alive, other):
+        await billing.renew_instance(engine, instance, started)
+    crashed, running, forgotten, expired, overdue = (hold_id() for _ in range(5))
+    await billing.hold(engine, crashed, consumer, None, 1_000, dead, 600)
+    await billing.hold(engine, running, consumer, None, 1_000, alive, 600)
+    await billing.hold(engine, forgotten, consumer, None, 1_000, alive, 600)
+    await billing.hold(engine, expired, consumer, None, 1_000, other, 0.01)  # a live instance's hold past its TTL
+    await billing.hold(engine, overdue, consumer, None, 1_000, alive, 0.01)  # past its TTL, but still running here
+    await asyncio.sleep(2.2)  # the dead instance's lease (2 s) runs out; holds pass their 2 s grace
+    await billing.renew_instance(engine, alive, started)
+    await billing.renew_instance(engine, other, started)
+    orphans = await billing.orphaned_holds(engine, alive, live={running, overdue}, lease=2.0)
+    assert sorted(orphans) == sorted([crashed, forgotten, expired])
+    for orphan in orphans:
+        assert await billing.release(engine, orphan, "orphaned")
+    assert await pending_holds(engine) == 2
+    assert await balance(engine, wallet(consumer)) == 8_000
+    assert await ledger_problems(engine) == []
