@@ -14,9 +14,11 @@ from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from sqlalchemy import select
 
 from coordinator import accounts, keys
 from coordinator.errors import PoolError, invalid_api_key
+from coordinator.models import User
 from coordinator.requestlog import RequestRecord
 from coordinator.sessions import InvalidSession
 from coordinator.state import PoolState
@@ -88,7 +90,11 @@ async def _session_user(pool: PoolState, token: str) -> int | None:
             email = claims.get("email")
             user = await accounts.user_for_subject(session, subject, email if isinstance(email, str) else None)
             return user.id
-    return int(subject) if subject.isdigit() else None
+    if not subject.isdigit() or len(subject) > 18:
+        return None
+    async with pool.sessions() as session:
+        exists = await session.scalar(select(User.id).where(User.id == int(subject)))
+    return int(subject) if exists is not None else None
 
 
 async def require_session(connection: Connection, _: BaseRouteHandler) -> None:

@@ -44,7 +44,13 @@ class SessionTokens:
         self.ttl = ttl
         self.leeway = leeway
         self._secret = secret
-        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5) if jwks_url else None
+        # The key set is cached for 5 minutes and refetched (at most once a second) when a token names
+        # a key it lacks, so a new key works at once and a key the provider dropped stops working.
+        self._jwks = (
+            jwt.PyJWKClient(jwks_url, cache_jwk_set=True, lifespan=300, timeout=5, cooldown_duration=1.0)
+            if jwks_url
+            else None
+        )
         self._algorithms = list(algorithms) if jwks_url else ["HS256"]
         if self._jwks is None and not secret:
             raise ValueError("a JWT secret or a JWKS URL is required")
