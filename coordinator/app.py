@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -19,7 +18,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from coordinator import __version__, auth, billing, db, periodic
 from coordinator.accounting import Accounting
 from coordinator.dispatch import Dispatcher
-from coordinator.errors import PoolError, error_body
+from coordinator.errors import PoolError, error_response
 from coordinator.metering import Price
 from coordinator.ratelimit import FailureLimits, KeyLimits
 from coordinator.registry import Registry
@@ -39,7 +38,6 @@ from shared import errors, logs
 
 log = logging.getLogger(__name__)
 _MISSING = re.compile(r"missing required field `([^`]+)`")
-_json = msgspec.json.Encoder()
 
 _CODES = {
     400: errors.INVALID_REQUEST,
@@ -49,15 +47,6 @@ _CODES = {
     413: errors.REQUEST_TOO_LARGE,
     429: errors.RATE_LIMIT_EXCEEDED,
 }
-
-
-def _envelope(status: int, code: str, message: str, param: str | None = None, headers: Any = None) -> Response[bytes]:
-    return Response(
-        _json.encode(error_body(status, code, message, param)),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
 
 
 def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> None:
@@ -71,7 +60,7 @@ def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> Non
 
 def _pool_error(request: Request[Any, Any, Any], exc: PoolError) -> Response[bytes]:
     _log_refused(request, exc.status, exc.code)
-    return _envelope(exc.status, exc.code, exc.message, exc.param, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
 
 def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
@@ -95,7 +84,7 @@ def _validation_error(request: Request[Any, Any, Any], exc: ValidationException)
     elif "malformed" in message or "JSON" in message:
         message = f"The request body is not valid JSON: {message}"
     _log_refused(request, 400, errors.INVALID_REQUEST)
-    return _envelope(400, errors.INVALID_REQUEST, message, param)
+    return error_response(400, errors.INVALID_REQUEST, message, param)
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -107,13 +96,13 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         message = f"The request body is not valid JSON: {message}"
     code = _CODES.get(status, errors.INVALID_REQUEST)
     _log_refused(request, status, code)
-    return _envelope(status, code, message, None, exc.headers)
+    return error_response(status, code, message, None, exc.headers)
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
     _log_refused(request, 500, errors.INTERNAL_ERROR)
-    return _envelope(500, errors.INTERNAL_ERROR, "Internal error; it has been logged.")
+    return error_response(500, errors.INTERNAL_ERROR, "Internal error; it has been logged.")
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:

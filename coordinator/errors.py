@@ -7,9 +7,14 @@ PoolError
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+from litestar import Response
 
 from shared import errors
+
+_json = msgspec.json.Encoder()
 
 
 class PoolError(Exception):
@@ -47,4 +52,16 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
 def invalid_api_key() -> PoolError:
     return PoolError(
         401, errors.INVALID_API_KEY, "Invalid or missing API key. Send `Authorization: Bearer pool_live_…`."
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response[Any]:
+    """The envelope as a response, for handlers that answer an error without raising."""
+    return Response(
+        _json.encode(error_body(status, code, message, param)),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )

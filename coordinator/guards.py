@@ -39,7 +39,7 @@ def client_address(connection: Connection) -> str:
     return client.host if client is not None else "unknown"
 
 
-def _check_not_blocked(pool: PoolState, client: str) -> None:
+def check_not_blocked(pool: PoolState, client: str) -> None:
     wait = pool.auth_failures.blocked(client)
     if wait:
         raise PoolError(
@@ -65,7 +65,7 @@ async def require_consumer_key(connection: Connection, _: BaseRouteHandler) -> N
     """A valid ``pool_live_`` key, checked before the body is read; opens the request's log record."""
     pool = _pool(connection)
     client = client_address(connection)
-    _check_not_blocked(pool, client)
+    check_not_blocked(pool, client)
     principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
     if principal is None:
         pool.auth_failures.failed(client)
@@ -97,25 +97,13 @@ async def _session_user(pool: PoolState, token: str) -> int | None:
     return int(subject) if exists is not None else None
 
 
-async def require_session(connection: Connection, _: BaseRouteHandler) -> None:
-    """A valid portal session (JWT); keys are refused."""
+async def _require_user(connection: Connection, *, keys_too: bool) -> None:
     pool = _pool(connection)
     client = client_address(connection)
-    _check_not_blocked(pool, client)
-    user_id = await _session_user(pool, _bearer(connection))
-    if user_id is None:
-        pool.auth_failures.failed(client)
-        raise invalid_session()
-    connection.state.user_id = user_id
-
-
-async def require_account(connection: Connection, _: BaseRouteHandler) -> None:
-    """A portal session or a consumer key: for reading one's own credits, usage and generations."""
-    pool = _pool(connection)
-    client = client_address(connection)
-    _check_not_blocked(pool, client)
+    check_not_blocked(pool, client)
     token = _bearer(connection)
-    if token.startswith(keys.CONSUMER_PREFIX):
+    user_id: int | None = None
+    if keys_too and token.startswith(keys.CONSUMER_PREFIX):
         principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
         user_id = principal.user_id if principal is not None else None
     else:
@@ -126,6 +114,16 @@ async def require_account(connection: Connection, _: BaseRouteHandler) -> None:
     connection.state.user_id = user_id
 
 
+async def require_session(connection: Connection, _: BaseRouteHandler) -> None:
+    """A valid portal session (JWT); keys are refused."""
+    await _require_user(connection, keys_too=False)
+
+
+async def require_account(connection: Connection, _: BaseRouteHandler) -> None:
+    """A portal session or a consumer key: for reading one's own credits, usage and generations."""
+    await _require_user(connection, keys_too=True)
+
+
 async def require_admin(connection: Connection, _: BaseRouteHandler) -> None:
     """``Authorization: Bearer $POOL_ADMIN_TOKEN``; the admin API is off without one."""
     pool = _pool(connection)
@@ -133,7 +131,7 @@ async def require_admin(connection: Connection, _: BaseRouteHandler) -> None:
     if not expected:
         raise PoolError(403, errors.POLICY_BLOCKED, "The admin API is disabled (set POOL_ADMIN_TOKEN).")
     client = client_address(connection)
-    _check_not_blocked(pool, client)
+    check_not_blocked(pool, client)
     if not hmac.compare_digest(_bearer(connection).encode(), expected.encode()):
         pool.auth_failures.failed(client)
         raise PoolError(401, errors.INVALID_API_KEY, "Invalid admin token.")

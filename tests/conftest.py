@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from scripts import localpool
 from tests.harness import Pool
 
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -55,6 +56,18 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         yield harness
     finally:
         harness.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's server with SmolLM2-135M-Instruct (4 slots); its base URL."""
+    workdir = tmp_path_factory.mktemp("llama")
+    port = localpool.free_port()
+    proc = localpool.start_llama(localpool.smollm2_path(), port, workdir, parallel=4)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(autouse=True)

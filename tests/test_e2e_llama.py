@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,17 +22,6 @@ from tests.harness import Pool
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    workdir = tmp_path_factory.mktemp("llama")
-    port = localpool.free_port()
-    proc = localpool.start_llama(localpool.smollm2_path(), port, workdir, parallel=4)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
 
 
 def test_real_model_non_stream_and_stream(pool: Pool, llama: str) -> None:

@@ -31,17 +31,6 @@ PRICE_OUT_NANO = 1_000  # --price-out 1 (USD per 1M tokens)
 FEE_BPS = 1_000  # the default platform fee, 10%
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    workdir = tmp_path_factory.mktemp("llama")
-    port = localpool.free_port()
-    proc = localpool.start_llama(localpool.smollm2_path(), port, workdir, parallel=4)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
-
-
 def body(max_tokens: int, stream: bool = False) -> bytes:
     return json.dumps(
         {

@@ -129,14 +129,12 @@ async def credits(request: Request[Any, Any, Any]) -> Credits:
     return Credits(usd(total), usd(money.held), usd(money.available), total, money.held, money.available)
 
 
-@get("/usage", summary="Your requests, tokens and cost per day and model")
-async def usage(
-    request: Request[Any, Any, Any],
-    from_date: str | None = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)"),
-    to_date: str | None = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)"),
-) -> Usage:
-    pool = _pool(request)
-    first, last = _date_range(from_date, to_date)
+FROM = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)")
+TO = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)")
+
+
+async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) -> list[tuple[Any, ...]]:
+    """Per day and model, for the rows ``who`` selects: requests, failures, tokens in/out, ``amount``."""
     await pool.requests.flush()
     query = (
         select(
@@ -146,18 +144,23 @@ async def usage(
             func.sum(case((_log.c.status != 200, 1), else_=0)),
             func.sum(_log.c.prompt_tokens),
             func.sum(_log.c.completion_tokens),
-            func.sum(_log.c.cost),
+            func.sum(amount),
         )
-        .where(_log.c.user_id == request.state.user_id, _log.c.day >= first, _log.c.day <= last)
+        .where(who, _log.c.day >= first, _log.c.day <= last)
         .group_by(_log.c.day, _log.c.model)
         .order_by(_log.c.day, _log.c.model)
     )
     async with pool.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
-    data = [
-        UsageRow(day, model, int(n), int(failed or 0), int(p or 0), int(c or 0), usd(int(cost or 0)), int(cost or 0))
-        for day, model, n, failed, p, c, cost in rows
-    ]
+    return [(day, model, *(int(v or 0) for v in sums)) for day, model, *sums in rows]
+
+
+@get("/usage", summary="Your requests, tokens and cost per day and model")
+async def usage(request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO) -> Usage:
+    pool = _pool(request)
+    first, last = _date_range(from_date, to_date)
+    rows = await _daily(pool, _log.c.user_id == request.state.user_id, _log.c.cost, first, last)
+    data = [UsageRow(day, model, n, failed, p, c, usd(cost), cost) for day, model, n, failed, p, c, cost in rows]
     return Usage(first, last, data)
 
 
@@ -201,34 +204,15 @@ async def generation(request: Request[Any, Any, Any], generation_id: str) -> Gen
 
 @get("/provider/earnings", summary="What your agents earned, per day and model, and your earnings balance")
 async def provider_earnings(
-    request: Request[Any, Any, Any],
-    from_date: str | None = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)"),
-    to_date: str | None = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)"),
+    request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO
 ) -> Earnings:
     pool = _pool(request)
     user_id = request.state.user_id
     first, last = _date_range(from_date, to_date)
-    await pool.requests.flush()
-    query = (
-        select(
-            _log.c.day,
-            _log.c.model,
-            func.count(),
-            func.sum(_log.c.prompt_tokens),
-            func.sum(_log.c.completion_tokens),
-            func.sum(_log.c.provider_earned),
-        )
-        .where(_log.c.provider_user_id == user_id, _log.c.day >= first, _log.c.day <= last)
-        .group_by(_log.c.day, _log.c.model)
-        .order_by(_log.c.day, _log.c.model)
-    )
+    rows = await _daily(pool, _log.c.provider_user_id == user_id, _log.c.provider_earned, first, last)
     async with pool.engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
         money = await billing.balances(conn, user_id)
-    data = [
-        EarningsRow(day, model, int(n), int(p or 0), int(c or 0), usd(int(e or 0)), int(e or 0))
-        for day, model, n, p, c, e in rows
-    ]
+    data = [EarningsRow(day, model, n, p, c, usd(e), e) for day, model, n, _, p, c, e in rows]
     return Earnings(usd(money.earnings), money.earnings, first, last, data)
 
 

@@ -22,7 +22,7 @@ from coordinator.accounting import Charge, upstream_cost
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
 from coordinator.dispatch import Attempt, Job, provider_error
-from coordinator.errors import error_body
+from coordinator.errors import error_body, error_response
 from coordinator.guards import require_consumer_key
 from coordinator.metering import Meter, Price, output_bound, prompt_bound, text_deltas
 from coordinator.placement import offer_price
@@ -143,12 +143,7 @@ class Call:
         headers: dict[str, str] | None = None,
     ) -> Response[bytes]:
         self.end(status, code=code)
-        return Response(
-            _json.encode(error_body(status, code, message, param)),
-            status_code=status,
-            media_type="application/json",
-            headers=headers,
-        )
+        return error_response(status, code, message, param, headers)
 
     def no_capacity(self, headers: dict[str, str]) -> Response[bytes]:
         retry_after = self.pool.settings.no_capacity_retry_after

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from coordinator import accounts, sessions
 from coordinator.errors import PoolError
-from coordinator.guards import client_address, require_session
+from coordinator.guards import check_not_blocked, client_address, require_session
 from coordinator.models import AgentToken, ApiKey, User
 from coordinator.state import PoolState
 from shared import errors
@@ -107,14 +107,7 @@ async def login(request: Request[Any, Any, Any], data: Credentials) -> SessionOu
     pool = _pool(request)
     _local_only(pool)
     client = client_address(request)
-    wait = pool.auth_failures.blocked(client)
-    if wait:
-        raise PoolError(
-            429,
-            errors.RATE_LIMIT_EXCEEDED,
-            f"Too many failed logins. Retry in {wait} s.",
-            headers={"retry-after": str(wait)},
-        )
+    check_not_blocked(pool, client)
     try:
         email = accounts.normalize_email(data.email)
     except accounts.AccountError:
