@@ -55,7 +55,7 @@ def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> Non
     if record is not None and record.status == 0:
         record.status, record.error_code = status, code
         pool: PoolState = request.app.state.pool
-        pool.accounting.finish(record, None)
+        pool.accounting.finish(record, None, None)
 
 
 def _pool_error(request: Request[Any, Any, Any], exc: PoolError) -> Response[bytes]:
@@ -184,6 +184,9 @@ def build_state(settings: Settings) -> PoolState:
             fee_bps=settings.fee_bps,
             hold_ttl=settings.hold_ttl,
             lease=settings.instance_lease_seconds,
+            chunk=settings.credit_lease,
+            idle_seconds=settings.credit_lease_idle_seconds,
+            flush_interval=settings.ledger_flush_interval,
         ),
         portal=portal_sessions(settings),
     )
@@ -197,13 +200,14 @@ def create_app(settings: Settings) -> Litestar:
         accounting = pool.accounting
         await billing.renew_instance(pool.engine, accounting.instance_id, accounting.started_at)
         pool.requests.start()
+        accounting.start()
         sched = periodic.scheduler(pool)
         sched.start()
         try:
             yield
         finally:
             sched.shutdown(wait=False)
-            await accounting.drain()
+            await accounting.close()
             await pool.requests.close()
             await pool.upstream.aclose()
             await pool.engine.dispose()

@@ -77,6 +77,17 @@ class Settlement:
 
 
 @dataclass(frozen=True)
+class Payout:
+    """One finished request's charge: the consumer pays ``amount``; the provider gets its share,
+    the platform the rest, less what the upstream costs (fallback requests)."""
+
+    amount: int
+    provider_user_id: int | None
+    provider_share: int
+    upstream_cost: int = 0
+
+
+@dataclass(frozen=True)
 class Balances:
     available: int
     held: int
@@ -221,18 +232,7 @@ async def hold(
     """Move ``amount`` from the user's wallet to their holds; :class:`InsufficientCredits` if short."""
     at = now()
     async with engine.begin() as conn:
-        # Account rows in id order (held < wallet): the same order settle uses.
-        await conn.execute(
-            update(_accounts).where(_accounts.c.id == held(user_id)).values(balance=_accounts.c.balance + amount)
-        )
-        spent = await conn.execute(
-            update(_accounts)
-            .where(_accounts.c.id == wallet(user_id), _accounts.c.balance >= amount)
-            .values(balance=_accounts.c.balance - amount)
-        )
-        if spent.rowcount != 1:
-            available = await conn.scalar(select(_accounts.c.balance).where(_accounts.c.id == wallet(user_id)))
-            raise InsufficientCredits(amount, int(available or 0))
+        await _move_to_held(conn, hold_id, user_id, amount)
         await conn.execute(
             insert(_holds),
             [
@@ -249,13 +249,44 @@ async def hold(
                 }
             ],
         )
-        await _post(
-            conn,
-            "hold",
-            hold_id,
-            [(wallet(user_id), -amount), (held(user_id), amount)],
-            applied=(held(user_id), wallet(user_id)),
+
+
+async def extend(engine: AsyncEngine, hold_id: str, user_id: int, amount: int) -> bool:
+    """Add ``amount`` from the wallet to a pending hold (a credit lease that ran short);
+    :class:`InsufficientCredits` if the wallet is short, ``False`` if the hold is no longer pending."""
+    async with engine.begin() as conn:
+        grown = await conn.execute(
+            update(_holds)
+            .where(_holds.c.id == hold_id, _holds.c.user_id == user_id, _holds.c.status == PENDING)
+            .values(amount=_holds.c.amount + amount)
         )
+        if grown.rowcount != 1:
+            return False
+        await _move_to_held(conn, hold_id, user_id, amount)
+    return True
+
+
+async def _move_to_held(conn: AsyncConnection, hold_id: str, user_id: int, amount: int) -> None:
+    """The atomic conditional debit behind every hold: the wallet pays ``amount`` only if it has it."""
+    # Account rows in id order (held < wallet): the same order settle uses.
+    await conn.execute(
+        update(_accounts).where(_accounts.c.id == held(user_id)).values(balance=_accounts.c.balance + amount)
+    )
+    spent = await conn.execute(
+        update(_accounts)
+        .where(_accounts.c.id == wallet(user_id), _accounts.c.balance >= amount)
+        .values(balance=_accounts.c.balance - amount)
+    )
+    if spent.rowcount != 1:
+        available = await conn.scalar(select(_accounts.c.balance).where(_accounts.c.id == wallet(user_id)))
+        raise InsufficientCredits(amount, int(available or 0))
+    await _post(
+        conn,
+        "hold",
+        hold_id,
+        [(wallet(user_id), -amount), (held(user_id), amount)],
+        applied=(held(user_id), wallet(user_id)),
+    )
 
 
 async def settle(
@@ -269,14 +300,15 @@ async def settle(
     reason: str = "completed",
 ) -> Settlement | None:
     """Charge ``amount`` (capped at the hold) and release the rest, once. ``None`` if the hold was
-    already resolved. The provider gets its share after the fee; without a provider (the platform
-    upstream served it) the platform keeps the charge and records ``upstream_cost``."""
+    already resolved (or took partial charges: close those with :func:`release`). The provider gets
+    its share after the fee; without a provider (the platform upstream served it) the platform keeps
+    the charge and records ``upstream_cost``."""
     amount = max(0, amount)
     async with engine.begin() as conn:
         row = (
             await conn.execute(
                 update(_holds)
-                .where(_holds.c.id == hold_id, _holds.c.status == PENDING)
+                .where(_holds.c.id == hold_id, _holds.c.status == PENDING, _holds.c.charged == 0)
                 .values(
                     status=SETTLED,
                     resolved_at=now(),
@@ -300,21 +332,75 @@ async def settle(
     return Settlement(hold_id, reserved, charged, share, fee, upstream_cost, capped=charged < amount)
 
 
+async def charge(engine: AsyncEngine, hold_id: str, batch_id: str, payouts: list[Payout]) -> bool:
+    """Charge several finished requests to one pending hold (a credit lease) in one transaction,
+    leaving the hold pending; ``False`` (nothing written) if the hold is resolved or too small.
+    Once per ``batch_id``: retrying a batch whose commit was in doubt does not charge it twice."""
+    total = sum(p.amount for p in payouts)
+    if total < 0 or any(p.amount < 0 or not 0 <= p.provider_share <= p.amount for p in payouts):
+        raise ValueError("payouts must be non-negative and shares within their amounts")
+    ref = f"{hold_id}/{batch_id}"
+    async with engine.begin() as conn:
+        done = await conn.scalar(
+            select(_transactions.c.id).where(_transactions.c.ref == ref, _transactions.c.kind == "charge")
+        )
+        if done is not None:
+            return True
+        row = (
+            await conn.execute(
+                update(_holds)
+                .where(
+                    _holds.c.id == hold_id,
+                    _holds.c.status == PENDING,
+                    _holds.c.charged + total <= _holds.c.amount,
+                )
+                .values(charged=_holds.c.charged + total)
+                .returning(_holds.c.user_id)
+            )
+        ).first()
+        if row is None:
+            return False
+        sums: dict[str, int] = {held(int(row[0])): -total}
+        for p in payouts:
+            credits = [
+                (PLATFORM_FEES, p.amount - p.provider_share - p.upstream_cost),
+                (UPSTREAM_COSTS, p.upstream_cost),
+            ]
+            if p.provider_user_id is not None:
+                credits.append((earnings(p.provider_user_id), p.provider_share))
+            for account, amount in credits:
+                sums[account] = sums.get(account, 0) + amount
+        await _post(conn, "charge", ref, sorted(sums.items()))
+    return True
+
+
+async def renew_holds(engine: AsyncEngine, hold_ids: list[str], ttl: float) -> None:
+    """Push back the expiry of pending holds still in use (long-lived credit leases), so that no
+    sweep takes them for abandoned."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(_holds)
+            .where(_holds.c.id.in_(hold_ids), _holds.c.status == PENDING)
+            .values(expires_at=now() + timedelta(seconds=ttl))
+        )
+
+
 async def release(engine: AsyncEngine, hold_id: str, reason: str) -> bool:
-    """Return a pending hold to the wallet in full; ``False`` if it was already resolved."""
+    """Return what a pending hold has not charged to the wallet and close it; ``False`` if it was
+    already resolved."""
     async with engine.begin() as conn:
         row = (
             await conn.execute(
                 update(_holds)
                 .where(_holds.c.id == hold_id, _holds.c.status == PENDING)
                 .values(status=RELEASED, resolved_at=now(), reason=reason)
-                .returning(_holds.c.amount, _holds.c.user_id)
+                .returning(_holds.c.amount, _holds.c.user_id, _holds.c.charged)
             )
         ).first()
         if row is None:
             return False
-        reserved, user_id = int(row[0]), int(row[1])
-        await _post(conn, "release", hold_id, [(held(user_id), -reserved), (wallet(user_id), reserved)])
+        rest, user_id = int(row[0]) - int(row[2]), int(row[1])
+        await _post(conn, "release", hold_id, [(held(user_id), -rest), (wallet(user_id), rest)])
     return True
 
 
@@ -354,9 +440,9 @@ async def orphaned_holds(engine: AsyncEngine, instance_id: str, live: set[str], 
 
 
 async def pending_total(conn: AsyncConnection, user_id: int) -> int:
-    """Sum of the user's pending holds (equals their ``held`` balance)."""
+    """What the user's pending holds still reserve (equals their ``held`` balance)."""
     total = await conn.scalar(
-        select(func.coalesce(func.sum(_holds.c.amount), 0)).where(
+        select(func.coalesce(func.sum(_holds.c.amount - _holds.c.charged), 0)).where(
             _holds.c.user_id == user_id, _holds.c.status == PENDING
         )
     )

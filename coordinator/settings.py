@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from shared.money import usd_per_million_to_nano_per_token
+from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///pool.db"
 
@@ -58,6 +58,9 @@ class Settings:
     upstream_cost_out: int = 0
     default_output_tokens: int = 4096
     hold_sweep_interval: float = 5.0
+    credit_lease: int = 100_000_000  # nano-USD a process reserves per user at a time (POOL_CREDIT_LEASE_USD)
+    credit_lease_idle_seconds: float = 5.0
+    ledger_flush_interval: float = 1.0
     instance_lease_seconds: float = 30.0
     admin_token: str | None = None
     # limits
@@ -72,7 +75,7 @@ class Settings:
     jwt_jwks_url: str | None = None
     jwt_algorithms: tuple[str, ...] = ("RS256",)
     jwt_leeway_seconds: float = 0.0
-    request_log_interval: float = 0.5
+    request_log_interval: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -80,13 +83,14 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for name, kind in _FIELDS.items():
-            raw = env.get(f"POOL_{name.upper()}")
+            variable = f"POOL_{_ENV_NAMES.get(name, name.upper())}"
+            raw = env.get(variable)
             if raw is None or raw == "":
                 continue
             try:
                 values[name] = kind(raw)
             except ValueError as exc:
-                raise SettingsError(f"POOL_{name.upper()}={raw!r}: {exc}") from None
+                raise SettingsError(f"{variable}={raw!r}: {exc}") from None
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -148,6 +152,8 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+_ENV_NAMES = {"credit_lease": "CREDIT_LEASE_USD"}  # where the variable's name says its unit
+
 _FIELDS: dict[str, Callable[[str], object]] = {
     "database_url": str,
     "heartbeat_interval": _positive_float,
@@ -173,6 +179,9 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "upstream_cost_out": usd_per_million_to_nano_per_token,
     "default_output_tokens": _positive_int,
     "hold_sweep_interval": _positive_float,
+    "credit_lease": lambda raw: usd_to_nano(raw, 1_000_000),
+    "credit_lease_idle_seconds": _positive_float,
+    "ledger_flush_interval": _positive_float,
     "instance_lease_seconds": _positive_float,
     "admin_token": str,
     "rate_limit_rpm": _positive_int,

@@ -27,6 +27,8 @@ class Pool:
             "first_chunk_timeout": "30",
             "jwt_secret": JWT_SECRET,
             "admin_token": ADMIN_TOKEN,
+            # Close credit leases soon after the last request, so tests see settled books quickly.
+            "credit_lease_idle_seconds": "0.3",
             **settings,
         }
         self.env = localpool.coordinator_env(self.db_url, **self.settings)

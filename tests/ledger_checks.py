@@ -12,7 +12,7 @@ async def ledger_problems(engine: AsyncEngine) -> list[str]:
     - every ledger transaction's entries sum to zero;
     - every stored balance equals the replay (sum) of its account's entries;
     - no wallet, holds or earnings account is negative;
-    - each user's ``held`` balance equals the sum of their pending holds;
+    - each user's ``held`` balance equals what their pending holds still reserve (amount - charged);
     - a resolved hold was never charged more than it held.
     """
     problems: list[str] = []
@@ -42,9 +42,10 @@ async def ledger_problems(engine: AsyncEngine) -> list[str]:
         held = (
             await conn.execute(
                 text(
-                    "SELECT a.id, a.balance, COALESCE(SUM(h.amount), 0) FROM accounts a "
+                    "SELECT a.id, a.balance, COALESCE(SUM(h.amount - h.charged), 0) AS reserved FROM accounts a "
                     "LEFT JOIN holds h ON h.user_id = a.user_id AND h.status = 'pending' "
-                    "WHERE a.kind = 'held' GROUP BY a.id, a.balance HAVING a.balance <> COALESCE(SUM(h.amount), 0)"
+                    "WHERE a.kind = 'held' GROUP BY a.id, a.balance "
+                    "HAVING a.balance <> COALESCE(SUM(h.amount - h.charged), 0)"
                 )
             )
         ).all()

@@ -13,7 +13,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator import accounts, billing, db
+from coordinator.accounting import Accounting, Charge, Reservation
 from coordinator.billing import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
+from coordinator.ratelimit import KeyLimits
+from coordinator.requestlog import RequestLog, RequestRecord
 from tests.ledger_checks import balance, ledger_problems, pending_holds
 
 OWNER = "crd_test"
@@ -175,3 +178,135 @@ async def test_sweep_releases_holds_of_dead_and_forgotten_requests(engine: Async
     assert await pending_holds(engine) == 2
     assert await balance(engine, wallet(consumer)) == 8_000
     assert await ledger_problems(engine) == []
+
+
+async def test_a_lease_takes_batched_charges_then_returns_the_rest(engine: AsyncEngine) -> None:
+    consumer, provider = await new_user(engine, 10_000), await new_user(engine)
+    fees_before, costs_before = await balance(engine, PLATFORM_FEES), await balance(engine, UPSTREAM_COSTS)
+    lease = hold_id()
+    await billing.hold(engine, lease, consumer, None, 5_000, OWNER, 60)
+    batch = [
+        billing.Payout(1_000, provider, 900),
+        billing.Payout(500, provider, 450),
+        billing.Payout(800, None, 0, upstream_cost=300),
+    ]
+    assert await billing.charge(engine, lease, "b1", batch)
+    assert await billing.charge(engine, lease, "b1", batch)  # a retried batch is written once
+    assert await balance(engine, held(consumer)) == 5_000 - 2_300
+    assert await balance(engine, earnings(provider)) == 1_350
+    assert await balance(engine, PLATFORM_FEES) - fees_before == 100 + 50 + 800 - 300
+    assert await balance(engine, UPSTREAM_COSTS) - costs_before == 300
+    assert not await billing.charge(engine, lease, "b2", [billing.Payout(2_701, provider, 0)])  # more than is left
+    with pytest.raises(ValueError):
+        await billing.charge(engine, lease, "b3", [billing.Payout(10, provider, 11)])
+    assert await ledger_problems(engine) == []
+    assert await billing.release(engine, lease, "lease closed")
+    assert not await billing.charge(engine, lease, "b4", [billing.Payout(1, provider, 0)])
+    assert await balance(engine, wallet(consumer)) == 10_000 - 2_300
+    assert await balance(engine, held(consumer)) == 0
+    assert await ledger_problems(engine) == []
+
+
+def accounting(engine: AsyncEngine, chunk: int, hold_ttl: float = 600) -> Accounting:
+    return Accounting(
+        engine,
+        RequestLog(engine),
+        KeyLimits(600, 1_000_000),
+        fee_bps=1_000,
+        hold_ttl=hold_ttl,
+        lease=30,
+        chunk=chunk,
+        idle_seconds=60,
+        flush_interval=60,
+    )
+
+
+async def test_leases_serve_exactly_what_the_wallet_covers_and_strand_nothing(engine: AsyncEngine) -> None:
+    """Leases smaller than the wallet grow in place: ten 300-nano reservations fit a 3,000 wallet
+    with 1,000 chunks (three leases would strand 100 each), the eleventh is refused."""
+    consumer, provider = await new_user(engine, 3_000), await new_user(engine)
+    books = accounting(engine, chunk=1_000)
+    records = [RequestRecord(id=hold_id(), user_id=consumer, key_id=None) for _ in range(11)]
+    results = await asyncio.gather(*(books.reserve(r, 300) for r in records), return_exceptions=True)
+    served = [(r, res) for r, res in zip(records, results, strict=True) if isinstance(res, Reservation)]
+    refused = [res for res in results if isinstance(res, billing.InsufficientCredits)]
+    assert (len(served), len(refused)) == (10, 1)
+    assert refused[0].available == 0
+    assert len(books.live) == 1  # one lease, grown three times
+    assert await balance(engine, wallet(consumer)) == 0
+    for record, reservation in served:
+        books.finish(record, Charge(100, provider), reservation)
+        assert record.cost == 100 and record.provider_earned == 90
+    assert await balance(engine, earnings(provider)) == 0  # booked, not yet written
+    await books.flush(close_all=True, user_id=consumer)
+    assert books.live == set()
+    assert await balance(engine, wallet(consumer)) == 3_000 - 1_000
+    assert await balance(engine, held(consumer)) == 0
+    assert await balance(engine, earnings(provider)) == 900
+    assert await pending_holds(engine) == 0
+    assert await ledger_problems(engine) == []
+
+
+async def test_a_retiring_lease_still_serves_when_the_wallet_is_empty(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 1_000)
+    books = accounting(engine, chunk=10_000)  # bigger than the wallet: the lease takes all of it
+    first = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
+    running = await books.reserve(first, 400)
+    running.lease.retiring = True  # as when a lease reaches half the hold TTL
+    second = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
+    late = await books.reserve(second, 600)
+    assert late.lease is running.lease
+    with pytest.raises(billing.InsufficientCredits):
+        await books.reserve(RequestRecord(id=hold_id(), user_id=consumer, key_id=None), 1)
+    books.finish(first, None, running)  # failed before output: nothing charged
+    books.finish(second, Charge(250, None), late)
+    await books.close()
+    assert await balance(engine, wallet(consumer)) == 1_000 - 250
+    assert await pending_holds(engine) == 0
+    assert await ledger_problems(engine) == []
+
+
+async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine) -> None:
+    """If another process takes this one for dead and releases its lease, the booked charges are
+    dropped (the consumer keeps the credit) and new requests get a new lease."""
+    consumer, provider = await new_user(engine, 5_000), await new_user(engine)
+    books = accounting(engine, chunk=10_000)
+    first = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
+    running = await books.reserve(first, 1_000)
+    assert await billing.release(engine, running.lease.hold_id, "orphaned")  # another process's sweep
+    books.finish(first, Charge(500, provider), running)
+    await books.flush()
+    assert running.lease.lost and books.unspent(consumer) == 0
+    assert await balance(engine, wallet(consumer)) == 5_000 and await balance(engine, earnings(provider)) == 0
+    second = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
+    fresh = await books.reserve(second, 1_000)
+    assert fresh.lease is not running.lease and books.unspent(consumer) == 4_000
+    books.finish(second, Charge(700, provider), fresh)
+    await books.close()
+    assert books.live == set()
+    assert await balance(engine, wallet(consumer)) == 5_000 - 700
+    assert await balance(engine, earnings(provider)) == 630
+    assert await pending_holds(engine) == 0
+    assert await ledger_problems(engine) == []
+
+
+async def test_a_lease_in_use_keeps_its_hold_from_expiring(engine: AsyncEngine) -> None:
+    consumer = await new_user(engine, 5_000)
+    books = accounting(engine, chunk=1_000, hold_ttl=2.0)
+    record = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
+    running = await books.reserve(record, 100)
+
+    async def expires_at() -> datetime:
+        async with engine.connect() as conn:
+            value = await conn.scalar(
+                text("SELECT expires_at FROM holds WHERE id = :id"), {"id": running.lease.hold_id}
+            )
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+    created = await expires_at()
+    await asyncio.sleep(1.2)  # past half the TTL: the next flush renews it
+    await books.flush()
+    assert (await expires_at() - created).total_seconds() >= 1.0
+    books.finish(record, None, running)
+    await books.close()
+    assert await pending_holds(engine) == 0

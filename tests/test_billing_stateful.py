@@ -2,7 +2,8 @@
 
 Random sequences of top-ups (new, replayed, conflicting, concurrent), holds (fitting, too large,
 concurrent), settlements (capped, with or without a provider, with an upstream cost), releases,
-cancellations, repeated and concurrent resolutions, coordinator crashes and orphan sweeps. After
+cancellations, repeated and concurrent resolutions, credit leases (holds grown in place and charged
+in batches, as the coordinator's request path uses them), coordinator crashes and orphan sweeps. After
 every step the database must agree with a plain Python model of every wallet, holds and earnings
 balance, of the platform accounts and of every hold, and :func:`ledger_problems` must find nothing:
 no negative balance, every transaction sums to zero, stored balances equal the replay of the ledger,
@@ -139,6 +140,10 @@ class BillingMachine(RuleBasedStateMachine):
     def pending(self) -> list[str]:
         return [h for h, model in self.holds.items() if model.status == PENDING]  # creation order
 
+    def settleable(self) -> list[str]:
+        """Pending holds with no partial charge (a charged lease is closed by release only)."""
+        return [h for h in self.pending() if self.holds[h].charged == 0]
+
     def resolved(self) -> list[str]:
         return [h for h, model in self.holds.items() if model.status != PENDING]
 
@@ -149,6 +154,7 @@ class BillingMachine(RuleBasedStateMachine):
     def settled(self, hold_id: str, args: SettleArgs, result: billing.Settlement | None) -> None:
         """Check a winning settlement against the arguments and apply it to the model."""
         model = self.holds[hold_id]
+        assert model.charged == 0, "settle is only for holds without partial charges"
         asked = max(0, args.charge)
         charged = min(asked, model.amount)
         share = charged * (10_000 - args.fee_bps) // 10_000 if args.provider is not None else 0
@@ -166,7 +172,7 @@ class BillingMachine(RuleBasedStateMachine):
     def released(self, hold_id: str) -> None:
         model = self.holds[hold_id]
         model.status = RELEASED
-        self.available[model.user] += model.amount
+        self.available[model.user] += model.amount - model.charged
 
     def settle_call(self, hold_id: str, args: SettleArgs, reason: str = "completed") -> Coroutine[Any, Any, Any]:
         provider = self.user(args.provider) if args.provider is not None else None
@@ -298,10 +304,10 @@ class BillingMachine(RuleBasedStateMachine):
 
     # --- resolving holds ---------------------------------------------------------------------
 
-    @precondition(lambda self: self.pending())
+    @precondition(lambda self: self.settleable())
     @rule(data=st.data())
     def settle(self, data: st.DataObject) -> None:
-        hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
+        hold_id = data.draw(st.sampled_from(self.settleable()), label="hold")
         args = data.draw(settle_args(self.holds[hold_id].amount), label="settle")
         self.settled(hold_id, args, self.run(self.settle_call(hold_id, args)))
 
@@ -312,11 +318,11 @@ class BillingMachine(RuleBasedStateMachine):
         assert self.run(billing.release(self.engine, hold_id, "failed")) is True
         self.released(hold_id)
 
-    @precondition(lambda self: self.pending())
+    @precondition(lambda self: self.settleable())
     @rule(data=st.data(), how=RESOLVERS)
     def cancel(self, data: st.DataObject, how: str) -> None:
         """A cancelled request costs nothing, whether it is settled at zero or released."""
-        hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
+        hold_id = data.draw(st.sampled_from(self.settleable()), label="hold")
         if how == "release":
             assert self.run(billing.release(self.engine, hold_id, "cancelled")) is True
             self.released(hold_id)
@@ -369,12 +375,12 @@ class BillingMachine(RuleBasedStateMachine):
         else:
             self.settled(hold_id, winning_args, results[winner])
 
-    @precondition(lambda self: len(self.pending()) >= 2)
+    @precondition(lambda self: len(self.settleable()) >= 2)
     @rule(data=st.data())
     def resolve_many_at_once(self, data: st.DataObject) -> None:
         """Different holds resolved concurrently (shared provider and platform rows) all go through."""
         chosen = data.draw(
-            st.lists(st.sampled_from(self.pending()), min_size=2, max_size=4, unique=True), label="holds"
+            st.lists(st.sampled_from(self.settleable()), min_size=2, max_size=4, unique=True), label="holds"
         )
         plans = [
             (h, data.draw(st.none() | settle_args(self.holds[h].amount), label="settle or release")) for h in chosen
@@ -392,6 +398,63 @@ class BillingMachine(RuleBasedStateMachine):
                 self.released(hold_id)
             else:
                 self.settled(hold_id, args, result)
+
+    # --- credit leases: holds grown in place and charged in batches ----------------------------
+
+    @precondition(lambda self: self.pending())
+    @rule(data=st.data())
+    def extend(self, data: st.DataObject) -> None:
+        """A lease runs short and grows by what the wallet has, or is refused and changes nothing."""
+        hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
+        model = self.holds[hold_id]
+        amount = data.draw(self._hold_amounts(model.user), label="amount")
+        try:
+            assert self.run(billing.extend(self.engine, hold_id, model.user, amount)) is True
+        except billing.InsufficientCredits as refused:
+            assert (refused.needed, refused.available) == (amount, self.available[model.user])
+            assert self.available[model.user] < amount
+            return
+        assert self.available[model.user] >= amount, "a lease grew beyond the wallet"
+        model.amount += amount
+        self.available[model.user] -= amount
+
+    @precondition(lambda self: self.pending())
+    @rule(data=st.data())
+    def charge(self, data: st.DataObject) -> None:
+        """A flush writes the finished requests of a lease: all of them if they fit what the lease
+        has left, none otherwise."""
+        hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
+        model = self.holds[hold_id]
+        left = model.amount - model.charged
+        plans = data.draw(st.lists(settle_args(left), min_size=1, max_size=4), label="payouts")
+        payouts = []
+        for plan in plans:
+            amount = max(0, min(plan.charge, left))
+            provider = self.user(plan.provider) if plan.provider is not None else None
+            share = billing.provider_share(amount, plan.fee_bps) if provider is not None else 0
+            payouts.append(billing.Payout(amount, provider, share, plan.upstream_cost))
+        total = sum(p.amount for p in payouts)
+        batch = new_id("b")
+        written = self.run(billing.charge(self.engine, hold_id, batch, payouts))
+        assert written is (total <= left), f"charging {total} with {left} left"
+        if not written:
+            return
+        if data.draw(st.booleans(), label="retry the batch"):  # as after a commit in doubt
+            assert self.run(billing.charge(self.engine, hold_id, batch, payouts)) is True
+        model.charged += total
+        for plan, payout in zip(plans, payouts, strict=True):
+            if plan.provider is not None:
+                self.earnings[self.user(plan.provider)] += payout.provider_share
+            self.platform[FEES] += payout.amount - payout.provider_share - payout.upstream_cost
+            self.platform[UPSTREAM] += payout.upstream_cost
+
+    @precondition(lambda self: [h for h in self.pending() if self.holds[h].charged])
+    @rule(data=st.data())
+    def settle_charged_lease(self, data: st.DataObject) -> None:
+        """A lease that took charges cannot be settled (it would charge twice); release closes it."""
+        hold_id = data.draw(st.sampled_from([h for h in self.pending() if self.holds[h].charged]), label="hold")
+        args = data.draw(settle_args(self.holds[hold_id].amount), label="settle")
+        assert self.run(self.settle_call(hold_id, args)) is None
 
     # --- coordinator crashes and the orphan sweep -----------------------------------------------
 
@@ -447,7 +510,7 @@ class BillingMachine(RuleBasedStateMachine):
     async def _check_books(self) -> None:
         async with self.engine.connect() as conn:
             for user in self.users:
-                held = sum(m.amount for m in self.holds.values() if m.user == user and m.status == PENDING)
+                held = sum(m.amount - m.charged for m in self.holds.values() if m.user == user and m.status == PENDING)
                 expected = billing.Balances(self.available[user], held, self.earnings[user])
                 assert await billing.balances(conn, user) == expected, f"user {user}"
             rows = (

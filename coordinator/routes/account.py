@@ -5,6 +5,7 @@ Open to a portal session or one of the user's consumer keys; every query is scop
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ from shared import errors
 from shared.money import NANO_PER_USD
 
 MAX_DAYS = 366
+log = logging.getLogger(__name__)
 _log = cast(Table, RequestLogRow.__table__)
 
 
@@ -123,10 +125,19 @@ def _date_range(start: str | None, end: str | None) -> tuple[str, str]:
 @get("/credits", summary="Your credit balance, what is held for running requests, and what is available")
 async def credits(request: Request[Any, Any, Any]) -> Credits:
     pool = _pool(request)
+    user_id = request.state.user_id
+    # Write this process's booked charges and hand back its idle credit lease first; what a lease
+    # still holds beyond its running requests counts as available, so "held" is what requests hold.
+    try:
+        await pool.accounting.flush(close_all=True, user_id=user_id)
+    except Exception as exc:  # the figures are then as of the last flush
+        log.warning("ledger flush before a balance read failed", extra={"error": str(exc)})
     async with pool.engine.connect() as conn:
-        money = await billing.balances(conn, request.state.user_id)
-    total = money.available + money.held
-    return Credits(usd(total), usd(money.held), usd(money.available), total, money.held, money.available)
+        money = await billing.balances(conn, user_id)
+    unspent = pool.accounting.unspent(user_id)
+    held, available = money.held - unspent, money.available + unspent
+    total = available + held
+    return Credits(usd(total), usd(held), usd(available), total, held, available)
 
 
 FROM = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)")
@@ -210,6 +221,7 @@ async def provider_earnings(
     user_id = request.state.user_id
     first, last = _date_range(from_date, to_date)
     rows = await _daily(pool, _log.c.provider_user_id == user_id, _log.c.provider_earned, first, last)
+    await pool.accounting.flush()  # earnings booked in this process but not yet written
     async with pool.engine.connect() as conn:
         money = await billing.balances(conn, user_id)
     data = [EarningsRow(day, model, n, p, c, usd(e), e) for day, model, n, _, p, c, e in rows]

@@ -18,7 +18,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from coordinator import catalog
-from coordinator.accounting import Charge, upstream_cost
+from coordinator.accounting import Charge, Reservation, upstream_cost
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
 from coordinator.dispatch import Attempt, Job, provider_error
@@ -73,7 +73,7 @@ class Call:
     started: float
     meter: Meter
     token_estimate: int = 0
-    held: int | None = None
+    reservation: Reservation | None = None
     ended: bool = False
 
     def end(
@@ -95,13 +95,11 @@ class Call:
         record.latency_ms = round((time.perf_counter() - self.started) * 1000)
         record.ttft_ms = None if first_at is None else round((first_at - self.started) * 1000)
         charge: Charge | None = None
-        if self.held is not None:
-            charge = Charge(0, None, reason=code or "failed")
-        if job is not None and self.held is not None:
+        if job is not None and self.reservation is not None:
             charge = self._bill(job, completed)
         if job is not None or status in (502, 503):
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=status == 200)
-        pool.accounting.finish(record, charge, self.token_estimate)
+        pool.accounting.finish(record, charge, self.reservation, self.token_estimate)
         return XPool(
             request_id=record.id,
             provider=record.provider_user_id if record.provider_user_id is not None else "platform",
@@ -124,7 +122,7 @@ class Call:
             record.reported_completion_tokens = bill.reported.completion_tokens
         price = offer_price(agent, record.model) if agent is not None else self.pool.upstream.price
         amount = bill.amount(price)
-        held = self.held or 0
+        held = self.reservation.amount if self.reservation is not None else 0
         record.usage_capped = bill.capped or amount > held
         record.cost = min(amount, held)
         cost = 0
@@ -234,7 +232,7 @@ async def _run(
     pool = call.pool
     amount = call.meter.hold_amount(ceiling)
     try:
-        await pool.accounting.hold(call.record, amount)
+        call.reservation = await pool.accounting.reserve(call.record, amount)
     except InsufficientCredits as exc:
         return call.reject(
             402,
@@ -243,7 +241,6 @@ async def _run(
             f"highest price on offer) and {usd(exc.available)} is available. Add credits or lower max_tokens.",
             headers=limits,
         )
-    call.held = amount
     stream = data.stream
     want_usage = bool(stream and data.stream_options and data.stream_options.include_usage)
     attempt = await pool.dispatcher.start(data.model, raw, stream=stream, want_usage=want_usage, max_price=ceiling)

@@ -78,12 +78,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per level and path")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--interval-ms", type=float, default=5.0)
+    parser.add_argument("--levels", default="1,16,64", help="concurrency levels, comma-separated")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pool-bench-"))
     # Credits, rate limits and the request log are on, as in production; the limits are set high enough
     # that the benchmark measures their cost without hitting them.
     pool = Pool(
-        workdir, heartbeat_interval="5", log_level="WARNING", rate_limit_rpm="1000000", rate_limit_tpm="1000000000"
+        workdir,
+        heartbeat_interval="5",
+        log_level="WARNING",
+        rate_limit_rpm="1000000",
+        rate_limit_tpm="1000000000",
+        credit_lease_idle_seconds="5",
     )
     pool.start()
     try:
@@ -100,7 +106,7 @@ def main() -> None:
         )
         print(header)
         print("-" * len(header))
-        for concurrency in (1, 16, 64):
+        for concurrency in (int(level) for level in args.levels.split(",")):
             direct_ns = asyncio.run(
                 run_level(f"{fast}/v1/chat/completions", {}, "bench-fast", concurrency, args.requests, False)
             )
