@@ -8,9 +8,10 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable
 
+import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator import accounts, billing, db
+from coordinator import accounts, billing, catalog, db
 from coordinator.settings import Settings, SettingsError
 from shared import logs
 from shared.money import usd_to_nano
@@ -42,6 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--key-id", type=int, required=True)
     limits.add_argument("--rpm", type=int, help="requests per minute (omit: the default)")
     limits.add_argument("--tpm", type=int, help="tokens per minute (omit: the default)")
+    models = admin_commands.add_parser("models", help="edit the model directory (every process reloads it)")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    model_commands.add_parser("list", help="print the directory as TOML-like lines")
+    add = model_commands.add_parser("add", help="add a model, or replace its entry")
+    add.add_argument("--slug", required=True)
+    add.add_argument("--display-name", required=True)
+    add.add_argument("--family", required=True)
+    add.add_argument("--parameter-count", type=int)
+    add.add_argument("--context-window", type=int)
+    add.add_argument("--use-case", action="append", default=[])
+    add.add_argument("--quantization", action="append", default=[])
+    add.add_argument("--alias", action="append", default=[])
+    alias = model_commands.add_parser("alias", help="add aliases (backend model names) to a model")
+    alias.add_argument("--slug", required=True)
+    alias.add_argument("--alias", action="append", required=True)
+    remove = model_commands.add_parser("remove", help="take a model out of the directory")
+    remove.add_argument("--slug", required=True)
     return parser
 
 
@@ -91,7 +109,42 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
         await accounts.set_key_limits(session, args.key_id, args.rpm, args.tpm)
         return f"key {args.key_id}: rpm={args.rpm or 'default'} tpm={args.tpm or 'default'}"
 
+    async def edit_models(session: AsyncSession) -> str:
+        conn = await session.connection()
+        directory = await catalog.load_from(conn)
+        command = args.models_command
+        if command == "list":
+            return "\n".join(msgspec.json.encode(info).decode() for info in directory.entries.values())
+        if command == "remove":
+            if directory.get(args.slug) is None:
+                raise accounts.AccountError(f"no model {args.slug!r} in the directory")
+            await catalog.remove(conn, args.slug)
+            return f"removed {args.slug}"
+        if command == "alias":
+            current = directory.get(args.slug)
+            if current is None:
+                raise accounts.AccountError(f"no model {args.slug!r} in the directory")
+            info = msgspec.structs.replace(current, aliases=(*current.aliases, *args.alias))
+        else:
+            info = catalog.ModelInfo(
+                slug=args.slug,
+                display_name=args.display_name,
+                family=args.family,
+                parameter_count=args.parameter_count,
+                context_window=args.context_window,
+                use_cases=tuple(args.use_case),
+                quantizations=tuple(args.quantization),
+                aliases=tuple(args.alias),
+            )
+        try:
+            directory.check_names(info)
+            await catalog.save(conn, info)
+        except catalog.DirectoryError as exc:
+            raise accounts.AccountError(str(exc)) from None
+        return f"saved {info.slug}"
+
     actions = {
+        "models": edit_models,
         "create-user": create_user,
         "create-key": create_key,
         "create-agent-token": create_token,

@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from coordinator import __version__, auth, billing, db, periodic
+from coordinator import __version__, auth, billing, catalog, db, periodic
 from coordinator.accounting import Accounting
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
@@ -189,6 +189,7 @@ def build_state(settings: Settings) -> PoolState:
             flush_interval=settings.ledger_flush_interval,
         ),
         portal=portal_sessions(settings),
+        directory=catalog.Directory(catalog.shipped()),
     )
 
 
@@ -199,6 +200,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         accounting = pool.accounting
         await billing.renew_instance(pool.engine, accounting.instance_id, accounting.started_at)
+        pool.directory = await catalog.load(pool.engine)
         pool.requests.start()
         accounting.start()
         sched = periodic.scheduler(pool)

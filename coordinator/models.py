@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -189,3 +189,15 @@ class RequestLogRow(Base):
     provider_earned: Mapped[int] = mapped_column(BigInteger, default=0)
     platform_fee: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_cost: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class DirectoryModel(Base):
+    """An operator's edit of the model directory: an entry (JSON) that replaces or adds to the
+    shipped ``catalog.toml``, or, with ``removed``, hides one."""
+
+    __tablename__ = "directory_models"
+
+    slug: Mapped[str] = mapped_column(String(64), primary_key=True)
+    entry: Mapped[str] = mapped_column(Text)
+    removed: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

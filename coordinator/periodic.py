@@ -1,5 +1,5 @@
 """Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
-and release holds whose request is gone."""
+release holds whose request is gone, reload the model directory (edited by any process)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from coordinator import accounts
+from coordinator import accounts, catalog
 from coordinator.routes.agent_ws import CLOSE_REVOKED, CLOSE_STALE
 from coordinator.state import PoolState
 
@@ -58,6 +58,13 @@ async def release_orphaned_holds(pool: PoolState) -> None:
         log.error("hold sweep failed", extra={"error": str(exc)})
 
 
+async def reload_directory(pool: PoolState) -> None:
+    try:
+        pool.directory = await catalog.load(pool.engine)
+    except Exception as exc:  # keep the directory we have
+        log.error("directory reload failed", extra={"error": str(exc)})
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
     settings = pool.settings
@@ -67,4 +74,5 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched.add_job(drop_revoked_agents, "interval", seconds=1.0, **once)
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
     sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
+    sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
     return sched

@@ -62,6 +62,7 @@ class Settings:
     credit_lease_idle_seconds: float = 5.0
     ledger_flush_interval: float = 1.0
     instance_lease_seconds: float = 30.0
+    directory_reload_seconds: float = 10.0
     admin_token: str | None = None
     # limits
     rate_limit_rpm: int = 600
@@ -183,6 +184,7 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "credit_lease_idle_seconds": _positive_float,
     "ledger_flush_interval": _positive_float,
     "instance_lease_seconds": _positive_float,
+    "directory_reload_seconds": _positive_float,
     "admin_token": str,
     "rate_limit_rpm": _positive_int,
     "rate_limit_tpm": _positive_int,

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from coordinator.accounting import Accounting
 from coordinator.auth import SecretCache
+from coordinator.catalog import Directory
 from coordinator.dispatch import Dispatcher
 from coordinator.ratelimit import FailureLimits, KeyLimits
 from coordinator.registry import Registry
@@ -34,3 +35,4 @@ class PoolState:
     auth_failures: FailureLimits
     accounting: Accounting
     portal: SessionTokens
+    directory: Directory

@@ -18,17 +18,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    slug: str
+    slug: str  # empty: the coordinator finds it from the backend name in its directory
     backend_model: str
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``SLUG`` or ``SLUG=BACKEND_NAME``."""
-        slug, _, backend = text.strip().partition("=")
+        """``BACKEND_NAME`` (the coordinator maps it to a slug) or ``SLUG=BACKEND_NAME``."""
+        slug, sep, backend = text.strip().partition("=")
         slug, backend = slug.strip(), backend.strip()
-        if not slug:
-            raise ConfigError(f"model {text!r}: empty slug")
-        return cls(slug, backend or slug)
+        if not sep:
+            slug, backend = "", slug
+        if not backend or (sep and not slug):
+            raise ConfigError(f"model {text!r}: expected BACKEND_NAME or SLUG=BACKEND_NAME")
+        return cls(slug, backend)
+
+    @property
+    def name(self) -> str:
+        return self.slug or self.backend_model
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str], config_file: Path | N
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (flag, POOL_AGENT_* variable or config file)")
     models = tuple(ModelSpec.parse(str(m)) for m in merged["model"])
-    if len({m.slug for m in models}) != len(models):
+    if len({m.name for m in models}) != len(models):
         raise ConfigError("a model slug is given twice")
     return AgentConfig(
         coordinator_url=coordinator_url(str(merged["coordinator"])),

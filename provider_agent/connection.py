@@ -141,7 +141,7 @@ class Agent:
             raise Rejected(f"unexpected first message from the coordinator: {type(first).__name__}")
         self._ws = ws
         self.runner.set_frame_limit(first.limits.max_frame_bytes)
-        log.info("connected", extra={"agent_id": first.agent_id, "models": [m.slug for m in self.config.models]})
+        log.info("connected", extra={"agent_id": first.agent_id, "models": first.models})
         if self.stopping.is_set():
             await self.send(Draining())
         heartbeat = asyncio.create_task(self._heartbeat(first.heartbeat_interval))

@@ -25,7 +25,8 @@ class Usage(msgspec.Struct, omit_defaults=True):
 
 
 class ModelOffer(msgspec.Struct, omit_defaults=True):
-    """One model an agent serves; prices are nano-USD per token."""
+    """One model an agent serves; prices are nano-USD per token. An empty ``slug`` asks the
+    coordinator to find it from ``backend_model`` in its directory."""
 
     slug: str
     backend_model: str
@@ -93,6 +94,7 @@ class Welcome(Message, tag="welcome"):
     agent_id: str
     heartbeat_interval: float
     limits: Limits
+    models: dict[str, str] = {}  # backend model -> the directory slug it is served as
 
 
 class JobAssign(Message, tag="job.assign"):

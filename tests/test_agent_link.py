@@ -31,7 +31,7 @@ def _ws_url(pool: Pool) -> str:
 
 def _hello(version: int = protocol.PROTOCOL_VERSION) -> bytes:
     return protocol.encode(
-        Hello(protocol=version, agent_version="test", models=[ModelOffer("raw-model", "x", 1, 1)], max_concurrency=1)
+        Hello(protocol=version, agent_version="test", models=[ModelOffer("smollm2-135m", "x", 1, 1)], max_concurrency=1)
     )
 
 

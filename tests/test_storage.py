@@ -7,13 +7,14 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text, update
 
-from coordinator import accounts, auth, db, keys
+from coordinator import accounts, auth, catalog, db, keys
 from coordinator.models import AgentToken, ApiKey, Base
 from scripts.localpool import ROOT
 
@@ -24,12 +25,21 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
         assert await db.current_revision(engine) is None
         await db.migrate(engine)
         await db.migrate(engine)  # every `serve` runs it again
-        assert await db.current_revision(engine) == "0002"
+        assert await db.current_revision(engine) == "0003"
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
             # The migrations build exactly what the models describe.
             drift = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
-        assert {"users", "api_keys", "agent_tokens", "accounts", "ledger_entries", "holds", "request_log"} <= tables
+        assert {
+            "users",
+            "api_keys",
+            "agent_tokens",
+            "accounts",
+            "ledger_entries",
+            "holds",
+            "request_log",
+            "directory_models",
+        } <= tables
         assert drift == []
     finally:
         await engine.dispose()
@@ -124,3 +134,23 @@ def test_admin_cli_prints_only_the_secret(db_url: str) -> None:
     assert key.stdout.strip() not in key.stderr  # the secret is not logged
     missing = run("admin", "create-key", "--email", "ghost@example.com")
     assert missing.returncode == 1 and "no user" in missing.stderr and missing.stdout == ""
+
+
+async def test_directory_edits_are_stored_and_merged_over_the_shipped_catalog(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        await db.migrate(engine)
+        tiny = catalog.ModelInfo(slug="tiny-1m", display_name="Tiny", family="tiny", aliases=("org/Tiny-1M",))
+        async with engine.begin() as conn:
+            await catalog.save(conn, tiny)
+            await catalog.save(conn, msgspec.structs.replace(tiny, display_name="Tiny 1M"))  # replaces
+            await catalog.remove(conn, "gemma-3-270m")
+        directory = await catalog.load(engine)
+        assert directory.get("tiny-1m") == msgspec.structs.replace(tiny, display_name="Tiny 1M")
+        assert directory.resolve("org/Tiny-1M") == ("tiny-1m", None)
+        assert directory.get("gemma-3-270m") is None and directory.get("smollm2-135m") is not None
+        async with engine.begin() as conn:
+            with pytest.raises(catalog.DirectoryError):
+                await catalog.save(conn, msgspec.structs.replace(tiny, slug="", display_name="x"))
+    finally:
+        await engine.dispose()

@@ -7,11 +7,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from coordinator import keys, placement
+from coordinator import catalog, keys, placement
 from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, text_deltas
 from coordinator.ratelimit import FailureLimits, KeyLimits, duration
 from coordinator.registry import ConnectedAgent, Registry
-from coordinator.routes.agent_ws import hello_problem
+from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import XPool, stamp
 from coordinator.settings import Settings, SettingsError
 from provider_agent.config import ConfigError, load
@@ -73,21 +73,70 @@ def _hello(**kw: object) -> Hello:
     fields: dict[str, object] = {
         "protocol": protocol.PROTOCOL_VERSION,
         "agent_version": "t",
-        "models": [ModelOffer("m", "m", 1, 2)],
+        "models": [ModelOffer("smollm2-135m", "m", 1, 2)],
         "max_concurrency": 2,
     }
     fields.update(kw)
     return Hello(**fields)  # type: ignore[arg-type]
 
 
+DIRECTORY = catalog.Directory(catalog.shipped())
+
+
+def hello_refusal(hello: Hello) -> str:
+    with pytest.raises(HelloRefused) as refused:
+        hello_offers(hello, DIRECTORY)
+    return str(refused.value)
+
+
 def test_hello_validation_gives_reasons() -> None:
-    assert hello_problem(_hello()) is None
-    assert "protocol version 99" in (hello_problem(_hello(protocol=99)) or "")
-    assert "no models" in (hello_problem(_hello(models=[])) or "")
-    assert "max_concurrency" in (hello_problem(_hello(max_concurrency=0)) or "")
-    assert "slug" in (hello_problem(_hello(models=[ModelOffer("Bad Slug", "m", 1, 1)])) or "")
-    assert "twice" in (hello_problem(_hello(models=[ModelOffer("m", "a", 1, 1), ModelOffer("m", "b", 1, 1)])) or "")
-    assert "negative" in (hello_problem(_hello(models=[ModelOffer("m", "a", -1, 1)])) or "")
+    assert list(hello_offers(_hello(), DIRECTORY)) == ["smollm2-135m"]
+    assert "protocol version 99" in hello_refusal(_hello(protocol=99))
+    assert "no models" in hello_refusal(_hello(models=[]))
+    assert "max_concurrency" in hello_refusal(_hello(max_concurrency=0))
+    assert "slug" in hello_refusal(_hello(models=[ModelOffer("Bad Slug", "m", 1, 1)]))
+    twice = [ModelOffer("smollm2-135m", "a", 1, 1), ModelOffer("", "SmolLM2-135M-Instruct.Q4_1.gguf", 1, 1)]
+    assert "'smollm2-135m' announced twice" in hello_refusal(_hello(models=twice))
+    assert "negative" in hello_refusal(_hello(models=[ModelOffer("smollm2-135m", "a", -1, 1)]))
+    unknown = hello_refusal(_hello(models=[ModelOffer("", "my-finetune-3b.gguf", 1, 1)]))
+    assert "'my-finetune-3b.gguf' is not in the pool's directory" in unknown and "smollm2-135m" in unknown
+
+
+def test_backend_names_map_to_directory_slugs() -> None:
+    """The spellings of llama.cpp files, Hugging Face ids, Ollama tags and vLLM/LM Studio names."""
+    cases = {
+        "qwen2.5-coder:7b": ("qwen2.5-coder-7b", None),
+        "Qwen/Qwen2.5-Coder-7B-Instruct": ("qwen2.5-coder-7b", None),
+        "qwen2.5-coder-7b-instruct-q4_k_m.gguf": ("qwen2.5-coder-7b", "q4_k_m"),
+        "/models/Qwen2.5-Coder-7B-Instruct-Q5_K_M.gguf": ("qwen2.5-coder-7b", "q5_k_m"),
+        "SmolLM2-135M-Instruct.Q4_1.gguf": ("smollm2-135m", "q4_1"),
+        "smollm2-135m": ("smollm2-135m", None),
+        "HuggingFaceTB/SmolLM2-135M-Instruct": ("smollm2-135m", None),
+        "gemma3:270m": ("gemma-3-270m", None),
+        "gemma-3-270m-it-Q8_0.gguf": ("gemma-3-270m-it", "q8_0"),
+        "meta-llama/Llama-3.1-8B-Instruct-AWQ": ("llama-3.1-8b", "awq"),
+    }
+    assert {name: DIRECTORY.resolve(name) for name in cases} == cases
+    for unknown in ("qwen2.5-coder:14b", "gemma-3-27b", "smollm2-360m", "", "q4_k_m"):
+        assert DIRECTORY.resolve(unknown) is None, unknown
+
+
+def test_directory_edits_replace_add_and_hide_shipped_entries() -> None:
+    class Row:
+        def __init__(self, slug: str, info: catalog.ModelInfo | None) -> None:
+            self.slug, self.removed = slug, info is None
+            self.entry = msgspec.json.encode(info) if info else b"{}"
+
+    tiny = catalog.ModelInfo(slug="tiny-1m", display_name="Tiny", family="tiny", aliases=("org/Tiny-1M",))
+    renamed = msgspec.structs.replace(DIRECTORY.entries["mistral-7b"], display_name="Mistral 7B v0.3")
+    merged = catalog.merge(
+        catalog.shipped(), [Row("tiny-1m", tiny), Row("mistral-7b", renamed), Row("gemma-3-270m", None)]
+    )
+    assert merged.resolve("tiny-1m.Q8_0.gguf") == ("tiny-1m", "q8_0")
+    assert merged.entries["mistral-7b"].display_name == "Mistral 7B v0.3"
+    assert merged.get("gemma-3-270m") is None and merged.resolve("gemma3:270m") is None
+    with pytest.raises(catalog.DirectoryError, match="invalid slug"):
+        catalog.check(msgspec.structs.replace(tiny, slug="Tiny Model"))
 
 
 def test_sse_parser_handles_split_events_and_crlf() -> None:
@@ -161,7 +210,7 @@ def test_agent_config_precedence(tmp_path: Path) -> None:
     config = load({"max_concurrency": 7, "model": []}, env, config_file)
     assert config.coordinator_url == "wss://env:3/v1/agent/connect"
     assert config.backend_url == "http://b:2/v1"
-    assert [(m.slug, m.backend_model) for m in config.models] == [("b", "b"), ("c", "y")]
+    assert [(m.slug, m.backend_model) for m in config.models] == [("", "b"), ("c", "y")]  # "b": the coordinator maps it
     assert (config.price_in, config.price_out, config.max_concurrency) == (1000, 2000, 7)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import time
 from typing import Any
@@ -13,6 +12,7 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
+from coordinator.catalog import SLUG, Directory
 from coordinator.errors import error_body, invalid_api_key
 from coordinator.registry import ConnectedAgent
 from coordinator.state import PoolState
@@ -26,6 +26,7 @@ from shared.protocol import (
     JobFailed,
     Limits,
     Message,
+    ModelOffer,
     ProtocolError,
     Reject,
     UnknownMessage,
@@ -42,7 +43,6 @@ CLOSE_RATE = 4429
 CLOSE_TOO_BIG = 1009
 CLOSE_UNSUPPORTED_DATA = 1003
 
-_SLUG = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,99}$")
 MAX_CONCURRENCY = 1024
 
 _decoder = protocol.agent_decoder()
@@ -90,31 +90,43 @@ class _RateLimit:
         return True
 
 
-def hello_problem(hello: Hello) -> str | None:
-    """Why a Hello cannot be accepted, or ``None``."""
+class HelloRefused(Exception):
+    """Why a Hello cannot be accepted (sent to the agent, which prints it)."""
+
+
+def hello_offers(hello: Hello, directory: Directory) -> dict[str, ModelOffer]:
+    """The agent's offers by directory slug; :class:`HelloRefused` if the Hello cannot be accepted.
+
+    An offer names its slug, or leaves it empty for the coordinator to find from the backend model
+    name through the directory's aliases; either way the model must be in the directory."""
     if hello.protocol != protocol.PROTOCOL_VERSION:
-        return (
+        raise HelloRefused(
             f"protocol version {hello.protocol} is not supported; this coordinator speaks version "
             f"{protocol.PROTOCOL_VERSION}: upgrade pool-agent"
         )
     if not hello.models:
-        return "hello announces no models"
+        raise HelloRefused("hello announces no models")
     if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
-        return f"max_concurrency must be between 1 and {MAX_CONCURRENCY}"
-    seen = set()
+        raise HelloRefused(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
+    offers: dict[str, ModelOffer] = {}
     for offer in hello.models:
-        if not _SLUG.match(offer.slug):
-            return f"invalid model slug {offer.slug!r} (lowercase letters, digits, . _ : -)"
-        if offer.slug in seen:
-            return f"model {offer.slug!r} announced twice"
-        seen.add(offer.slug)
+        name = offer.slug or offer.backend_model
         if not offer.backend_model or len(offer.backend_model) > 200:
-            return f"model {offer.slug!r}: backend_model must be 1-200 characters"
+            raise HelloRefused(f"model {name!r}: backend_model must be 1-200 characters")
+        if offer.slug and not SLUG.match(offer.slug):
+            raise HelloRefused(f"invalid model slug {offer.slug!r} (lowercase letters, digits, . _ : -)")
+        found = directory.resolve(name)
+        if found is None:
+            raise HelloRefused(directory.unknown(name))
+        slug = found[0]
+        if slug in offers:
+            raise HelloRefused(f"model {slug!r} announced twice")
         if offer.price_in < 0 or offer.price_out < 0:
-            return f"model {offer.slug!r}: prices must not be negative"
+            raise HelloRefused(f"model {slug!r}: prices must not be negative")
         if offer.context_window is not None and offer.context_window <= 0:
-            return f"model {offer.slug!r}: context_window must be positive"
-    return None
+            raise HelloRefused(f"model {slug!r}: context_window must be positive")
+        offers[slug] = msgspec.structs.replace(offer, slug=slug)
+    return offers
 
 
 async def _refuse_upgrade(socket: WebSocket[Any, Any, Any]) -> None:
@@ -179,10 +191,11 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
         await link.send(Reject(reason="the first message must be a hello frame (msgpack)"))
         await link.close(CLOSE_PROTOCOL_ERROR, "expected hello")
         return
-    problem = hello_problem(hello)
-    if problem is not None:
-        log.info("agent rejected", extra={"user_id": principal.user_id, "reason": problem})
-        await link.send(Reject(reason=problem))
+    try:
+        offers = hello_offers(hello, pool.directory)
+    except HelloRefused as refused:
+        log.info("agent rejected", extra={"user_id": principal.user_id, "reason": str(refused)})
+        await link.send(Reject(reason=str(refused)))
         await link.close(CLOSE_PROTOCOL_ERROR, "rejected")
         return
 
@@ -190,7 +203,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
         agent_id="agt_" + secrets.token_hex(6),
         user_id=principal.user_id,
         token_id=principal.credential_id,
-        models={offer.slug: offer for offer in hello.models},
+        models=offers,
         max_concurrency=hello.max_concurrency,
         link=link,
         last_seen=time.monotonic(),
@@ -200,6 +213,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
             agent_id=agent.agent_id,
             heartbeat_interval=settings.heartbeat_interval,
             limits=Limits(settings.max_frame_bytes, settings.max_messages_per_second),
+            models={offer.backend_model: slug for slug, offer in offers.items()},
         )
     )
     pool.registry.add(agent)

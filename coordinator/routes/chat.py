@@ -17,7 +17,6 @@ from litestar import Request, Response, post
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from coordinator import catalog
 from coordinator.accounting import Charge, Reservation, upstream_cost
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
@@ -165,13 +164,13 @@ class Call:
 
 
 def _known_model(pool: PoolState, slug: str) -> bool:
-    return slug in catalog.CATALOG or pool.upstream.serves(slug) or bool(pool.registry.serving(slug))
+    return pool.directory.get(slug) is not None or pool.upstream.serves(slug) or bool(pool.registry.serving(slug))
 
 
 def _model_cap(pool: PoolState, slug: str) -> int:
     """The most tokens a completion of ``slug`` can have: its context window where known."""
     windows = [w for a in pool.registry.serving(slug) if (w := a.models[slug].context_window)]
-    known = catalog.CATALOG.get(slug)
+    known = pool.directory.get(slug)
     if known is not None and known.context_window:
         windows.append(known.context_window)
     return min(windows) if windows else pool.settings.default_output_tokens

@@ -8,7 +8,6 @@ from typing import Any
 import msgspec
 from litestar import Request, get
 
-from coordinator import catalog
 from coordinator.state import PoolState
 from coordinator.stats import p95
 from shared.money import nano_per_token_to_usd_per_million
@@ -27,6 +26,8 @@ class ModelEntry(msgspec.Struct):
     parameterCount: int | None
     contextWindow: int | None
     useCases: list[str]
+    quantizations: list[str]
+    aliases: list[str]
     providerCount: int
     minPricePer1mTokensUsd: float | None
     avgTrustScore: float | None
@@ -64,7 +65,7 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     entries = []
     for slug in _available(pool):
         agents = pool.registry.serving(slug)
-        info = catalog.info(slug)
+        info = pool.directory.get(slug)
         prices = [a.models[slug].price_in + a.models[slug].price_out for a in agents]
         windows = [w for a in agents if (w := a.models[slug].context_window) is not None]
         entries.append(
@@ -74,11 +75,13 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
                 created=STARTED,
                 owned_by="provider-pool",
                 slug=slug,
-                displayName=info.display_name,
-                family=info.family,
-                parameterCount=info.parameter_count,
-                contextWindow=info.context_window or (min(windows) if windows else None),
-                useCases=list(info.use_cases),
+                displayName=info.display_name if info else slug,
+                family=info.family if info else slug.split("-")[0],
+                parameterCount=info.parameter_count if info else None,
+                contextWindow=(info.context_window if info else None) or (min(windows) if windows else None),
+                useCases=list(info.use_cases) if info else [],
+                quantizations=list(info.quantizations) if info else [],
+                aliases=list(info.aliases) if info else [],
                 providerCount=len({a.user_id for a in agents}),
                 minPricePer1mTokensUsd=nano_per_token_to_usd_per_million(min(prices)) if prices else None,
                 avgTrustScore=None,

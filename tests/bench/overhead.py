@@ -22,6 +22,9 @@ import httpx
 
 from tests.harness import Pool
 
+# Directory slugs the two stand-ins are announced as (the pool only admits models in its directory).
+FAST, PACED = "smollm2-135m", "gemma-3-270m"
+
 MSG = [{"role": "user", "content": "bench"}]
 
 
@@ -95,8 +98,8 @@ def main() -> None:
     try:
         fast = pool.standin(chunks=args.chunks)
         paced = pool.standin(chunks=args.chunks, interval_ms=args.interval_ms)
-        pool.agent(fast, ["bench-fast"], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
-        pool.agent(paced, ["bench-paced"], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
+        pool.agent(fast, [f"{FAST}=bench-fast"], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
+        pool.agent(paced, [f"{PACED}=bench-paced"], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
         pool_url = f"{pool.url}/v1/chat/completions"
         auth = {"authorization": f"Bearer {pool.key}"}
         print(f"stand-in: {args.chunks} chunks, stream pace {args.interval_ms} ms; {args.requests} requests per cell")
@@ -110,11 +113,11 @@ def main() -> None:
             direct_ns = asyncio.run(
                 run_level(f"{fast}/v1/chat/completions", {}, "bench-fast", concurrency, args.requests, False)
             )
-            pooled_ns = asyncio.run(run_level(pool_url, auth, "bench-fast", concurrency, args.requests, False))
+            pooled_ns = asyncio.run(run_level(pool_url, auth, FAST, concurrency, args.requests, False))
             direct_st = asyncio.run(
                 run_level(f"{paced}/v1/chat/completions", {}, "bench-paced", concurrency, args.requests, True)
             )
-            pooled_st = asyncio.run(run_level(pool_url, auth, "bench-paced", concurrency, args.requests, True))
+            pooled_st = asyncio.run(run_level(pool_url, auth, PACED, concurrency, args.requests, True))
             d50, p50 = pct(direct_ns, 0.5), pct(pooled_ns, 0.5)  # type: ignore[arg-type]
             d99, p99 = pct(direct_ns, 0.99), pct(pooled_ns, 0.99)  # type: ignore[arg-type]
             dt, pt = pct([r[0] for r in direct_st], 0.5), pct([r[0] for r in pooled_st], 0.5)  # type: ignore[index]
