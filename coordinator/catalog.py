@@ -11,8 +11,10 @@ all name ``qwen2.5-coder-7b``; the quantisation suffix, if any, is kept apart.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, cast
@@ -71,7 +73,7 @@ def check(info: ModelInfo) -> ModelInfo:
 class Directory:
     """The directory as one process sees it: entries by slug, and normalised names to slugs."""
 
-    def __init__(self, entries: list[ModelInfo]) -> None:
+    def __init__(self, entries: Sequence[ModelInfo]) -> None:
         self.entries = {info.slug: info for info in entries}
         self._names: dict[str, str] = {}
         for info in entries:
@@ -105,13 +107,14 @@ class Directory:
         )
 
 
-def shipped() -> list[ModelInfo]:
-    """The entries in ``catalog.toml``."""
+@functools.cache
+def shipped() -> tuple[ModelInfo, ...]:
+    """The entries in ``catalog.toml`` (read once per process)."""
     data = tomllib.loads(resources.files("coordinator").joinpath("catalog.toml").read_text("utf-8"))
-    return [check(msgspec.convert({"slug": slug, **fields}, ModelInfo)) for slug, fields in data.items()]
+    return tuple(check(msgspec.convert({"slug": slug, **fields}, ModelInfo)) for slug, fields in data.items())
 
 
-def merge(base: list[ModelInfo], rows: list[Any]) -> Directory:
+def merge(base: Sequence[ModelInfo], rows: Sequence[Any]) -> Directory:
     """The shipped entries with the database's edits over them."""
     entries = {info.slug: info for info in base}
     for row in rows:
@@ -129,7 +132,7 @@ async def load(engine: AsyncEngine) -> Directory:
 
 async def load_from(conn: AsyncConnection) -> Directory:
     rows = (await conn.execute(select(_table))).all()
-    return merge(shipped(), list(rows))
+    return merge(shipped(), rows)
 
 
 async def save(conn: AsyncConnection, info: ModelInfo) -> None:
