@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator import billing
-from coordinator.metering import Price
 from coordinator.ratelimit import KeyLimits
 from coordinator.requestlog import RequestLog, RequestRecord
 
@@ -41,7 +40,6 @@ class Charge:
     amount: int
     provider_user_id: int | None
     upstream_cost: int = 0
-    reason: str = "completed"
 
 
 LOCK_STRIPES = 64  # users share these locks (by id), so there is nothing per user to clean up
@@ -82,7 +80,7 @@ class Accounting:
         *,
         fee_bps: int,
         hold_ttl: float,
-        lease: float,
+        instance_lease: float,
         chunk: int,
         idle_seconds: float,
         flush_interval: float,
@@ -92,7 +90,7 @@ class Accounting:
         self.limits = limits
         self.fee_bps = fee_bps
         self.hold_ttl = hold_ttl
-        self.lease = lease
+        self.instance_lease = instance_lease  # seconds a silent process keeps its holds
         self.chunk = chunk
         self.idle_seconds = idle_seconds
         self.flush_interval = flush_interval
@@ -303,7 +301,7 @@ class Accounting:
         """Renew this process's lease on life and release holds whose process is gone; returns how many."""
         await billing.renew_instance(self.engine, self.instance_id, self.started_at)
         released = 0
-        for hold_id in await billing.orphaned_holds(self.engine, self.instance_id, self.live, self.lease):
+        for hold_id in await billing.orphaned_holds(self.engine, self.instance_id, self.live, self.instance_lease):
             if await billing.release(self.engine, hold_id, "orphaned"):
                 log.warning("released an orphaned hold", extra={"hold_id": hold_id})
                 released += 1
@@ -323,8 +321,3 @@ class Accounting:
             await self.flush(close_all=True)
         except Exception as exc:  # what is left is released by the next sweep: nobody overpays
             log.error("final ledger flush failed", extra={"error": str(exc)})
-
-
-def upstream_cost(cost: Price, prompt_tokens: int, completion_tokens: int) -> int:
-    """What the platform upstream bills for the usage it reported."""
-    return cost.cost(prompt_tokens, completion_tokens)

@@ -183,7 +183,7 @@ def build_state(settings: Settings) -> PoolState:
             key_limits,
             fee_bps=settings.fee_bps,
             hold_ttl=settings.hold_ttl,
-            lease=settings.instance_lease_seconds,
+            instance_lease=settings.instance_lease_seconds,
             chunk=settings.credit_lease,
             idle_seconds=settings.credit_lease_idle_seconds,
             flush_interval=settings.ledger_flush_interval,

@@ -214,7 +214,7 @@ def accounting(engine: AsyncEngine, chunk: int, hold_ttl: float = 600) -> Accoun
         KeyLimits(600, 1_000_000),
         fee_bps=1_000,
         hold_ttl=hold_ttl,
-        lease=30,
+        instance_lease=30,
         chunk=chunk,
         idle_seconds=60,
         flush_interval=60,

@@ -17,7 +17,7 @@ from litestar import Request, Response, post
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from coordinator.accounting import Charge, Reservation, upstream_cost
+from coordinator.accounting import Charge, Reservation
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
 from coordinator.dispatch import Attempt, Job, provider_error
@@ -127,8 +127,8 @@ class Call:
         cost = 0
         if agent is None:
             used = bill.reported or bill
-            cost = upstream_cost(self.pool.upstream.cost, used.prompt_tokens, used.completion_tokens)
-        return Charge(record.cost, record.provider_user_id, cost, reason="completed" if completed else "cut")
+            cost = self.pool.upstream.cost.cost(used.prompt_tokens, used.completion_tokens)
+        return Charge(record.cost, record.provider_user_id, cost)
 
     def reject(
         self,
