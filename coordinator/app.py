@@ -29,10 +29,12 @@ from coordinator.routes.agent_ws import agent_connect
 from coordinator.routes.chat import create_chat_completion
 from coordinator.routes.directory import list_models, pool_status
 from coordinator.routes.portal import agent_tokens_router, login, signup, tokens_router
+from coordinator.routes.provider import provider_agents
 from coordinator.sessions import SessionTokens
 from coordinator.settings import Settings
 from coordinator.state import PoolState
 from coordinator.stats import RequestStats
+from coordinator.trust import TrustBook
 from coordinator.upstream import Upstream
 from shared import errors, logs
 
@@ -163,6 +165,7 @@ def build_state(settings: Settings) -> PoolState:
         cost=Price(settings.upstream_cost_in, settings.upstream_cost_out),
     )
     requests = RequestLog(engine, settings.request_log_interval)
+    trust_book = TrustBook(engine, settings.trust_half_life, settings.new_agent_concurrency)
     key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
     return PoolState(
         settings=settings,
@@ -172,7 +175,15 @@ def build_state(settings: Settings) -> PoolState:
         agent_tokens=auth.agent_tokens(sessions),
         registry=registry,
         upstream=upstream,
-        dispatcher=Dispatcher(registry, upstream, settings.first_chunk_timeout, settings.job_deadline),
+        dispatcher=Dispatcher(
+            registry,
+            upstream,
+            settings.first_chunk_timeout,
+            settings.job_deadline,
+            trust_floor=settings.trust_threshold,
+            trust=trust_book,
+        ),
+        trust=trust_book,
         stats=RequestStats(settings.status_window_seconds),
         requests=requests,
         key_limits=key_limits,
@@ -210,6 +221,7 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             sched.shutdown(wait=False)
             await accounting.close()
+            await pool.trust.close()
             await pool.requests.close()
             await pool.upstream.aclose()
             await pool.engine.dispose()
@@ -227,6 +239,7 @@ def create_app(settings: Settings) -> Litestar:
             agent_tokens_router,
             account_router,
             grant_credits,
+            provider_agents,
         ],
         lifespan=[lifespan],
         middleware=[request_id_middleware],

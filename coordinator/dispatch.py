@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from coordinator import placement
+from coordinator import placement, trust
 from coordinator.metering import Price
-from coordinator.registry import ConnectedAgent, Registry
+from coordinator.placement import Routing
+from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.trust import TrustBook
 from coordinator.upstream import Upstream
 from shared import errors
 from shared.backend import Chunk, Done, Event, Failure
@@ -30,9 +32,12 @@ TIMED_OUT = "timed_out"
 class Job:
     """One attempt at a request, on an agent (``agent`` set) or on the upstream."""
 
-    def __init__(self, job_id: str, agent: ConnectedAgent | None) -> None:
+    def __init__(self, job_id: str, agent: ConnectedAgent | None, slug: str) -> None:
         self.job_id = job_id
         self.agent = agent
+        self.slug = slug
+        self.assigned_at = time.perf_counter()
+        self.first_at: float | None = None  # when its first output arrived
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False
         self._task: asyncio.Task[None] | None = None
@@ -68,17 +73,39 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Why a request went where it went (``x_pool``): the model served, the placement's reason,
+    how many agents could have taken it, and how many were tried."""
+
+    model: str
+    reason: str
+    candidates: int
+    attempts: int
+
+
+@dataclass(frozen=True)
 class Attempt:
-    """The job that produced a request's first event, and that event."""
+    """The job that produced a request's first event, that event, and how it was chosen."""
 
     job: Job
     first: Event
+    route: Route
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, upstream: Upstream, first_chunk_timeout: float, job_deadline: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        upstream: Upstream,
+        first_chunk_timeout: float,
+        job_deadline: float,
+        trust_floor: float = 0.0,
+        trust: TrustBook | None = None,
+    ) -> None:
         self.registry = registry
         self.upstream = upstream
+        self.trust_floor = trust_floor
+        self.trust = trust
         self.first_chunk_timeout = first_chunk_timeout
         self.job_deadline = job_deadline
         self._jobs: dict[str, Job] = {}
@@ -87,7 +114,7 @@ class Dispatcher:
     # --- starting --------------------------------------------------------------------------
 
     async def assign(self, agent: ConnectedAgent, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> Job:
-        job = Job("job_" + secrets.token_hex(8), agent)
+        job = Job("job_" + secrets.token_hex(8), agent, slug)
         job._dispatcher = self
         self._jobs[job.job_id] = job
         agent.jobs.add(job.job_id)
@@ -108,7 +135,7 @@ class Dispatcher:
         return job
 
     def run_upstream(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> Job:
-        job = Job("job_" + secrets.token_hex(8), None)
+        job = Job("job_" + secrets.token_hex(8), None, slug)
         events = self.upstream.run(slug, raw, stream=stream, want_usage=want_usage)
         job._task = asyncio.create_task(self._pump(job, events))
         return job
@@ -118,44 +145,95 @@ class Dispatcher:
             job.queue.put_nowait(event)
         job.finished = True
 
-    def ceiling(self, slug: str) -> Price | None:
-        """The highest input and output prices anyone able to serve ``slug`` now asks (what a hold
+    def ceiling(self, slugs: list[str], routing: Routing) -> Price | None:
+        """The highest input and output prices of anyone who may serve the request now (what a hold
         must cover), or ``None`` when nobody can serve it."""
-        prices = [placement.offer_price(agent, slug) for agent in self.registry.serving(slug) if agent.free_slots > 0]
-        if self.upstream.serves(slug):
-            prices.append(self.upstream.price)
+        prices = []
+        for slug in slugs:
+            agents = placement.ceiling(self.registry, slug, routing, trust_floor=self.trust_floor)
+            if agents is not None:
+                prices.append(agents)
+            if self.upstream.serves(slug) and routing.admits_upstream(self.upstream.price):
+                prices.append(self.upstream.price)
         if not prices:
             return None
         return Price(max(p.input for p in prices), max(p.output for p in prices))
 
     async def start(
-        self, slug: str, raw: bytes, *, stream: bool, want_usage: bool, max_price: Price | None = None
+        self,
+        slugs: list[str],
+        raw: bytes,
+        *,
+        stream: bool,
+        want_usage: bool,
+        routing: Routing = placement.DEFAULT_ROUTING,
+        max_price: Price | None = None,
     ) -> Attempt | None:
-        """Run the request on the best agent no dearer than ``max_price``, failing over before the
-        first event, then on the upstream; ``None`` when nobody can take it. A non-retryable
-        failure is returned as is."""
+        """Run the request on the best agent no dearer than ``max_price`` for each model in turn,
+        failing over before the first event, then on the upstream for that model; ``None`` when
+        nobody can take it. A non-retryable failure is returned as is."""
         tried: set[str] = set()
         last_failure: Failure | None = None
-        while (agent := placement.choose(self.registry, slug, exclude=tried, max_price=max_price)) is not None:
-            tried.add(agent.agent_id)
-            job = await self.assign(agent, slug, raw, stream=stream, want_usage=want_usage)
-            first = await job.next(self.first_chunk_timeout)
-            if isinstance(first, Failure):
+        attempts = 0
+        for slug in slugs:
+            while (
+                choice := placement.choose(
+                    self.registry, slug, routing, trust_floor=self.trust_floor, exclude=tried, max_price=max_price
+                )
+            ) is not None:
+                attempts += 1
+                agent = choice.agent
+                tried.add(agent.agent_id)
+                job = await self.assign(agent, slug, raw, stream=stream, want_usage=want_usage)
+                first = await job.next(self.first_chunk_timeout)
+                route = Route(slug, choice.reason, choice.candidates, attempts)
+                if not isinstance(first, Failure):
+                    job.first_at = time.perf_counter()
+                    return Attempt(job, first, route)
                 job.cancel()
-                if first.retryable:
-                    log.warning(
-                        "job failed before output, failing over",
-                        extra={"job_id": job.job_id, "agent_id": agent.agent_id, "code": first.code},
-                    )
-                    last_failure = first
-                    continue
-            return Attempt(job, first)
-        if self.upstream.serves(slug) and (max_price is None or max_price.covers(self.upstream.price)):
-            job = self.run_upstream(slug, raw, stream=stream, want_usage=want_usage)
-            return Attempt(job, await job.next(self.first_chunk_timeout))
+                if first.code not in (errors.AGENT_BUSY, errors.AGENT_DRAINING) and provider_error(first)[0] == 502:
+                    self.witness(agent, trust.FAILED, f"{first.code}: {first.message}", job.job_id)
+                if not first.retryable:
+                    return Attempt(job, first, route)
+                log.warning(
+                    "job failed before output, failing over",
+                    extra={"job_id": job.job_id, "agent_id": agent.agent_id, "code": first.code},
+                )
+                last_failure = first
+            price = self.upstream.price
+            if (
+                self.upstream.serves(slug)
+                and routing.admits_upstream(price)
+                and (max_price is None or max_price.covers(price))
+            ):
+                job = self.run_upstream(slug, raw, stream=stream, want_usage=want_usage)
+                first = await job.next(self.first_chunk_timeout)
+                job.first_at = time.perf_counter()
+                return Attempt(job, first, Route(slug, placement.FALLBACK, 0, attempts + 1))
         if last_failure is not None:
-            return Attempt(Job("job_none", None), last_failure)
+            return Attempt(Job("job_none", None, slugs[0]), last_failure, Route(slugs[0], "", 0, attempts))
         return None
+
+    def witness(self, agent: ConnectedAgent, kind: str, detail: str = "", job_id: str | None = None) -> None:
+        """Evidence about an agent, for its trust score."""
+        if self.trust is not None:
+            self.trust.witness(agent, kind, detail[:200], job_id)
+
+    def observe(self, job: Job, completion_tokens: int, *, stream: bool) -> None:
+        """Feed a completed job's timings into its agent's moving averages for the model: time to
+        first token (streams only: a non-stream reply arrives whole) and generation speed."""
+        agent, first_at = job.agent, job.first_at
+        if agent is None or first_at is None:
+            return
+        now = time.perf_counter()
+        performance = agent.performance.setdefault(job.slug, Performance())
+        if stream:
+            generating = now - first_at
+            speed = (completion_tokens - 1) / generating if completion_tokens > 1 and generating > 0 else None
+            performance.observe((first_at - job.assigned_at) * 1000, speed)
+        else:
+            total = now - job.assigned_at
+            performance.observe(None, completion_tokens / total if completion_tokens > 0 and total > 0 else None)
 
     # --- events from agents ----------------------------------------------------------------
 

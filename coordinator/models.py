@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -201,3 +201,24 @@ class DirectoryModel(Base):
     entry: Mapped[str] = mapped_column(Text)
     removed: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class TrustEvidenceRow(Base):
+    """One piece of evidence about an agent token (a run of ``completed`` jobs is one row with a
+    count); trust scores are computed from these, so each one can be explained."""
+
+    __tablename__ = "trust_evidence"
+    __table_args__ = (
+        Index("ix_trust_evidence_token_time", "agent_token_id", "created_at"),
+        Index("ix_trust_evidence_provider_time", "provider_user_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_token_id: Mapped[int] = mapped_column(ForeignKey("agent_tokens.id"))
+    provider_user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(40))
+    weight: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    detail: Mapped[str] = mapped_column(String(200), default="")
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,5 +1,6 @@
 """Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
-release holds whose request is gone, reload the model directory (edited by any process)."""
+release holds whose request is gone, reload the model directory (edited by any process), write trust
+evidence and decay scores."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from coordinator import accounts, catalog
+from coordinator import accounts, catalog, trust
 from coordinator.routes.agent_ws import CLOSE_REVOKED, CLOSE_STALE
 from coordinator.state import PoolState
 
 log = logging.getLogger(__name__)
 _closing: set[asyncio.Future[None]] = set()
+TRUST_INTERVAL = 2.0  # seconds between writes of trust evidence
 
 
 async def drop_stale_agents(pool: PoolState) -> int:
@@ -24,6 +26,7 @@ async def drop_stale_agents(pool: PoolState) -> int:
     for agent in stale:
         if pool.registry.remove(agent.agent_id) is agent:
             log.warning("agent missed heartbeats, dropping", extra={"agent_id": agent.agent_id})
+            pool.dispatcher.witness(agent, trust.HEARTBEAT_MISSED, "missed heartbeats")
             pool.dispatcher.agent_lost(agent, "missed heartbeats")
             # Closing may wait for a handshake the silent agent never sends; do not hold up the sweep.
             task = asyncio.ensure_future(agent.link.close(CLOSE_STALE, "missed heartbeats"))
@@ -65,6 +68,13 @@ async def reload_directory(pool: PoolState) -> None:
         log.error("directory reload failed", extra={"error": str(exc)})
 
 
+async def keep_trust(pool: PoolState) -> None:
+    """Write new trust evidence, and let time act on the scores of connected agents."""
+    await pool.trust.flush(everything=False)
+    for agent in pool.registry.agents():
+        pool.trust.apply(agent, pool.trust.score(agent.token_id))
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
     settings = pool.settings
@@ -74,5 +84,6 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched.add_job(drop_revoked_agents, "interval", seconds=1.0, **once)
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
     sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
+    sched.add_job(keep_trust, "interval", seconds=TRUST_INTERVAL, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
     return sched

@@ -17,6 +17,30 @@ class AgentLink(Protocol):
     def close(self, code: int, reason: str) -> Awaitable[None]: ...
 
 
+EMA_WEIGHT = 0.2  # weight of the newest observation in the moving averages
+
+
+@dataclass
+class Performance:
+    """Moving averages of what one agent showed on one model: time to first token (streams) and
+    generation speed."""
+
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
+    jobs: int = 0
+
+    def observe(self, ttft_ms: float | None, tokens_per_s: float | None) -> None:
+        self.jobs += 1
+        if ttft_ms is not None:
+            self.ttft_ms = _ema(self.ttft_ms, ttft_ms)
+        if tokens_per_s is not None:
+            self.tokens_per_s = _ema(self.tokens_per_s, tokens_per_s)
+
+
+def _ema(average: float | None, value: float) -> float:
+    return value if average is None else average + EMA_WEIGHT * (value - average)
+
+
 @dataclass(eq=False)
 class ConnectedAgent:
     agent_id: str
@@ -29,10 +53,21 @@ class ConnectedAgent:
     in_flight: int = 0
     draining: bool = False
     jobs: set[str] = field(default_factory=set)
+    trust: float = 100.0
+    concurrency_cap: int | None = None  # fewer consumer jobs at once while the agent is new
+    performance: dict[str, Performance] = field(default_factory=dict)
+
+    @property
+    def provider_id(self) -> str:
+        """How consumers name the agent's provider (``x_pool.provider``, ``provider.only`` …)."""
+        return str(self.user_id)
 
     @property
     def free_slots(self) -> int:
-        return 0 if self.draining else max(0, self.max_concurrency - self.in_flight)
+        if self.draining:
+            return 0
+        cap = self.max_concurrency if self.concurrency_cap is None else min(self.concurrency_cap, self.max_concurrency)
+        return max(0, cap - self.in_flight)
 
 
 class Registry:

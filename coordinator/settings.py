@@ -63,6 +63,9 @@ class Settings:
     ledger_flush_interval: float = 1.0
     instance_lease_seconds: float = 30.0
     directory_reload_seconds: float = 10.0
+    trust_threshold: float = 40.0  # agents scoring below get no consumer traffic (0-100)
+    trust_half_life: float = 86_400.0  # seconds over which evidence loses half its weight (POOL_TRUST_HALF_LIFE_HOURS)
+    new_agent_concurrency: int = 2  # consumer jobs at once for agents not yet trusted
     admin_token: str | None = None
     # limits
     rate_limit_rpm: int = 600
@@ -153,7 +156,17 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
-_ENV_NAMES = {"credit_lease": "CREDIT_LEASE_USD"}  # where the variable's name says its unit
+def _trust_score(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 100:
+        raise ValueError("must be between 0 and 100")
+    return value
+
+
+_ENV_NAMES = {
+    "credit_lease": "CREDIT_LEASE_USD",
+    "trust_half_life": "TRUST_HALF_LIFE_HOURS",
+}  # where the variable's name says its unit
 
 _FIELDS: dict[str, Callable[[str], object]] = {
     "database_url": str,
@@ -185,6 +198,9 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "ledger_flush_interval": _positive_float,
     "instance_lease_seconds": _positive_float,
     "directory_reload_seconds": _positive_float,
+    "trust_threshold": _trust_score,
+    "trust_half_life": lambda raw: _positive_float(raw) * 3600,
+    "new_agent_concurrency": _positive_int,
     "admin_token": str,
     "rate_limit_rpm": _positive_int,
     "rate_limit_tpm": _positive_int,

@@ -16,6 +16,7 @@ from coordinator.requestlog import RequestLog
 from coordinator.sessions import SessionTokens
 from coordinator.settings import Settings
 from coordinator.stats import RequestStats
+from coordinator.trust import TrustBook
 from coordinator.upstream import Upstream
 
 
@@ -36,3 +37,4 @@ class PoolState:
     accounting: Accounting
     portal: SessionTokens
     directory: Directory
+    trust: TrustBook

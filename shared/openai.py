@@ -90,10 +90,38 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 StopWord = Annotated[str, Meta(min_length=1)]
 
 
-class ChatCompletionRequest(msgspec.Struct):
-    """The fields of ``POST /v1/chat/completions`` the pool checks before dispatching."""
+ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
+NonNegative = Annotated[float, Meta(ge=0.0)]
+ProviderName = Annotated[str, Meta(min_length=1, max_length=200)] | int
+ProviderNames = Annotated[list[ProviderName], Meta(max_length=64)]
 
-    model: Annotated[str, Meta(min_length=1, max_length=200)]
+
+class MaxPrice(msgspec.Struct, forbid_unknown_fields=True):
+    """The most the consumer pays, in USD per million tokens (as OpenRouter takes it)."""
+
+    prompt: NonNegative | None = None
+    completion: NonNegative | None = None
+
+
+class ProviderPreferences(msgspec.Struct, forbid_unknown_fields=True):
+    """The request's ``provider`` object: how to route it, with OpenRouter's names. Providers are
+    named by agent id (``agt_…``), provider id (``x_pool.provider``) or ``"platform"`` (the upstream)."""
+
+    sort: Literal["price", "latency", "throughput"] | None = None
+    max_price: MaxPrice | None = None
+    min_trust: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    order: ProviderNames | None = None
+    only: ProviderNames | None = None
+    ignore: ProviderNames | None = None
+    allow_fallbacks: bool = True
+    quantizations: Annotated[list[Annotated[str, Meta(min_length=1, max_length=32)]], Meta(max_length=32)] | None = None
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    """The fields of ``POST /v1/chat/completions`` the pool checks before dispatching. ``model`` may
+    be a list of models tried in order."""
+
+    model: ModelName | Annotated[list[ModelName], Meta(min_length=1, max_length=8)]
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -114,6 +142,12 @@ class ChatCompletionRequest(msgspec.Struct):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    provider: ProviderPreferences | None = None
+
+    @property
+    def models(self) -> list[str]:
+        """The requested models in the order to try them, without repeats."""
+        return [self.model] if isinstance(self.model, str) else list(dict.fromkeys(self.model))
 
 
 # --- reading backend output -------------------------------------------------------------------

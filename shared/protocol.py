@@ -26,13 +26,15 @@ class Usage(msgspec.Struct, omit_defaults=True):
 
 class ModelOffer(msgspec.Struct, omit_defaults=True):
     """One model an agent serves; prices are nano-USD per token. An empty ``slug`` asks the
-    coordinator to find it from ``backend_model`` in its directory."""
+    coordinator to find it from ``backend_model`` in its directory; an empty ``quantization`` asks
+    it to read one from ``backend_model`` (``…-q4_k_m.gguf``)."""
 
     slug: str
     backend_model: str
     price_in: int
     price_out: int
     context_window: int | None = None
+    quantization: str = ""
 
 
 class Limits(msgspec.Struct, omit_defaults=True):

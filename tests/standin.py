@@ -1,7 +1,11 @@
 """A fast OpenAI-compatible stand-in on loopback, for what is external and paid (the platform upstream)
 and for benchmarks that need a backend faster than any model.
 
-``python -m tests.standin --port P [--chunks N] [--interval-ms MS] [--mode ok|fail|hang]``
+``python -m tests.standin --port P [--chunks N] [--interval-ms MS] [--mode MODE]``
+
+Modes: ``ok``; ``fail`` (500s) and ``hang`` (never answers); and the cheats the pool must catch:
+``inflate`` (reports twice the completion tokens it sends), ``garbage`` (one token repeated),
+``stall`` (goes silent after its first chunk).
 
 It answers ``/v1/models`` and ``/v1/chat/completions`` (stream or not, usage as OpenAI reports it)
 and remembers the last request body, served back at ``GET /_last``.
@@ -61,11 +65,12 @@ class Standin:
         request = msgspec.json.decode(body)
         model = request.get("model", "standin")
         created = int(time.time())
-        usage = {"prompt_tokens": 5, "completion_tokens": self.chunks, "total_tokens": 5 + self.chunks}
+        completion = self.chunks * (2 if self.mode == "inflate" else 1)
+        usage = {"prompt_tokens": 5, "completion_tokens": completion, "total_tokens": 5 + completion}
         if not request.get("stream"):
             if self.interval:
                 await asyncio.sleep(self.interval * self.chunks)
-            content = " ".join(f"tok{i}" for i in range(self.chunks))
+            content = " ".join(self._token(i) for i in range(self.chunks))
             await self._json(
                 send,
                 200,
@@ -90,11 +95,15 @@ class Standin:
         )
         base = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": created, "model": model}
         for i in range(self.chunks):
-            delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
+            delta = (
+                {"role": "assistant", "content": f"{self._token(i)} "} if i == 0 else {"content": f"{self._token(i)} "}
+            )
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
             await send(
                 {"type": "http.response.body", "body": b"data: " + _json.encode(chunk) + b"\n\n", "more_body": True}
             )
+            if self.mode == "stall":
+                await asyncio.sleep(3600)
             if self.interval:
                 await asyncio.sleep(self.interval)
         tail = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
@@ -102,6 +111,9 @@ class Standin:
             tail.append({**base, "choices": [], "usage": usage})
         out = b"".join(b"data: " + _json.encode(c) + b"\n\n" for c in tail) + b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": out, "more_body": False})
+
+    def _token(self, i: int) -> str:
+        return "zzz" if self.mode == "garbage" else f"tok{i}"
 
     async def _json(self, send: Any, status: int, payload: object) -> None:
         await self._raw(send, status, _json.encode(payload))
@@ -117,7 +129,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--interval-ms", type=float, default=0.0)
-    parser.add_argument("--mode", choices=["ok", "fail", "hang"], default="ok")
+    parser.add_argument("--mode", choices=["ok", "fail", "hang", "inflate", "garbage", "stall"], default="ok")
     args = parser.parse_args()
     app = Standin(args.chunks, args.interval_ms, args.mode)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on")

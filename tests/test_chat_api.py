@@ -187,7 +187,7 @@ def test_models_directory_and_schema(pool: Pool, served: str) -> None:
     entry = next(m for m in listing["data"] if m["id"] == "smollm2-135m")
     assert {"id", "object", "created", "owned_by"} <= entry.keys()
     assert entry["providerCount"] == 1 and entry["minPricePer1mTokensUsd"] == pytest.approx(0.3)
-    assert entry["slug"] == "smollm2-135m" and entry["displayName"] and entry["avgTrustScore"] is None
+    assert entry["slug"] == "smollm2-135m" and entry["displayName"] and 0 < entry["avgTrustScore"] <= 100
     assert [m.id for m in pool.client().models.list()] == [m["id"] for m in listing["data"]]
     schema = httpx.get(f"{pool.url}/schema/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/models", "/v1/pool/status"} <= schema["paths"].keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 
 import msgspec
@@ -14,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text, update
 
-from coordinator import accounts, auth, catalog, db, keys
+from coordinator import accounts, auth, catalog, db, keys, trust
 from coordinator.models import AgentToken, ApiKey, Base
 from scripts.localpool import ROOT
 
@@ -25,7 +26,7 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
         assert await db.current_revision(engine) is None
         await db.migrate(engine)
         await db.migrate(engine)  # every `serve` runs it again
-        assert await db.current_revision(engine) == "0003"
+        assert await db.current_revision(engine) == "0004"
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
             # The migrations build exactly what the models describe.
@@ -39,6 +40,7 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
             "holds",
             "request_log",
             "directory_models",
+            "trust_evidence",
         } <= tables
         assert drift == []
     finally:
@@ -152,5 +154,35 @@ async def test_directory_edits_are_stored_and_merged_over_the_shipped_catalog(db
         async with engine.begin() as conn:
             with pytest.raises(catalog.DirectoryError):
                 await catalog.save(conn, msgspec.structs.replace(tiny, slug="", display_name="x"))
+    finally:
+        await engine.dispose()
+
+
+async def test_trust_evidence_is_stored_and_scores_follow_a_token_across_processes(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        await db.migrate(engine)
+        async with db.sessionmaker(engine)() as session, session.begin():
+            user = await accounts.create_user(session, "p@example.com")
+            await accounts.create_agent_token(session, "p@example.com")
+        async with engine.connect() as conn:
+            token_id = (await conn.execute(text("SELECT id FROM agent_tokens"))).scalar_one()
+        book = trust.TrustBook(engine, half_life=3600.0, new_agent_concurrency=2)
+        assert (await book.load(token_id)).score() == 50.0
+        now = time.time()
+        for _ in range(5):
+            book.record(trust.Evidence(token_id, user.id, trust.COMPLETED, now))
+        book.record(trust.Evidence(token_id, user.id, trust.STALLED, now, detail="no output for 2 s", job_id="job_1"))
+        # a minute's completed jobs wait to be merged; the finding is written at once
+        assert await book.flush(everything=False) == 1
+        assert await book.flush() == 1
+        async with engine.connect() as conn:
+            query = text("SELECT kind, count, detail, job_id FROM trust_evidence ORDER BY id")
+            rows = [tuple(row) for row in (await conn.execute(query)).all()]
+        assert rows == [("stalled", 1, "no output for 2 s", "job_1"), ("completed", 5, "", None)]
+        # another process (a fresh book) reads the same score from the rows
+        expected = book.score(token_id)
+        assert (await trust.TrustBook(engine, 3600.0, 2).load(token_id)).score() == pytest.approx(expected, abs=0.01)
+        assert expected == pytest.approx(100 * 8 / (8 + 9), abs=0.01)
     finally:
         await engine.dispose()

@@ -1,4 +1,4 @@
-"""Pure functions: keys, prices, protocol codec, SSE parsing, body rewriting, placement, config."""
+"""Pure functions: keys, prices, protocol codec, SSE parsing, body rewriting, config."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from coordinator import catalog, keys, placement
+from coordinator import catalog, keys
 from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, text_deltas
 from coordinator.ratelimit import FailureLimits, KeyLimits, duration
-from coordinator.registry import ConnectedAgent, Registry
 from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import XPool, stamp
 from coordinator.settings import Settings, SettingsError
@@ -169,35 +168,6 @@ def test_stamp_adds_x_pool_without_reparsing() -> None:
         "cost_usd": 0.25,
     }
     assert msgspec.json.decode(stamp(b"{}", x_pool))["x_pool"]["agent"] == "agt_1"
-
-
-class _Link:
-    async def send(self, message: object) -> None:
-        return None
-
-    async def close(self, code: int, reason: str) -> None:
-        return None
-
-
-def _agent(agent_id: str, in_flight: int, capacity: int, price: int = 1, slug: str = "m") -> ConnectedAgent:
-    return ConnectedAgent(
-        agent_id, 1, 1, {slug: ModelOffer(slug, slug, price, price)}, capacity, _Link(), 0.0, in_flight=in_flight
-    )
-
-
-def test_placement_prefers_least_loaded_then_cheaper_and_skips_full() -> None:
-    registry = Registry()
-    registry.add(_agent("busy", 3, 4))
-    registry.add(_agent("idle", 0, 4, price=5))
-    registry.add(_agent("full", 2, 2, price=0))
-    registry.add(_agent("other", 0, 4, slug="x"))
-    assert placement.choose(registry, "m").agent_id == "idle"  # type: ignore[union-attr]
-    assert placement.choose(registry, "m", exclude={"idle"}).agent_id == "busy"  # type: ignore[union-attr]
-    assert placement.choose(registry, "m", exclude={"idle", "busy"}) is None
-    registry.add(_agent("cheap", 0, 4, price=2))
-    assert placement.choose(registry, "m").agent_id == "cheap"  # type: ignore[union-attr]
-    registry.get("cheap").draining = True  # type: ignore[union-attr]
-    assert placement.choose(registry, "m").agent_id == "idle"  # type: ignore[union-attr]
 
 
 def test_agent_config_precedence(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from coordinator.catalog import SLUG, Directory
+from coordinator.catalog import SLUG, Directory, normalize
 from coordinator.errors import error_body, invalid_api_key
 from coordinator.registry import ConnectedAgent
 from coordinator.state import PoolState
@@ -125,7 +125,8 @@ def hello_offers(hello: Hello, directory: Directory) -> dict[str, ModelOffer]:
             raise HelloRefused(f"model {slug!r}: prices must not be negative")
         if offer.context_window is not None and offer.context_window <= 0:
             raise HelloRefused(f"model {slug!r}: context_window must be positive")
-        offers[slug] = msgspec.structs.replace(offer, slug=slug)
+        quantization = (offer.quantization or normalize(offer.backend_model)[1] or "").lower()
+        offers[slug] = msgspec.structs.replace(offer, slug=slug, quantization=quantization)
     return offers
 
 
@@ -216,10 +217,16 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
             models={offer.backend_model: slug for slug, offer in offers.items()},
         )
     )
+    pool.trust.apply(agent, (await pool.trust.load(agent.token_id)).score())
     pool.registry.add(agent)
     log.info(
         "agent connected",
-        extra={"agent_id": agent.agent_id, "user_id": agent.user_id, "models": sorted(agent.models)},
+        extra={
+            "agent_id": agent.agent_id,
+            "user_id": agent.user_id,
+            "models": sorted(agent.models),
+            "trust": round(agent.trust, 1),
+        },
     )
     reason = "connection closed"
     try:
@@ -227,6 +234,8 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
     finally:
         if pool.registry.remove(agent.agent_id) is agent:
             pool.dispatcher.agent_lost(agent, reason)
+        if not any(other.token_id == agent.token_id for other in pool.registry.agents()):
+            pool.trust.forget(agent.token_id)
         log.info("agent disconnected", extra={"agent_id": agent.agent_id, "reason": reason})
 
 

@@ -84,7 +84,7 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
                 aliases=list(info.aliases) if info else [],
                 providerCount=len({a.user_id for a in agents}),
                 minPricePer1mTokensUsd=nano_per_token_to_usd_per_million(min(prices)) if prices else None,
-                avgTrustScore=None,
+                avgTrustScore=round(sum(a.trust for a in agents) / len(agents), 1) if agents else None,
                 fallbackAvailable=pool.upstream.serves(slug),
             )
         )

@@ -1,0 +1,319 @@
+"""Routing: placement over the registry (every `provider` preference, sorts, power of two choices,
+moving averages), and the same preferences end to end through real coordinator and agent processes
+with a loopback stand-in playing the paid upstream."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+import pytest
+
+from coordinator import placement
+from coordinator.metering import Price
+from coordinator.placement import Routing
+from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.routes.agent_ws import hello_offers
+from coordinator.routes.chat import without_preferences
+from scripts import localpool
+from shared import protocol
+from shared.openai import ProviderPreferences
+from shared.protocol import Hello, ModelOffer
+from tests.harness import Pool
+from tests.test_units import DIRECTORY
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+class _Link:
+    async def send(self, message: object) -> None:
+        raise AssertionError("placement must not talk to agents")
+
+    async def close(self, code: int, reason: str) -> None:
+        raise AssertionError("placement must not talk to agents")
+
+
+def _agent(
+    agent_id: str,
+    *,
+    price: int = 100,
+    in_flight: int = 0,
+    capacity: int = 4,
+    provider: int = 1,
+    trust: float = 100.0,
+    ttft_ms: float | None = None,
+    tokens_per_s: float | None = None,
+    quantization: str = "",
+    slug: str = "m",
+) -> ConnectedAgent:
+    agent = ConnectedAgent(
+        agent_id,
+        provider,
+        1,
+        {slug: ModelOffer(slug, slug, price, price, quantization=quantization)},
+        capacity,
+        _Link(),
+        0.0,
+        in_flight=in_flight,
+        trust=trust,
+    )
+    if ttft_ms is not None or tokens_per_s is not None:
+        agent.performance[slug] = Performance(ttft_ms, tokens_per_s, jobs=5)
+    return agent
+
+
+def _registry(*agents: ConnectedAgent) -> Registry:
+    registry = Registry()
+    for agent in agents:
+        registry.add(agent)
+    return registry
+
+
+def _routing(**prefs: object) -> Routing:
+    return Routing.of(msgspec.convert(prefs, ProviderPreferences))
+
+
+def _pick(registry: Registry, routing: Routing = placement.DEFAULT_ROUTING, **kw: object) -> str | None:
+    choice = placement.choose(registry, "m", routing, **kw)  # type: ignore[arg-type]
+    return None if choice is None else choice.agent.agent_id
+
+
+def test_sorts_pick_the_best_by_their_key_and_say_so() -> None:
+    registry = _registry(
+        _agent("cheap-slow", price=10, ttft_ms=900, tokens_per_s=5, in_flight=3),
+        _agent("dear-fast", price=500, ttft_ms=40, tokens_per_s=50),
+        _agent("mid-throughput", price=100, ttft_ms=300, tokens_per_s=200),
+    )
+    for sort, best in (("price", "cheap-slow"), ("latency", "dear-fast"), ("throughput", "mid-throughput")):
+        choice = placement.choose(registry, "m", _routing(sort=sort))
+        assert choice is not None and choice.agent.agent_id == best and choice.reason == f"sort:{sort}"
+        assert choice.candidates == 3
+    # equal keys: the less loaded one wins
+    tied = _registry(_agent("busy", price=10, in_flight=3), _agent("idle", price=10, in_flight=0))
+    assert _pick(tied, _routing(sort="price")) == "idle"
+
+
+def test_filters_max_price_min_trust_threshold_quantizations() -> None:
+    registry = _registry(
+        _agent("cheap", price=100, trust=55, quantization="q4_k_m"),
+        _agent("dear", price=3000, trust=90, quantization="q8_0"),
+        _agent("plain", price=200, trust=70),
+    )
+    # max_price is in USD per 1M tokens: 0.2 USD/1M = 200 nano-USD per token
+    assert _pick(registry, _routing(sort="price", max_price={"prompt": 0.15})) == "cheap"
+    assert _pick(registry, _routing(sort="price", max_price={"prompt": 0.05})) is None
+    assert _pick(registry, _routing(sort="price", max_price={"completion": 1, "prompt": 0.2})) == "cheap"
+    assert _pick(registry, _routing(sort="price", min_trust=60)) == "plain"
+    assert _pick(registry, _routing(sort="price"), trust_floor=80) == "dear"  # the pool's threshold
+    assert _pick(registry, _routing(sort="price", min_trust=95)) is None
+    assert _pick(registry, _routing(sort="price", quantizations=["q8_0"])) == "dear"
+    assert _pick(registry, _routing(sort="price", quantizations=["Q8_0", "unknown"])) == "plain"
+    assert _pick(registry, _routing(quantizations=["fp16"])) is None
+
+
+def test_only_ignore_order_by_agent_or_provider() -> None:
+    registry = _registry(
+        _agent("a1", provider=7, price=500),
+        _agent("a2", provider=7, price=400),
+        _agent("b1", provider=8, price=100),
+    )
+    assert _pick(registry, _routing(sort="price", only=["a1"])) == "a1"
+    assert _pick(registry, _routing(sort="price", only=[7])) == "a2"  # a provider id, as x_pool gives it
+    assert _pick(registry, _routing(sort="price", ignore=["8"])) == "a2"
+    assert _pick(registry, _routing(sort="price", ignore=["b1", "a2"])) == "a1"
+    assert _pick(registry, _routing(only=["nobody"])) is None
+    choice = placement.choose(registry, "m", _routing(order=["8", "a1"]))
+    assert choice is not None and (choice.agent.agent_id, choice.reason) == ("b1", "order")
+    assert _pick(registry, _routing(order=["8", "a1"]), exclude={"b1"}) == "a1"
+    # nobody in `order` is free: others may serve it, unless fallbacks are off
+    assert _pick(registry, _routing(order=["8"], sort="price"), exclude={"b1"}) == "a2"
+    assert _pick(registry, _routing(order=["8"], allow_fallbacks=False), exclude={"b1"}) is None
+
+
+def test_full_draining_and_excluded_agents_are_skipped() -> None:
+    registry = _registry(_agent("full", in_flight=2, capacity=2), _agent("ok"), _agent("draining"))
+    registry.get("draining").draining = True  # type: ignore[union-attr]
+    assert _pick(registry) == "ok"
+    assert placement.choose(registry, "m").reason == "sole_candidate"  # type: ignore[union-attr]
+    assert _pick(registry, exclude={"ok"}) is None
+    assert _pick(registry, max_price=Price(50, 50)) is None  # what the consumer's hold covers
+
+
+def test_power_of_two_choices_leans_to_the_best_without_herding() -> None:
+    """Three agents with clearly ranked costs: the best wins both of its pairings (2/3 of draws),
+    the middle one its pairing with the worst (1/3), the worst never; and load moves traffic."""
+    registry = _registry(
+        _agent("best", price=100, ttft_ms=100, tokens_per_s=50),
+        _agent("mid", price=150, ttft_ms=100, tokens_per_s=50),
+        _agent("worst", price=800, ttft_ms=400, tokens_per_s=20),
+    )
+    rng = random.Random(7)
+    picks = Counter(_pick(registry, rng=rng) for _ in range(3000))
+    assert picks["worst"] == 0
+    assert 1800 < picks["best"] < 2200 and 800 < picks["mid"] < 1200, picks
+    assert placement.choose(registry, "m", rng=rng).reason == "power_of_two"  # type: ignore[union-attr]
+    # the best agent, busy at 3/4, now loses to the idle middle one (price 210 x 1.75 vs 310 x 1)
+    registry.get("best").in_flight = 3  # type: ignore[union-attr]
+    picks = Counter(_pick(registry, rng=rng) for _ in range(3000))
+    assert picks["mid"] > picks["best"] > 0, picks
+
+
+def test_cost_weighs_trust_and_observed_speed() -> None:
+    slow = _registry(_agent("slow", ttft_ms=2000, tokens_per_s=2), _agent("fast", ttft_ms=50, tokens_per_s=80))
+    assert Counter(_pick(slow, rng=random.Random(1)) for _ in range(50)) == Counter({"fast": 50})
+    doubtful = _registry(_agent("doubtful", trust=45), _agent("trusted", trust=95))
+    assert Counter(_pick(doubtful, rng=random.Random(1)) for _ in range(50)) == Counter({"trusted": 50})
+    # an agent never measured is taken as the median of the others, so it still gets tried
+    fresh = _registry(_agent("new"), _agent("known", ttft_ms=100, tokens_per_s=30, price=101))
+    assert _pick(fresh, rng=random.Random(1)) == "new"
+
+
+def test_moving_averages() -> None:
+    performance = Performance()
+    performance.observe(100.0, None)
+    performance.observe(None, 20.0)
+    assert (performance.ttft_ms, performance.tokens_per_s, performance.jobs) == (100.0, 20.0, 2)
+    performance.observe(200.0, 40.0)
+    assert performance.ttft_ms == pytest.approx(120.0) and performance.tokens_per_s == pytest.approx(24.0)
+
+
+def test_upstream_admission() -> None:
+    price = Price(1000, 2000)
+    assert Routing().admits_upstream(price)
+    assert not _routing(allow_fallbacks=False).admits_upstream(price)
+    assert not _routing(only=["a1"]).admits_upstream(price)
+    assert _routing(only=["a1", "platform"]).admits_upstream(price)
+    assert not _routing(ignore=["platform"]).admits_upstream(price)
+    assert not _routing(max_price={"completion": 1.5}).admits_upstream(price)
+    assert _routing(max_price={"completion": 2}).admits_upstream(price)
+    assert not _routing(quantizations=["q4_k_m"]).admits_upstream(price)
+    assert _routing(quantizations=["unknown"]).admits_upstream(price)
+
+
+def test_quantization_is_read_from_the_backend_name_or_announced() -> None:
+    hello = Hello(
+        protocol=protocol.PROTOCOL_VERSION,
+        agent_version="t",
+        max_concurrency=1,
+        models=[
+            ModelOffer("", "SmolLM2-135M-Instruct-Q4_K_M.gguf", 1, 1),
+            ModelOffer("gemma-3-270m", "gemma", 1, 1, quantization="Q8_0"),
+            ModelOffer("qwen2.5-coder-7b", "qwen", 1, 1),
+        ],
+    )
+    offers = hello_offers(hello, DIRECTORY)
+    assert {slug: offer.quantization for slug, offer in offers.items()} == {
+        "smollm2-135m": "q4_k_m",
+        "gemma-3-270m": "q8_0",
+        "qwen2.5-coder-7b": "",
+    }
+
+
+def test_preferences_are_removed_from_the_forwarded_body() -> None:
+    body = b'{"model":["a","b"],"provider":{"sort":"price"},"messages":[],"extra":{"provider":1}}'
+    assert without_preferences(body) == b'{"model":["a","b"],"messages":[],"extra":{"provider":1}}'
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """A pool whose upstream (a loopback stand-in) serves both models at $1/$2 per 1M tokens."""
+    workdir = tmp_path_factory.mktemp("routing")
+    port = localpool.free_port()
+    upstream = localpool.start_standin(port, workdir, name="upstream", chunks=2)
+    harness = Pool(
+        workdir,
+        upstream_base_url=f"http://127.0.0.1:{port}/v1",
+        upstream_models="gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol",
+        upstream_price_in="1",
+        upstream_price_out="2",
+    )
+    harness.backends.append(upstream)
+    harness.start()
+    harness.extra = {"upstream": f"http://127.0.0.1:{port}"}
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_agents(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "routed" in request.fixturenames:
+        request.getfixturevalue("routed").stop_agents()
+
+
+def _x_pool(response: httpx.Response) -> dict[str, object]:
+    assert response.status_code == 200, response.text
+    return dict(response.json()["x_pool"])
+
+
+def test_allow_fallbacks_false_gets_503_instead_of_the_upstream(routed: Pool) -> None:
+    body = {"model": "gemma-3-270m", "messages": MSG}
+    assert _x_pool(routed.post(body))["route"] == "fallback"
+    refused = routed.post({**body, "provider": {"allow_fallbacks": False}})
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    error = refused.json()["error"]
+    assert error["code"] == "no_capacity" and "`provider` preferences" in error["message"]
+    for prefs in ({"ignore": ["platform"]}, {"only": [12345]}, {"max_price": {"prompt": 0.5}}):
+        assert routed.post({**body, "provider": prefs}).status_code == 503, prefs
+    assert _x_pool(routed.post({**body, "provider": {"only": ["platform"]}}))["fallback"] is True
+
+
+def test_preferences_route_between_real_agents(routed: Pool) -> None:
+    cheap = routed.standin(chunks=1)
+    routed.agent(cheap, ["smollm2-135m"], price_in="0.1", price_out="0.1")
+    routed.agent(routed.standin(chunks=1), ["smollm2-135m"], price_in="0.5", price_out="0.5")
+    body = {"model": "smollm2-135m", "messages": MSG}
+
+    by_price = _x_pool(routed.post({**body, "provider": {"sort": "price"}}))
+    assert by_price["route"] == "sort:price" and by_price["candidates"] == 2 and by_price["attempts"] == 1
+    cheapest = str(by_price["agent"])
+    dearest = str(_x_pool(routed.post({**body, "provider": {"ignore": [cheapest]}}))["agent"])
+    assert dearest.startswith("agt_") and dearest != cheapest
+    ordered = _x_pool(routed.post({**body, "provider": {"order": [dearest, cheapest]}}))
+    assert (ordered["agent"], ordered["route"]) == (dearest, "order")
+    assert _x_pool(routed.post({**body, "provider": {"only": [dearest]}}))["agent"] == dearest
+    assert _x_pool(routed.post({**body, "provider": {"max_price": {"prompt": 0.2}}}))["agent"] == cheapest
+    # the backend never sees the pool's own preferences
+    assert "provider" not in httpx.get(f"{cheap}/_last").json()
+    # one provider owns both agents: its id names both, and not the upstream
+    provider = by_price["provider"]
+    assert _x_pool(routed.post({**body, "provider": {"only": [provider], "ignore": [cheapest]}}))["agent"] == dearest
+    assert routed.post({**body, "provider": {"only": [provider], "ignore": [cheapest, dearest]}}).status_code == 503
+    assert _x_pool(routed.post({**body, "provider": {"ignore": [provider]}}))["fallback"] is True
+    # the default spreads load by power of two choices and says so
+    assert _x_pool(routed.post(body))["route"] == "power_of_two"
+
+
+def test_model_list_is_tried_in_order(routed: Pool) -> None:
+    routed.agent(routed.standin(chunks=1), ["gemma-3-270m"])
+    body = {"messages": MSG, "provider": {"allow_fallbacks": False}}
+    # no agent serves smollm2 and fallbacks are off: the second model serves it
+    first = _x_pool(routed.post({**body, "model": ["smollm2-135m", "gemma-3-270m"]}))
+    assert first["model"] == "gemma-3-270m" and first["fallback"] is False
+    # with fallbacks on, the first model's upstream comes before the second model
+    second = _x_pool(routed.post({"messages": MSG, "model": ["smollm2-135m", "gemma-3-270m"]}))
+    assert second["model"] == "smollm2-135m" and second["fallback"] is True
+    unknown = routed.post({"messages": MSG, "model": ["gemma-3-270m", "no-such-model"]})
+    assert unknown.status_code == 404 and "no-such-model" in unknown.json()["error"]["message"]
+    for bad, param in (
+        ({"model": []}, "model"),
+        ({"model": ["a"] * 9}, "model"),
+        ({"model": [""]}, "model[0]"),
+        ({"provider": {"sort": "cheapest"}}, "provider.sort"),
+        ({"provider": {"min_trust": 101}}, "provider.min_trust"),
+        ({"provider": {"max_price": {"prompt": -1}}}, "provider.max_price.prompt"),
+        ({"provider": {"order": "agt_1"}}, "provider.order"),
+        ({"provider": {"allow_fallbacks": "no"}}, "provider.allow_fallbacks"),
+        ({"provider": {"data_collection": "deny"}}, "provider"),
+    ):
+        response = routed.post({"model": "gemma-3-270m", "messages": MSG, **bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"] == param, response.json()
