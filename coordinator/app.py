@@ -36,6 +36,7 @@ from coordinator.state import PoolState
 from coordinator.stats import RequestStats
 from coordinator.trust import TrustBook
 from coordinator.upstream import Upstream
+from coordinator.verify import Verifier
 from shared import errors, logs
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,14 @@ def build_state(settings: Settings) -> PoolState:
     )
     requests = RequestLog(engine, settings.request_log_interval)
     trust_book = TrustBook(engine, settings.trust_half_life, settings.new_agent_concurrency)
+    dispatcher = Dispatcher(
+        registry,
+        upstream,
+        settings.first_chunk_timeout,
+        settings.job_deadline,
+        trust_floor=settings.trust_threshold,
+        trust=trust_book,
+    )
     key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
     return PoolState(
         settings=settings,
@@ -175,15 +184,9 @@ def build_state(settings: Settings) -> PoolState:
         agent_tokens=auth.agent_tokens(sessions),
         registry=registry,
         upstream=upstream,
-        dispatcher=Dispatcher(
-            registry,
-            upstream,
-            settings.first_chunk_timeout,
-            settings.job_deadline,
-            trust_floor=settings.trust_threshold,
-            trust=trust_book,
-        ),
+        dispatcher=dispatcher,
         trust=trust_book,
+        verifier=Verifier(registry, dispatcher, trust_book, settings.first_chunk_timeout, settings.idle_timeout),
         stats=RequestStats(settings.status_window_seconds),
         requests=requests,
         key_limits=key_limits,
@@ -220,6 +223,7 @@ def create_app(settings: Settings) -> Litestar:
             yield
         finally:
             sched.shutdown(wait=False)
+            pool.verifier.close()
             await accounting.close()
             await pool.trust.close()
             await pool.requests.close()

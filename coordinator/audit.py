@@ -2,10 +2,11 @@
 model can, and produce sane output? Pure functions; each failed check is evidence against the agent
 (:mod:`coordinator.trust`), and billing follows the coordinator's own count.
 
-- Usage honesty: a stream's completion tokens are counted as they pass (one text delta is at least
-  one token, and llama.cpp, vLLM and Ollama send one token per delta, a few more when they hold back
-  a partial stop word or UTF-8 sequence); a whole reply's tokens are bounded by its text's bytes
-  (byte-level tokenizers never make a token of less than one byte).
+- Usage honesty: the completion tokens reported must fit the text delivered. llama.cpp, vLLM and
+  Ollama stream one token per delta, except that the byte tokens of a multi-byte character (an
+  emoji, an accent) wait for each other; so a delta holds at most one token plus one per non-ASCII
+  byte. A whole reply's tokens are bounded by its text's bytes (byte-level tokenizers never make a
+  token of less than one byte).
 - Speed: tokens over the time from assignment to the end can never exceed what the hardware did, so
   an honest agent can never look faster than it is; the ceiling is generous per model size.
 - Output: empty output marked ``stop``, one token repeated, invalid UTF-8.
@@ -20,7 +21,7 @@ import msgspec
 from coordinator import trust
 from shared.protocol import Usage
 
-# Reported completion tokens may exceed the deltas counted by this factor plus slack before the
+# Reported completion tokens may exceed the tokens the text can hold by this factor plus slack before the
 # report is called inflated.
 USAGE_TOLERANCE = 1.25
 USAGE_SLACK = 4
@@ -37,6 +38,7 @@ REPLACEMENT_SHARE = 0.25
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[object] | None = None
 
 
@@ -61,6 +63,7 @@ class Output:
     tool_calls: bool = False
     finish_reason: str | None = None
     valid: bool = True  # every payload was valid UTF-8 JSON
+    token_bound: int = 0  # the most tokens the text can be: see the module's docstring
 
     def read(self, payload: bytes) -> None:
         try:
@@ -71,8 +74,13 @@ class Output:
         for choice in decoded.choices:
             part = choice.delta or choice.message
             if part is not None:
-                self.text += part.content or ""
+                content = (part.reasoning_content or "") + (part.content or "")
+                self.text += content
                 self.tool_calls = self.tool_calls or bool(part.tool_calls)
+                if content and choice.delta is not None:
+                    self.token_bound += 1 + sum(1 for byte in content.encode() if byte > 0x7F)
+                elif content:
+                    self.token_bound += len(content.encode())
             self.finish_reason = choice.finish_reason or self.finish_reason
 
 
@@ -114,9 +122,7 @@ def speed_ceiling(parameter_count: int | None) -> float:
 
 def counted_tokens(job: Job) -> int:
     """The most completion tokens the coordinator can vouch for."""
-    if job.stream:
-        return job.delivered
-    return len(job.output.text.encode()) + (USAGE_SLACK if job.output.tool_calls else 0)
+    return max(job.delivered, job.output.token_bound)
 
 
 def judge(job: Job) -> Verdict:

@@ -191,8 +191,8 @@ class Dispatcher:
                     job.first_at = time.perf_counter()
                     return Attempt(job, first, route)
                 job.cancel()
-                if first.code not in (errors.AGENT_BUSY, errors.AGENT_DRAINING) and provider_error(first)[0] == 502:
-                    self.witness(agent, trust.FAILED, f"{first.code}: {first.message}", job.job_id)
+                if stream or first.code != TIMED_OUT:  # a whole reply may take longer than a first token
+                    self.witness_failure(agent, job, first, started=False)
                 if not first.retryable:
                     return Attempt(job, first, route)
                 log.warning(
@@ -218,6 +218,21 @@ class Dispatcher:
         """Evidence about an agent, for its trust score."""
         if self.trust is not None:
             self.trust.witness(agent, kind, detail[:200], job_id)
+
+    def witness_failure(
+        self, agent: ConnectedAgent, job: Job, failure: Failure, *, started: bool, origin: str = ""
+    ) -> bool:
+        """Evidence from a job that failed (``started``: after output began); whether the agent
+        was at fault. A full or draining agent, or a backend refusing the consumer's own request,
+        says nothing against it; a silence after output began is a stall, any other failure then
+        an abort."""
+        if failure.code in (errors.AGENT_BUSY, errors.AGENT_DRAINING) or provider_error(failure)[0] != 502:
+            return False
+        kind = trust.FAILED
+        if started:
+            kind = trust.STALLED if failure.code == TIMED_OUT else trust.ABORTED
+        self.witness(agent, kind, f"{origin}{failure.code}: {failure.message}", job.job_id)
+        return True
 
     def observe(self, job: Job, completion_tokens: int, *, stream: bool) -> None:
         """Feed a completed job's timings into its agent's moving averages for the model: time to

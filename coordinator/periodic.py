@@ -1,6 +1,6 @@
 """Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
 release holds whose request is gone, reload the model directory (edited by any process), write trust
-evidence and decay scores."""
+evidence and decay scores, send verification jobs."""
 
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ async def keep_trust(pool: PoolState) -> None:
         pool.trust.apply(agent, pool.trust.score(agent.token_id))
 
 
+async def verify_an_agent(pool: PoolState) -> None:
+    """Send one verification job (a canary) to the agent verified least so far."""
+    pool.verifier.start_one(pool.directory)
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
     settings = pool.settings
@@ -85,5 +90,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
     sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
     sched.add_job(keep_trust, "interval", seconds=TRUST_INTERVAL, **once)
+    if settings.canary_interval_seconds > 0:
+        sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
     return sched

@@ -66,6 +66,7 @@ class Settings:
     trust_threshold: float = 40.0  # agents scoring below get no consumer traffic (0-100)
     trust_half_life: float = 86_400.0  # seconds over which evidence loses half its weight (POOL_TRUST_HALF_LIFE_HOURS)
     new_agent_concurrency: int = 2  # consumer jobs at once for agents not yet trusted
+    canary_interval_seconds: float = 30.0  # one verification job this often (0: none)
     admin_token: str | None = None
     # limits
     rate_limit_rpm: int = 600
@@ -201,6 +202,7 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "trust_threshold": _trust_score,
     "trust_half_life": lambda raw: _positive_float(raw) * 3600,
     "new_agent_concurrency": _positive_int,
+    "canary_interval_seconds": _non_negative_float,
     "admin_token": str,
     "rate_limit_rpm": _positive_int,
     "rate_limit_tpm": _positive_int,

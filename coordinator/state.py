@@ -18,6 +18,7 @@ from coordinator.settings import Settings
 from coordinator.stats import RequestStats
 from coordinator.trust import TrustBook
 from coordinator.upstream import Upstream
+from coordinator.verify import Verifier
 
 
 @dataclass
@@ -38,3 +39,4 @@ class PoolState:
     portal: SessionTokens
     directory: Directory
     trust: TrustBook
+    verifier: Verifier

@@ -145,31 +145,39 @@ class TrustBook:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def load(self, token_id: int) -> Reputation:
-        """The token's reputation from its stored evidence (cached while it is connected)."""
+        """The token's reputation from its stored evidence and what waits to be written (cached
+        while it is connected)."""
         known = self.reputations.get(token_id)
         if known is not None:
             return known
         now = time.time()
         since = evidence_horizon(now, self.half_life)
         query = select(_table).where(_table.c.agent_token_id == token_id, _table.c.created_at >= since)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        evidence = [evidence_of(row) for row in rows if row.kind in WEIGHTS]
+        async with self._lock:  # no flush moves evidence from pending to the table meanwhile
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+            evidence = [evidence_of(row) for row in rows if row.kind in WEIGHTS]
+            evidence += [item for item in self.pending if item.token_id == token_id]
         return self.reputations.setdefault(token_id, reputation_of(evidence, self.half_life, now))
 
     def forget(self, token_id: int) -> None:
         self.reputations.pop(token_id, None)
 
     def record(self, evidence: Evidence) -> float:
-        """Count one piece of evidence now; returns the token's new score."""
-        reputation = self.reputations.setdefault(evidence.token_id, Reputation())
-        reputation.add(evidence.weight, evidence.at, self.half_life, evidence.count)
+        """Count one piece of evidence now; returns the token's new score. Evidence about a token
+        not loaded here (its agent went away) is only written: the next load reads it."""
         self.pending.append(evidence)
+        reputation = self.reputations.get(evidence.token_id)
+        if reputation is None:
+            return Reputation().score()
+        reputation.add(evidence.weight, evidence.at, self.half_life, evidence.count)
         return reputation.score()
 
     def witness(self, agent: ConnectedAgent, kind: str, detail: str = "", job_id: str | None = None) -> None:
         """Count evidence about ``agent`` now and apply its new score to it."""
         score = self.record(Evidence(agent.token_id, agent.user_id, kind, time.time(), detail=detail, job_id=job_id))
+        if agent.token_id not in self.reputations:
+            return
         if kind != COMPLETED:
             log.info(
                 "trust evidence",

@@ -29,12 +29,13 @@ class Pool:
             "admin_token": ADMIN_TOKEN,
             # Close credit leases soon after the last request, so tests see settled books quickly.
             "credit_lease_idle_seconds": "0.3",
-            # New agents run at most 2 consumer jobs at once until trusted, and agents below trust 40
-            # get no traffic. Tests of load, failover and money make the one test provider fail on
-            # purpose and need its agents' own limits: they run without those rules, which
+            # New agents run at most 2 consumer jobs at once until trusted, agents below trust 40 get
+            # no traffic, and verification jobs mix in. Tests of load, failover and money make the one
+            # test provider fail on purpose and count its jobs: they run without those rules, which
             # tests/test_trust.py checks with the defaults.
             "new_agent_concurrency": "64",
             "trust_threshold": "0",
+            "canary_interval_seconds": "0",
             **settings,
         }
         self.env = localpool.coordinator_env(self.db_url, **self.settings)

@@ -5,19 +5,26 @@ the routing threshold within a bounded number of jobs and consumers pay only for
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import re
+import sqlite3
 import time
-from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from websockets.asyncio.client import connect
 
 from coordinator import audit, trust
 from coordinator.audit import Output, read_output
 from coordinator.trust import Evidence, Reputation, reputation_of
+from coordinator.verify import CANARY, PROMPTS, References, canary_body
 from scripts import localpool
-from shared.protocol import Usage
+from shared import protocol
+from shared.protocol import Heartbeat, Hello, JobAssign, ModelOffer, Usage, Welcome
 from tests.harness import Pool
 
 HOUR = 3600.0
@@ -82,6 +89,10 @@ def test_audit_passes_honest_work() -> None:
     assert _kinds(_job([*words, STOP], reported=40)) == []
     assert _kinds(_job([*words, STOP], reported=44)) == []  # a few held-back tokens are tolerated
     assert _kinds(_job([*words, STOP], reported=None)) == []
+    # llama.cpp holds the byte tokens of a multi-byte character back and sends them as one delta:
+    # SmolLM2's real answer to "Say hello in Spanish." was 13 deltas for 24 tokens
+    spanish = ["H", "ola", " in", " es", "pa", "ñ", "ol", "!", " 😊", "🌍", "🌍", "🌍", "🌍"]
+    assert _kinds(_job([*(_chunk(piece) for piece in spanish), STOP], reported=24)) == []
     # non-stream: the whole reply, tokens bounded by its bytes
     body = msgspec.json.encode(
         {"choices": [{"index": 0, "message": {"content": "Paris is the capital."}, "finish_reason": "stop"}]}
@@ -116,7 +127,113 @@ def test_audit_catches_each_cheat_and_bills_what_it_can_vouch_for() -> None:
 
 def test_output_reader_keeps_finish_reason_and_text() -> None:
     output = read_output([_chunk("Hel"), _chunk("lo"), STOP])
-    assert output == Output(text="Hello", tool_calls=False, finish_reason="stop", valid=True)
+    assert output == Output(text="Hello", tool_calls=False, finish_reason="stop", valid=True, token_bound=2)
+    accented = read_output([_chunk("ñ"), _chunk("😊")])
+    assert accented.token_bound == (1 + 2) + (1 + 4)  # one token per delta, plus one per non-ASCII byte
+
+
+# --- verification jobs ------------------------------------------------------------------------
+
+
+class _Agent:
+    """Just enough of a connected agent for :class:`References`: its token and its provider."""
+
+    def __init__(self, token_id: int, user_id: int | None = None) -> None:
+        self.token_id = token_id
+        self.user_id = token_id if user_id is None else user_id
+
+
+def _judge(
+    refs: References, token: int, text: str, trusted: bool, provider: int | None = None, prompt: int = 0
+) -> list[tuple[int, bool]]:
+    verdicts = refs.judge(("m", "", prompt), _Agent(token, provider), text, trusted)  # type: ignore[arg-type]
+    return [(agent.token_id, passed) for agent, passed in verdicts]
+
+
+def test_a_reference_needs_two_trusted_tokens_and_then_judges_everyone() -> None:
+    refs = References()
+    assert _judge(refs, 1, "Paris is the capital of France.", trusted=False) == []  # waits
+    assert _judge(refs, 2, "Paris is the capital of France.", trusted=False) == []  # sybils cannot agree in
+    assert _judge(refs, 3, "The capital is Lyon, a city.", trusted=False) == []
+    assert _judge(refs, 4, "Paris is the capital of France.", trusted=True) == []  # one trusted: not enough
+    verdicts = _judge(refs, 5, "Paris is the capital of France!", trusted=True)  # near-identical agrees
+    assert sorted(verdicts) == [(1, True), (2, True), (3, False), (4, True), (5, True)]
+    assert _judge(refs, 6, "Berlin.", trusted=False) == [(6, False)]
+    assert _judge(refs, 7, "Paris is the capital of France.", trusted=False) == [(7, True)]
+    # two trusted tokens of one provider are one opinion
+    assert _judge(refs, 8, "Rome.", trusted=True, provider=80, prompt=1) == []
+    assert _judge(refs, 9, "Rome.", trusted=True, provider=80, prompt=1) == []
+    assert sorted(_judge(refs, 10, "Rome.", trusted=True, prompt=1)) == [(8, True), (9, True), (10, True)]
+
+
+def test_canary_prompts_favour_answers_that_can_be_judged() -> None:
+    refs = References()
+    rng = random.Random(3)
+    refs.judge(("m", "", 4), _Agent(1), "x", True)  # type: ignore[arg-type]
+    assert {refs.prompt_for("m", "", 2, rng) for _ in range(20)} == {4}  # token 2 can help form a reference
+    assert 4 not in {refs.prompt_for("m", "", 1, rng) for _ in range(20)}  # token 1 already answered it
+    assert canary_body("m", PROMPTS[0]).startswith(b'{"messages":[{"role":"user","content":')
+
+
+@pytest.fixture
+def verifying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    harness = Pool(tmp_path_factory.mktemp("verifying"), canary_interval_seconds="0.2")
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) -> None:
+    """A websocket client in the agent's place records every job.assign it gets: one for a consumer
+    request sent as the OpenAI SDK sends it, the others verification jobs."""
+    pool = verifying
+    url = pool.url.replace("http://", "ws://") + "/v1/agent/connect"
+    offer = ModelOffer("smollm2-135m", "local-model", 100, 200)
+    hello = Hello(protocol=protocol.PROTOCOL_VERSION, agent_version="t", models=[offer], max_concurrency=8)
+    consumer = {
+        "messages": [{"role": "user", "content": "A consumer's question?"}],
+        "model": "smollm2-135m",
+        "max_tokens": 24,
+        "seed": 1,
+        "stream": True,
+        "temperature": 0,
+    }
+    assigned: list[JobAssign] = []
+    decoder = protocol.coordinator_decoder()
+    async with (
+        connect(url, additional_headers={"Authorization": f"Bearer {pool.token}"}) as ws,
+        httpx.AsyncClient(timeout=5, headers={"authorization": f"Bearer {pool.key}"}) as client,
+    ):
+        await ws.send(protocol.encode(hello))
+        assert isinstance(decoder.decode(await ws.recv(decode=False)), Welcome)  # type: ignore[arg-type]
+        request = asyncio.create_task(client.post(f"{pool.url}/v1/chat/completions", json=consumer))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            await ws.send(protocol.encode(Heartbeat()))
+            with contextlib.suppress(TimeoutError):
+                message = decoder.decode(await asyncio.wait_for(ws.recv(decode=False), 0.2))  # type: ignore[arg-type]
+                if isinstance(message, JobAssign):
+                    assigned.append(message)
+        request.cancel()
+    bodies = [msgspec.json.decode(job.request) for job in assigned]
+    consumer_jobs = [job for job, body in zip(assigned, bodies, strict=True) if body == consumer]
+    canaries = [job for job, body in zip(assigned, bodies, strict=True) if body != consumer]
+    assert len(consumer_jobs) == 1 and len(canaries) >= 3, bodies
+    mine = consumer_jobs[0]
+    for canary, body in ((job, msgspec.json.decode(job.request)) for job in canaries):
+        assert canary.__struct_fields__ == mine.__struct_fields__
+        assert (canary.model, canary.backend_model, canary.stream, canary.want_usage) == (
+            mine.model,
+            mine.backend_model,
+            mine.stream,
+            mine.want_usage,
+        )
+        assert re.fullmatch(r"job_[0-9a-f]{16}", canary.job_id) and re.fullmatch(r"job_[0-9a-f]{16}", mine.job_id)
+        assert abs((canary.deadline - time.time()) - (mine.deadline - time.time())) < 5
+        assert list(body) == list(consumer)  # the same fields in the same order
+        assert body["messages"][0]["role"] == "user" and body["model"] == "smollm2-135m"
 
 
 # --- real agents, honest and cheating ------------------------------------------------------------
@@ -132,13 +249,32 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture
 def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    """A pool with the production defaults for trust (threshold 40, new agents at 2 jobs at once)."""
-    harness = Pool(tmp_path_factory.mktemp("trust"), idle_timeout="2", new_agent_concurrency="2", trust_threshold="40")
+    """A pool with the production rules for trust (threshold 40, new agents at 2 jobs at once) and
+    verification jobs every quarter second."""
+    harness = Pool(
+        tmp_path_factory.mktemp("trust"),
+        idle_timeout="2",
+        new_agent_concurrency="2",
+        trust_threshold="40",
+        canary_interval_seconds="0.25",
+    )
     harness.start()
     try:
         yield harness
     finally:
         harness.stop()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's server with Gemma 3 270M: a real model, not the one the cheater claims."""
+    workdir = tmp_path_factory.mktemp("gemma")
+    port = localpool.free_port()
+    proc = localpool.start_llama(localpool.gemma_path(workdir / "models"), port, workdir, name="gemma", parallel=2)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
 
 
 def _provider(pool: Pool, name: str) -> tuple[str, str]:
@@ -151,12 +287,29 @@ def _provider(pool: Pool, name: str) -> tuple[str, str]:
     )
 
 
-def _standing(pool: Pool, key: str) -> dict[str, object]:
+def _standing(pool: Pool, key: str) -> dict[str, Any]:
     response = httpx.get(f"{pool.url}/v1/provider/agents", headers={"authorization": f"Bearer {key}"}, timeout=10)
     assert response.status_code == 200, response.text
     agents = response.json()["agents"]
     assert len(agents) == 1
     return dict(agents[0])
+
+
+def _jobs_until_caught(pool: Pool, token_id: int) -> tuple[int, int]:
+    """Replay a token's stored evidence: (jobs, consumer jobs) it took until its score first fell
+    below the threshold (evidence from verification jobs says so in its detail)."""
+    with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
+        rows = db.execute(
+            "SELECT kind, count, detail FROM trust_evidence WHERE agent_token_id = ? ORDER BY id", (token_id,)
+        ).fetchall()
+    reputation, jobs, consumer = Reputation(), 0, 0
+    for kind, count, detail in rows:
+        reputation.add(trust.WEIGHTS[kind], 1.0, 1e9, count)  # minutes apart at most: no decay
+        jobs += count
+        consumer += 0 if detail.startswith(CANARY) else count
+        if reputation.score() < 40:
+            return jobs, consumer
+    raise AssertionError(f"token {token_id} was never caught: {rows}")
 
 
 async def _request(client: httpx.AsyncClient, pool: Pool) -> tuple[str | None, float]:
@@ -173,53 +326,105 @@ async def _request(client: httpx.AsyncClient, pool: Pool) -> tuple[str | None, f
     return (x_pool["agent"], x_pool["cost_usd"]) if x_pool else (None, 0.0)
 
 
+def test_a_consumer_job_that_fails_the_audit_is_not_billed_and_benches_the_agent(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Without verification jobs: the consumer's own jobs are audited; inflated usage counts against
+    the agent, output that fails the sanity checks is not billed."""
+    pool = Pool(tmp_path_factory.mktemp("audited"), trust_threshold="40", new_agent_concurrency="2")
+    pool.start()
+    try:
+        token, key = _provider(pool, "inflater")
+        pool.agent(pool.standin(mode="inflate", chunks=20), ["smollm2-135m"], token=token)
+        body = {"model": "smollm2-135m", "messages": QUESTION, "stream": True}
+        with pool.client() as client:
+            chunks = list(client.chat.completions.create(**body))  # type: ignore[call-overload]
+        x_pool = (chunks[-1].model_extra or {})["x_pool"]
+        assert x_pool["cost_usd"] == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6)  # 20 tokens, not the 40 reported
+        standing = _standing(pool, key)
+        assert standing["routable"] is False and standing["evidence"][0]["kind"] == trust.USAGE_INFLATED
+        assert standing["evidence"][0]["detail"] == "reported 40 completion tokens, counted 20"
+        refused = pool.post({**body, "stream": False})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_capacity"
+        pool.stop_agents()
+
+        token, key = _provider(pool, "babbler")
+        pool.agent(pool.standin(mode="garbage", chunks=20), ["smollm2-135m"], token=token)
+        reply = pool.post({"model": "smollm2-135m", "messages": QUESTION})
+        assert reply.json()["choices"][0]["message"]["content"].startswith("zzz zzz")
+        assert reply.json()["x_pool"]["cost_usd"] == 0  # garbage is not billed...
+        # ...but a consumer may have asked for it: only verification jobs count it against the agent
+        standing = _standing(pool, key)
+        assert [item["kind"] for item in standing["evidence"]] == [trust.COMPLETED] and standing["routable"]
+    finally:
+        pool.stop()
+
+
 @pytest.mark.slow
-def test_cheaters_fall_below_the_threshold_and_consumers_pay_only_honest_work(judged: Pool, llama: str) -> None:
+def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma: str) -> None:
     pool = judged
-    honest_token, honest_key = _provider(pool, "honest")
-    pool.agent(llama, ["smollm2-135m"], token=honest_token, max_concurrency=4)
+    honest = {}
+    for name in ("honest-a", "honest-b"):
+        token, honest[name] = _provider(pool, name)
+        pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
     keys = {}
     for name, (options, _) in CHEATS.items():
         token, keys[name] = _provider(pool, name)
         pool.agent(pool.standin(**options), ["smollm2-135m"], token=token, max_concurrency=4)
-    cheater_of = {_standing(pool, key)["connected"][0]["agentId"]: name for name, key in keys.items()}  # type: ignore[index]
-    honest_agent = _standing(pool, honest_key)["connected"][0]["agentId"]  # type: ignore[index]
+    token, keys["wrong-model"] = _provider(pool, "wrong-model")
+    pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2)  # Gemma 3 270M
+    expected = {**{name: kind for name, (_, kind) in CHEATS.items()}, "wrong-model": trust.CANARY_FAILED}
+    standings = {name: _standing(pool, key) for name, key in {**keys, **honest}.items()}
+    agent_of = {name: standing["connected"][0]["agentId"] for name, standing in standings.items()}
+    name_of = {agent: name for name, agent in agent_of.items()}
     spent_before = _spent(pool)
 
-    served = []
-    for _ in range(10):  # rounds of 4 concurrent requests: cheaters and the honest agent compete
+    served: list[tuple[str | None, float]] = []
+    caught: set[str] = set()
+    for _ in range(60):  # rounds of 4 concurrent requests, until every cheater is out
         served += asyncio.run(_round(pool))
-    time.sleep(2.5)  # trust evidence is written every 2 s
-    jobs_to_catch = {}
+        caught = {name for name, key in keys.items() if not _standing(pool, key)["routable"]}
+        if caught == set(keys):
+            break
+    if caught != set(keys):  # say why before failing
+        for name, key in {**keys, **honest}.items():
+            standing = _standing(pool, key)
+            print(name, standing["trustScore"], [(e["kind"], e["detail"]) for e in standing["evidence"][:5]])
+    assert caught == set(keys)
+    table = {}
     for name, key in keys.items():
         standing = _standing(pool, key)
-        evidence = standing["evidence"]
-        assert standing["trustScore"] < 40 and standing["routable"] is False, (name, standing)
-        kinds = Counter(item["kind"] for item in evidence)  # type: ignore[attr-defined]
-        assert kinds[CHEATS[name][1]] >= 1, (name, evidence)
-        jobs_to_catch[name] = sum(item["count"] for item in evidence)  # type: ignore[attr-defined]
-    honest = _standing(pool, honest_key)
-    assert honest["routable"] is True and honest["trustScore"] > 50, honest
-    assert {item["kind"] for item in honest["evidence"]} == {trust.COMPLETED}  # type: ignore[attr-defined]
-    print("\njobs to catch:", jobs_to_catch)
-    scores = [_standing(pool, key)["trustScore"] for key in (honest_key, *keys.values())]
+        kinds = {item["kind"] for item in standing["evidence"]}
+        assert expected[name] in kinds, (name, standing["evidence"])
+        table[name] = _jobs_until_caught(pool, standing["tokenId"])
+    served_by = {name: sum(1 for agent, _ in served if name_of.get(str(agent)) == name) for name in keys}
+    print("\ncheater: (jobs, consumer jobs) until below the threshold:", table)
+    print("consumer requests each cheater finished, in all:", served_by)
+
+    for name, key in honest.items():
+        standing = _standing(pool, key)
+        assert standing["routable"] is True and standing["trustScore"] > 50, (name, standing)
+        assert {item["kind"] for item in standing["evidence"]} <= {trust.COMPLETED, trust.CANARY_PASSED}, standing
+    # the audit catches its cheats within the 2 jobs a new agent runs at once (and one for slack)
+    assert all(table[name][0] <= 3 for name in CHEATS), table
+
+    # once caught, cheaters get no more consumer traffic
+    late = asyncio.run(_round(pool))
+    assert {name_of.get(str(agent)) for agent, _ in late} <= {"honest-a", "honest-b"}, late
+    # consumers paid for honest work and the inflater's tokens as counted; not for garbage, stalls or
+    # impossible speed. (The wrong model's jobs before it was caught were paid: see the closing note.)
+    for agent, cost in served:
+        name = name_of.get(str(agent))
+        if name in ("garbage", "speed", "stall"):
+            assert cost == 0, (name, cost)
+        if name == "inflate":
+            assert cost == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6), cost  # 20 tokens, not the 40 reported
+    assert any(name_of.get(str(agent), "").startswith("honest") and cost > 0 for agent, cost in served)
+    assert _spent(pool) - spent_before == pytest.approx(sum(cost for _, cost in [*served, *late]), abs=1e-9)
+    scores = [_standing(pool, key)["trustScore"] for key in [*keys.values(), *honest.values()]]
     listing = httpx.get(f"{pool.url}/v1/models", timeout=5).json()["data"]
     published = next(m["avgTrustScore"] for m in listing if m["id"] == "smollm2-135m")
-    assert published == pytest.approx(sum(scores) / len(scores), abs=0.5)  # type: ignore[arg-type]
-    # a new agent runs 2 jobs at once, so up to 2 start before the first verdict; one more for slack
-    assert all(jobs <= 3 for jobs in jobs_to_catch.values()), jobs_to_catch
-
-    # once caught, cheaters get no more consumer traffic: the honest agent serves everything
-    late = asyncio.run(_round(pool))
-    assert [agent for agent, _ in late] == [honest_agent] * 4, late
-    # consumers paid for the honest agent's work and the inflater's tokens as counted, nothing else
-    for agent, cost in served:
-        if cheater_of.get(str(agent)) in ("garbage", "speed", "stall"):
-            assert cost == 0, (cheater_of[str(agent)], cost)
-        if cheater_of.get(str(agent)) == "inflate":
-            assert cost == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6), cost  # 20 tokens, not the 40 reported
-    assert any(agent == honest_agent and cost > 0 for agent, cost in served)
-    assert _spent(pool) - spent_before == pytest.approx(sum(cost for _, cost in [*served, *late]), abs=1e-9)
+    assert published == pytest.approx(sum(scores) / len(scores), abs=1.0)
 
 
 async def _round(pool: Pool) -> list[tuple[str | None, float]]:

@@ -33,6 +33,7 @@ from shared import errors
 from shared.backend import Chunk, Done, Failure
 from shared.money import NANO_PER_USD
 from shared.openai import ChatCompletionRequest
+from shared.protocol import Usage
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Call:
     reservation: Reservation | None = None
     route: Route | None = None
     output: list[bytes] = field(default_factory=list)  # payloads relayed, for the audit
+    reported: Usage | None = None  # the agent's usage report, when the audit overrode it
     ended: bool = False
 
     def end(
@@ -144,11 +146,8 @@ class Call:
         that went silent or produced garbage is not billed; inflated usage is billed as counted."""
         dispatcher = self.pool.dispatcher
         if failure is not None:
-            if provider_error(failure)[0] != 502:
-                return True
-            stalled = failure.code == TIMED_OUT
-            dispatcher.witness(agent, trust.STALLED if stalled else trust.ABORTED, failure.message, job.job_id)
-            return not stalled
+            started = job.first_at is not None
+            return not (dispatcher.witness_failure(agent, job, failure, started=started) and failure.code == TIMED_OUT)
         if not completed:
             return True  # the consumer went away: nothing to say about the agent
         info = self.pool.directory.get(job.slug)
@@ -162,12 +161,17 @@ class Call:
                 parameter_count=info.parameter_count if info is not None else None,
             )
         )
-        for kind, detail in verdict.findings:
+        # A consumer's prompt can ask for a repeated word or stop at once: output that fails the
+        # sanity checks is not billed, but only verification jobs (our own prompts) count it against
+        # the agent, so nobody can bench an agent by asking for garbage.
+        findings = [(kind, detail) for kind, detail in verdict.findings if kind != trust.BAD_OUTPUT]
+        for kind, detail in findings:
             dispatcher.witness(agent, kind, detail, job.job_id)
-        if not verdict.findings:
+        if not findings:
             dispatcher.witness(agent, trust.COMPLETED, job_id=job.job_id)
         usage = self.meter.usage
         if verdict.completion_tokens is not None and usage is not None:
+            self.reported = usage  # what the agent claimed, for the request log
             self.meter.usage = msgspec.structs.replace(usage, completion_tokens=verdict.completion_tokens)
         return verdict.billable
 
@@ -178,9 +182,10 @@ class Call:
         record.provider_user_id = agent.user_id if agent is not None else None
         bill = self.meter.bill(completed=completed, stream=record.stream)
         record.prompt_tokens, record.completion_tokens = bill.prompt_tokens, bill.completion_tokens
-        if bill.reported is not None:
-            record.reported_prompt_tokens = bill.reported.prompt_tokens
-            record.reported_completion_tokens = bill.reported.completion_tokens
+        reported = self.reported or bill.reported
+        if reported is not None:
+            record.reported_prompt_tokens = reported.prompt_tokens
+            record.reported_completion_tokens = reported.completion_tokens
         price = offer_price(agent, record.model) if agent is not None else self.pool.upstream.price
         amount = bill.amount(price) if billable else 0
         held = self.reservation.amount if self.reservation is not None else 0
