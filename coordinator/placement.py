@@ -133,17 +133,23 @@ def eligible(
     exclude: Collection[str] = (),
     max_price: Price | None = None,
 ) -> list[ConnectedAgent]:
-    """Agents that may take the request now."""
+    """Agents that may take the request now (one pass over the model's agents: the hot loop)."""
     floor = max(trust_floor, routing.min_trust)
-    return [
-        agent
-        for agent in registry.serving(slug)
-        if agent.free_slots > 0
-        and agent.trust >= floor
-        and agent.agent_id not in exclude
-        and (max_price is None or max_price.covers(offer_price(agent, slug)))
-        and routing.admits(agent, slug)
-    ]
+    most_in, most_out = (max_price.input, max_price.output) if max_price is not None else (2**63, 2**63)
+    default = routing == DEFAULT_ROUTING
+    found = []
+    for agent in registry.serving(slug):
+        offer = agent.models[slug]
+        if (
+            agent.free_slots > 0
+            and agent.trust >= floor
+            and offer.price_in <= most_in
+            and offer.price_out <= most_out
+            and agent.agent_id not in exclude
+            and (default or routing.admits(agent, slug))
+        ):
+            found.append(agent)
+    return found
 
 
 def choose(
@@ -161,21 +167,26 @@ def choose(
     if not candidates:
         return None
     count = len(candidates)
-    typical = _typical(agent.performance.get(slug) for agent in candidates)
-    cost = {agent.agent_id: _cost(agent, slug, typical) for agent in candidates}
-    if routing.order:
-        first = min(routing.rank_in_order(agent) for agent in candidates)
-        if first < len(routing.order):
-            ordered = [agent for agent in candidates if routing.rank_in_order(agent) == first]
-            return Choice(min(ordered, key=lambda agent: cost[agent.agent_id]), ORDER, count)
-    if routing.sort is not None:
-        key = _SORT_KEYS[routing.sort]
-        best = min(candidates, key=lambda agent: (key(agent, slug, typical), _load(agent), cost[agent.agent_id]))
-        return Choice(best, sorted_by(routing.sort), count)
+    if routing.order or routing.sort is not None:
+        typical = _typical(agent.performance.get(slug) for agent in candidates)
+        if routing.order:
+            first = min(routing.rank_in_order(agent) for agent in candidates)
+            if first < len(routing.order):
+                ordered = [agent for agent in candidates if routing.rank_in_order(agent) == first]
+                return Choice(min(ordered, key=lambda agent: _cost(agent, slug, typical)), ORDER, count)
+        if routing.sort is not None:
+            key = _SORT_KEYS[routing.sort]
+            best = min(
+                candidates, key=lambda agent: (key(agent, slug, typical), _load(agent), _cost(agent, slug, typical))
+            )
+            return Choice(best, sorted_by(routing.sort), count)
     if count == 1:
         return Choice(candidates[0], SOLE_CANDIDATE, 1)
-    first_pick, second_pick = (rng or random).sample(candidates, 2)
-    best = first_pick if cost[first_pick.agent_id] <= cost[second_pick.agent_id] else second_pick
+    # Power of two choices: only the pair is scored (an agent not yet measured is taken to do as
+    # well as the other), so placement costs one pass over the candidates.
+    pair = (rng or random).sample(candidates, 2)
+    typical = _typical(agent.performance.get(slug) for agent in pair)
+    best = min(pair, key=lambda agent: _cost(agent, slug, typical))
     return Choice(best, POWER_OF_TWO, count)
 
 
