@@ -335,7 +335,7 @@ def test_a_consumer_job_that_fails_the_audit_is_not_billed_and_benches_the_agent
     pool.start()
     try:
         token, key = _provider(pool, "inflater")
-        pool.agent(pool.standin(mode="inflate", chunks=20), ["smollm2-135m"], token=token)
+        pool.agent(pool.standin(mode="inflate", chunks=20, interval_ms=10), ["smollm2-135m"], token=token)
         body = {"model": "smollm2-135m", "messages": QUESTION, "stream": True}
         with pool.client() as client:
             chunks = list(client.chat.completions.create(**body))  # type: ignore[call-overload]
@@ -349,7 +349,7 @@ def test_a_consumer_job_that_fails_the_audit_is_not_billed_and_benches_the_agent
         pool.stop_agents()
 
         token, key = _provider(pool, "babbler")
-        pool.agent(pool.standin(mode="garbage", chunks=20), ["smollm2-135m"], token=token)
+        pool.agent(pool.standin(mode="garbage", chunks=20, interval_ms=10), ["smollm2-135m"], token=token)
         reply = pool.post({"model": "smollm2-135m", "messages": QUESTION})
         assert reply.json()["choices"][0]["message"]["content"].startswith("zzz zzz")
         assert reply.json()["x_pool"]["cost_usd"] == 0  # garbage is not billed...
