@@ -217,7 +217,7 @@ class Dispatcher:
     def witness(self, agent: ConnectedAgent, kind: str, detail: str = "", job_id: str | None = None) -> None:
         """Evidence about an agent, for its trust score."""
         if self.trust is not None:
-            self.trust.witness(agent, kind, detail[:200], job_id)
+            self.trust.witness(agent, kind, detail, job_id)
 
     def witness_failure(
         self, agent: ConnectedAgent, job: Job, failure: Failure, *, started: bool, origin: str = ""

@@ -69,7 +69,6 @@ class Reputation:
     good: float = 0.0
     bad: float = 0.0
     at: float = 0.0
-    jobs: int = 0  # evidence events counted (tenure)
 
     def add(self, weight: float, at: float, half_life: float, count: int = 1) -> None:
         self.decay_to(at, half_life)
@@ -77,7 +76,6 @@ class Reputation:
             self.good += weight * count
         else:
             self.bad -= weight * count
-        self.jobs += count
 
     def decay_to(self, at: float, half_life: float) -> None:
         if at > self.at:

@@ -58,16 +58,26 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         harness.stop()
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """llama.cpp's server with SmolLM2-135M-Instruct (4 slots); its base URL."""
-    workdir = tmp_path_factory.mktemp("llama")
+def _llama_server(workdir: Path, model: Path, name: str, parallel: int) -> Iterator[str]:
     port = localpool.free_port()
-    proc = localpool.start_llama(localpool.smollm2_path(), port, workdir, parallel=4)
+    proc = localpool.start_llama(model, port, workdir, name=name, parallel=parallel)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's server with SmolLM2-135M-Instruct (4 slots); its base URL."""
+    yield from _llama_server(tmp_path_factory.mktemp("llama"), localpool.smollm2_path(), "llama", 4)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's server with Gemma 3 270M (2 slots): a real model other than SmolLM2."""
+    workdir = tmp_path_factory.mktemp("gemma")
+    yield from _llama_server(workdir, localpool.gemma_path(workdir / "models"), "gemma", 2)
 
 
 @pytest.fixture(autouse=True)

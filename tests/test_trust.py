@@ -265,18 +265,6 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         harness.stop()
 
 
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """llama.cpp's server with Gemma 3 270M: a real model, not the one the cheater claims."""
-    workdir = tmp_path_factory.mktemp("gemma")
-    port = localpool.free_port()
-    proc = localpool.start_llama(localpool.gemma_path(workdir / "models"), port, workdir, name="gemma", parallel=2)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
-
-
 def _provider(pool: Pool, name: str) -> tuple[str, str]:
     """A new provider: its agent token and a key to read its provider API."""
     email = f"{name}@providers.example"
