@@ -30,6 +30,32 @@ _QUANT = re.compile(r"[-.](i?q\d+(?:-[a-z0-9]+)*|f16|bf16|f32|fp16|fp8|int4|int8
 _table = cast(Table, DirectoryModel.__table__)
 
 
+_INT8 = re.compile(r"i?q8(_[a-z0-9]+)*|int8|8_?bit")
+_INT4 = re.compile(r"i?q4(_[a-z0-9]+)*|int4|4_?bit|awq|gptq")
+
+
+def quantization_label(raw: str) -> str:
+    """A quantisation as the pool writes it: ``Q4_K_M`` and ``q4-k-m`` are ``q4_k_m``."""
+    return raw.strip().lower().replace("-", "_")
+
+
+def precision(label: str) -> str | None:
+    """OpenRouter's precision class of a quantisation label (``q4_k_m`` and ``awq`` are ``int4``,
+    ``q8_0`` is ``int8``, ``f16`` is ``fp16``), so routing preferences in either vocabulary match."""
+    label = quantization_label(label)
+    if label in ("f32", "fp32"):
+        return "fp32"
+    if label in ("f16", "fp16"):
+        return "fp16"
+    if label in ("bf16", "fp8", "fp6", "fp4"):
+        return label
+    if _INT8.fullmatch(label):
+        return "int8"
+    if _INT4.fullmatch(label):
+        return "int4"
+    return None
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     slug: str
     display_name: str

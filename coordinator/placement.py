@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from coordinator.catalog import precision, quantization_label
 from coordinator.metering import Price
 from coordinator.registry import ConnectedAgent, Performance, Registry
 from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
@@ -68,7 +69,9 @@ class Routing:
             only=None if prefs.only is None else frozenset(str(name) for name in prefs.only),
             ignore=frozenset(str(name) for name in prefs.ignore or ()),
             allow_fallbacks=prefs.allow_fallbacks,
-            quantizations=None if prefs.quantizations is None else frozenset(q.lower() for q in prefs.quantizations),
+            quantizations=(
+                None if prefs.quantizations is None else frozenset(quantization_label(q) for q in prefs.quantizations)
+            ),
         )
 
     def admits(self, agent: ConnectedAgent, slug: str) -> bool:
@@ -82,7 +85,10 @@ class Routing:
         offer = agent.models[slug]
         if self.max_price is not None and not self.max_price.covers(Price(offer.price_in, offer.price_out)):
             return False
-        return self.quantizations is None or (offer.quantization or UNKNOWN_QUANTIZATION) in self.quantizations
+        if self.quantizations is None:
+            return True
+        label = offer.quantization or UNKNOWN_QUANTIZATION
+        return label in self.quantizations or precision(label) in self.quantizations
 
     def admits_upstream(self, price: Price) -> bool:
         """Whether the platform upstream may serve this request (its quantisation is unknown)."""

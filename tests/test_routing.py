@@ -13,10 +13,11 @@ import msgspec
 import pytest
 
 from coordinator import placement
+from coordinator.catalog import precision
 from coordinator.metering import Price
 from coordinator.placement import Routing
 from coordinator.registry import ConnectedAgent, Performance, Registry
-from coordinator.routes.agent_ws import hello_offers
+from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import without_preferences
 from scripts import localpool
 from shared import protocol
@@ -112,6 +113,30 @@ def test_filters_max_price_min_trust_threshold_quantizations() -> None:
     assert _pick(registry, _routing(sort="price", quantizations=["q8_0"])) == "dear"
     assert _pick(registry, _routing(sort="price", quantizations=["Q8_0", "unknown"])) == "plain"
     assert _pick(registry, _routing(quantizations=["fp16"])) is None
+    # OpenRouter's precision classes match the labels they cover
+    assert _pick(registry, _routing(sort="price", quantizations=["int8"])) == "dear"
+    assert _pick(registry, _routing(sort="price", quantizations=["int4", "int8"])) == "cheap"
+
+
+def test_precision_classes_of_quantization_labels() -> None:
+    classes = {label: precision(label) for label in ("q4_k_m", "IQ4_XS", "q4_1", "awq", "gptq", "4bit", "Q8_0")}
+    assert classes == {
+        "q4_k_m": "int4",
+        "IQ4_XS": "int4",
+        "q4_1": "int4",
+        "awq": "int4",
+        "gptq": "int4",
+        "4bit": "int4",
+        "Q8_0": "int8",
+    }
+    assert [precision(label) for label in ("f16", "fp16", "bf16", "f32", "fp8")] == [
+        "fp16",
+        "fp16",
+        "bf16",
+        "fp32",
+        "fp8",
+    ]
+    assert [precision(label) for label in ("q5_k_m", "q6_k", "q3_k_s", "unknown", "mlx")] == [None] * 5
 
 
 def test_only_ignore_order_by_agent_or_provider() -> None:
@@ -210,6 +235,13 @@ def test_quantization_is_read_from_the_backend_name_or_announced() -> None:
         "gemma-3-270m": "q8_0",
         "qwen2.5-coder-7b": "",
     }
+    # a label the directory does not list for the model is refused: no one would share its canaries
+    for offer in (
+        ModelOffer("", "SmolLM2-135M-Instruct-Q3_K_S.gguf", 1, 1),
+        ModelOffer("gemma-3-270m", "g", 1, 1, quantization="mine"),
+    ):
+        with pytest.raises(HelloRefused, match="is not one the directory lists"):
+            hello_offers(msgspec.structs.replace(hello, models=[offer]), DIRECTORY)
 
 
 def test_preferences_are_removed_from_the_forwarded_body() -> None:

@@ -12,7 +12,7 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from coordinator.catalog import SLUG, Directory, normalize
+from coordinator.catalog import SLUG, Directory, normalize, quantization_label
 from coordinator.errors import error_body, invalid_api_key
 from coordinator.registry import ConnectedAgent
 from coordinator.state import PoolState
@@ -125,7 +125,14 @@ def hello_offers(hello: Hello, directory: Directory) -> dict[str, ModelOffer]:
             raise HelloRefused(f"model {slug!r}: prices must not be negative")
         if offer.context_window is not None and offer.context_window <= 0:
             raise HelloRefused(f"model {slug!r}: context_window must be positive")
-        quantization = (offer.quantization or normalize(offer.backend_model)[1] or "").lower()
+        quantization = quantization_label(offer.quantization or normalize(offer.backend_model)[1] or "")
+        listed = directory.entries[slug].quantizations
+        if quantization and listed and quantization not in listed:
+            # A label nobody else announces would have no canary reference to be checked against.
+            raise HelloRefused(
+                f"model {slug!r}: quantization {quantization!r} is not one the directory lists for it "
+                f"({', '.join(listed)}); announce one of those, or ask the operator to add it"
+            )
         offers[slug] = msgspec.structs.replace(offer, slug=slug, quantization=quantization)
     return offers
 
