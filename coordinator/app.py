@@ -19,6 +19,7 @@ from coordinator import __version__, auth, billing, catalog, db, periodic
 from coordinator.accounting import Accounting
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
+from coordinator.history import History
 from coordinator.metering import Price
 from coordinator.ratelimit import FailureLimits, KeyLimits
 from coordinator.registry import Registry
@@ -176,6 +177,17 @@ def build_state(settings: Settings) -> PoolState:
         trust=trust_book,
     )
     key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    accounting = Accounting(
+        engine,
+        requests,
+        key_limits,
+        fee_bps=settings.fee_bps,
+        hold_ttl=settings.hold_ttl,
+        instance_lease=settings.instance_lease_seconds,
+        chunk=settings.credit_lease,
+        idle_seconds=settings.credit_lease_idle_seconds,
+        flush_interval=settings.ledger_flush_interval,
+    )
     return PoolState(
         settings=settings,
         engine=engine,
@@ -188,20 +200,11 @@ def build_state(settings: Settings) -> PoolState:
         trust=trust_book,
         verifier=Verifier(registry, dispatcher, trust_book, settings.first_chunk_timeout, settings.idle_timeout),
         stats=RequestStats(settings.status_window_seconds),
+        history=History(engine, accounting.instance_id, settings.status_history, settings.status_flush_seconds),
         requests=requests,
         key_limits=key_limits,
         auth_failures=FailureLimits(settings.auth_failures_per_minute),
-        accounting=Accounting(
-            engine,
-            requests,
-            key_limits,
-            fee_bps=settings.fee_bps,
-            hold_ttl=settings.hold_ttl,
-            instance_lease=settings.instance_lease_seconds,
-            chunk=settings.credit_lease,
-            idle_seconds=settings.credit_lease_idle_seconds,
-            flush_interval=settings.ledger_flush_interval,
-        ),
+        accounting=accounting,
         portal=portal_sessions(settings),
         directory=catalog.Directory(catalog.shipped()),
     )
@@ -226,6 +229,7 @@ def create_app(settings: Settings) -> Litestar:
             pool.verifier.close()
             await accounting.close()
             await pool.trust.close()
+            await periodic.keep_history(pool)
             await pool.requests.close()
             await pool.upstream.aclose()
             await pool.engine.dispose()

@@ -222,3 +222,20 @@ class TrustEvidenceRow(Base):
     detail: Mapped[str] = mapped_column(String(200), default="")
     job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class StatusMinuteRow(Base):
+    """One coordinator process's view of one minute of one model (``*``: the whole pool), merged
+    with the other processes' rows when read; see ``coordinator/history.py``."""
+
+    __tablename__ = "status_minutes"
+
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix seconds at its start
+    instance_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer)
+    served: Mapped[int] = mapped_column(Integer)
+    fallbacks: Mapped[int] = mapped_column(Integer)
+    latency: Mapped[str] = mapped_column(Text)  # JSON {bucket: count}
+    max_ms: Mapped[float] = mapped_column(Float)
+    providers: Mapped[str] = mapped_column(Text)  # JSON [provider user id, …]

@@ -1,6 +1,6 @@
 """Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
 release holds whose request is gone, reload the model directory (edited by any process), write trust
-evidence and decay scores, send verification jobs."""
+evidence and decay scores, send verification jobs, write and prune the status history."""
 
 from __future__ import annotations
 
@@ -75,6 +75,16 @@ async def keep_trust(pool: PoolState) -> None:
         pool.trust.apply(agent, pool.trust.score(agent.token_id))
 
 
+async def keep_history(pool: PoolState) -> None:
+    """Note who is connected, and write this process's open minutes of status history."""
+    serving: dict[str, set[int]] = {}
+    for agent in pool.registry.agents():
+        for slug in agent.models:
+            serving.setdefault(slug, set()).add(agent.user_id)
+    pool.history.providers(serving)
+    await pool.history.flush()
+
+
 async def verify_an_agent(pool: PoolState) -> None:
     """Send one verification job (a canary) to the agent verified least so far."""
     pool.verifier.start_one(pool.directory)
@@ -90,6 +100,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
     sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
     sched.add_job(keep_trust, "interval", seconds=TRUST_INTERVAL, **once)
+    sched.add_job(keep_history, "interval", seconds=settings.status_flush_seconds, **once)
     if settings.canary_interval_seconds > 0:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)

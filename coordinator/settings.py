@@ -48,6 +48,8 @@ class Settings:
     upstream_models: dict[str, str] = field(default_factory=dict)
     upstream_timeout: float = 300.0
     status_window_seconds: float = 900.0
+    status_history: float = 86_400.0  # seconds of per-minute status history kept (POOL_STATUS_HISTORY_HOURS)
+    status_flush_seconds: float = 10.0  # how often a process writes its open minutes (at most 60)
     no_capacity_retry_after: int = 5
     log_level: str = "INFO"
     # money
@@ -157,6 +159,12 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _at_most(value: float, limit: float) -> float:
+    if value > limit:
+        raise ValueError(f"must be at most {limit:g}")
+    return value
+
+
 def _trust_score(raw: str) -> float:
     value = float(raw)
     if not 0 <= value <= 100:
@@ -167,6 +175,7 @@ def _trust_score(raw: str) -> float:
 _ENV_NAMES = {
     "credit_lease": "CREDIT_LEASE_USD",
     "trust_half_life": "TRUST_HALF_LIFE_HOURS",
+    "status_history": "STATUS_HISTORY_HOURS",
 }  # where the variable's name says its unit
 
 _FIELDS: dict[str, Callable[[str], object]] = {
@@ -185,6 +194,8 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "upstream_models": _parse_models,
     "upstream_timeout": _positive_float,
     "status_window_seconds": _positive_float,
+    "status_history": lambda raw: _positive_float(raw) * 3600,
+    "status_flush_seconds": lambda raw: _at_most(_positive_float(raw), 60.0),
     "no_capacity_retry_after": _positive_int,
     "log_level": str.upper,
     "platform_fee": _fraction,

@@ -10,6 +10,7 @@ from coordinator.accounting import Accounting
 from coordinator.auth import SecretCache
 from coordinator.catalog import Directory
 from coordinator.dispatch import Dispatcher
+from coordinator.history import History
 from coordinator.ratelimit import FailureLimits, KeyLimits
 from coordinator.registry import Registry
 from coordinator.requestlog import RequestLog
@@ -32,6 +33,7 @@ class PoolState:
     upstream: Upstream
     dispatcher: Dispatcher
     stats: RequestStats
+    history: History
     requests: RequestLog
     key_limits: KeyLimits
     auth_failures: FailureLimits

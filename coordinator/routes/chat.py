@@ -125,6 +125,7 @@ class Call:
             pool.dispatcher.observe(job, record.completion_tokens, stream=record.stream)
         if job is not None or status in (502, 503):
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=status == 200)
+            pool.history.record(record.model, record.latency_ms, fallback=record.fallback, ok=status == 200)
         pool.accounting.finish(record, charge, self.reservation, self.token_estimate)
         route = self.route
         return XPool(

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, get
+from litestar.params import Parameter
 
+from coordinator.errors import PoolError
+from coordinator.history import MINUTE, StatusPoint
 from coordinator.state import PoolState
 from coordinator.stats import p95
+from shared import errors
 from shared.money import nano_per_token_to_usd_per_million
 
 STARTED = int(time.time())
@@ -45,7 +50,21 @@ class ModelStatus(msgspec.Struct):
     avgLatencyP95Ms: float | None
 
 
-class PoolStatus(msgspec.Struct):
+class ModelHistory(msgspec.Struct):
+    modelSlug: str
+    points: list[StatusPoint]
+
+
+class PoolHistory(msgspec.Struct):
+    """Per-minute points, oldest first; a minute no coordinator recorded has no point."""
+
+    bucketSeconds: int
+    since: int  # unix seconds at the start of the first minute asked for
+    points: list[StatusPoint]  # the whole pool
+    byModel: list[ModelHistory]
+
+
+class PoolStatus(msgspec.Struct, omit_defaults=True):
     activeProviders: int
     modelsAvailable: int
     avgLatencyP95Ms: float | None
@@ -53,6 +72,29 @@ class PoolStatus(msgspec.Struct):
     requestsInWindow: int
     windowSeconds: int
     byModel: list[ModelStatus]
+    history: PoolHistory | None = None
+
+
+_SPAN = re.compile(r"(\d{1,5})([mh])")
+HISTORY = Parameter(
+    query="history",
+    default=None,
+    description="also return per-minute history over this span, e.g. `24h` or `90m` (at most the retention, 24h)",
+)
+
+
+def _span_seconds(value: str, retention: float) -> int:
+    """Seconds in a span such as ``24h`` or ``90m``; a bad or too long span is a 400."""
+    match = _SPAN.fullmatch(value)
+    seconds = int(match[1]) * (3600 if match[2] == "h" else 60) if match else 0
+    if not MINUTE <= seconds <= retention:
+        raise PoolError(
+            400,
+            errors.INVALID_REQUEST,
+            f"`history` must be a span such as `24h` or `90m`, from 1m to {int(retention // 3600)}h; got {value!r}.",
+            param="history",
+        )
+    return seconds
 
 
 def _available(pool: PoolState) -> list[str]:
@@ -91,9 +133,10 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     return ModelList(object="list", data=entries)
 
 
-@get("/v1/pool/status", summary="Pool health over the recent window", tags=["directory"])
-async def pool_status(request: Request[Any, Any, Any]) -> PoolStatus:
+@get("/v1/pool/status", summary="Pool health over the recent window, and per-minute history", tags=["directory"])
+async def pool_status(request: Request[Any, Any, Any], history: Annotated[str | None, HISTORY] = None) -> PoolStatus:
     pool: PoolState = request.app.state.pool
+    span = None if history is None else _span_seconds(history, pool.history.retention)
     samples = pool.stats.recent()
     by_model = []
     for slug in _available(pool):
@@ -106,6 +149,15 @@ async def pool_status(request: Request[Any, Any, Any]) -> PoolStatus:
             )
         )
     served = [s for s in samples if s.ok]
+    past = None
+    if span is not None:
+        series = await pool.history.read(span)
+        past = PoolHistory(
+            bucketSeconds=MINUTE,
+            since=series.since,
+            points=series.pool,
+            byModel=[ModelHistory(modelSlug=slug, points=points) for slug, points in series.models.items()],
+        )
     return PoolStatus(
         activeProviders=len({a.user_id for a in pool.registry.agents()}),
         modelsAvailable=len(by_model),
@@ -114,4 +166,5 @@ async def pool_status(request: Request[Any, Any, Any]) -> PoolStatus:
         requestsInWindow=len(samples),
         windowSeconds=int(pool.stats.window),
         byModel=by_model,
+        history=past,
     )
