@@ -104,6 +104,7 @@ class Accounting:
         self._flush_lock = asyncio.Lock()
         self._running = 0  # reservations not yet finished
         self._idle = asyncio.Event()
+        self.dropped: set[str] = set()  # requests whose charge was dropped with a lost lease: never charged
 
     @property
     def live(self) -> set[str]:
@@ -228,7 +229,9 @@ class Accounting:
             lease.last_used = time.monotonic()
             if charge is not None and (amount or charge.upstream_cost):
                 share = billing.provider_share(amount, self.fee_bps) if charge.provider_user_id is not None else 0
-                lease.booked.append(billing.Payout(amount, charge.provider_user_id, share, charge.upstream_cost))
+                lease.booked.append(
+                    billing.Payout(amount, charge.provider_user_id, share, charge.upstream_cost, record.id)
+                )
                 record.cost, record.provider_earned = amount, share
                 record.platform_fee, record.upstream_cost = amount - share, charge.upstream_cost
             else:
@@ -285,6 +288,7 @@ class Accounting:
             lease.unsent = None
             if not written:
                 log.error("lease resolved under us, charges dropped", extra={"hold_id": lease.hold_id})
+                self.dropped.update(p.request_id for p in payouts if p.request_id is not None)
                 self._lose(lease)
         old = now - lease.started > self.hold_ttl / 2
         idle = now - lease.last_used > self.idle_seconds

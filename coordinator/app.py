@@ -17,6 +17,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from coordinator import __version__, auth, billing, catalog, db, periodic
 from coordinator.accounting import Accounting
+from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
 from coordinator.history import History
@@ -188,6 +189,7 @@ def build_state(settings: Settings) -> PoolState:
         idle_seconds=settings.credit_lease_idle_seconds,
         flush_interval=settings.ledger_flush_interval,
     )
+    clawback = Clawback(engine, accounting)
     return PoolState(
         settings=settings,
         engine=engine,
@@ -198,7 +200,10 @@ def build_state(settings: Settings) -> PoolState:
         upstream=upstream,
         dispatcher=dispatcher,
         trust=trust_book,
-        verifier=Verifier(registry, dispatcher, trust_book, settings.first_chunk_timeout, settings.idle_timeout),
+        verifier=Verifier(
+            registry, dispatcher, trust_book, clawback, settings.first_chunk_timeout, settings.idle_timeout
+        ),
+        clawback=clawback,
         stats=RequestStats(settings.status_window_seconds),
         history=History(engine, accounting.instance_id, settings.status_history, settings.status_flush_seconds),
         requests=requests,
@@ -227,6 +232,7 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             sched.shutdown(wait=False)
             pool.verifier.close()
+            await periodic.refund_discredited(pool)
             await accounting.close()
             await pool.trust.close()
             await periodic.keep_history(pool)

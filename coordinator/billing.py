@@ -85,6 +85,7 @@ class Payout:
     provider_user_id: int | None
     provider_share: int
     upstream_cost: int = 0
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,35 @@ async def release(engine: AsyncEngine, hold_id: str, reason: str) -> bool:
             return False
         rest, user_id = int(row[0]) - int(row[2]), int(row[1])
         await _post(conn, "release", hold_id, [(held(user_id), -rest), (wallet(user_id), rest)])
+    return True
+
+
+async def refund(
+    engine: AsyncEngine, request_id: str, user_id: int, provider_user_id: int, amount: int, share: int
+) -> bool:
+    """Give a consumer back what one request cost: the provider's ``share`` out of its earnings, as
+    far as they go, the rest out of the platform's fees. Once per request: ``False`` if it was
+    already refunded."""
+    if not 0 <= share <= amount:
+        raise ValueError("a refund's provider share must be within its amount")
+    async with engine.begin() as conn:
+        done = await conn.scalar(
+            select(_transactions.c.id).where(_transactions.c.ref == request_id, _transactions.c.kind == "refund")
+        )
+        if done is not None:
+            return False
+        # Earnings only grow but by refunds, and this process alone refunds what it served: what
+        # is read here is still there when the entry lands (the balance check is the backstop).
+        balance = await conn.scalar(
+            select(_accounts.c.balance).where(_accounts.c.id == earnings(provider_user_id)).with_for_update()
+        )
+        taken = min(share, int(balance or 0))
+        await _post(
+            conn,
+            "refund",
+            request_id,
+            [(wallet(user_id), amount), (earnings(provider_user_id), -taken), (PLATFORM_FEES, taken - amount)],
+        )
     return True
 
 

@@ -1,6 +1,7 @@
 """Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
 release holds whose request is gone, reload the model directory (edited by any process), write trust
-evidence and decay scores, send verification jobs, write and prune the status history."""
+evidence and decay scores, send verification jobs and refund what they discredit, write and prune the
+status history."""
 
 from __future__ import annotations
 
@@ -85,6 +86,11 @@ async def keep_history(pool: PoolState) -> None:
     await pool.history.flush()
 
 
+async def refund_discredited(pool: PoolState) -> None:
+    """Give consumers back what they paid for jobs a failed canary discredited."""
+    await pool.clawback.refund_due()
+
+
 async def verify_an_agent(pool: PoolState) -> None:
     """Send one verification job (a canary) to the agent verified least so far."""
     pool.verifier.start_one(pool.directory)
@@ -100,6 +106,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
     sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
     sched.add_job(keep_trust, "interval", seconds=TRUST_INTERVAL, **once)
+    sched.add_job(refund_discredited, "interval", seconds=1.0, **once)
     sched.add_job(keep_history, "interval", seconds=settings.status_flush_seconds, **once)
     if settings.canary_interval_seconds > 0:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)

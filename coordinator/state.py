@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from coordinator.accounting import Accounting
 from coordinator.auth import SecretCache
 from coordinator.catalog import Directory
+from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.history import History
 from coordinator.ratelimit import FailureLimits, KeyLimits
@@ -42,3 +43,4 @@ class PoolState:
     directory: Directory
     trust: TrustBook
     verifier: Verifier
+    clawback: Clawback

@@ -6,7 +6,8 @@ Its answer is audited like any job (usage, speed, output) and compared with the 
 that model, quantisation and prompt: the answer trusted agents of two providers agreed on. Answers given
 before a reference exists wait for it and are judged then. Honest agents running the same weights
 agree word for word at temperature 0; a different model does not. Canaries are not billed and not
-paid.
+paid. A verdict vouches for, or refunds, the consumer jobs the agent served for that model since its
+last passed canary (``coordinator/clawback.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import msgspec
 
 from coordinator import audit, trust
 from coordinator.catalog import Directory
+from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.metering import text_deltas
 from coordinator.registry import ConnectedAgent, Registry
@@ -121,6 +123,7 @@ class Verifier:
     registry: Registry
     dispatcher: Dispatcher
     book: trust.TrustBook
+    clawback: Clawback
     first_chunk_timeout: float
     idle_timeout: float
     references: References = field(default_factory=References)
@@ -203,3 +206,7 @@ class Verifier:
             kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
             detail = f"{CANARY}{slug} prompt {index}: answer {'matches' if passed else 'differs from'} the reference"
             self.book.witness(judged, kind, detail, job.job_id if judged is agent else None)
+            if passed:
+                self.clawback.vouched(judged.token_id, slug)
+            else:
+                self.clawback.discredited(judged.token_id, slug)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from coordinator import accounts, billing, db
 from coordinator.accounting import Accounting, Charge, Reservation
 from coordinator.billing import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
+from coordinator.clawback import Clawback
 from coordinator.ratelimit import KeyLimits
 from coordinator.requestlog import RequestLog, RequestRecord
 from tests.ledger_checks import balance, ledger_problems, pending_holds
@@ -278,6 +279,12 @@ async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine)
     await books.flush()
     assert running.lease.lost and books.unspent(consumer) == 0
     assert await balance(engine, wallet(consumer)) == 5_000 and await balance(engine, earnings(provider)) == 0
+    clawback = Clawback(engine, books)  # a dropped charge is never refunded: it was never paid
+    first.provider_user_id = provider
+    clawback.served(1, "m", first)
+    clawback.discredited(1, "m")
+    assert await clawback.refund_due() == 0 and clawback.due == []
+    assert await balance(engine, wallet(consumer)) == 5_000
     second = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
     fresh = await books.reserve(second, 1_000)
     assert fresh.lease is not running.lease and books.unspent(consumer) == 4_000
@@ -310,3 +317,42 @@ async def test_a_lease_in_use_keeps_its_hold_from_expiring(engine: AsyncEngine) 
     books.finish(record, None, running)
     await books.close()
     assert await pending_holds(engine) == 0
+
+
+async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(engine: AsyncEngine) -> None:
+    consumer, provider = await new_user(engine, 10_000), await new_user(engine)
+    fees_before = await balance(engine, PLATFORM_FEES)
+    books = accounting(engine, chunk=1_000)
+    clawback = Clawback(engine, books)
+    records = [RequestRecord(id=hold_id(), user_id=consumer, key_id=None, provider_user_id=provider) for _ in range(4)]
+    for record in records:
+        books.finish(record, Charge(200, provider), await books.reserve(record, 300))
+    clawback.served(7, "m", records[0])
+    clawback.vouched(7, "m")  # a canary for m passed: the first job stands
+    clawback.served(7, "m", records[1])
+    clawback.served(7, "m", records[2])
+    clawback.served(7, "other", records[3])  # another model of the same agent is not discredited
+    clawback.discredited(7, "m")
+    assert await clawback.refund_due() == 2  # the batched charges are written first, then undone
+    await books.close()
+    assert await balance(engine, wallet(consumer)) == 10_000 - 2 * 200
+    assert await balance(engine, earnings(provider)) == 2 * 180
+    assert await balance(engine, PLATFORM_FEES) - fees_before == 2 * 20
+    assert not await billing.refund(engine, records[1].id, consumer, provider, 200, 180)  # once per request
+    assert await ledger_problems(engine) == []
+
+
+async def test_a_refund_takes_from_the_platform_what_the_provider_no_longer_holds(engine: AsyncEngine) -> None:
+    consumer, provider = await new_user(engine, 1_000), await new_user(engine)
+    fees_before = await balance(engine, PLATFORM_FEES)
+    h = hold_id()
+    await billing.hold(engine, h, consumer, None, 500, OWNER, 60)
+    await billing.settle(engine, h, 500, provider_user_id=provider, fee_bps=1_000)
+    assert await billing.refund(engine, h, consumer, provider, 500, 450)
+    assert await billing.refund(engine, "req_other", consumer, provider, 100, 90)  # earnings are empty now
+    assert await balance(engine, earnings(provider)) == 0
+    assert await balance(engine, wallet(consumer)) == 1_000 - 500 + 500 + 100
+    assert await balance(engine, PLATFORM_FEES) - fees_before == 50 - 50 - 100
+    with pytest.raises(ValueError):
+        await billing.refund(engine, "req_bad", consumer, provider, 100, 101)
+    assert await ledger_problems(engine) == []
