@@ -22,7 +22,15 @@ from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from coordinator.models import Account, CoordinatorInstance, Hold, LedgerEntry, LedgerTransaction, Topup
+from coordinator.models import (
+    Account,
+    CoordinatorInstance,
+    Hold,
+    LedgerEntry,
+    LedgerTransaction,
+    RequestLogRow,
+    Topup,
+)
 
 PENDING, SETTLED, RELEASED = "pending", "settled", "released"
 PLATFORM_FEES = "platform:fees"
@@ -35,6 +43,7 @@ MAX_GRANT_USD = 1_000_000  # one grant, a guard against typos
 _accounts = cast(Table, Account.__table__)
 _entries = cast(Table, LedgerEntry.__table__)
 _transactions = cast(Table, LedgerTransaction.__table__)
+_request_log = cast(Table, RequestLogRow.__table__)
 _holds = cast(Table, Hold.__table__)
 _topups = cast(Table, Topup.__table__)
 _instances = cast(Table, CoordinatorInstance.__table__)
@@ -140,6 +149,14 @@ async def _post(
             changes,
         )
     return tx_id
+
+
+async def _posted(conn: AsyncConnection, kind: str, ref: str) -> bool:
+    """Whether a transaction of ``kind`` for ``ref`` is already in the ledger."""
+    found = await conn.scalar(
+        select(_transactions.c.id).where(_transactions.c.ref == ref, _transactions.c.kind == kind)
+    )
+    return found is not None
 
 
 async def open_accounts(conn: AsyncConnection, user_id: int) -> None:
@@ -342,10 +359,7 @@ async def charge(engine: AsyncEngine, hold_id: str, batch_id: str, payouts: list
         raise ValueError("payouts must be non-negative and shares within their amounts")
     ref = f"{hold_id}/{batch_id}"
     async with engine.begin() as conn:
-        done = await conn.scalar(
-            select(_transactions.c.id).where(_transactions.c.ref == ref, _transactions.c.kind == "charge")
-        )
-        if done is not None:
+        if await _posted(conn, "charge", ref):
             return True
         row = (
             await conn.execute(
@@ -409,15 +423,13 @@ async def refund(
     engine: AsyncEngine, request_id: str, user_id: int, provider_user_id: int, amount: int, share: int
 ) -> bool:
     """Give a consumer back what one request cost: the provider's ``share`` out of its earnings, as
-    far as they go, the rest out of the platform's fees. Once per request: ``False`` if it was
+    far as they go, the rest out of the platform's fees; the request log marks the request refunded
+    in the same transaction. Once per request (a unique index makes sure): ``False`` if it was
     already refunded."""
     if not 0 <= share <= amount:
         raise ValueError("a refund's provider share must be within its amount")
     async with engine.begin() as conn:
-        done = await conn.scalar(
-            select(_transactions.c.id).where(_transactions.c.ref == request_id, _transactions.c.kind == "refund")
-        )
-        if done is not None:
+        if await _posted(conn, "refund", request_id):
             return False
         # Earnings only grow but by refunds, and this process alone refunds what it served: what
         # is read here is still there when the entry lands (the balance check is the backstop).
@@ -431,6 +443,7 @@ async def refund(
             request_id,
             [(wallet(user_id), amount), (earnings(provider_user_id), -taken), (PLATFORM_FEES, taken - amount)],
         )
+        await conn.execute(update(_request_log).where(_request_log.c.id == request_id).values(refunded=True))
     return True
 
 

@@ -34,9 +34,13 @@ _INT8 = re.compile(r"i?q8(_[a-z0-9]+)*|int8|8_?bit")
 _INT4 = re.compile(r"i?q4(_[a-z0-9]+)*|int4|4_?bit|awq|gptq")
 
 
+_SYNONYMS = {"fp16": "f16", "fp32": "f32"}
+
+
 def quantization_label(raw: str) -> str:
-    """A quantisation as the pool writes it: ``Q4_K_M`` and ``q4-k-m`` are ``q4_k_m``."""
-    return raw.strip().lower().replace("-", "_")
+    """A quantisation as the pool writes it: ``Q4_K_M`` and ``q4-k-m`` are ``q4_k_m``, ``fp16`` is ``f16``."""
+    label = raw.strip().lower().replace("-", "_")
+    return _SYNONYMS.get(label, label)
 
 
 def precision(label: str) -> str | None:
@@ -93,7 +97,8 @@ def check(info: ModelInfo) -> ModelInfo:
             raise DirectoryError(f"{info.slug}: {name} must be positive")
     if any(not alias.strip() or len(alias) > 200 for alias in info.aliases):
         raise DirectoryError(f"{info.slug}: aliases must be 1-200 characters")
-    return info
+    labels = tuple(dict.fromkeys(quantization_label(q) for q in info.quantizations if q.strip()))
+    return info if labels == info.quantizations else msgspec.structs.replace(info, quantizations=labels)
 
 
 class Directory:
@@ -147,7 +152,7 @@ def merge(base: Sequence[ModelInfo], rows: Sequence[Any]) -> Directory:
         if row.removed:
             entries.pop(row.slug, None)
         else:
-            entries[row.slug] = msgspec.json.decode(row.entry, type=ModelInfo)
+            entries[row.slug] = check(msgspec.json.decode(row.entry, type=ModelInfo))
     return Directory(sorted(entries.values(), key=lambda info: info.slug))
 
 

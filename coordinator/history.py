@@ -155,7 +155,8 @@ class History:
         self._cache_seconds = cache_seconds  # rows change once a flush interval, so reads may be that old
         self._open: dict[int, dict[str, Minute]] = {}
         self._lock = asyncio.Lock()
-        self._read: dict[int, tuple[float, Series]] = {}
+        self._reading = asyncio.Lock()  # one read of the table at a time; the others wait for it
+        self._merged: tuple[float, Series] | None = None  # the whole retention, merged, and when
 
     def _minute(self, at: float) -> dict[str, Minute]:
         return self._open.setdefault(minute_of(at), {POOL: Minute()})
@@ -178,6 +179,9 @@ class History:
         async with self._lock:
             now = self._clock()
             self._minute(now)  # a minute with nothing in it is still a minute the pool was up
+            horizon = minute_of(now - self.retention)
+            for t in [t for t in self._open if t < horizon]:  # kept through a long outage: too old now
+                del self._open[t]
             rows = [m.row(t, self._instance, model) for t, models in self._open.items() for model, m in models.items()]
             written = list(self._open)
             try:
@@ -186,7 +190,7 @@ class History:
                         delete(_table).where(and_(_table.c.instance_id == self._instance, _table.c.minute.in_(written)))
                     )
                     await conn.execute(insert(_table), rows)
-                    await conn.execute(delete(_table).where(_table.c.minute < minute_of(now - self.retention)))
+                    await conn.execute(delete(_table).where(_table.c.minute < horizon))
             except Exception as exc:  # the database is away: keep the minutes for the next flush
                 log.error("status history flush failed, will retry", extra={"error": str(exc)})
                 return
@@ -196,11 +200,29 @@ class History:
                     del self._open[t]
 
     async def read(self, seconds: int) -> Series:
-        """The merged series of the last ``seconds`` (whole minutes), from every process's rows."""
-        cached = self._read.get(seconds)
-        if cached is not None and time.monotonic() - cached[0] < self._cache_seconds:
-            return cached[1]
+        """The merged series of the last ``seconds`` (whole minutes), from every process's rows.
+
+        The whole retention is read and merged at most once per ``cache_seconds`` (concurrent
+        readers share that read) and each span is cut from it, so no choice of span costs more."""
         since = minute_of(self._clock() - seconds + MINUTE)
+        merged = await self._whole()
+        return Series(
+            since=since,
+            pool=[p for p in merged.pool if p.t >= since],
+            models={
+                model: kept for model, points in merged.models.items() if (kept := [p for p in points if p.t >= since])
+            },
+        )
+
+    async def _whole(self) -> Series:
+        async with self._reading:
+            if self._merged is not None and time.monotonic() - self._merged[0] < self._cache_seconds:
+                return self._merged[1]
+            series = await self._load(minute_of(self._clock() - self.retention + MINUTE))
+            self._merged = (time.monotonic(), series)
+            return series
+
+    async def _load(self, since: int) -> Series:
         query = select(_table).where(_table.c.minute >= since).order_by(_table.c.minute)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
@@ -214,6 +236,4 @@ class History:
             else:
                 into[t] = minute
         points = {model: [m.point(t) for t, m in sorted(minutes.items())] for model, minutes in merged.items()}
-        series = Series(since=since, pool=points.pop(POOL, []), models=dict(sorted(points.items())))
-        self._read[seconds] = (time.monotonic(), series)
-        return series
+        return Series(since=since, pool=points.pop(POOL, []), models=dict(sorted(points.items())))

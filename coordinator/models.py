@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -99,6 +111,16 @@ class LedgerTransaction(Base):
     """One movement of money; its entries sum to zero. Never updated or deleted."""
 
     __tablename__ = "ledger_transactions"
+    __table_args__ = (
+        # A request is refunded at most once, whatever the processes do.
+        Index(
+            "ux_ledger_refund_ref",
+            "ref",
+            unique=True,
+            sqlite_where=text("kind = 'refund'"),
+            postgresql_where=text("kind = 'refund'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
@@ -189,6 +211,7 @@ class RequestLogRow(Base):
     provider_earned: Mapped[int] = mapped_column(BigInteger, default=0)
     platform_fee: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_cost: Mapped[int] = mapped_column(BigInteger, default=0)
+    refunded: Mapped[bool] = mapped_column(Boolean, default=False)  # a failed canary gave the cost back
 
 
 class DirectoryModel(Base):
@@ -232,7 +255,7 @@ class StatusMinuteRow(Base):
 
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix seconds at its start
     instance_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
     requests: Mapped[int] = mapped_column(Integer)
     served: Mapped[int] = mapped_column(Integer)
     fallbacks: Mapped[int] = mapped_column(Integer)

@@ -50,6 +50,7 @@ class RequestRecord:
     provider_earned: int = 0
     platform_fee: int = 0
     upstream_cost: int = 0
+    refunded: bool = False
 
     def row(self) -> dict[str, object]:
         values = asdict(self)

@@ -72,6 +72,8 @@ def similar(a: str, b: str) -> bool:
 
 
 Key = tuple[str, str, int]  # (slug, quantization, prompt index)
+Verdict = tuple[ConnectedAgent, bool, float]  # (agent, passed, when it answered: time.monotonic())
+UNLABELED = ""  # agents with no (or an unlisted) quantization, judged against any label's reference
 
 
 @dataclass
@@ -80,36 +82,44 @@ class References:
 
     A reference is an answer trusted agents of two providers agree on: one trusted agent could be a
     cheater that earned its trust, untrusted newcomers could be sybils agreeing with each other, and
-    one provider's agents could all run the same wrong model."""
+    one provider's agents could all run the same wrong model. An unlabeled agent passes if its answer
+    matches the reference of any quantisation of the model, so leaving the label off hides nothing."""
 
     answers: dict[Key, str] = field(default_factory=dict)
-    waiting: dict[Key, dict[int, tuple[ConnectedAgent, str, bool]]] = field(default_factory=dict)
+    waiting: dict[Key, dict[int, tuple[ConnectedAgent, str, bool, float]]] = field(default_factory=dict)
 
-    def judge(self, key: Key, agent: ConnectedAgent, text: str, trusted: bool) -> list[tuple[ConnectedAgent, bool]]:
-        """Verdicts (agent, passed) that ``text`` settles: none while no reference exists."""
-        reference = self.answers.get(key)
-        if reference is not None:
-            return [(agent, similar(text, reference))]
+    def references(self, key: Key) -> list[str]:
+        """The reference answers that judge ``key``: its own, or for the unlabeled, any label's."""
+        own = self.answers.get(key)
+        if own is not None or key[1] != UNLABELED:
+            return [] if own is None else [own]
+        return [text for (slug, _, prompt), text in self.answers.items() if slug == key[0] and prompt == key[2]]
+
+    def judge(self, key: Key, agent: ConnectedAgent, text: str, trusted: bool, at: float) -> list[Verdict]:
+        """Verdicts that ``text`` (answered at ``at``) settles: none while no reference exists."""
+        references = self.references(key)
+        if references:
+            return [(agent, any(similar(text, reference) for reference in references), at)]
         waiting = self.waiting.setdefault(key, {})
-        waiting[agent.token_id] = (agent, text, trusted)
+        waiting[agent.token_id] = (agent, text, trusted, at)
         agreeing = trusted and any(
             other.user_id != agent.user_id and was_trusted and similar(text, answer)
-            for other, answer, was_trusted in waiting.values()
+            for other, answer, was_trusted, _ in waiting.values()
         )
         if not agreeing:
             return []
         self.answers[key] = text
         del self.waiting[key]
-        return [(other, similar(answer, text)) for other, answer, _ in waiting.values()]
+        return [(other, similar(answer, text), when) for other, answer, _, when in waiting.values()]
 
     def prompt_for(self, slug: str, quantization: str, token_id: int, rng: random.Random) -> int:
         """A prompt whose answer can be judged now (half the time, when there is one), else one
         another token answered (trusted ones first) so a reference can form, else a new one."""
         keys = [(slug, quantization, i) for i in range(len(PROMPTS))]
-        judged = [k for k in keys if k in self.answers]
-        others = [k for k in keys if k not in self.answers and any(t != token_id for t in self.waiting.get(k, {}))]
+        judged = [k for k in keys if self.references(k)]
+        others = [k for k in keys if k not in judged and any(t != token_id for t in self.waiting.get(k, {}))]
         trusted = [k for k in others if any(t != token_id and w[2] for t, w in self.waiting[k].items())]
-        fresh = [k for k in keys if k not in self.answers and token_id not in self.waiting.get(k, {})]
+        fresh = [k for k in keys if k not in judged and token_id not in self.waiting.get(k, {})]
         tiers = (
             [judged, trusted, others, fresh, judged, keys]
             if rng.random() < 0.5
@@ -148,13 +158,18 @@ class Verifier:
             return
         agent, slug = picked
         info = directory.get(slug)
-        task = asyncio.create_task(self._run_logged(agent, slug, info.parameter_count if info is not None else None))
+        label = agent.models[slug].quantization
+        quantization = label if info is not None and label in info.quantizations else UNLABELED
+        parameters = info.parameter_count if info is not None else None
+        task = asyncio.create_task(self._run_logged(agent, slug, quantization, parameters))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run_logged(self, agent: ConnectedAgent, slug: str, parameter_count: int | None) -> None:
+    async def _run_logged(
+        self, agent: ConnectedAgent, slug: str, quantization: str, parameter_count: int | None
+    ) -> None:
         try:
-            await self.run(agent, slug, parameter_count)
+            await self.run(agent, slug, quantization, parameter_count)
         except Exception:  # one canary's trouble must not stop the next
             log.exception("verification job failed", extra={"agent_id": agent.agent_id})
 
@@ -162,9 +177,11 @@ class Verifier:
         for task in list(self._running):
             task.cancel()
 
-    async def run(self, agent: ConnectedAgent, slug: str, parameter_count: int | None = None) -> None:
-        """Send one canary to ``agent`` and count what it shows as evidence."""
-        quantization = agent.models[slug].quantization
+    async def run(
+        self, agent: ConnectedAgent, slug: str, quantization: str = UNLABELED, parameter_count: int | None = None
+    ) -> None:
+        """Send one canary to ``agent`` and count what it shows as evidence; ``quantization`` is the
+        label whose references judge it (one the directory lists, else unlabeled)."""
         index = self.references.prompt_for(slug, quantization, agent.token_id, self.rng)
         self.done[agent.token_id] = self.done.get(agent.token_id, 0) + 1
         job = await self.dispatcher.assign(
@@ -188,6 +205,7 @@ class Verifier:
                 self.dispatcher.witness_failure(agent, job, event, started=bool(payloads), origin=CANARY)
                 return
             event = await job.next(self.idle_timeout)
+        answered = time.monotonic()
         output = audit.read_output(payloads)
         verdict = audit.judge(
             audit.Job(
@@ -202,11 +220,12 @@ class Verifier:
         for kind, detail in verdict.findings:
             self.book.witness(agent, kind, CANARY + detail, job.job_id)
         trusted = agent.trust >= trust.TRUSTED
-        for judged, passed in self.references.judge((slug, quantization, index), agent, output.text, trusted):
+        key = (slug, quantization, index)
+        for judged, passed, at in self.references.judge(key, agent, output.text, trusted, answered):
             kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
             detail = f"{CANARY}{slug} prompt {index}: answer {'matches' if passed else 'differs from'} the reference"
             self.book.witness(judged, kind, detail, job.job_id if judged is agent else None)
             if passed:
-                self.clawback.vouched(judged.token_id, slug)
+                self.clawback.vouched(judged.token_id, judged.agent_id, slug, at)
             else:
                 self.clawback.discredited(judged.token_id, slug)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -281,7 +282,7 @@ async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine)
     assert await balance(engine, wallet(consumer)) == 5_000 and await balance(engine, earnings(provider)) == 0
     clawback = Clawback(engine, books)  # a dropped charge is never refunded: it was never paid
     first.provider_user_id = provider
-    clawback.served(1, "m", first)
+    clawback.served(1, "agt_1", "m", first)
     clawback.discredited(1, "m")
     assert await clawback.refund_due() == 0 and clawback.due == []
     assert await balance(engine, wallet(consumer)) == 5_000
@@ -327,11 +328,11 @@ async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(e
     records = [RequestRecord(id=hold_id(), user_id=consumer, key_id=None, provider_user_id=provider) for _ in range(4)]
     for record in records:
         books.finish(record, Charge(200, provider), await books.reserve(record, 300))
-    clawback.served(7, "m", records[0])
-    clawback.vouched(7, "m")  # a canary for m passed: the first job stands
-    clawback.served(7, "m", records[1])
-    clawback.served(7, "m", records[2])
-    clawback.served(7, "other", records[3])  # another model of the same agent is not discredited
+    clawback.served(7, "agt_7", "m", records[0])
+    clawback.vouched(7, "agt_7", "m", time.monotonic())  # a canary for m passed: the first job stands
+    clawback.served(7, "agt_7", "m", records[1])
+    clawback.served(7, "agt_7", "m", records[2])
+    clawback.served(7, "agt_7", "other", records[3])  # another model of the same agent is not discredited
     clawback.discredited(7, "m")
     assert await clawback.refund_due() == 2  # the batched charges are written first, then undone
     await books.close()
@@ -339,6 +340,12 @@ async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(e
     assert await balance(engine, earnings(provider)) == 2 * 180
     assert await balance(engine, PLATFORM_FEES) - fees_before == 2 * 20
     assert not await billing.refund(engine, records[1].id, consumer, provider, 200, 180)  # once per request
+    async with engine.connect() as conn:
+        marked = dict((await conn.execute(text("SELECT id, refunded FROM request_log"))).all())
+    assert [bool(marked[r.id]) for r in records] == [False, True, True, False]  # the log says which
+    with pytest.raises(IntegrityError):  # and the database refuses a second refund of a request
+        async with engine.begin() as conn:
+            await billing._post(conn, "refund", records[1].id, [(wallet(consumer), 1), (PLATFORM_FEES, -1)])
     assert await ledger_problems(engine) == []
 
 

@@ -149,3 +149,25 @@ def test_status_history_counts_what_the_pool_served_and_survives_a_restart(tmp_p
         assert [p["name"] for p in parameters] == ["history"]
     finally:
         pool.stop()
+
+
+async def test_a_failed_flush_keeps_its_minutes_and_reads_share_one_cached_merge(db_url: str) -> None:
+    now = [T0]
+    engine = db.create_engine(db_url)
+    try:
+        history_ = History(engine, "crd_a", retention_seconds=3600, cache_seconds=3600, clock=lambda: now[0])
+        history_.record("m1", 10, fallback=False, ok=True)
+        await history_.flush()  # no table yet: the database is "away"
+        await db.migrate(engine)
+        now[0] = T0 + 60  # the minute closed while the database was away
+        await history_.flush()
+        t = history.minute_of(T0)
+        first = await history_.read(3600)
+        assert [(p.t, p.requests) for p in first.pool] == [(t, 1), (t + 60, 0)]
+        history_.record("m1", 10, fallback=False, ok=True)
+        await history_.flush()
+        # within the cache time every span is cut from the same merged read: no span costs a new one
+        assert [(p.t, p.requests) for p in (await history_.read(60)).pool] == [(t + 60, 0)]
+        assert (await history_.read(3600)).pool == first.pool
+    finally:
+        await engine.dispose()

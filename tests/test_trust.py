@@ -20,6 +20,8 @@ from websockets.asyncio.client import connect
 
 from coordinator import audit, trust
 from coordinator.audit import Output, read_output
+from coordinator.clawback import Clawback
+from coordinator.requestlog import RequestRecord
 from coordinator.trust import Evidence, Reputation, reputation_of
 from coordinator.verify import CANARY, PROMPTS, References, canary_body
 from scripts import localpool
@@ -144,10 +146,17 @@ class _Agent:
 
 
 def _judge(
-    refs: References, token: int, text: str, trusted: bool, provider: int | None = None, prompt: int = 0
+    refs: References,
+    token: int,
+    text: str,
+    trusted: bool,
+    provider: int | None = None,
+    prompt: int = 0,
+    label: str = "q4_k_m",
 ) -> list[tuple[int, bool]]:
-    verdicts = refs.judge(("m", "", prompt), _Agent(token, provider), text, trusted)  # type: ignore[arg-type]
-    return [(agent.token_id, passed) for agent, passed in verdicts]
+    verdicts = refs.judge(("m", label, prompt), _Agent(token, provider), text, trusted, at=float(token))  # type: ignore[arg-type]
+    assert all(at == agent.token_id for agent, _, at in verdicts)  # each verdict carries its answer's time
+    return [(agent.token_id, passed) for agent, passed, _ in verdicts]
 
 
 def test_a_reference_needs_two_trusted_tokens_and_then_judges_everyone() -> None:
@@ -166,10 +175,48 @@ def test_a_reference_needs_two_trusted_tokens_and_then_judges_everyone() -> None
     assert sorted(_judge(refs, 10, "Rome.", trusted=True, prompt=1)) == [(8, True), (9, True), (10, True)]
 
 
+def test_unlabeled_agents_are_judged_against_the_reference_of_any_label() -> None:
+    refs = References()
+    assert _judge(refs, 1, "Paris.", trusted=True, label="q8_0") == []
+    assert _judge(refs, 2, "Paris.", trusted=True, label="q8_0") == [(1, True), (2, True)]
+    assert _judge(refs, 3, "Bonjour, je suis un modèle.", trusted=False, label="") == [(3, False)]
+    assert _judge(refs, 4, "Paris.", trusted=False, label="") == [(4, True)]
+    assert _judge(refs, 5, "Lyon.", trusted=False, label="q4_k_m") == []  # a label judges by its own alone
+    rng = random.Random(1)
+    assert {refs.prompt_for("m", "", 9, rng) for _ in range(40)} >= {0}  # judged prompts are offered
+
+
+def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_rest() -> None:
+    clawback = Clawback(engine=None, accounting=None)  # type: ignore[arg-type]
+    token = 7
+    for n, agent in enumerate(["agt_a", "agt_a", "agt_b", "agt_a"]):  # agt_b: the token reconnected
+        record = RequestRecord(id=f"req_{n}", user_id=1, key_id=None, provider_user_id=2, cost=100, provider_earned=90)
+        clawback.served(token, agent, "m", record)
+    jobs = list(clawback.unvouched[(token, "m")])
+    clawback.vouched(token, "agt_a", "m", answered_at=jobs[1].at)  # agt_a answered after its first two jobs
+    assert [job.request_id for job in clawback.unvouched[(token, "m")]] == ["req_2", "req_3"]
+    clawback.discredited(token, "m")  # a later canary failed: every job not vouched for, reconnects too
+    assert [job.request_id for job in clawback.due] == ["req_2", "req_3"]
+    late = RequestRecord(id="req_late", user_id=1, key_id=None, provider_user_id=2, cost=50, provider_earned=45)
+    clawback.served(token, "agt_a", "m", late)  # still running when the verdict came: refunded as it ends
+    assert [job.request_id for job in clawback.due] == ["req_2", "req_3", "req_late"]
+    clawback.vouched(token, "agt_a", "m", answered_at=time.monotonic())  # passing again ends that
+    clawback.served(
+        token, "agt_a", "m", RequestRecord(id="req_next", user_id=1, key_id=None, provider_user_id=2, cost=5)
+    )
+    assert len(clawback.due) == 3 and (token, "m") in clawback.unvouched
+    clawback.served(8, "agt_c", "m", RequestRecord(id="req_other", user_id=1, key_id=None, provider_user_id=3, cost=5))
+    clawback.discredited(token, "m")
+    assert [job.request_id for job in clawback.unvouched[(8, "m")]] == ["req_other"]  # another token stands apart
+    free = RequestRecord(id="req_free", user_id=1, key_id=None, provider_user_id=2, cost=0)
+    clawback.served(9, "agt_d", "m", free)  # nothing paid, nothing to give back
+    assert (9, "m") not in clawback.unvouched
+
+
 def test_canary_prompts_favour_answers_that_can_be_judged() -> None:
     refs = References()
     rng = random.Random(3)
-    refs.judge(("m", "", 4), _Agent(1), "x", True)  # type: ignore[arg-type]
+    refs.judge(("m", "", 4), _Agent(1), "x", True, at=0.0)  # type: ignore[arg-type]
     assert {refs.prompt_for("m", "", 2, rng) for _ in range(20)} == {4}  # token 2 can help form a reference
     assert 4 not in {refs.prompt_for("m", "", 1, rng) for _ in range(20)}  # token 1 already answered it
     assert canary_body("m", PROMPTS[0]).startswith(b'{"messages":[{"role":"user","content":')
@@ -426,6 +473,8 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
         f"{pool.url}/v1/provider/earnings", headers={"authorization": f"Bearer {keys['wrong-model']}"}, timeout=10
     )
     assert earned.json()["balanceUsd"] == 0, earned.text  # its share came back out of its earnings
+    usage = httpx.get(f"{pool.url}/v1/usage", headers={"authorization": f"Bearer {pool.key}"}, timeout=10).json()
+    assert sum(row["costUsd"] for row in usage["data"]) == pytest.approx(honest_work, abs=1e-9)  # reports agree
     scores = [_standing(pool, key)["trustScore"] for key in [*keys.values(), *honest.values()]]
     listing = httpx.get(f"{pool.url}/v1/models", timeout=5).json()["data"]
     published = next(m["avgTrustScore"] for m in listing if m["id"] == "smollm2-135m")

@@ -77,6 +77,7 @@ class Generation(msgspec.Struct):
     usageCapped: bool
     costUsd: float
     costNano: int
+    refunded: bool  # a failed verification of the agent gave the cost back
 
 
 class EarningsRow(msgspec.Struct):
@@ -124,8 +125,11 @@ def _date_range(start: str | None, end: str | None) -> tuple[str, str]:
 
 @get("/credits", summary="Your credit balance, what is held for running requests, and what is available")
 async def credits(request: Request[Any, Any, Any]) -> Credits:
-    pool = _pool(request)
-    user_id = request.state.user_id
+    return await credit_figures(_pool(request), request.state.user_id)
+
+
+async def credit_figures(pool: PoolState, user_id: int) -> Credits:
+    """The user's balance, held and available credits, as of now."""
     # Write this process's booked charges and hand back its idle credit lease first; what a lease
     # still holds beyond its running requests counts as available, so "held" is what requests hold.
     try:
@@ -142,6 +146,11 @@ async def credits(request: Request[Any, Any, Any]) -> Credits:
 
 FROM = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)")
 TO = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)")
+
+
+def _unless_refunded(amount: Any) -> Any:
+    """An amount as it stands: a refunded request's cost (and earnings) went back."""
+    return case((_log.c.refunded.is_(True), 0), else_=amount)
 
 
 async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) -> list[tuple[Any, ...]]:
@@ -168,11 +177,22 @@ async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) 
 
 @get("/usage", summary="Your requests, tokens and cost per day and model")
 async def usage(request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO) -> Usage:
-    pool = _pool(request)
-    first, last = _date_range(from_date, to_date)
-    rows = await _daily(pool, _log.c.user_id == request.state.user_id, _log.c.cost, first, last)
+    return await usage_by_day(_pool(request), request.state.user_id, *_date_range(from_date, to_date))
+
+
+async def usage_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Usage:
+    rows = await _daily(pool, _log.c.user_id == user_id, _unless_refunded(_log.c.cost), first, last)
     data = [UsageRow(day, model, n, failed, p, c, usd(cost), cost) for day, model, n, failed, p, c, cost in rows]
     return Usage(first, last, data)
+
+
+async def recent_requests(pool: PoolState, user_id: int, limit: int = 20) -> list[Generation]:
+    """The user's latest requests, newest first."""
+    await pool.requests.flush()
+    query = select(_log).where(_log.c.user_id == user_id).order_by(_log.c.created_at.desc()).limit(limit)
+    async with pool.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [_generation(row) for row in rows]
 
 
 def _generation(r: Any) -> Generation:
@@ -196,6 +216,7 @@ def _generation(r: Any) -> Generation:
         usageCapped=r.usage_capped,
         costUsd=usd(r.cost),
         costNano=r.cost,
+        refunded=r.refunded,
     )
 
 
@@ -217,10 +238,11 @@ async def generation(request: Request[Any, Any, Any], generation_id: str) -> Gen
 async def provider_earnings(
     request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO
 ) -> Earnings:
-    pool = _pool(request)
-    user_id = request.state.user_id
-    first, last = _date_range(from_date, to_date)
-    rows = await _daily(pool, _log.c.provider_user_id == user_id, _log.c.provider_earned, first, last)
+    return await earnings_by_day(_pool(request), request.state.user_id, *_date_range(from_date, to_date))
+
+
+async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Earnings:
+    rows = await _daily(pool, _log.c.provider_user_id == user_id, _unless_refunded(_log.c.provider_earned), first, last)
     await pool.accounting.flush()  # earnings booked in this process but not yet written
     async with pool.engine.connect() as conn:
         money = await billing.balances(conn, user_id)

@@ -128,7 +128,7 @@ class Call:
             pool.history.record(record.model, record.latency_ms, fallback=record.fallback, ok=status == 200)
         pool.accounting.finish(record, charge, self.reservation, self.token_estimate)
         if job is not None and job.agent is not None:
-            pool.clawback.served(job.agent.token_id, job.slug, record)  # until a canary vouches for it
+            pool.clawback.served(job.agent.token_id, job.agent.agent_id, job.slug, record)  # until vouched for
         route = self.route
         return XPool(
             request_id=record.id,
