@@ -13,6 +13,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from coordinator import __version__, auth, billing, catalog, db, periodic
@@ -30,12 +31,15 @@ from coordinator.routes.admin import grant_credits
 from coordinator.routes.agent_ws import agent_connect
 from coordinator.routes.chat import create_chat_completion
 from coordinator.routes.directory import list_models, pool_status
+from coordinator.routes.pages import root, status_live, status_page
 from coordinator.routes.portal import agent_tokens_router, login, signup, tokens_router
+from coordinator.routes.portal_pages import portal_pages
 from coordinator.routes.provider import provider_agents
 from coordinator.sessions import SessionTokens
 from coordinator.settings import Settings
 from coordinator.state import PoolState
 from coordinator.stats import RequestStats
+from coordinator.templating import STATIC, template_config
 from coordinator.trust import TrustBook
 from coordinator.upstream import Upstream
 from coordinator.verify import Verifier
@@ -155,6 +159,12 @@ def portal_sessions(settings: Settings) -> SessionTokens:
     )
 
 
+def _nosniff(response: Response[Any]) -> Response[Any]:
+    """Static files are served as what they are, never sniffed into something else."""
+    response.headers["x-content-type-options"] = "nosniff"
+    return response
+
+
 def build_state(settings: Settings) -> PoolState:
     engine = db.create_engine(settings.database_url)
     sessions = db.sessionmaker(engine)
@@ -254,7 +264,13 @@ def create_app(settings: Settings) -> Litestar:
             account_router,
             grant_credits,
             provider_agents,
+            root,
+            status_page,
+            status_live,
+            portal_pages,
+            create_static_files_router(path="/static", directories=[STATIC], after_request=_nosniff),
         ],
+        template_config=template_config(),
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers={

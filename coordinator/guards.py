@@ -76,7 +76,8 @@ async def require_consumer_key(connection: Connection, _: BaseRouteHandler) -> N
     )
 
 
-async def _session_user(pool: PoolState, token: str) -> int | None:
+async def session_user(pool: PoolState, token: str) -> int | None:
+    """The user a portal session token belongs to; ``None`` if it is not a valid session."""
     if not token or token.startswith((keys.CONSUMER_PREFIX, keys.AGENT_PREFIX)):
         return None
     try:
@@ -107,7 +108,7 @@ async def _require_user(connection: Connection, *, keys_too: bool) -> None:
         principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
         user_id = principal.user_id if principal is not None else None
     else:
-        user_id = await _session_user(pool, token)
+        user_id = await session_user(pool, token)
     if user_id is None:
         pool.auth_failures.failed(client)
         raise invalid_session()

@@ -70,6 +70,7 @@ class Settings:
     new_agent_concurrency: int = 2  # consumer jobs at once for agents not yet trusted
     canary_interval_seconds: float = 30.0  # one verification job this often (0: none)
     admin_token: str | None = None
+    public_url: str | None = None  # how users reach the pool (https://pool.example); pages link to it
     # limits
     rate_limit_rpm: int = 600
     rate_limit_tpm: int = 2_000_000
@@ -159,6 +160,12 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _public_url(raw: str) -> str:
+    if not raw.startswith(("https://", "http://")) or any(c in raw for c in " \"'<>"):
+        raise ValueError("must be an http(s) URL such as https://pool.example")
+    return raw.rstrip("/")
+
+
 def _at_most(value: float, limit: float) -> float:
     if value > limit:
         raise ValueError(f"must be at most {limit:g}")
@@ -215,6 +222,7 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "new_agent_concurrency": _positive_int,
     "canary_interval_seconds": _non_negative_float,
     "admin_token": str,
+    "public_url": _public_url,
     "rate_limit_rpm": _positive_int,
     "rate_limit_tpm": _positive_int,
     "auth_failures_per_minute": _positive_int,

@@ -99,6 +99,7 @@ OpenAI SDK (pip install openai):
   for chunk in stream:
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
+Status page: {base}/status   Developer portal (sign up there): {base}/portal
 Directory: {base}/v1/models   Status: {base}/v1/pool/status   API schema: {base}/schema
 """
 

@@ -103,7 +103,11 @@ def _available(pool: PoolState) -> list[str]:
 
 @get("/v1/models", summary="List the models the pool serves", tags=["directory"])
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
-    pool: PoolState = request.app.state.pool
+    return model_list(request.app.state.pool)
+
+
+def model_list(pool: PoolState) -> ModelList:
+    """Every model the pool serves now, with its directory facts, providers, prices and trust."""
     entries = []
     for slug in _available(pool):
         agents = pool.registry.serving(slug)
@@ -136,7 +140,11 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
 @get("/v1/pool/status", summary="Pool health over the recent window, and per-minute history", tags=["directory"])
 async def pool_status(request: Request[Any, Any, Any], history: Annotated[str | None, HISTORY] = None) -> PoolStatus:
     pool: PoolState = request.app.state.pool
-    span = None if history is None else _span_seconds(history, pool.history.retention)
+    return await status_of(pool, None if history is None else _span_seconds(history, pool.history.retention))
+
+
+async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
+    """The pool's health over the recent window, and with ``span`` (seconds) its per-minute history."""
     samples = pool.stats.recent()
     by_model = []
     for slug in _available(pool):

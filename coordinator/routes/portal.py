@@ -86,6 +86,17 @@ def _local_only(pool: PoolState) -> None:
 @post("/v1/auth/signup", summary="Create an account and start a portal session", tags=["portal"], status_code=201)
 async def signup(request: Request[Any, Any, Any], data: Credentials) -> SessionOut:
     pool = _pool(request)
+    return _session(pool, await register(pool, data))
+
+
+@post("/v1/auth/login", summary="Start a portal session", tags=["portal"], status_code=200)
+async def login(request: Request[Any, Any, Any], data: Credentials) -> SessionOut:
+    pool = _pool(request)
+    return _session(pool, await authenticate(pool, data, client_address(request)))
+
+
+async def register(pool: PoolState, data: Credentials) -> User:
+    """A new account; :class:`PoolError` 409 if the email is taken, 403 under an identity provider."""
     _local_only(pool)
     password_hash = await sessions.hash_password(data.password)
     try:
@@ -99,14 +110,12 @@ async def signup(request: Request[Any, Any, Any], data: Credentials) -> SessionO
             "An account with this email already exists." if taken else str(exc),
             param="email",
         ) from None
-    return _session(pool, user)
+    return user
 
 
-@post("/v1/auth/login", summary="Start a portal session", tags=["portal"], status_code=200)
-async def login(request: Request[Any, Any, Any], data: Credentials) -> SessionOut:
-    pool = _pool(request)
+async def authenticate(pool: PoolState, data: Credentials, client: str) -> User:
+    """The account these credentials open; :class:`PoolError` 401 (counted against ``client``)."""
     _local_only(pool)
-    client = client_address(request)
     check_not_blocked(pool, client)
     try:
         email = accounts.normalize_email(data.email)
@@ -117,7 +126,7 @@ async def login(request: Request[Any, Any, Any], data: Credentials) -> SessionOu
     if not await sessions.verify_password(user.password_hash if user else None, data.password) or user is None:
         pool.auth_failures.failed(client)
         raise PoolError(401, errors.INVALID_CREDENTIALS, "Wrong email or password.")
-    return _session(pool, user)
+    return user
 
 
 def _credential_router(path: str, model: type[ApiKey] | type[AgentToken], what: str) -> Router:

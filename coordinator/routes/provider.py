@@ -70,8 +70,11 @@ class ProviderAgents(msgspec.Struct):
     tags=["account"],
 )
 async def provider_agents(request: Request[Any, Any, Any]) -> ProviderAgents:
-    pool: PoolState = request.app.state.pool
-    user_id = request.state.user_id
+    return await provider_standing(request.app.state.pool, request.state.user_id)
+
+
+async def provider_standing(pool: PoolState, user_id: int) -> ProviderAgents:
+    """The provider's agent tokens with their scores, recent evidence and connected agents."""
     await pool.trust.flush()
     now = time.time()
     since = trust.evidence_horizon(now, pool.trust.half_life)

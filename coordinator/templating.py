@@ -1,0 +1,55 @@
+"""The pages' Jinja2 set-up (autoescaping on, as Litestar configures it) and the filters that format
+numbers the same way on every page."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.template.config import TemplateConfig
+
+from shared.money import NANO_PER_USD
+
+TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+DASH = "—"
+
+
+def ms(value: float | None) -> str:
+    return DASH if value is None else f"{value:,.0f} ms"
+
+
+def pct(value: float | None) -> str:
+    return DASH if value is None else f"{value * 100:.1f} %"
+
+
+def usd_per_m(value: float | None) -> str:
+    return DASH if value is None else f"${value:,.2f}"
+
+
+def score(value: float | None) -> str:
+    return DASH if value is None else f"{value:.0f}"
+
+
+def usd(nano: int | None) -> str:
+    """Nano-USD as dollars: cents for large sums, more places for small ones, so that a request's
+    cost of a fraction of a cent shows (and a balance moves when one is charged)."""
+    if nano is None:
+        return DASH
+    value = nano / NANO_PER_USD
+    if abs(value) >= 100 or value == 0:
+        return f"${value:,.2f}"
+    return f"${value:,.4f}" if abs(value) >= 0.01 else f"${value:.6f}"
+
+
+def when(value: datetime | None) -> str:
+    return DASH if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _filters(engine: JinjaTemplateEngine) -> None:
+    engine.engine.filters.update(ms=ms, pct=pct, usd_per_m=usd_per_m, score=score, usd=usd, when=when)
+
+
+def template_config() -> TemplateConfig[JinjaTemplateEngine]:
+    return TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine, engine_callback=_filters)
