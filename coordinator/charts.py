@@ -7,7 +7,7 @@ works without JavaScript, and is labelled for screen readers. Values are scaled 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,6 +21,7 @@ class Bar:
     width: float
     height: float
     label: str  # what the bar stands for, read out by screen readers
+    series: str = "s0"  # its colour class
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class Chart:
     lines: list[str] = field(default_factory=list)  # SVG polyline ``points``, one per unbroken run
     dots: list[tuple[str, str]] = field(default_factory=list)  # runs of one point, drawn as dots
     bars: list[Bar] = field(default_factory=list)
+    legend: list[tuple[str, str]] = field(default_factory=list)  # (colour class, series name)
 
     @property
     def empty(self) -> bool:
@@ -49,7 +51,7 @@ def _top(values: Sequence[float]) -> float:
         step *= 10
     for multiple in (1, 2, 2.5, 5, 10):
         if multiple * step >= peak:
-            return multiple * step
+            return float(multiple * step)
     return peak
 
 
@@ -92,21 +94,35 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.0f} h ago" if seconds >= 3600 else f"{seconds / 60:.0f} min ago"
 
 
-def columns(title: str, items: Sequence[tuple[str, float]], fmt: Callable[[float], str]) -> Chart:
-    """Bars, one per labelled value (days, say), left to right."""
-    top = _top([v for _, v in items])
-    slot = WIDTH / max(len(items), 1)
-    bars = [
-        Bar(
-            x=i * slot + slot * 0.15,
-            y=HEIGHT - value / top * HEIGHT,
-            width=slot * 0.7,
-            height=value / top * HEIGHT,
-            label=f"{label}: {fmt(value)}",
-        )
-        for i, (label, value) in enumerate(items)
-    ]
-    summary = "; ".join(bar.label for bar in bars) or f"{title}: no data in this period."
-    start = items[0][0] if items else ""
-    end = items[-1][0] if items else ""
-    return Chart(title, fmt(top), start, end, summary, bars=bars)
+SERIES = 6  # colours for stacked series (``s0`` … ``s5`` in the stylesheet); more share the last
+
+
+def columns(
+    title: str,
+    labels: Sequence[str],
+    series: Mapping[str, Mapping[str, float]],
+    fmt: Callable[[float], str],
+) -> Chart:
+    """A bar per label (days, say), left to right, stacked by series (models, say): ``series``
+    maps each series name to its value per label."""
+    names = list(series)
+    totals = [sum(series[name].get(label, 0.0) for name in names) for label in labels]
+    top = _top(totals)
+    slot = WIDTH / max(len(labels), 1)
+    bars: list[Bar] = []
+    for i, label in enumerate(labels):
+        base = float(HEIGHT)
+        for n, name in enumerate(names):
+            value = series[name].get(label, 0.0)
+            if value <= 0:
+                continue
+            height = value / top * HEIGHT
+            base -= height
+            text = f"{label}, {name}: {fmt(value)}"
+            bars.append(Bar(i * slot + slot * 0.15, base, slot * 0.7, height, text, f"s{min(n, SERIES - 1)}"))
+    parts = [f"{label}: {fmt(total)}" for label, total in zip(labels, totals, strict=True) if total]
+    summary = f"{title}: " + ("; ".join(parts) if parts else "nothing in this period.")
+    legend = [(f"s{min(n, SERIES - 1)}", name) for n, name in enumerate(names)] if len(names) > 1 else []
+    start = labels[0] if labels else ""
+    end = labels[-1] if labels else ""
+    return Chart(title, fmt(top), start, end, summary, bars=bars, legend=legend)

@@ -16,6 +16,7 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from coordinator import charts
 from scripts import localpool
 from tests.harness import Pool
 
@@ -180,7 +181,8 @@ def test_a_developer_signs_up_creates_a_key_uses_it_sees_it_and_revokes_it(site:
     expect(recent).to_contain_text("200")
     expect(page.locator("#usage tbody tr", has_text="smollm2-135m")).to_contain_text(f"${cost:.6f}")
     expect(page.locator('[data-metric="balance"]')).to_have_text(f"${5 - cost:,.4f}")
-    assert page.locator("figure.chart rect.bar").count() == 14
+    bars = page.locator("figure.chart rect.bar")  # one bar: today's, for the one model used
+    assert bars.count() == 1 and ", smollm2-135m: $" in (bars.first.locator("title").text_content() or "")
     assert pool.url in page.locator("pre").first.inner_text()  # the quick start names this pool
     shoot(page, "portal")
 
@@ -308,3 +310,18 @@ def test_session_cookies_are_secure_unless_on_loopback(site: Pool) -> None:
         session = next(c for c in done.headers.get_list("set-cookie") if c.startswith("pool_session="))
         assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/portal" in session
         assert "Max-Age=3600" in session  # as long as the JWT inside it
+
+
+def test_charts_stack_bars_by_series_and_break_lines_at_gaps() -> None:
+    chart = charts.columns(
+        "Spend", ["11-01", "11-02"], {"a": {"11-01": 30.0, "11-02": 10.0}, "b": {"11-01": 10.0}}, str
+    )
+    assert chart.top == "50.0"  # the tallest day is 40: the axis ends at a round 50
+    first_day = [bar for bar in chart.bars if bar.label.startswith("11-01")]
+    assert [(bar.series, bar.height) for bar in first_day] == [("s0", 96.0), ("s1", 32.0)]
+    assert first_day[1].y + first_day[1].height == first_day[0].y  # b sits on top of a
+    assert chart.legend == [("s0", "a"), ("s1", "b")] and "11-01: 40.0" in chart.summary
+    assert charts.columns("Spend", ["11-01"], {"a": {"11-01": 1.0}}, str).legend == []  # one series: no legend
+    line = charts.timeline("p95", [(0, 5.0), (60, 10.0), (120, None), (180, 5.0), (600, 1.0)], 0, 600, str)
+    assert len(line.lines) == 1 and len(line.dots) == 2  # joined minutes, then a gap and a lone point twice
+    assert charts.timeline("p95", [], 0, 600, str).empty

@@ -108,12 +108,14 @@ def _days(today: date) -> tuple[str, str, list[str]]:
     return days[0], days[-1], days
 
 
-def _per_day(what: str, days: list[str], amounts: list[tuple[str, int]]) -> Chart:
-    """A bar per day (``MM-DD``) of nano-USD amounts summed over models; days without any show 0."""
-    totals = dict.fromkeys(days, 0)
-    for day, amount in amounts:
-        totals[day] += amount
-    return columns(f"{what} per day, last {DAYS} days", [(d[5:], totals[d]) for d in days], lambda v: usd(int(v)))
+def _per_day(what: str, days: list[str], amounts: list[tuple[str, str, int]]) -> Chart:
+    """A bar per day (``MM-DD``) of nano-USD amounts, stacked by model; days without any show 0."""
+    by_model: dict[str, dict[str, float]] = {}
+    for day, model, amount in amounts:
+        into = by_model.setdefault(model, {})
+        into[day[5:]] = into.get(day[5:], 0) + amount
+    labels = [day[5:] for day in days]
+    return columns(f"{what} per day and model, last {DAYS} days", labels, by_model, lambda v: usd(int(v)))
 
 
 # --- signing in and out -------------------------------------------------------------------------
@@ -215,7 +217,7 @@ async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
         credits=await credit_figures(pool, user.id),
         keys=keys,
         usage=list(reversed(usage.data)),
-        chart=_per_day("Spend", days, [(row.date, row.costNano) for row in usage.data]),
+        chart=_per_day("Spend", days, [(row.date, row.model, row.costNano) for row in usage.data]),
         recent=await recent_requests(pool, user.id),
         model=next((m.slug for m in model_list(pool).data), "smollm2-135m"),
         done=request.query_params.get("done"),
@@ -238,7 +240,7 @@ async def provider(request: Request[Any, Any, Any]) -> Template | Redirect:
         standing=await provider_standing(pool, user.id),
         earnings=earnings,
         rows=list(reversed(earnings.data)),
-        chart=_per_day("Earnings", days, [(row.date, row.earnedNano) for row in earnings.data]),
+        chart=_per_day("Earnings", days, [(row.date, row.model, row.earnedNano) for row in earnings.data]),
         done=request.query_params.get("done"),
     )
 
