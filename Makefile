@@ -36,7 +36,7 @@ test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 bench: install
-	$(BIN)/python -m tests.bench.overhead
+	$(BIN)/python -m tests.bench.gateways
 
 clean:
 	rm -rf $(VENV) .pool .pytest_cache .mypy_cache .ruff_cache
