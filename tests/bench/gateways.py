@@ -10,7 +10,8 @@ first token.
     .venv/bin/python -m tests.bench.gateways [--rounds 300] [--targets pool,litellm,portkey]
 
 The peers install on first use under ``tests/bench/.peers/`` (see ``tests/bench/peers.py``).
-Results are also written to ``tests/bench/results/gateways.json``.
+Results are also written to ``tests/bench/results/gateways.json``. For experiments,
+``POOL_BENCH_SETTINGS="ledger_flush_interval=60 …"`` passes coordinator settings to the pool.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def main() -> None:
                 rate_limit_rpm="1000000",
                 rate_limit_tpm="1000000000",
                 credit_lease_idle_seconds="5",
+                **dict(arg.split("=", 1) for arg in os.environ.get("POOL_BENCH_SETTINGS", "").split() if arg),
             )
             pool.start()
             pool.agent(backend, [MODEL], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
