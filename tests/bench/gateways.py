@@ -5,9 +5,13 @@ called directly; the pool (coordinator + one agent, credits, rate limits and the
 PostgreSQL); LiteLLM's proxy; Portkey's gateway. At concurrency 1, after a warm-up, each round
 sends one non-streamed and one streamed request to every target in a fresh random order; added
 latency is a target's percentile minus the direct call's, for non-stream totals and stream time to
-first token.
+first token. Then streams: a second stand-in sends 64 chunks 20 ms apart, and each target opens
+10, 100, … 1,000 such streams at once: the gap between chunks (p50/p99, and added over the direct
+call at the same level), chunks lost, the first level where the gap p99 passes twice the pace, and
+the memory each open stream costs the target (its processes' RSS mid-stream minus before).
 
-    .venv/bin/python -m tests.bench.gateways [--rounds 300] [--targets pool,litellm,portkey]
+    .venv/bin/python -m tests.bench.gateways [--rounds 300] [--levels 10,100,250,500,1000]
+        [--targets pool,litellm,portkey]
 
 The peers install on first use under ``tests/bench/.peers/`` (see ``tests/bench/peers.py``).
 Results are also written to ``tests/bench/results/gateways.json``. For experiments,
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -35,7 +40,10 @@ from scripts import localpool
 from tests.bench import peers
 from tests.harness import Pool
 
-MODEL = "smollm2-135m"  # a directory slug, so the pool admits the stand-in under it
+MODEL = "smollm2-135m"  # directory slugs, so the pool admits the stand-ins under them
+PACED_MODEL = "gemma-3-270m"
+PACE_MS = 20.0
+PACED_CHUNKS = 64
 BENCH_DB = "postgresql+asyncpg://postgres@127.0.0.1:5432/bench"
 RESULTS = Path(__file__).parent / "results"
 MSG = [{"role": "user", "content": "bench"}]
@@ -46,8 +54,111 @@ class Target:
     name: str
     url: str  # the chat completions endpoint
     headers: dict[str, str]
+    paced_headers: dict[str, str]  # for the paced stand-in's model
+    pids: list[int]  # the processes whose memory counts (children included)
     totals: list[float] = field(default_factory=list)  # non-stream, ms
     ttfts: list[float] = field(default_factory=list)  # stream, ms
+
+
+def rss_kb(pids: list[int]) -> int:
+    """Resident memory of ``pids`` and all their descendants, in KB (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    family, grew = set(pids), True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    total = 0
+    for pid in family:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+async def paced_stream(client: httpx.AsyncClient, target: Target) -> tuple[list[float], int]:
+    """One stream from the paced stand-in: gaps between its chunks (ms) and how many arrived."""
+    body = {"model": PACED_MODEL, "messages": MSG, "stream": True}
+    arrivals: list[float] = []
+    async with client.stream("POST", target.url, headers=target.paced_headers, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.perf_counter())
+    return [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)], len(arrivals)
+
+
+@dataclass
+class Level:
+    gaps: list[float]
+    chunks: list[int]  # per stream; a failed stream counts 0
+    kb_per_stream: float
+
+
+async def open_streams(target: Target, count: int) -> Level:
+    idle = rss_kb(target.pids)
+    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        tasks = [asyncio.create_task(paced_stream(client, target)) for _ in range(count)]
+        await asyncio.sleep(PACED_CHUNKS * PACE_MS / 1000 / 2)  # mid-stream: every stream is open
+        busy = rss_kb(target.pids)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    gaps = [g for r in results if not isinstance(r, BaseException) for g in r[0]]
+    chunks = [0 if isinstance(r, BaseException) else r[1] for r in results]
+    return Level(gaps, chunks, max(0, busy - idle) / count)
+
+
+def ramp(targets: list[Target], levels: list[int], rng: random.Random) -> dict[str, dict[str, object]]:
+    """Open ``level`` paced streams at once on each target (in random order), level after level."""
+    print(f"\nstreams of {PACED_CHUNKS} chunks, {PACE_MS:g} ms apart; added = target - direct at the same level")
+    print(
+        f"{'streams':>7} {'target':>8} | {'gap p50':>8} {'p99':>8} {'added p50':>10} {'p99':>8} |"
+        f" {'lost':>6} | {'KB/stream':>9}"
+    )
+    rows: dict[str, dict[str, object]] = {t.name: {"levels": {}, "saturates_at": None} for t in targets}
+    expected = 0
+    for count in levels:
+        order = targets[:]
+        rng.shuffle(order)
+        measured = {target.name: asyncio.run(open_streams(target, count)) for target in order}
+        expected = max(expected, *measured["direct"].chunks)
+        floor = measured["direct"]
+        for target in targets:
+            level = measured[target.name]
+            p50, p99 = pct(level.gaps or [0.0], 0.5), pct(level.gaps or [0.0], 0.99)
+            added50, added99 = p50 - pct(floor.gaps or [0.0], 0.5), p99 - pct(floor.gaps or [0.0], 0.99)
+            lost = sum(expected - c for c in level.chunks)
+            row = rows[target.name]
+            row["levels"][count] = {  # type: ignore[index]
+                "gap_p50_ms": p50,
+                "gap_p99_ms": p99,
+                "added_gap_p50_ms": added50,
+                "added_gap_p99_ms": added99,
+                "lost_chunks": lost,
+                "kb_per_stream": level.kb_per_stream,
+            }
+            if row["saturates_at"] is None and p99 > 2 * PACE_MS:
+                row["saturates_at"] = count
+            print(
+                f"{count:>7} {target.name:>8} | {p50:>8.2f} {p99:>8.2f} {added50:>+10.2f} {added99:>+8.2f} |"
+                f" {lost:>6} | {level.kb_per_stream:>9.1f}",
+                flush=True,
+            )
+    for target in targets:
+        level = rows[target.name]["saturates_at"]
+        print(
+            f"{target.name:>8}: gap p99 passes {2 * PACE_MS:g} ms at {level if level else 'no level measured'} streams"
+        )
+    return rows
 
 
 def pct(values: list[float], q: float) -> float:
@@ -140,6 +251,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--targets", default="pool,litellm,portkey")
+    parser.add_argument("--levels", default="10,100,250,500,1000", help="concurrent streams, comma-separated")
     parser.add_argument("--database", default=os.environ.get("POOL_BENCH_DATABASE_URL", BENCH_DB))
     args = parser.parse_args()
     wanted = args.targets.split(",")
@@ -147,10 +259,15 @@ def main() -> None:
     procs: list[localpool.Proc] = []
     pool: Pool | None = None
     try:
-        port = localpool.free_port()
+        port, paced_port = localpool.free_port(), localpool.free_port()
         procs.append(localpool.start_standin(port, workdir, name="backend", chunks=8))
-        backend = f"http://127.0.0.1:{port}"
-        targets = [Target("direct", f"{backend}/v1/chat/completions", {})]
+        procs.append(
+            localpool.start_standin(paced_port, workdir, name="paced", chunks=PACED_CHUNKS, interval_ms=PACE_MS)
+        )
+        backend, paced = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{paced_port}"
+        # The direct call's "paced" model is the paced stand-in's own URL: a header-free twin target.
+        targets = [Target("direct", f"{backend}/v1/chat/completions", {}, {}, [procs[0].popen.pid])]
+        direct_paced = Target("direct", f"{paced}/v1/chat/completions", {}, {}, [procs[1].popen.pid])
         if "pool" in wanted:
             pool = Pool(
                 workdir,
@@ -163,20 +280,30 @@ def main() -> None:
                 **dict(arg.split("=", 1) for arg in os.environ.get("POOL_BENCH_SETTINGS", "").split() if arg),
             )
             pool.start()
-            pool.agent(backend, [MODEL], max_concurrency=256, extra_env={"POOL_AGENT_LOG_LEVEL": "WARNING"})
-            targets.append(Target("pool", f"{pool.url}/v1/chat/completions", {"authorization": f"Bearer {pool.key}"}))
+            quiet = {"POOL_AGENT_LOG_LEVEL": "WARNING"}
+            fast_agent = pool.agent(backend, [MODEL], max_concurrency=256, extra_env=quiet)
+            paced_agent = pool.agent(paced, [PACED_MODEL], max_concurrency=1024, extra_env=quiet)
+            auth = {"authorization": f"Bearer {pool.key}"}
+            assert pool.coordinator is not None
+            pids = [pool.coordinator.popen.pid, fast_agent.popen.pid, paced_agent.popen.pid]
+            targets.append(Target("pool", f"{pool.url}/v1/chat/completions", auth, auth, pids))
         if "litellm" in wanted:
             litellm_port = localpool.free_port()
-            procs.append(peers.start_litellm(litellm_port, backend, MODEL, workdir))
+            procs.append(peers.start_litellm(litellm_port, {MODEL: backend, PACED_MODEL: paced}, workdir))
             url = f"http://127.0.0.1:{litellm_port}/v1/chat/completions"
-            targets.append(Target("litellm", url, {"authorization": f"Bearer {peers.MASTER_KEY}"}))
+            auth = {"authorization": f"Bearer {peers.MASTER_KEY}"}
+            targets.append(Target("litellm", url, auth, auth, [procs[-1].popen.pid]))
         if "portkey" in wanted:
             portkey_port = localpool.free_port()
             procs.append(peers.start_portkey(portkey_port, workdir))
             url = f"http://127.0.0.1:{portkey_port}/v1/chat/completions"
-            targets.append(Target("portkey", url, peers.portkey_headers(backend)))
-        asyncio.run(measure(targets, args.rounds, args.warmup, random.Random(7)))
+            headers, paced_headers = peers.portkey_headers(backend), peers.portkey_headers(paced)
+            targets.append(Target("portkey", url, headers, paced_headers, [procs[-1].popen.pid]))
+        rng = random.Random(7)
+        asyncio.run(measure(targets, args.rounds, args.warmup, rng))
         rows = report(targets, args.rounds)
+        levels = [int(level) for level in args.levels.split(",") if level]
+        streams = ramp([direct_paced, *targets[1:]], levels, rng) if levels else {}
         RESULTS.mkdir(exist_ok=True)
         out = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -184,6 +311,7 @@ def main() -> None:
             "rounds": args.rounds,
             "versions": {"litellm": peers.LITELLM, "portkey": peers.PORTKEY},
             "concurrency_1": rows,
+            "streams": streams,
         }
         (RESULTS / "gateways.json").write_text(json.dumps(out, indent=2))
         print(f"\nwritten: {RESULTS / 'gateways.json'}")

@@ -92,21 +92,20 @@ def install_portkey() -> Path:
 MASTER_KEY = "sk-bench-" + secrets.token_urlsafe(24)  # LiteLLM checks keys, as the pool does
 
 
-def start_litellm(port: int, backend: str, model: str, workdir: Path) -> Proc:
-    """LiteLLM's proxy (one worker) serving ``model`` from the OpenAI-compatible ``backend``;
+def start_litellm(port: int, backends: dict[str, str], workdir: Path) -> Proc:
+    """LiteLLM's proxy (one worker) serving each model from its OpenAI-compatible backend;
     requests carry ``MASTER_KEY``."""
     command = install_litellm()
     config = workdir / "litellm.yaml"
-    config.write_text(
-        "general_settings:\n"
-        f"  master_key: {MASTER_KEY}\n"
-        "model_list:\n"
+    entries = "".join(
         f"  - model_name: {model}\n"
         "    litellm_params:\n"
         f"      model: openai/{model}\n"
         f"      api_base: {backend}/v1\n"
         "      api_key: sk-bench\n"
+        for model, backend in backends.items()
     )
+    config.write_text(f"general_settings:\n  master_key: {MASTER_KEY}\nmodel_list:\n{entries}")
     proc = spawn(
         "litellm",
         [str(command), "--config", str(config), "--port", str(port), "--num_workers", "1"],
