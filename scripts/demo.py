@@ -8,7 +8,7 @@ import secrets
 import signal
 import socket
 import sys
-import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -36,9 +36,11 @@ def main() -> int:
     env = localpool.coordinator_env(f"sqlite+aiosqlite:///{db_path}", jwt_secret=secrets.token_urlsafe(32))
     port = _port(int(os.environ.get("DEMO_PORT", "8080")))
     base = f"http://127.0.0.1:{port}"
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A plain flag: a handler that takes a lock (as Event.set does) can deadlock against the very
+    # wait it interrupts, which holds that lock.
+    stopping: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _: stopping.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _: stopping.append(signum))
     children: list[localpool.Proc] = []
     try:
         print("starting llama.cpp's server with SmolLM2-135M-Instruct …", flush=True)
@@ -66,7 +68,8 @@ def main() -> int:
         ).json()
         print(f"\nfirst answer through the pool: {reply['choices'][0]['message']['content']!r}")
         print(_instructions(base, key), flush=True)
-        while not stop.wait(0.5):
+        while not stopping:
+            time.sleep(0.5)
             for child in children:
                 if not child.alive():
                     print(f"{child.name} exited unexpectedly; its log: {child.log_path}", file=sys.stderr)
