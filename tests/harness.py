@@ -136,3 +136,14 @@ class Pool:
 
     def status(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/v1/pool/status", timeout=5).json())
+
+
+def with_upstream(workdir: Path, models: str, chunks: int = 3, **settings: str) -> Pool:
+    """A pool (not yet started) whose platform upstream is a loopback stand-in serving ``models``
+    (``slug=upstream-id,…``); its base URL is in ``extra["upstream"]``."""
+    port = localpool.free_port()
+    upstream = localpool.start_standin(port, workdir, name="upstream", chunks=chunks)
+    pool = Pool(workdir, upstream_base_url=f"http://127.0.0.1:{port}/v1", upstream_models=models, **settings)
+    pool.backends.append(upstream)
+    pool.extra["upstream"] = f"http://127.0.0.1:{port}"
+    return pool

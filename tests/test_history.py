@@ -12,8 +12,7 @@ from sqlalchemy import insert, select
 
 from coordinator import db, history
 from coordinator.history import History, Minute
-from scripts import localpool
-from tests.harness import Pool
+from tests.harness import Pool, with_upstream
 
 T0 = 1_800_000_030.0  # half a minute into a minute
 
@@ -93,16 +92,9 @@ def _history(pool: Pool, span: str = "1h") -> httpx.Response:
 
 
 def test_status_history_counts_what_the_pool_served_and_survives_a_restart(tmp_path: Path) -> None:
-    port = localpool.free_port()
-    upstream = localpool.start_standin(port, tmp_path, name="upstream", chunks=3)
-    pool = Pool(
-        tmp_path,
-        upstream_base_url=f"http://127.0.0.1:{port}/v1",
-        upstream_api_key="sk-platform",
-        upstream_models="gemma-3-270m=upstream-gemma",
-        status_flush_seconds="0.3",
+    pool = with_upstream(
+        tmp_path, "gemma-3-270m=upstream-gemma", upstream_api_key="sk-platform", status_flush_seconds="0.3"
     )
-    pool.backends.append(upstream)
     pool.start()
     try:
         pool.agent(pool.standin(chunks=2), ["smollm2-135m"])

@@ -19,11 +19,10 @@ from coordinator.placement import Routing
 from coordinator.registry import ConnectedAgent, Performance, Registry
 from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import without_preferences
-from scripts import localpool
 from shared import protocol
 from shared.openai import ProviderPreferences
 from shared.protocol import Hello, ModelOffer
-from tests.harness import Pool
+from tests.harness import Pool, with_upstream
 from tests.test_units import DIRECTORY
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -255,19 +254,14 @@ def test_preferences_are_removed_from_the_forwarded_body() -> None:
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     """A pool whose upstream (a loopback stand-in) serves both models at $1/$2 per 1M tokens."""
-    workdir = tmp_path_factory.mktemp("routing")
-    port = localpool.free_port()
-    upstream = localpool.start_standin(port, workdir, name="upstream", chunks=2)
-    harness = Pool(
-        workdir,
-        upstream_base_url=f"http://127.0.0.1:{port}/v1",
-        upstream_models="gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol",
+    harness = with_upstream(
+        tmp_path_factory.mktemp("routing"),
+        "gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol",
+        chunks=2,
         upstream_price_in="1",
         upstream_price_out="2",
     )
-    harness.backends.append(upstream)
     harness.start()
-    harness.extra = {"upstream": f"http://127.0.0.1:{port}"}
     try:
         yield harness
     finally:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from scripts import localpool
-from tests.harness import Pool
+from tests.harness import Pool, with_upstream
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -18,19 +18,13 @@ MSG = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def upstream_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     workdir = tmp_path_factory.mktemp("upstream")
-    port = localpool.free_port()
-    upstream = localpool.start_standin(port, workdir, name="upstream", chunks=3)
-    failing_port = localpool.free_port()
-    failing = localpool.start_standin(failing_port, workdir, name="failing", mode="fail")
-    harness = Pool(
-        workdir,
-        upstream_base_url=f"http://127.0.0.1:{port}/v1",
-        upstream_api_key="sk-platform",
-        upstream_models="gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol",
+    harness = with_upstream(
+        workdir, "gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol", upstream_api_key="sk-platform"
     )
-    harness.backends += [upstream, failing]
+    failing_port = localpool.free_port()
+    harness.backends.append(localpool.start_standin(failing_port, workdir, name="failing", mode="fail"))
     harness.start()
-    harness.extra = {"upstream": f"http://127.0.0.1:{port}", "failing": f"http://127.0.0.1:{failing_port}/v1"}
+    harness.extra["failing"] = f"http://127.0.0.1:{failing_port}/v1"
     try:
         yield harness
     finally:

@@ -40,6 +40,7 @@ from coordinator.websession import (
     page_user,
     session_cookie,
 )
+from shared import errors
 
 DAYS = 14  # days in the usage and earnings charts
 CredentialId = Annotated[int, Parameter(ge=1, le=2**31 - 1)]
@@ -251,7 +252,7 @@ async def provider(request: Request[Any, Any, Any]) -> Template | Redirect:
 def _kind(path: str) -> Kind:
     kind = KINDS.get(path)
     if kind is None:
-        raise PoolError(404, "not_found", "No such page.")
+        raise PoolError(404, errors.NOT_FOUND, "No such page.")
     return kind
 
 

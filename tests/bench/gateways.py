@@ -38,6 +38,7 @@ import httpx
 
 from scripts import localpool
 from tests.bench import peers
+from tests.bench.common import pct, pool_under_load
 from tests.harness import Pool
 
 MODEL = "smollm2-135m"  # directory slugs, so the pool admits the stand-ins under them
@@ -161,11 +162,6 @@ def ramp(targets: list[Target], levels: list[int], rng: random.Random) -> dict[s
     return rows
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def fresh_database(url: str) -> str:
     """An empty ``bench`` database beside the test one (created if missing)."""
     plain = url.replace("postgresql+asyncpg://", "postgresql://")
@@ -269,14 +265,9 @@ def main() -> None:
         targets = [Target("direct", f"{backend}/v1/chat/completions", {}, {}, [procs[0].popen.pid])]
         direct_paced = Target("direct", f"{paced}/v1/chat/completions", {}, {}, [procs[1].popen.pid])
         if "pool" in wanted:
-            pool = Pool(
+            pool = pool_under_load(
                 workdir,
-                db_url=asyncio.run(fresh_database(args.database)),
-                log_level="WARNING",
-                heartbeat_interval="5",
-                rate_limit_rpm="1000000",
-                rate_limit_tpm="1000000000",
-                credit_lease_idle_seconds="5",
+                asyncio.run(fresh_database(args.database)),
                 **dict(arg.split("=", 1) for arg in os.environ.get("POOL_BENCH_SETTINGS", "").split() if arg),
             )
             pool.start()

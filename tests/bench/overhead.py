@@ -20,17 +20,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness import Pool
+from tests.bench.common import pct, pool_under_load
 
 # Directory slugs the two stand-ins are announced as (the pool only admits models in its directory).
 FAST, PACED = "smollm2-135m", "gemma-3-270m"
 
 MSG = [{"role": "user", "content": "bench"}]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def non_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str) -> float:
@@ -84,16 +79,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,16,64", help="concurrency levels, comma-separated")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pool-bench-"))
-    # Credits, rate limits and the request log are on, as in production; the limits are set high enough
-    # that the benchmark measures their cost without hitting them.
-    pool = Pool(
-        workdir,
-        heartbeat_interval="5",
-        log_level="WARNING",
-        rate_limit_rpm="1000000",
-        rate_limit_tpm="1000000000",
-        credit_lease_idle_seconds="5",
-    )
+    pool = pool_under_load(workdir)
     pool.start()
     try:
         fast = pool.standin(chunks=args.chunks)

@@ -19,6 +19,7 @@ import httpx
 
 from coordinator import db, history
 from coordinator.history import Minute
+from tests.bench.common import pct
 from tests.harness import Pool
 
 PAGES = ["/healthz", "/status", "/status/live", "/v1/pool/status?history=24h", "/portal", "/portal/provider"]
@@ -60,11 +61,6 @@ def measure(client: httpx.Client, rounds: int) -> dict[str, list[float]]:
             times[path].append((time.perf_counter() - started) * 1000)
             assert response.status_code == 200, (path, response.status_code)
     return times
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:

@@ -1,0 +1,28 @@
+"""What the benchmarks share: the percentile they report and the pool they put under load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.harness import Pool
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank from below)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def pool_under_load(workdir: Path, db_url: str | None = None, **settings: str) -> Pool:
+    """A pool (not yet started) with credits, rate limits and the request log on, as in production;
+    the limits are high enough that a benchmark measures their cost without hitting them."""
+    return Pool(
+        workdir,
+        db_url=db_url,
+        log_level="WARNING",
+        heartbeat_interval="5",
+        rate_limit_rpm="1000000",
+        rate_limit_tpm="1000000000",
+        credit_lease_idle_seconds="5",
+        **settings,
+    )
