@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
-
 from coordinator.metering import Price
-from shared.backend import Event, prepare_body, run_chat
+from shared.backend import Event, HttpClient, prepare_body, run_chat
 
 FREE = Price(0, 0)
 
@@ -29,10 +27,7 @@ class Upstream:
         self.cost = cost
         self._url = f"{base_url}/chat/completions" if base_url else ""
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        self._client = HttpClient(256, timeout, trust_env=True)  # an operator's proxy settings apply
 
     def serves(self, slug: str) -> bool:
         return slug in self.models

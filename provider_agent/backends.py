@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
 import msgspec
 
 from provider_agent.config import AgentConfig
-from shared.backend import Event, prepare_body, run_chat
+from shared.backend import Event, HttpClient, prepare_body, run_chat
 
 
 class BackendUnavailable(Exception):
@@ -23,24 +23,22 @@ class Backend:
     def __init__(self, config: AgentConfig) -> None:
         self.base_url = config.backend_url
         self._headers = {"authorization": f"Bearer {config.backend_api_key}"} if config.backend_api_key else {}
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(
-                max_connections=config.max_concurrency + 4, max_keepalive_connections=config.max_concurrency
-            ),
-        )
+        self._client = HttpClient(config.max_concurrency + 4, None)
 
     async def model_names(self) -> list[str]:
         """The backend's model ids; raises :class:`BackendUnavailable` if it does not answer."""
         url = f"{self.base_url}/models"
         try:
-            response = await self._client.get(url, headers=self._headers, timeout=10.0)
-        except httpx.HTTPError as exc:
+            async with self._client.session().get(
+                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=10.0)
+            ) as response:
+                status, content = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnavailable(f"cannot reach the backend at {url}: {exc or type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise BackendUnavailable(f"the backend at {url} answered {response.status_code}")
+        if status != 200:
+            raise BackendUnavailable(f"the backend at {url} answered {status}")
         try:
-            listing = msgspec.json.decode(response.content, type=_ModelList)
+            listing = msgspec.json.decode(content, type=_ModelList)
         except msgspec.DecodeError:
             raise BackendUnavailable(f"the backend at {url} did not answer with an OpenAI model list") from None
         return [str(entry.get("id")) for entry in listing.data]

@@ -1,6 +1,9 @@
 """One OpenAI-compatible chat client, used by the agent (its local backend) and by the coordinator
 (the platform upstream), so both produce the same stream of events.
 
+It runs on aiohttp: on the agent, relaying a request costs about a third of the CPU it took with
+httpx, whose per-request plumbing was most of the agent's work (``tests/bench/throughput.py``).
+
 :func:`run_chat` yields :class:`Chunk` for each piece of output, then exactly one :class:`Done` or
 :class:`Failure`. Streams are passed through as the backend's JSON payloads, read only far enough
 (:class:`~shared.openai.ChunkView`) to find usage, finish reasons and in-band errors.
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from shared import errors
@@ -93,8 +96,33 @@ def _failure_for_status(status: int, body: bytes) -> Failure:
     return Failure(errors.BACKEND_REJECTED, message, False, status)
 
 
+class HttpClient:
+    """A keep-alive connection pool to one OpenAI-compatible server, opened on first use (an aiohttp
+    session belongs to the event loop that runs it). ``read_timeout`` bounds each wait for data,
+    ``None`` waits as long as the job's own deadline allows."""
+
+    def __init__(self, limit: int, read_timeout: float | None, *, trust_env: bool = False) -> None:
+        self.limit = limit
+        self.read_timeout = read_timeout
+        self.trust_env = trust_env
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.limit),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.read_timeout),
+                trust_env=self.trust_env,
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 async def run_chat(
-    client: httpx.AsyncClient,
+    client: HttpClient,
     url: str,
     body: bytes,
     *,
@@ -105,43 +133,40 @@ async def run_chat(
     """POST ``body`` to ``url`` and yield the result as events (see module docstring)."""
     request_headers = {"content-type": "application/json", **(headers or {})}
     try:
-        if not stream:
-            response = await client.post(url, content=body, headers=request_headers)
-            if response.status_code != 200:
-                yield _failure_for_status(response.status_code, response.content)
+        async with client.session().post(url, data=body, headers=request_headers) as response:
+            if response.status != 200:
+                yield _failure_for_status(response.status, await response.read())
                 return
-            try:
-                view = _chunk_decoder.decode(response.content)
-            except msgspec.DecodeError as exc:
-                yield Failure(errors.BACKEND_ERROR, f"backend sent an invalid response: {exc}", True)
+            if stream:
+                async for event in _relay_stream(response, want_usage):
+                    yield event
                 return
-            if view.error is not None:
-                yield Failure(errors.BACKEND_ERROR, _error_message(response.content, 200), True)
-                return
-            yield Chunk(response.content)
-            finish = view.choices[0].finish_reason if view.choices else None
-            yield Done(view.usage, finish, [])
+            content = await response.read()
+        try:
+            view = _chunk_decoder.decode(content)
+        except msgspec.DecodeError as exc:
+            yield Failure(errors.BACKEND_ERROR, f"backend sent an invalid response: {exc}", True)
             return
-        async with client.stream("POST", url, content=body, headers=request_headers) as response:
-            if response.status_code != 200:
-                yield _failure_for_status(response.status_code, await response.aread())
-                return
-            async for event in _relay_stream(response, want_usage):
-                yield event
-    except httpx.TimeoutException as exc:
+        if view.error is not None:
+            yield Failure(errors.BACKEND_ERROR, _error_message(content, 200), True)
+            return
+        yield Chunk(content)
+        finish = view.choices[0].finish_reason if view.choices else None
+        yield Done(view.usage, finish, [])
+    except TimeoutError as exc:
         yield Failure(errors.BACKEND_ERROR, f"backend timed out: {type(exc).__name__}", True)
-    except httpx.TransportError as exc:
+    except aiohttp.ClientError as exc:
         yield Failure(errors.BACKEND_UNAVAILABLE, f"backend unreachable: {exc or type(exc).__name__}", True)
 
 
-async def _relay_stream(response: httpx.Response, want_usage: bool) -> AsyncIterator[Event]:
+async def _relay_stream(response: aiohttp.ClientResponse, want_usage: bool) -> AsyncIterator[Event]:
     parser = SSEParser()
     usage: Usage | None = None
     finish_reason: str | None = None
     held: bytes | None = None  # the latest chunk with a finish reason, kept back for x_pool
     usage_chunk: bytes | None = None
     sent_any = False
-    async for data in response.aiter_bytes():
+    async for data in response.content.iter_any():
         for payload in parser.feed(data):
             if payload == b"[DONE]":
                 tail = [c for c in (held, usage_chunk if want_usage else None) if c is not None]

@@ -49,5 +49,5 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access", "httpx", "httpcore", "websockets", "apscheduler", "alembic"):
+    for noisy in ("uvicorn.access", "aiohttp", "httpx", "httpcore", "websockets", "apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
