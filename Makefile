@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 browser:
-	scripts/install-chromium.sh
+	scripts/apt-install.sh chromium
 
 demo: install
 	$(BIN)/python -m scripts.demo
@@ -36,6 +36,7 @@ test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 bench: install
+	scripts/apt-install.sh chromium wrk
 	$(BIN)/python -m tests.bench.gateways
 
 clean:

@@ -24,5 +24,6 @@ def pool_under_load(workdir: Path, db_url: str | None = None, **settings: str) -
         rate_limit_rpm="1000000",
         rate_limit_tpm="1000000000",
         credit_lease_idle_seconds="5",
+        new_agent_concurrency="1024",  # the agents stand for trusted providers, not newcomers held to 64
         **settings,
     )

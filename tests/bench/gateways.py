@@ -1,28 +1,32 @@
-"""Added latency of the pool beside LiteLLM's proxy and Portkey's gateway, in one run on one machine.
+"""The pool beside LiteLLM's proxy and Portkey's gateway, in one run on one machine.
 
-Four targets in front of the same loopback stand-in backend (8 chunks, no pacing): the stand-in
-called directly; the pool (coordinator + one agent, credits, rate limits and the request log on,
-PostgreSQL); LiteLLM's proxy; Portkey's gateway. At concurrency 1, after a warm-up, each round
-sends one non-streamed and one streamed request to every target in a fresh random order; added
-latency is a target's percentile minus the direct call's, for non-stream totals and stream time to
-first token. Then streams: a second stand-in sends 64 chunks 20 ms apart, and each target opens
-10, 100, … 1,000 such streams at once: the gap between chunks (p50/p99, and added over the direct
-call at the same level), chunks lost, the first level where the gap p99 passes twice the pace, and
-the memory each open stream costs the target (its processes' RSS mid-stream minus before).
+Four targets in front of the same loopback stand-in backend: the stand-in called directly; the
+pool (coordinator + one agent, credits, rate limits and the request log on, PostgreSQL); LiteLLM's
+proxy; Portkey's gateway. Four measures, in this order:
 
-    .venv/bin/python -m tests.bench.gateways [--rounds 300] [--levels 10,100,250,500,1000]
-        [--targets pool,litellm,portkey]
+1. latency at concurrency 1 (8-chunk stand-in, no pacing): after a warm-up, each round sends one
+   non-streamed and one streamed request to every target in a fresh random order; added latency is
+   a target's percentile minus the direct call's, for non-stream totals and time to first token;
+2. throughput on one core (:mod:`tests.bench.throughput`): a closed-loop concurrency sweep with
+   wrk, the highest request rate with p99 under 10, 50 and 100 ms and no error, CPU per request,
+   and memory idle, under load and after;
+3. the stream ramp (:mod:`tests.bench.streams`): 10 … 1,000 streams of 64 chunks paced 20 ms;
+4. idle agents (:mod:`tests.bench.idle_agents`): what 1, 100 and 10,000 connected agents cost a
+   fresh coordinator.
+
+    .venv/bin/python -m tests.bench.gateways [--rounds 300] [--levels 1,10,100,250,500,1000]
+        [--targets pool,litellm,portkey] [--seconds 5] [--agents 1,100,10000]
 
 The peers install on first use under ``tests/bench/.peers/`` (see ``tests/bench/peers.py``).
-Results are also written to ``tests/bench/results/gateways.json``. For experiments,
-``POOL_BENCH_SETTINGS="ledger_flush_interval=60 …"`` passes coordinator settings to the pool.
+Results go to ``tests/bench/results/gateways.json`` and a chart to ``gateways.png`` beside it.
+For experiments, ``POOL_BENCH_SETTINGS="ledger_flush_interval=60 …"`` passes coordinator settings
+to the pool; an empty ``--levels``, ``--seconds 0`` or ``--agents ""`` skips that measure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import platform
@@ -37,14 +41,12 @@ import asyncpg
 import httpx
 
 from scripts import localpool
-from tests.bench import peers
+from tests.bench import chart, idle_agents, peers, streams, throughput
 from tests.bench.common import pct, pool_under_load
 from tests.harness import Pool
 
 MODEL = "smollm2-135m"  # directory slugs, so the pool admits the stand-ins under them
 PACED_MODEL = "gemma-3-270m"
-PACE_MS = 20.0
-PACED_CHUNKS = 64
 BENCH_DB = "postgresql+asyncpg://postgres@127.0.0.1:5432/bench"
 RESULTS = Path(__file__).parent / "results"
 MSG = [{"role": "user", "content": "bench"}]
@@ -56,110 +58,13 @@ class Target:
     url: str  # the chat completions endpoint
     headers: dict[str, str]
     paced_headers: dict[str, str]  # for the paced stand-in's model
-    pids: list[int]  # the processes whose memory counts (children included)
+    processes: dict[str, list[int]]  # label -> pids: what its memory and CPU are read off
     totals: list[float] = field(default_factory=list)  # non-stream, ms
     ttfts: list[float] = field(default_factory=list)  # stream, ms
 
-
-def rss_kb(pids: list[int]) -> int:
-    """Resident memory of ``pids`` and all their descendants, in KB (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    family, grew = set(pids), True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in family} - family
-        family |= more
-        grew = bool(more)
-    total = 0
-    for pid in family:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
-
-
-async def paced_stream(client: httpx.AsyncClient, target: Target) -> tuple[list[float], int]:
-    """One stream from the paced stand-in: gaps between its chunks (ms) and how many arrived."""
-    body = {"model": PACED_MODEL, "messages": MSG, "stream": True}
-    arrivals: list[float] = []
-    async with client.stream("POST", target.url, headers=target.paced_headers, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                arrivals.append(time.perf_counter())
-    return [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)], len(arrivals)
-
-
-@dataclass
-class Level:
-    gaps: list[float]
-    chunks: list[int]  # per stream; a failed stream counts 0
-    kb_per_stream: float
-
-
-async def open_streams(target: Target, count: int) -> Level:
-    idle = rss_kb(target.pids)
-    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        tasks = [asyncio.create_task(paced_stream(client, target)) for _ in range(count)]
-        await asyncio.sleep(PACED_CHUNKS * PACE_MS / 1000 / 2)  # mid-stream: every stream is open
-        busy = rss_kb(target.pids)
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    gaps = [g for r in results if not isinstance(r, BaseException) for g in r[0]]
-    chunks = [0 if isinstance(r, BaseException) else r[1] for r in results]
-    return Level(gaps, chunks, max(0, busy - idle) / count)
-
-
-def ramp(targets: list[Target], levels: list[int], rng: random.Random) -> dict[str, dict[str, object]]:
-    """Open ``level`` paced streams at once on each target (in random order), level after level."""
-    print(f"\nstreams of {PACED_CHUNKS} chunks, {PACE_MS:g} ms apart; added = target - direct at the same level")
-    print(
-        f"{'streams':>7} {'target':>8} | {'gap p50':>8} {'p99':>8} {'added p50':>10} {'p99':>8} |"
-        f" {'lost':>6} | {'KB/stream':>9}"
-    )
-    rows: dict[str, dict[str, object]] = {t.name: {"levels": {}, "saturates_at": None} for t in targets}
-    expected = 0
-    for count in levels:
-        order = targets[:]
-        rng.shuffle(order)
-        measured = {target.name: asyncio.run(open_streams(target, count)) for target in order}
-        expected = max(expected, *measured["direct"].chunks)
-        floor = measured["direct"]
-        for target in targets:
-            level = measured[target.name]
-            p50, p99 = pct(level.gaps or [0.0], 0.5), pct(level.gaps or [0.0], 0.99)
-            added50, added99 = p50 - pct(floor.gaps or [0.0], 0.5), p99 - pct(floor.gaps or [0.0], 0.99)
-            lost = sum(expected - c for c in level.chunks)
-            row = rows[target.name]
-            row["levels"][count] = {  # type: ignore[index]
-                "gap_p50_ms": p50,
-                "gap_p99_ms": p99,
-                "added_gap_p50_ms": added50,
-                "added_gap_p99_ms": added99,
-                "lost_chunks": lost,
-                "kb_per_stream": level.kb_per_stream,
-            }
-            if row["saturates_at"] is None and p99 > 2 * PACE_MS:
-                row["saturates_at"] = count
-            print(
-                f"{count:>7} {target.name:>8} | {p50:>8.2f} {p99:>8.2f} {added50:>+10.2f} {added99:>+8.2f} |"
-                f" {lost:>6} | {level.kb_per_stream:>9.1f}",
-                flush=True,
-            )
-    for target in targets:
-        level = rows[target.name]["saturates_at"]
-        print(
-            f"{target.name:>8}: gap p99 passes {2 * PACE_MS:g} ms at {level if level else 'no level measured'} streams"
-        )
-    return rows
+    @property
+    def pids(self) -> list[int]:
+        return [pid for pids in self.processes.values() for pid in pids]
 
 
 async def fresh_database(url: str) -> str:
@@ -242,28 +147,44 @@ def report(targets: list[Target], rounds: int) -> dict[str, dict[str, float]]:
     return rows
 
 
+def busy_processes(target: Target) -> dict[str, list[int]]:
+    """The processes the throughput sweep loads (the paced agent sits it out)."""
+    return {label: pids for label, pids in target.processes.items() if label != "paced agent"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--targets", default="pool,litellm,portkey")
-    parser.add_argument("--levels", default="10,100,250,500,1000", help="concurrent streams, comma-separated")
+    parser.add_argument("--seconds", type=float, default=5, help="length of each throughput level (0: skip)")
+    parser.add_argument("--levels", default="1,10,100,250,500,1000", help="concurrent streams, comma-separated")
+    parser.add_argument("--agents", default="1,100,10000", help="idle agents to connect, comma-separated")
     parser.add_argument("--database", default=os.environ.get("POOL_BENCH_DATABASE_URL", BENCH_DB))
     args = parser.parse_args()
     wanted = args.targets.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="pool-gateways-"))
-    procs: list[localpool.Proc] = []
+    started: list[localpool.Proc] = []
     pool: Pool | None = None
+    out: dict[str, object] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "rounds": args.rounds,
+        "versions": {"litellm": peers.LITELLM, "portkey": peers.PORTKEY},
+    }
     try:
         port, paced_port = localpool.free_port(), localpool.free_port()
-        procs.append(localpool.start_standin(port, workdir, name="backend", chunks=8))
-        procs.append(
-            localpool.start_standin(paced_port, workdir, name="paced", chunks=PACED_CHUNKS, interval_ms=PACE_MS)
+        started.append(localpool.start_standin(port, workdir, name="backend", chunks=8))
+        started.append(
+            localpool.start_standin(
+                paced_port, workdir, name="paced", chunks=streams.CHUNKS, interval_ms=streams.PACE_MS
+            )
         )
         backend, paced = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{paced_port}"
-        # The direct call's "paced" model is the paced stand-in's own URL: a header-free twin target.
-        targets = [Target("direct", f"{backend}/v1/chat/completions", {}, {}, [procs[0].popen.pid])]
-        direct_paced = Target("direct", f"{paced}/v1/chat/completions", {}, {}, [procs[1].popen.pid])
+        standins = [proc.popen.pid for proc in started]
+        targets = [Target("direct", f"{backend}/v1/chat/completions", {}, {}, {})]
+        # The direct call's paced twin is the paced stand-in itself.
+        direct_paced = streams.Target("direct", f"{paced}/v1/chat/completions", {}, [standins[1]])
         if "pool" in wanted:
             pool = pool_under_load(
                 workdir,
@@ -276,40 +197,54 @@ def main() -> None:
             paced_agent = pool.agent(paced, [PACED_MODEL], max_concurrency=1024, extra_env=quiet)
             auth = {"authorization": f"Bearer {pool.key}"}
             assert pool.coordinator is not None
-            pids = [pool.coordinator.popen.pid, fast_agent.popen.pid, paced_agent.popen.pid]
-            targets.append(Target("pool", f"{pool.url}/v1/chat/completions", auth, auth, pids))
+            processes = {
+                "coordinator": [pool.coordinator.popen.pid],
+                "agent": [fast_agent.popen.pid],
+                "paced agent": [paced_agent.popen.pid],
+            }
+            targets.append(Target("pool", f"{pool.url}/v1/chat/completions", auth, auth, processes))
         if "litellm" in wanted:
             litellm_port = localpool.free_port()
-            procs.append(peers.start_litellm(litellm_port, {MODEL: backend, PACED_MODEL: paced}, workdir))
+            started.append(peers.start_litellm(litellm_port, {MODEL: backend, PACED_MODEL: paced}, workdir))
             url = f"http://127.0.0.1:{litellm_port}/v1/chat/completions"
             auth = {"authorization": f"Bearer {peers.MASTER_KEY}"}
-            targets.append(Target("litellm", url, auth, auth, [procs[-1].popen.pid]))
+            targets.append(Target("litellm", url, auth, auth, {"litellm": [started[-1].popen.pid]}))
         if "portkey" in wanted:
             portkey_port = localpool.free_port()
-            procs.append(peers.start_portkey(portkey_port, workdir))
+            started.append(peers.start_portkey(portkey_port, workdir))
             url = f"http://127.0.0.1:{portkey_port}/v1/chat/completions"
             headers, paced_headers = peers.portkey_headers(backend), peers.portkey_headers(paced)
-            targets.append(Target("portkey", url, headers, paced_headers, [procs[-1].popen.pid]))
+            targets.append(Target("portkey", url, headers, paced_headers, {"portkey": [started[-1].popen.pid]}))
         rng = random.Random(7)
         asyncio.run(measure(targets, args.rounds, args.warmup, rng))
-        rows = report(targets, args.rounds)
+        out["concurrency_1"] = report(targets, args.rounds)
+        if args.seconds > 0:
+            body = json.dumps({"model": MODEL, "messages": MSG}).encode()
+            gateways = [throughput.Gateway(t.name, t.url, t.headers, busy_processes(t)) for t in targets]
+            sweeps = throughput.run(gateways, body, workdir, args.seconds, load_pids=standins)
+            throughput.report(sweeps)
+            out["throughput"] = {s.gateway: s.summary() for s in sweeps}
         levels = [int(level) for level in args.levels.split(",") if level]
-        streams = ramp([direct_paced, *targets[1:]], levels, rng) if levels else {}
+        if levels:
+            ramp_targets = [direct_paced]
+            ramp_targets += [streams.Target(t.name, t.url, t.paced_headers, t.pids) for t in targets[1:]]
+            out["streams"] = streams.ramp(ramp_targets, PACED_MODEL, levels, rng)
+        counts = tuple(int(count) for count in args.agents.split(",") if count)
+        if pool is not None and counts:
+            pool.restart()  # a fresh coordinator: what the agents cost, not what load left behind
+            assert pool.coordinator is not None
+            rows = asyncio.run(
+                idle_agents.measure(pool.url, pool.token, backend, MODEL, pool.coordinator.popen.pid, counts)
+            )
+            out["idle_agents"] = rows
         RESULTS.mkdir(exist_ok=True)
-        out = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "rounds": args.rounds,
-            "versions": {"litellm": peers.LITELLM, "portkey": peers.PORTKEY},
-            "concurrency_1": rows,
-            "streams": streams,
-        }
         (RESULTS / "gateways.json").write_text(json.dumps(out, indent=2))
-        print(f"\nwritten: {RESULTS / 'gateways.json'}")
+        chart.write(out, RESULTS / "gateways.png")
+        print(f"\nwritten: {RESULTS / 'gateways.json'} and {RESULTS / 'gateways.png'}")
     finally:
         if pool is not None:
             pool.stop()
-        for proc in procs:
+        for proc in started:
             proc.stop()
 
 

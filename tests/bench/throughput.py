@@ -1,0 +1,183 @@
+"""Closed-loop throughput: the requests per second a gateway sustains on one CPU core.
+
+The gateway's processes (for the pool: coordinator and agent) run on core 0; the load generator
+(``wrk``: N connections, each sending its next request when the last answer is in) and the stand-in
+backend run on core 1. At each concurrency level: requests/s, latency p50/p99, errors (socket
+errors and non-200 answers), the CPU time each gateway process spends per request, how busy each
+core was, and the gateway's resident memory. The ``direct`` sweep — wrk straight to the stand-in,
+both on core 1 — is what the load side can do on its own: a gateway far below it, with core 1 not
+saturated, is measured and not the load generator.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.bench import procs
+
+LEVELS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+P99_LIMITS_MS = (10, 50, 100)
+GATEWAY_CORE, LOAD_CORE = 0, 1
+GIVE_UP_MS = 300.0  # past this p99 (or any error), higher levels cannot meet any limit
+
+_LUA = """wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\n{{"requests": %d, "seconds": %f, "errors": %d, "non200": %d, "p50_us": %d, "p99_us": %d, "max_us": %d}}\\n',
+    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class Gateway:
+    name: str
+    url: str  # the chat completions endpoint
+    headers: dict[str, str]
+    processes: dict[str, list[int]]  # label (coordinator, agent, …) -> pids, all run on the gateway core
+
+
+@dataclass
+class Step:
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    cpu_ms: dict[str, float]  # per request, by process label
+    core_busy: list[float]  # share of time each core was busy
+    rss_kb: int
+
+
+@dataclass
+class Sweep:
+    gateway: str
+    steps: list[Step] = field(default_factory=list)
+    memory_kb: dict[str, int] = field(default_factory=dict)  # idle, load (peak), after
+
+    def best(self, p99_limit_ms: float) -> Step | None:
+        """The fastest level with p99 under the limit and no error."""
+        fits = [s for s in self.steps if s.errors == 0 and s.p99_ms < p99_limit_ms]
+        return max(fits, key=lambda s: s.rps, default=None)
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {"steps": [vars(s) for s in self.steps], "memory_kb": self.memory_kb}
+        for limit in P99_LIMITS_MS:
+            step = self.best(limit)
+            out[f"rps_p99_under_{limit}ms"] = step.rps if step else None
+            out[f"cpu_ms_per_request_p99_under_{limit}ms"] = step.cpu_ms if step else None
+        return out
+
+
+def script(body: bytes, headers: dict[str, str], workdir: Path, name: str) -> Path:
+    path = workdir / f"wrk-{name}.lua"
+    lines = "\n".join(f'wrk.headers["{k}"] = [[{v}]]' for k, v in headers.items())
+    path.write_text(_LUA.format(body=body.decode(), headers=lines))
+    return path
+
+
+def wrk(url: str, lua: Path, connections: int, seconds: float) -> tuple[subprocess.Popen[str], float]:
+    argv = ["taskset", "-c", str(LOAD_CORE), shutil.which("wrk") or "wrk", "-t1", f"-c{connections}"]
+    argv += [f"-d{seconds:g}s", "--timeout", "5s", "-s", str(lua), url]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), seconds
+
+
+def finish(proc: subprocess.Popen[str]) -> dict[str, float]:
+    out, _ = proc.communicate(timeout=120)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out[-500:]}")
+    parsed: dict[str, float] = json.loads(lines[-1])
+    return parsed
+
+
+def sweep(gateway: Gateway, body: bytes, workdir: Path, seconds: float, levels: tuple[int, ...] = LEVELS) -> Sweep:
+    """Pin the gateway, warm it up, then run wrk at each level until it can no longer meet a limit."""
+    everyone = [pid for pids in gateway.processes.values() for pid in pids]
+    procs.pin(everyone, {GATEWAY_CORE})
+    lua = script(body, gateway.headers, workdir, gateway.name)
+    result = Sweep(gateway.name)
+    result.memory_kb["idle"] = procs.rss_kb(everyone)
+    finish(wrk(gateway.url, lua, 8, 2)[0])  # warm-up, not counted
+    peak = 0
+    for connections in levels:
+        cpu = {label: procs.cpu_seconds(pids) for label, pids in gateway.processes.items()}
+        cores = procs.core_busy()
+        proc, length = wrk(gateway.url, lua, connections, seconds)
+        sampled: list[int] = []
+        sampler = threading.Timer(length / 2, lambda into=sampled: into.append(procs.rss_kb(everyone)))
+        sampler.start()
+        figures = finish(proc)
+        sampler.join()
+        busy = procs.busy_share(cores, procs.core_busy())
+        requests = max(1, int(figures["requests"]))
+        step = Step(
+            connections=connections,
+            rps=figures["requests"] / figures["seconds"],
+            p50_ms=figures["p50_us"] / 1000,
+            p99_ms=figures["p99_us"] / 1000,
+            max_ms=figures["max_us"] / 1000,
+            errors=int(figures["errors"] + figures["non200"]),
+            cpu_ms={
+                label: (procs.cpu_seconds(pids) - cpu[label]) * 1000 / requests
+                for label, pids in gateway.processes.items()
+            },
+            core_busy=busy,
+            rss_kb=sampled[0] if sampled else 0,
+        )
+        peak = max(peak, step.rss_kb)
+        result.steps.append(step)
+        cpu_text = " ".join(f"{label} {ms:.3f}" for label, ms in step.cpu_ms.items())
+        print(
+            f"{gateway.name:>8} {connections:>5} | {step.rps:>8.0f} {step.p50_ms:>8.2f} {step.p99_ms:>8.2f}"
+            f" {step.errors:>6} | {' '.join(f'{b:>4.0%}' for b in busy)} | {cpu_text}",
+            flush=True,
+        )
+        if step.errors or step.p99_ms > GIVE_UP_MS:
+            break
+    result.memory_kb["load"] = peak
+    time.sleep(2)
+    result.memory_kb["after"] = procs.rss_kb(everyone)
+    procs.unpin(everyone)
+    return result
+
+
+def run(gateways: list[Gateway], body: bytes, workdir: Path, seconds: float, load_pids: list[int]) -> list[Sweep]:
+    """Sweep each gateway in turn, the stand-in (``load_pids``) on the load core throughout."""
+    procs.pin(load_pids, {LOAD_CORE})
+    print(f"\nthroughput: closed loop, {seconds:g} s a level; gateway on core {GATEWAY_CORE}, wrk + stand-in on core")
+    print(f"{LOAD_CORE}; CPU = ms of CPU time per request, by process")
+    print(f"{'target':>8} {'conns':>5} | {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} | core0 core1 | CPU")
+    try:
+        return [sweep(gateway, body, workdir, seconds) for gateway in gateways]
+    finally:
+        procs.unpin(load_pids)
+
+
+def report(sweeps: list[Sweep]) -> None:
+    print(f"\nthroughput on one core: highest req/s with p99 under {', '.join(map(str, P99_LIMITS_MS))} ms, no errors")
+    print(f"{'target':>8} | {'  '.join(f'p99<{limit:>3} ms' for limit in P99_LIMITS_MS)} | CPU ms/request at the best")
+    for result in sweeps:
+        cells = []
+        for limit in P99_LIMITS_MS:
+            step = result.best(limit)
+            cells.append(f"{step.rps:>11.0f}" if step else f"{'-':>11}")
+        top = result.best(max(P99_LIMITS_MS))
+        cpu = " ".join(f"{label} {ms:.3f}" for label, ms in top.cpu_ms.items()) if top else ""
+        print(f"{result.gateway:>8} | {'  '.join(cells)} | {cpu}")
+    print("\nmemory (RSS of the gateway's processes, KB)")
+    for result in sweeps:
+        memory = result.memory_kb
+        print(f"{result.gateway:>8} | idle {memory['idle']:>8} | load {memory['load']:>8} | after {memory['after']:>8}")
