@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import secrets
@@ -237,6 +238,10 @@ def create_app(settings: Settings) -> Litestar:
         accounting.start()
         sched = periodic.scheduler(pool)
         sched.start()
+        # Everything built so far lives as long as the process: keep it out of the collector's full
+        # passes, which otherwise stall the event loop (and every request on it) for 50-130 ms.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

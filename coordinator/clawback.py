@@ -20,6 +20,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -35,9 +36,9 @@ TOKENS = 10_000  # (token, model) pairs kept; the least recently served leave fi
 Key = tuple[int, str]  # (agent token id, model slug)
 
 
-@dataclass(frozen=True, slots=True)
-class Served:
-    """A consumer job that cost something: what to give back, and to whom."""
+class Served(NamedTuple):
+    """A consumer job that cost something: what to give back, and to whom. A tuple of plain values,
+    which the garbage collector stops tracking: tens of thousands wait here for a canary."""
 
     request_id: str
     agent_id: str
@@ -45,7 +46,7 @@ class Served:
     provider_user_id: int
     cost: int
     share: int
-    at: float = field(default_factory=time.monotonic)  # when it ended
+    at: float  # time.monotonic() when it ended
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Clawback:
         """Keep a finished consumer job that an agent served (and the consumer paid for)."""
         if record.cost <= 0 or record.user_id is None or record.provider_user_id is None:
             return
-        job = Served(record.id, agent_id, record.user_id, record.provider_user_id, record.cost, record.provider_earned)
+        paid = (record.user_id, record.provider_user_id, record.cost, record.provider_earned)
+        job = Served(record.id, agent_id, *paid, time.monotonic())
         key = (token_id, slug)
         if key in self.discredited_now:
             self.due.append(job)

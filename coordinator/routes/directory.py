@@ -13,7 +13,6 @@ from litestar.params import Parameter
 from coordinator.errors import PoolError
 from coordinator.history import MINUTE, StatusPoint
 from coordinator.state import PoolState
-from coordinator.stats import p95
 from shared import errors
 from shared.money import nano_per_token_to_usd_per_million
 
@@ -65,6 +64,9 @@ class PoolHistory(msgspec.Struct):
 
 
 class PoolStatus(msgspec.Struct, omit_defaults=True):
+    """The pool over the last ``windowSeconds`` (10 s more at most). A p95 latency reads as the upper
+    edge of its 10 %-wide histogram bucket, capped by the largest latency, as in the history."""
+
     activeProviders: int
     modelsAvailable: int
     avgLatencyP95Ms: float | None
@@ -145,18 +147,17 @@ async def pool_status(request: Request[Any, Any, Any], history: Annotated[str | 
 
 async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
     """The pool's health over the recent window, and with ``span`` (seconds) its per-minute history."""
-    samples = pool.stats.recent()
+    window = pool.stats.recent()
     by_model = []
     for slug in _available(pool):
-        latencies = [s.latency_ms for s in samples if s.slug == slug and s.ok]
+        model = window.models.get(slug)
         by_model.append(
             ModelStatus(
                 modelSlug=slug,
                 providerCount=len({a.user_id for a in pool.registry.serving(slug)}),
-                avgLatencyP95Ms=p95(latencies),
+                avgLatencyP95Ms=model.p95() if model is not None else None,
             )
         )
-    served = [s for s in samples if s.ok]
     past = None
     if span is not None:
         series = await pool.history.read(span)
@@ -169,9 +170,9 @@ async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
     return PoolStatus(
         activeProviders=len({a.user_id for a in pool.registry.agents()}),
         modelsAvailable=len(by_model),
-        avgLatencyP95Ms=p95([s.latency_ms for s in served]),
-        fallbackRate=(sum(s.fallback for s in served) / len(served)) if served else 0.0,
-        requestsInWindow=len(samples),
+        avgLatencyP95Ms=window.pool.p95(),
+        fallbackRate=window.fallback_rate,
+        requestsInWindow=window.pool.requests,
         windowSeconds=int(pool.stats.window),
         byModel=by_model,
         history=past,
