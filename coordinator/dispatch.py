@@ -49,8 +49,11 @@ class Job:
 
     async def next(self, timeout: float) -> Event:
         """The next event; a ``Failure`` if none comes within ``timeout`` seconds."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                return await self.queue.get()
         except TimeoutError:
             return Failure(TIMED_OUT, f"no output for {timeout:g} s", True)
 

@@ -141,6 +141,7 @@ class Agent:
             raise Rejected(f"unexpected first message from the coordinator: {type(first).__name__}")
         self._ws = ws
         self.runner.set_frame_limit(first.limits.max_frame_bytes)
+        self.runner.whole_replies = first.whole_replies
         log.info("connected", extra={"agent_id": first.agent_id, "models": first.models})
         if self.stopping.is_set():
             await self.send(Draining())

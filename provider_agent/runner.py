@@ -26,6 +26,7 @@ class Runner:
         self.backend = backend
         self.max_concurrency = max_concurrency
         self.max_chunk_bytes = 1024 * 1024
+        self.whole_replies = False  # the coordinator takes a non-streamed reply in its JobDone
         self.draining = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -69,6 +70,7 @@ class Runner:
         job_id = assign.job_id
         started = time.perf_counter()
         seq = 0
+        whole: list[bytes] = []  # a non-streamed reply that goes out with its JobDone
         try:
             async with asyncio.timeout(max(0.1, assign.deadline - time.time())):
                 events = self.backend.chat(
@@ -76,6 +78,9 @@ class Runner:
                 )
                 async for event in events:
                     if isinstance(event, Chunk):
+                        if not assign.stream and self.whole_replies and len(event.data) <= self.max_chunk_bytes:
+                            whole.append(event.data)
+                            continue
                         for piece in self._pieces(event.data) if not assign.stream else (event.data,):
                             await send(JobChunk(job_id=job_id, seq=seq, data=piece))
                             seq += 1
@@ -85,7 +90,7 @@ class Runner:
                                 job_id=job_id,
                                 usage=event.usage,
                                 finish_reason=event.finish_reason,
-                                tail=event.tail,
+                                tail=[*whole, *event.tail],
                             )
                         )
                     else:

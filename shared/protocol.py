@@ -93,10 +93,14 @@ class Draining(Message, tag="draining"):
 
 
 class Welcome(Message, tag="welcome"):
+    """``whole_replies``: the coordinator takes a non-streamed reply whole in ``JobDone.tail`` (one
+    frame instead of a ``JobChunk`` and a ``JobDone``); agents send two frames to one that does not."""
+
     agent_id: str
     heartbeat_interval: float
     limits: Limits
     models: dict[str, str] = {}  # backend model -> the directory slug it is served as
+    whole_replies: bool = False
 
 
 class JobAssign(Message, tag="job.assign"):

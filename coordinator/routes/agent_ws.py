@@ -222,6 +222,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
             heartbeat_interval=settings.heartbeat_interval,
             limits=Limits(settings.max_frame_bytes, settings.max_messages_per_second),
             models={offer.backend_model: slug for slug, offer in offers.items()},
+            whole_replies=True,
         )
     )
     pool.trust.apply(agent, (await pool.trust.load(agent.token_id)).score())

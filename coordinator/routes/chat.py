@@ -351,7 +351,7 @@ async def _complete(call: Call, attempt: Attempt, limits: dict[str, str]) -> Res
         if isinstance(event, Chunk):
             parts.append(event.data)
         elif isinstance(event, Done):
-            body = b"".join(parts)
+            body = b"".join([*parts, *event.tail])  # an agent may send a reply whole with its end
             call.meter.usage = event.usage
             call.output.append(body)
             x_pool = call.end(200, job=job, completed=True)

@@ -1,0 +1,96 @@
+"""What the request path was made faster with still does what it did: a non-streamed reply in one
+frame only to coordinators that take it, and status statistics added up in slots."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from coordinator import stats
+from provider_agent.backends import Backend
+from provider_agent.config import AgentConfig, ModelSpec
+from provider_agent.runner import Runner
+from scripts import localpool
+from shared.protocol import JobAssign, JobChunk, JobDone, Message
+
+
+@pytest.fixture(scope="module")
+def backend_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = localpool.free_port()
+    proc = localpool.start_standin(port, tmp_path_factory.mktemp("standin"), chunks=4)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+async def _run_job(backend_url: str, *, stream: bool, whole_replies: bool) -> list[Message]:
+    config = AgentConfig(
+        coordinator_url="ws://127.0.0.1:9/v1/agent/connect",
+        token="unused",
+        backend_url=f"{backend_url}/v1",
+        models=(ModelSpec("smollm2-135m", "smollm2-135m"),),
+        price_in=1,
+        price_out=1,
+    )
+    backend = Backend(config)
+    runner = Runner(backend, 4)
+    runner.whole_replies = whole_replies
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    body = b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "stream": %s}' % (
+        b"true" if stream else b"false"
+    )
+    assign = JobAssign("job_1", "smollm2-135m", "smollm2-135m", body, stream, False, time.time() + 30)
+    try:
+        await runner.start(assign, send)
+        assert await runner.wait_idle(10)
+    finally:
+        await backend.aclose()
+    return sent
+
+
+async def test_a_non_streamed_reply_goes_whole_only_to_a_coordinator_that_takes_it(backend_url: str) -> None:
+    whole = await _run_job(backend_url, stream=False, whole_replies=True)
+    assert [type(m) for m in whole] == [JobDone]
+    assert isinstance(whole[0], JobDone) and len(whole[0].tail) == 1
+    assert b'"content":"tok0 tok1 tok2 tok3"' in whole[0].tail[0]
+
+    apart = await _run_job(backend_url, stream=False, whole_replies=False)  # an older coordinator
+    assert [type(m) for m in apart] == [JobChunk, JobDone]
+    assert isinstance(apart[0], JobChunk) and apart[0].data == whole[0].tail[0]
+    assert isinstance(apart[1], JobDone) and apart[1].tail == []
+
+    streamed = await _run_job(backend_url, stream=True, whole_replies=True)  # streams are never held back
+    assert [type(m) for m in streamed[:-1]] == [JobChunk] * (len(streamed) - 1)
+    assert isinstance(streamed[-1], JobDone)
+
+
+def test_request_stats_add_up_in_slots_and_forget_old_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(stats.time, "monotonic", lambda: clock[0])
+    window = stats.RequestStats(60)
+    for ms in range(1, 101):  # 1..100 ms, served by agents
+        window.record("a", float(ms), fallback=False, ok=True)
+    window.record("b", 500.0, fallback=True, ok=True)
+    window.record("b", 9000.0, fallback=False, ok=False)  # failed: counted, but not in latency or fallbacks
+    now = window.recent()
+    assert (now.pool.requests, now.pool.served, now.pool.fallbacks) == (102, 101, 1)
+    assert now.fallback_rate == pytest.approx(1 / 101)
+    p95 = now.models["a"].p95()
+    assert p95 is not None and 95 <= p95 <= 95 * 1.1  # the upper edge of its 10 % bucket
+    assert now.models["b"].p95() == 500.0  # capped by the largest latency
+
+    clock[0] += 30  # a later slot, still inside the window
+    window.record("a", 5.0, fallback=False, ok=True)
+    assert window.recent().pool.requests == 103
+    clock[0] += 45  # the first slot has left the window, the second has not
+    later = window.recent()
+    assert (later.pool.requests, set(later.models)) == (1, {"a"})
+    clock[0] += 60
+    assert window.recent().pool.requests == 0
