@@ -1,11 +1,15 @@
 """Bearer-secret checks with a short in-process cache (revocation visible within ``ttl`` seconds).
 
 Malformed secrets are refused without touching the database; every failure looks the same to the
-caller (one 401 body), so responses do not reveal whether a key exists.
+caller (one 401 body), so responses do not reveal whether a key exists. A secret in use is looked up
+again in the background once its entry is half its ``ttl`` old, so a busy key never waits for the
+database on a request's path, and the entry still expires ``ttl`` after the lookup that made it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from coordinator import accounts, keys
 from coordinator.accounts import Principal
+
+log = logging.getLogger(__name__)
 
 Lookup = Callable[[AsyncSession, str], Awaitable[Principal | None]]
 
@@ -34,6 +40,7 @@ class SecretCache:
         self._ttl = ttl
         self._max_entries = max_entries
         self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     async def resolve(self, authorization: str | None) -> Principal | None:
         """The principal for an ``Authorization: Bearer …`` header value, or ``None``."""
@@ -47,13 +54,27 @@ class SecretCache:
         now = time.monotonic()
         cached = self._entries.get(secret_digest)
         if cached is not None and cached[0] > now:
+            if cached[0] - now < self._ttl / 2 and secret_digest not in self._refreshing:
+                task = asyncio.create_task(self._refresh(secret_digest))
+                self._refreshing[secret_digest] = task
+                task.add_done_callback(lambda _: self._refreshing.pop(secret_digest, None))
             return cached[1]
+        return await self._load(secret_digest)
+
+    async def _load(self, secret_digest: str) -> Principal | None:
+        now = time.monotonic()
         async with self._sessions() as session:
             principal = await self._lookup(session, secret_digest)
         if len(self._entries) >= self._max_entries:
             self._entries.clear()
         self._entries[secret_digest] = (now + self._ttl, principal)
         return principal
+
+    async def _refresh(self, secret_digest: str) -> None:
+        try:
+            await self._load(secret_digest)
+        except Exception as exc:  # the entry expires as it would have; the next request looks it up
+            log.warning("key refresh failed", extra={"error": str(exc)})
 
 
 def consumer_keys(sessions: async_sessionmaker[AsyncSession]) -> SecretCache:
