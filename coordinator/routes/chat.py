@@ -254,7 +254,7 @@ def _model_cap(pool: PoolState, slugs: list[str]) -> int:
 
 @post(
     "/v1/chat/completions",
-    guards=[require_consumer_key],
+    before_request=require_consumer_key,  # runs before the body is parsed, as a guard would
     summary="Create a chat completion",
     description=(
         "OpenAI-compatible chat completions, served by a provider agent or the platform upstream. The worst-case "
