@@ -72,8 +72,17 @@ class Sweep:
         fits = [s for s in self.steps if s.errors == 0 and s.p99_ms < p99_limit_ms]
         return max(fits, key=lambda s: s.rps, default=None)
 
+    def per_front_core(self) -> float | None:
+        """Requests per second one core of the front process (the first one: the pool's coordinator)
+        would serve, from its CPU time per request at the best level with p99 under 100 ms."""
+        step = self.best(max(P99_LIMITS_MS))
+        if step is None or not step.cpu_ms:
+            return None
+        return 1000 / next(iter(step.cpu_ms.values()))
+
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {"steps": [vars(s) for s in self.steps], "memory_kb": self.memory_kb}
+        out["rps_per_front_core"] = self.per_front_core()
         for limit in P99_LIMITS_MS:
             step = self.best(limit)
             out[f"rps_p99_under_{limit}ms"] = step.rps if step else None
@@ -177,6 +186,13 @@ def report(sweeps: list[Sweep]) -> None:
         top = result.best(max(P99_LIMITS_MS))
         cpu = " ".join(f"{label} {ms:.3f}" for label, ms in top.cpu_ms.items()) if top else ""
         print(f"{result.gateway:>8} | {'  '.join(cells)} | {cpu}")
+    fronts = {r.gateway: r.per_front_core() for r in sweeps if r.per_front_core()}
+    if fronts:
+        print("\nreq/s per core of the front process (the pool's coordinator), from its CPU per request:")
+        print("  " + " | ".join(f"{name} {rate:.0f}" for name, rate in fronts.items()))
+        pool = fronts.get("pool")
+        if pool:
+            print("  pool is " + ", ".join(f"{pool / rate:.1f}x {n}" for n, rate in fronts.items() if n != "pool"))
     print("\nmemory (RSS of the gateway's processes, KB)")
     for result in sweeps:
         memory = result.memory_kb
