@@ -1,14 +1,20 @@
 """What the request path was made faster with still does what it did: a non-streamed reply in one
-frame only to coordinators that take it, and status statistics added up in slots."""
+frame only to coordinators that take it, status statistics added up in slots, and keys looked up
+ahead of their expiry without keeping a revoked key alive."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from coordinator import stats
+from coordinator import keys, stats
+from coordinator.accounts import Principal
+from coordinator.auth import SecretCache
 from provider_agent.backends import Backend
 from provider_agent.config import AgentConfig, ModelSpec
 from provider_agent.runner import Runner
@@ -94,3 +100,30 @@ def test_request_stats_add_up_in_slots_and_forget_old_ones(monkeypatch: pytest.M
     assert (later.pool.requests, set(later.models)) == (1, {"a"})
     clock[0] += 60
     assert window.recent().pool.requests == 0
+
+
+async def test_a_key_in_use_is_looked_up_ahead_and_still_expires(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
+    answers: list[Principal | None] = [Principal(user_id=1, credential_id=7)]
+    lookups: list[str] = []
+
+    async def lookup(_: AsyncSession, secret_digest: str) -> Principal | None:
+        lookups.append(secret_digest)
+        return answers[-1]
+
+    cache = SecretCache(async_sessionmaker(engine), keys.CONSUMER_PREFIX, lookup, ttl=1.0)
+    header = f"Bearer {keys.generate(keys.CONSUMER_PREFIX)}"
+    try:
+        assert await cache.resolve(header) == answers[0]
+        assert await cache.resolve(header) == answers[0] and len(lookups) == 1  # cached
+        await asyncio.sleep(0.6)  # past half the TTL: answered from the cache, looked up behind it
+        answers.append(None)  # revoked meanwhile
+        assert await cache.resolve(header) == answers[0]
+        await asyncio.sleep(0.05)
+        assert len(lookups) == 2
+        assert await cache.resolve(header) is None  # the lookup ahead saw the revocation
+        await asyncio.sleep(1.1)  # unused for a whole TTL: the entry expired, the request waits for a lookup
+        answers.append(Principal(user_id=1, credential_id=8))
+        assert await cache.resolve(header) == answers[-1] and len(lookups) == 3
+    finally:
+        await engine.dispose()
