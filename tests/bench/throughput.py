@@ -97,10 +97,10 @@ def script(body: bytes, headers: dict[str, str], workdir: Path, name: str) -> Pa
     return path
 
 
-def wrk(url: str, lua: Path, connections: int, seconds: float) -> tuple[subprocess.Popen[str], float]:
+def wrk(url: str, lua: Path, connections: int, seconds: float) -> subprocess.Popen[str]:
     argv = ["taskset", "-c", str(LOAD_CORE), shutil.which("wrk") or "wrk", "-t1", f"-c{connections}"]
     argv += [f"-d{seconds:g}s", "--timeout", "5s", "-s", str(lua), url]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), seconds
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen[str]) -> dict[str, float]:
@@ -112,54 +112,58 @@ def finish(proc: subprocess.Popen[str]) -> dict[str, float]:
     return parsed
 
 
+def step(gateway: Gateway, lua: Path, connections: int, seconds: float) -> Step:
+    """One level: wrk for ``seconds``, the gateway's CPU before and after, its memory halfway."""
+    everyone = [pid for pids in gateway.processes.values() for pid in pids]
+    cpu = {label: procs.cpu_seconds(pids) for label, pids in gateway.processes.items()}
+    cores = procs.core_busy()
+    proc = wrk(gateway.url, lua, connections, seconds)
+    sampled: list[int] = []
+    sampler = threading.Timer(seconds / 2, lambda: sampled.append(procs.rss_kb(everyone)))
+    sampler.start()
+    figures = finish(proc)
+    sampler.join()
+    requests = max(1, int(figures["requests"]))
+    return Step(
+        connections=connections,
+        rps=figures["requests"] / figures["seconds"],
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        max_ms=figures["max_us"] / 1000,
+        errors=int(figures["errors"] + figures["non200"]),
+        cpu_ms={
+            label: (procs.cpu_seconds(pids) - cpu[label]) * 1000 / requests for label, pids in gateway.processes.items()
+        },
+        core_busy=procs.busy_share(cores, procs.core_busy()),
+        rss_kb=sampled[0] if sampled else 0,
+    )
+
+
 def sweep(gateway: Gateway, body: bytes, workdir: Path, seconds: float, levels: tuple[int, ...] = LEVELS) -> Sweep:
     """Pin the gateway, warm it up, then run wrk at each level until it can no longer meet a limit."""
     everyone = [pid for pids in gateway.processes.values() for pid in pids]
-    procs.pin(everyone, {GATEWAY_CORE})
     lua = script(body, gateway.headers, workdir, gateway.name)
     result = Sweep(gateway.name)
-    result.memory_kb["idle"] = procs.rss_kb(everyone)
-    finish(wrk(gateway.url, lua, 8, 2)[0])  # warm-up, not counted
-    peak = 0
-    for connections in levels:
-        cpu = {label: procs.cpu_seconds(pids) for label, pids in gateway.processes.items()}
-        cores = procs.core_busy()
-        proc, length = wrk(gateway.url, lua, connections, seconds)
-        sampled: list[int] = []
-        sampler = threading.Timer(length / 2, lambda into=sampled: into.append(procs.rss_kb(everyone)))
-        sampler.start()
-        figures = finish(proc)
-        sampler.join()
-        busy = procs.busy_share(cores, procs.core_busy())
-        requests = max(1, int(figures["requests"]))
-        step = Step(
-            connections=connections,
-            rps=figures["requests"] / figures["seconds"],
-            p50_ms=figures["p50_us"] / 1000,
-            p99_ms=figures["p99_us"] / 1000,
-            max_ms=figures["max_us"] / 1000,
-            errors=int(figures["errors"] + figures["non200"]),
-            cpu_ms={
-                label: (procs.cpu_seconds(pids) - cpu[label]) * 1000 / requests
-                for label, pids in gateway.processes.items()
-            },
-            core_busy=busy,
-            rss_kb=sampled[0] if sampled else 0,
-        )
-        peak = max(peak, step.rss_kb)
-        result.steps.append(step)
-        cpu_text = " ".join(f"{label} {ms:.3f}" for label, ms in step.cpu_ms.items())
-        print(
-            f"{gateway.name:>8} {connections:>5} | {step.rps:>8.0f} {step.p50_ms:>8.2f} {step.p99_ms:>8.2f}"
-            f" {step.errors:>6} | {' '.join(f'{b:>4.0%}' for b in busy)} | {cpu_text}",
-            flush=True,
-        )
-        if step.errors or step.p99_ms > GIVE_UP_MS:
-            break
-    result.memory_kb["load"] = peak
-    time.sleep(2)
-    result.memory_kb["after"] = procs.rss_kb(everyone)
-    procs.unpin(everyone)
+    procs.pin(everyone, {GATEWAY_CORE})
+    try:
+        result.memory_kb["idle"] = procs.rss_kb(everyone)
+        finish(wrk(gateway.url, lua, 8, 2))  # warm-up, not counted
+        for connections in levels:
+            level = step(gateway, lua, connections, seconds)
+            result.steps.append(level)
+            cpu_text = " ".join(f"{label} {ms:.3f}" for label, ms in level.cpu_ms.items())
+            print(
+                f"{gateway.name:>8} {connections:>5} | {level.rps:>8.0f} {level.p50_ms:>8.2f} {level.p99_ms:>8.2f}"
+                f" {level.errors:>6} | {' '.join(f'{b:>4.0%}' for b in level.core_busy)} | {cpu_text}",
+                flush=True,
+            )
+            if level.errors or level.p99_ms > GIVE_UP_MS:
+                break
+        result.memory_kb["load"] = max(level.rss_kb for level in result.steps)
+        time.sleep(2)
+        result.memory_kb["after"] = procs.rss_kb(everyone)
+    finally:
+        procs.unpin(everyone)
     return result
 
 
@@ -190,9 +194,9 @@ def report(sweeps: list[Sweep]) -> None:
     if fronts:
         print("\nreq/s per core of the front process (the pool's coordinator), from its CPU per request:")
         print("  " + " | ".join(f"{name} {rate:.0f}" for name, rate in fronts.items()))
-        pool = fronts.get("pool")
-        if pool:
-            print("  pool is " + ", ".join(f"{pool / rate:.1f}x {n}" for n, rate in fronts.items() if n != "pool"))
+        pool, peers = fronts.get("pool"), {n: rate for n, rate in fronts.items() if n != "pool"}
+        if pool and peers:
+            print("  pool is " + ", ".join(f"{pool / rate:.1f}x {n}" for n, rate in peers.items()))
     print("\nmemory (RSS of the gateway's processes, KB)")
     for result in sweeps:
         memory = result.memory_kb
