@@ -15,7 +15,7 @@ proxy; Portkey's gateway. Four measures, in this order:
    fresh coordinator.
 
     .venv/bin/python -m tests.bench.gateways [--rounds 300] [--levels 1,10,100,250,500,1000]
-        [--targets pool,litellm,portkey] [--seconds 5] [--agents 1,100,10000]
+        [--targets pool,litellm,portkey] [--seconds 5] [--agents 1,100,10000] [--pause-ms 0]
 
 The peers install on first use under ``tests/bench/.peers/`` (see ``tests/bench/peers.py``).
 Results go to ``tests/bench/results/gateways.json`` and a chart to ``gateways.png`` beside it.
@@ -102,13 +102,16 @@ async def once(client: httpx.AsyncClient, target: Target, stream: bool) -> None:
     target.ttfts.append((first - started) * 1000)
 
 
-async def measure(targets: list[Target], rounds: int, warmup: int, rng: random.Random) -> None:
+async def measure(targets: list[Target], rounds: int, warmup: int, rng: random.Random, pause_ms: float = 0) -> None:
+    """Interleaved rounds; ``pause_ms`` idles before every request (to see what waking cores costs)."""
     async with httpx.AsyncClient(timeout=30) as client:
         for n in range(warmup + rounds):
             order = targets[:]
             rng.shuffle(order)
             for target in order:
                 for stream in rng.sample([False, True], 2):
+                    if pause_ms:
+                        await asyncio.sleep(pause_ms / 1000)
                     await once(client, target, stream)
             if n == warmup - 1:
                 for target in targets:
@@ -156,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--pause-ms", type=float, default=0, help="idle before each concurrency-1 request")
     parser.add_argument("--targets", default="pool,litellm,portkey")
     parser.add_argument("--seconds", type=float, default=5, help="length of each throughput level (0: skip)")
     parser.add_argument("--levels", default="1,10,100,250,500,1000", help="concurrent streams, comma-separated")
@@ -216,7 +220,7 @@ def main() -> None:
             headers, paced_headers = peers.portkey_headers(backend), peers.portkey_headers(paced)
             targets.append(Target("portkey", url, headers, paced_headers, {"portkey": [started[-1].popen.pid]}))
         rng = random.Random(7)
-        asyncio.run(measure(targets, args.rounds, args.warmup, rng))
+        asyncio.run(measure(targets, args.rounds, args.warmup, rng, args.pause_ms))
         out["concurrency_1"] = report(targets, args.rounds)
         if args.seconds > 0:
             body = json.dumps({"model": MODEL, "messages": MSG}).encode()
