@@ -1,7 +1,9 @@
-"""What the benchmarks share: the percentile they report and the pool they put under load."""
+"""What the benchmarks share: the percentile they report, the endpoints they load and the pool
+they put under load."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness import Pool
@@ -11,6 +13,21 @@ def pct(values: list[float], q: float) -> float:
     """The ``q`` quantile of ``values`` (nearest rank from below)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Endpoint:
+    """A target's chat completions URL, the headers it wants, and the processes behind it (label ->
+    pids), whose CPU time and memory the benchmarks read."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    processes: dict[str, list[int]]
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for pids in self.processes.values() for pid in pids]
 
 
 def pool_under_load(workdir: Path, db_url: str | None = None, **settings: str) -> Pool:

@@ -42,7 +42,7 @@ import httpx
 
 from scripts import localpool
 from tests.bench import chart, idle_agents, peers, streams, throughput
-from tests.bench.common import pct, pool_under_load
+from tests.bench.common import Endpoint, pct, pool_under_load
 from tests.harness import Pool
 
 MODEL = "smollm2-135m"  # directory slugs, so the pool admits the stand-ins under them
@@ -53,18 +53,12 @@ MSG = [{"role": "user", "content": "bench"}]
 
 
 @dataclass
-class Target:
-    name: str
-    url: str  # the chat completions endpoint
-    headers: dict[str, str]
-    paced_headers: dict[str, str]  # for the paced stand-in's model
-    processes: dict[str, list[int]]  # label -> pids: what its memory and CPU are read off
+class Target(Endpoint):
+    """An endpoint, the headers its paced stand-in's model wants, and its concurrency-1 figures."""
+
+    paced_headers: dict[str, str] = field(default_factory=dict)
     totals: list[float] = field(default_factory=list)  # non-stream, ms
     ttfts: list[float] = field(default_factory=list)  # stream, ms
-
-    @property
-    def pids(self) -> list[int]:
-        return [pid for pids in self.processes.values() for pid in pids]
 
 
 async def fresh_database(url: str) -> str:
@@ -186,9 +180,9 @@ def main() -> None:
         )
         backend, paced = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{paced_port}"
         standins = [proc.popen.pid for proc in started]
-        targets = [Target("direct", f"{backend}/v1/chat/completions", {}, {}, {})]
+        targets = [Target("direct", f"{backend}/v1/chat/completions", {}, {})]
         # The direct call's paced twin is the paced stand-in itself.
-        direct_paced = streams.Target("direct", f"{paced}/v1/chat/completions", {}, [standins[1]])
+        direct_paced = Endpoint("direct", f"{paced}/v1/chat/completions", {}, {"stand-in": [standins[1]]})
         if "pool" in wanted:
             pool = pool_under_load(
                 workdir,
@@ -206,32 +200,32 @@ def main() -> None:
                 "agent": [fast_agent.popen.pid],
                 "paced agent": [paced_agent.popen.pid],
             }
-            targets.append(Target("pool", f"{pool.url}/v1/chat/completions", auth, auth, processes))
+            targets.append(Target("pool", f"{pool.url}/v1/chat/completions", auth, processes, auth))
         if "litellm" in wanted:
             litellm_port = localpool.free_port()
             started.append(peers.start_litellm(litellm_port, {MODEL: backend, PACED_MODEL: paced}, workdir))
             url = f"http://127.0.0.1:{litellm_port}/v1/chat/completions"
             auth = {"authorization": f"Bearer {peers.MASTER_KEY}"}
-            targets.append(Target("litellm", url, auth, auth, {"litellm": [started[-1].popen.pid]}))
+            targets.append(Target("litellm", url, auth, {"litellm": [started[-1].popen.pid]}, auth))
         if "portkey" in wanted:
             portkey_port = localpool.free_port()
             started.append(peers.start_portkey(portkey_port, workdir))
             url = f"http://127.0.0.1:{portkey_port}/v1/chat/completions"
             headers, paced_headers = peers.portkey_headers(backend), peers.portkey_headers(paced)
-            targets.append(Target("portkey", url, headers, paced_headers, {"portkey": [started[-1].popen.pid]}))
+            targets.append(Target("portkey", url, headers, {"portkey": [started[-1].popen.pid]}, paced_headers))
         rng = random.Random(7)
         asyncio.run(measure(targets, args.rounds, args.warmup, rng, args.pause_ms))
         out["concurrency_1"] = report(targets, args.rounds)
         if args.seconds > 0:
             body = json.dumps({"model": MODEL, "messages": MSG}).encode()
-            gateways = [throughput.Gateway(t.name, t.url, t.headers, busy_processes(t)) for t in targets]
+            gateways = [Endpoint(t.name, t.url, t.headers, busy_processes(t)) for t in targets]
             sweeps = throughput.run(gateways, body, workdir, args.seconds, load_pids=standins)
             throughput.report(sweeps)
             out["throughput"] = {s.gateway: s.summary() for s in sweeps}
         levels = [int(level) for level in args.levels.split(",") if level]
         if levels:
             ramp_targets = [direct_paced]
-            ramp_targets += [streams.Target(t.name, t.url, t.paced_headers, t.pids) for t in targets[1:]]
+            ramp_targets += [Endpoint(t.name, t.url, t.paced_headers, t.processes) for t in targets[1:]]
             out["streams"] = streams.ramp(ramp_targets, PACED_MODEL, levels, rng)
         counts = tuple(int(count) for count in args.agents.split(",") if count)
         if pool is not None and counts:

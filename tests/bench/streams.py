@@ -21,20 +21,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tests.bench import procs
-from tests.bench.common import pct
+from tests.bench.common import Endpoint, pct
 
 PACE_MS = 20.0
 CHUNKS = 64
 MIN_STREAMS = 10  # a level with fewer streams repeats, so that its p99 rests on 600 gaps or more
 _MARK = b"data: {"
-
-
-@dataclass
-class Target:
-    name: str
-    url: str  # the chat completions endpoint
-    headers: dict[str, str]
-    pids: list[int]  # the processes whose memory counts (children included)
 
 
 class _Stream(asyncio.Protocol):
@@ -77,14 +69,15 @@ def request_bytes(url: str, headers: dict[str, str], body: bytes) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def paced_stream(target: Target, model: str) -> tuple[list[float], int]:
+async def paced_stream(target: Endpoint, model: str) -> tuple[list[float], int]:
     """One stream: the gaps between its chunks (ms) and how many arrived (0 for a failed one)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "bench"}], "stream": True})
     parts = urlsplit(target.url)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     request = request_bytes(target.url, target.headers, body.encode())
-    transport, stream = await loop.create_connection(lambda: _Stream(request, done), parts.hostname, parts.port or 80)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    transport, stream = await loop.create_connection(lambda: _Stream(request, done), host, port)
     try:
         await asyncio.wait_for(done, 120)
     finally:
@@ -101,7 +94,7 @@ class Level:
     rss_kb: int  # the target's processes, mid-stream
 
 
-async def open_streams(target: Target, model: str, count: int) -> Level:
+async def open_streams(target: Endpoint, model: str, count: int) -> Level:
     tasks = [asyncio.create_task(paced_stream(target, model)) for _ in range(count)]
     await asyncio.sleep(CHUNKS * PACE_MS / 1000 / 2)  # mid-stream: every stream is open
     busy = procs.rss_kb(target.pids)
@@ -111,7 +104,7 @@ async def open_streams(target: Target, model: str, count: int) -> Level:
     return Level(gaps, chunks, busy)
 
 
-def ramp(targets: list[Target], model: str, levels: list[int], rng: random.Random) -> dict[str, dict[str, object]]:
+def ramp(targets: list[Endpoint], model: str, levels: list[int], rng: random.Random) -> dict[str, dict[str, object]]:
     """Open ``level`` paced streams at once on each target (in random order), level after level;
     the first target is the direct call the others are compared with."""
     print(f"\nstreams of {CHUNKS} chunks, {PACE_MS:g} ms apart; added = target - direct at the same level")
@@ -157,6 +150,6 @@ def ramp(targets: list[Target], model: str, levels: list[int], rng: random.Rando
                 flush=True,
             )
     for target in targets:
-        level = rows[target.name]["saturates_at"]
-        print(f"{target.name:>8}: gap p99 passes {2 * PACE_MS:g} ms at {level or 'no level measured'} streams")
+        saturated = rows[target.name]["saturates_at"]
+        print(f"{target.name:>8}: gap p99 passes {2 * PACE_MS:g} ms at {saturated or 'no level measured'} streams")
     return rows

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench import procs
+from tests.bench.common import Endpoint
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 P99_LIMITS_MS = (10, 50, 100)
@@ -38,14 +39,6 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), latency.max))
 end
 """
-
-
-@dataclass
-class Gateway:
-    name: str
-    url: str  # the chat completions endpoint
-    headers: dict[str, str]
-    processes: dict[str, list[int]]  # label (coordinator, agent, …) -> pids, all run on the gateway core
 
 
 @dataclass
@@ -112,9 +105,9 @@ def finish(proc: subprocess.Popen[str]) -> dict[str, float]:
     return parsed
 
 
-def step(gateway: Gateway, lua: Path, connections: int, seconds: float) -> Step:
+def step(gateway: Endpoint, lua: Path, connections: int, seconds: float) -> Step:
     """One level: wrk for ``seconds``, the gateway's CPU before and after, its memory halfway."""
-    everyone = [pid for pids in gateway.processes.values() for pid in pids]
+    everyone = gateway.pids
     cpu = {label: procs.cpu_seconds(pids) for label, pids in gateway.processes.items()}
     cores = procs.core_busy()
     proc = wrk(gateway.url, lua, connections, seconds)
@@ -139,9 +132,9 @@ def step(gateway: Gateway, lua: Path, connections: int, seconds: float) -> Step:
     )
 
 
-def sweep(gateway: Gateway, body: bytes, workdir: Path, seconds: float, levels: tuple[int, ...] = LEVELS) -> Sweep:
+def sweep(gateway: Endpoint, body: bytes, workdir: Path, seconds: float, levels: tuple[int, ...] = LEVELS) -> Sweep:
     """Pin the gateway, warm it up, then run wrk at each level until it can no longer meet a limit."""
-    everyone = [pid for pids in gateway.processes.values() for pid in pids]
+    everyone = gateway.pids
     lua = script(body, gateway.headers, workdir, gateway.name)
     result = Sweep(gateway.name)
     procs.pin(everyone, {GATEWAY_CORE})
@@ -167,7 +160,7 @@ def sweep(gateway: Gateway, body: bytes, workdir: Path, seconds: float, levels: 
     return result
 
 
-def run(gateways: list[Gateway], body: bytes, workdir: Path, seconds: float, load_pids: list[int]) -> list[Sweep]:
+def run(gateways: list[Endpoint], body: bytes, workdir: Path, seconds: float, load_pids: list[int]) -> list[Sweep]:
     """Sweep each gateway in turn, the stand-in (``load_pids``) on the load core throughout."""
     procs.pin(load_pids, {LOAD_CORE})
     print(f"\nthroughput: closed loop, {seconds:g} s a level; gateway on core {GATEWAY_CORE}, wrk + stand-in on core")
@@ -190,7 +183,7 @@ def report(sweeps: list[Sweep]) -> None:
         top = result.best(max(P99_LIMITS_MS))
         cpu = " ".join(f"{label} {ms:.3f}" for label, ms in top.cpu_ms.items()) if top else ""
         print(f"{result.gateway:>8} | {'  '.join(cells)} | {cpu}")
-    fronts = {r.gateway: r.per_front_core() for r in sweeps if r.per_front_core()}
+    fronts = {r.gateway: rate for r in sweeps if (rate := r.per_front_core())}
     if fronts:
         print("\nreq/s per core of the front process (the pool's coordinator), from its CPU per request:")
         print("  " + " | ".join(f"{name} {rate:.0f}" for name, rate in fronts.items()))
