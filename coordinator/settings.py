@@ -84,6 +84,17 @@ class Settings:
     jwt_algorithms: tuple[str, ...] = ("RS256",)
     jwt_leeway_seconds: float = 0.0
     request_log_interval: float = 1.0
+    # hostile parties (issue 15): what an agent or an account may claim, and what identities cost
+    default_max_price_in: int = 50_000  # nano-USD per token ($50 per 1M) unless the directory entry says
+    default_max_price_out: int = 200_000  # nano-USD per token ($200 per 1M)
+    max_connections_per_agent_token: int = 4  # agents one token may have connected at once
+    whole_reply_silence: float = 20.0  # seconds a non-stream job may go without a sign of life
+    signups_per_hour: int = 5  # new accounts per client address per hour
+    signup_approval: bool = False  # new accounts wait for an operator's approval before they can act
+    header_timeout: float = 10.0  # seconds a client has to send a request's headers
+    body_timeout: float = 30.0  # seconds a client has to send a request's body
+    canary_prompts_file: str | None = None  # extra canary prompts, one per line
+    canary_confirmations: int = 2  # failed canaries (distinct prompts) before a provider is refunded against
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -179,10 +190,19 @@ def _trust_score(raw: str) -> float:
     return value
 
 
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+        raise ValueError("must be 1/0, true/false, yes/no or on/off")
+    return value in {"1", "true", "yes", "on"}
+
+
 _ENV_NAMES = {
     "credit_lease": "CREDIT_LEASE_USD",
     "trust_half_life": "TRUST_HALF_LIFE_HOURS",
     "status_history": "STATUS_HISTORY_HOURS",
+    "default_max_price_in": "MAX_PRICE_IN",
+    "default_max_price_out": "MAX_PRICE_OUT",
 }  # where the variable's name says its unit
 
 _FIELDS: dict[str, Callable[[str], object]] = {
@@ -234,4 +254,14 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "jwt_algorithms": lambda raw: _asymmetric_algorithms(raw),
     "jwt_leeway_seconds": _non_negative_float,
     "request_log_interval": _positive_float,
+    "default_max_price_in": usd_per_million_to_nano_per_token,
+    "default_max_price_out": usd_per_million_to_nano_per_token,
+    "max_connections_per_agent_token": _positive_int,
+    "whole_reply_silence": _positive_float,
+    "signups_per_hour": _positive_int,
+    "signup_approval": _flag,
+    "header_timeout": _positive_float,
+    "body_timeout": _positive_float,
+    "canary_prompts_file": str,
+    "canary_confirmations": _positive_int,
 }

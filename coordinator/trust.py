@@ -41,6 +41,7 @@ USAGE_INFLATED = "usage_inflated"  # reported more tokens than it delivered
 IMPLAUSIBLE_SPEED = "implausible_speed"  # faster than the model can run
 BAD_OUTPUT = "bad_output"  # empty output marked stop, one token repeated, invalid UTF-8
 CANARY_FAILED = "canary_failed"  # answered a reference prompt unlike the model it claims
+OVERRAN = "output_overrun"  # sent more output than the request allowed
 
 WEIGHTS = {
     COMPLETED: 1.0,
@@ -53,6 +54,7 @@ WEIGHTS = {
     IMPLAUSIBLE_SPEED: -10.0,
     BAD_OUTPUT: -6.0,
     CANARY_FAILED: -10.0,
+    OVERRAN: -6.0,
 }
 
 PRIOR_GOOD = 3.0
