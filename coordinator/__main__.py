@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from coordinator import accounts, billing, catalog, db
 from coordinator.settings import Settings, SettingsError
 from shared import logs
-from shared.money import usd_to_nano
+from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--use-case", action="append", default=[])
     add.add_argument("--quantization", action="append", default=[])
     add.add_argument("--alias", action="append", default=[])
+    add.add_argument("--max-price-in", type=usd_per_million_to_nano_per_token, help="USD per 1M tokens")
+    add.add_argument("--max-price-out", type=usd_per_million_to_nano_per_token, help="USD per 1M tokens")
     alias = model_commands.add_parser("alias", help="add aliases (backend model names) to a model")
     alias.add_argument("--slug", required=True)
     alias.add_argument("--alias", action="append", required=True)
@@ -135,6 +137,8 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
                 use_cases=tuple(args.use_case),
                 quantizations=tuple(args.quantization),
                 aliases=tuple(args.alias),
+                max_price_in=args.max_price_in,
+                max_price_out=args.max_price_out,
             )
         try:
             directory.check_names(info)

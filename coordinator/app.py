@@ -187,6 +187,7 @@ def build_state(settings: Settings) -> PoolState:
         settings.job_deadline,
         trust_floor=settings.trust_threshold,
         trust=trust_book,
+        whole_reply_silence=settings.whole_reply_silence,
     )
     key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
     accounting = Accounting(

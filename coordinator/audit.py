@@ -6,7 +6,9 @@ model can, and produce sane output? Pure functions; each failed check is evidenc
   Ollama stream one token per delta, except that the byte tokens of a multi-byte character (an
   emoji, an accent) wait for each other; so a delta holds at most one token plus one per non-ASCII
   byte. A whole reply's tokens are bounded by its text's bytes (byte-level tokenizers never make a
-  token of less than one byte).
+  token of less than one byte). Tool calls are bounded by the bytes of their names and arguments
+  plus an allowance per call for the template's markers. Only text inside ``choices[]`` counts.
+  The prompt tokens reported must not exceed the request's bytes (plus the template allowance).
 - Speed: tokens over the time from assignment to the end can never exceed what the hardware did, so
   an honest agent can never look faster than it is; the ceiling is generous per model size.
 - Output: empty output marked ``stop``, one token repeated, invalid UTF-8.
@@ -34,12 +36,25 @@ SPEED_CAP = 5000.0  # tokens/s
 REPEAT_MIN_WORDS = 12
 UNBILLED = frozenset({trust.BAD_OUTPUT, trust.IMPLAUSIBLE_SPEED})
 REPLACEMENT_SHARE = 0.25
+TEXT_KEPT = 64 * 1024  # characters of output kept for the sanity checks
+# Tokens a tool call's syntax may take beyond its name and arguments (the template's markers).
+TOOL_CALL_ALLOWANCE = 32
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function | None = None
 
 
 class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None
-    tool_calls: list[object] | None = None
+    refusal: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _StreamChoice(msgspec.Struct):
@@ -53,35 +68,76 @@ class _Payload(msgspec.Struct):
 
 
 _payload = msgspec.json.Decoder(_Payload)
+_ASCII = bytes(range(128))
+
+
+def _non_ascii(text: str) -> int:
+    """Bytes of ``text``'s UTF-8 form above 0x7F (in C: no loop over bytes in Python)."""
+    return 0 if text.isascii() else len(text.encode().translate(None, _ASCII))
 
 
 @dataclass
 class Output:
-    """The text a job produced, read out of its stream chunks or its whole reply."""
+    """What a job produced, read one payload (a stream chunk or a whole reply) at a time as it is
+    relayed. Only text inside ``choices[].delta`` / ``choices[].message`` counts: content,
+    reasoning, refusal and tool calls. Work and memory are O(output): each payload is decoded once,
+    and at most ``TEXT_KEPT`` characters of text are kept for the sanity checks."""
 
-    text: str = ""
-    tool_calls: bool = False
+    tool_calls: int = 0  # tool calls begun (a name seen)
     finish_reason: str | None = None
     valid: bool = True  # every payload was valid UTF-8 JSON
-    token_bound: int = 0  # the most tokens the text can be: see the module's docstring
+    deltas: int = 0  # payload parts that carried output: at least one token each (a lower bound)
+    token_bound: int = 0  # the most tokens the output can be: see the module's docstring
+    _parts: list[str] = field(default_factory=list)
+    _kept: int = 0
 
-    def read(self, payload: bytes) -> None:
+    def read(self, payload: bytes) -> int:
+        """Count one payload; returns how many of its parts carried output (the tokens it
+        certainly holds)."""
         try:
             decoded = _payload.decode(payload)
         except (msgspec.DecodeError, UnicodeDecodeError):  # the consumer could not read it either
             self.valid = False
-            return
+            return 0
+        carried = 0
         for choice in decoded.choices:
-            part = choice.delta or choice.message
+            streamed = choice.delta is not None
+            part = choice.delta if streamed else choice.message
             if part is not None:
-                content = (part.reasoning_content or "") + (part.content or "")
-                self.text += content
-                self.tool_calls = self.tool_calls or bool(part.tool_calls)
-                if content and choice.delta is not None:
-                    self.token_bound += 1 + sum(1 for byte in content.encode() if byte > 0x7F)
-                elif content:
-                    self.token_bound += len(content.encode())
+                for text in (part.reasoning_content, part.content, part.refusal):
+                    if text:
+                        carried += 1
+                        self._keep(text)
+                        # A streamed delta is one token, or the bytes of one character that span
+                        # several; a whole reply is bounded by its bytes.
+                        self.token_bound += 1 + _non_ascii(text) if streamed else len(text) + _non_ascii(text)
+                for call in part.tool_calls or ():
+                    function = call.function
+                    if function is None:
+                        continue
+                    if function.name:
+                        self.tool_calls += 1
+                        self.token_bound += TOOL_CALL_ALLOWANCE + len(function.name)
+                    if function.arguments:
+                        carried += 1
+                        arguments = function.arguments
+                        self.token_bound += len(arguments) + _non_ascii(arguments)
             self.finish_reason = choice.finish_reason or self.finish_reason
+        self.deltas += carried
+        return carried
+
+    def _keep(self, text: str) -> None:
+        if self._kept < TEXT_KEPT:
+            piece = text[: TEXT_KEPT - self._kept]
+            self._parts.append(piece)
+            self._kept += len(piece)
+
+    @property
+    def text(self) -> str:
+        """The output's text (its first ``TEXT_KEPT`` characters)."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
 
 def read_output(payloads: list[bytes]) -> Output:
@@ -101,12 +157,15 @@ class Job:
     output: Output
     seconds: float  # from assignment to the end
     parameter_count: int | None
+    prompt_bound: int | None = None  # the most prompt tokens the request can be (None: not checked)
+    prompt_estimate: int = 0  # what to bill for the prompt when the report cannot be believed
 
 
 @dataclass
 class Verdict:
     findings: list[tuple[str, str]] = field(default_factory=list)  # (evidence kind, detail)
     completion_tokens: int | None = None  # what to bill instead of the report, when it was inflated
+    prompt_tokens: int | None = None  # likewise for the prompt
 
     @property
     def billable(self) -> bool:
@@ -130,9 +189,15 @@ def judge(job: Job) -> Verdict:
     output = job.output
     counted = counted_tokens(job)
     reported = job.reported.completion_tokens if job.reported is not None else None
-    if reported is not None and reported > counted * USAGE_TOLERANCE + USAGE_SLACK and not output.tool_calls:
+    if reported is not None and reported > counted * USAGE_TOLERANCE + USAGE_SLACK:
         verdict.findings.append((trust.USAGE_INFLATED, f"reported {reported} completion tokens, counted {counted}"))
         verdict.completion_tokens = counted
+    prompt = job.reported.prompt_tokens if job.reported is not None else None
+    if prompt is not None and job.prompt_bound is not None and prompt > job.prompt_bound:
+        verdict.findings.append(
+            (trust.USAGE_INFLATED, f"reported {prompt} prompt tokens, the request holds at most {job.prompt_bound}")
+        )
+        verdict.prompt_tokens = job.prompt_estimate
     tokens = min(reported, counted) if reported is not None and not job.stream else job.delivered
     ceiling = speed_ceiling(job.parameter_count)
     if tokens >= SPEED_MIN_TOKENS and job.seconds > 0 and tokens / job.seconds > ceiling:

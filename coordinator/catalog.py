@@ -23,11 +23,15 @@ import msgspec
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from coordinator.metering import Price
 from coordinator.models import DirectoryModel
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,63}$")
 _QUANT = re.compile(r"[-.](i?q\d+(?:-[a-z0-9]+)*|f16|bf16|f32|fp16|fp8|int4|int8|awq|gptq|mlx|\d+-?bit)$")
 _table = cast(Table, DirectoryModel.__table__)
+# The highest price ceiling an entry may set: $1,000 per 1M tokens, in nano-USD per token. With it,
+# the largest hold (a 4 MiB prompt and a million-token output) stays far inside a BIGINT.
+MAX_PRICE = 1_000_000
 
 
 _INT8 = re.compile(r"i?q8(_[a-z0-9]+)*|int8|8_?bit")
@@ -69,6 +73,15 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     use_cases: tuple[str, ...] = ()
     quantizations: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    max_price_in: int | None = None  # nano-USD per token an agent may ask at most (None: the default)
+    max_price_out: int | None = None
+
+    def ceiling(self, default: Price) -> Price:
+        """The highest prices agents may announce for this model."""
+        return Price(
+            default.input if self.max_price_in is None else self.max_price_in,
+            default.output if self.max_price_out is None else self.max_price_out,
+        )
 
 
 class DirectoryError(ValueError):
@@ -95,6 +108,9 @@ def check(info: ModelInfo) -> ModelInfo:
     for name, value in (("parameter count", info.parameter_count), ("context window", info.context_window)):
         if value is not None and value <= 0:
             raise DirectoryError(f"{info.slug}: {name} must be positive")
+    for name, value in (("max price in", info.max_price_in), ("max price out", info.max_price_out)):
+        if value is not None and not 0 <= value <= MAX_PRICE:
+            raise DirectoryError(f"{info.slug}: {name} must be between 0 and {MAX_PRICE} nano-USD per token")
     if any(not alias.strip() or len(alias) > 200 for alias in info.aliases):
         raise DirectoryError(f"{info.slug}: aliases must be 1-200 characters")
     labels = tuple(dict.fromkeys(quantization_label(q) for q in info.quantizations if q.strip()))

@@ -2,7 +2,9 @@
 
 Before dispatch the pool holds the worst case: a bound on the prompt's tokens x the input price plus
 the output cap x the output price. After, it bills the usage the server reported, capped at what it
-could have produced; a stream that was cut bills only the completion tokens that reached the consumer.
+could have produced and at what the coordinator counted; a stream that was cut bills only the
+completion tokens that reached the consumer, and, when the consumer cut it, an estimate of the
+prompt the provider had already processed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ def prompt_bound(raw: bytes) -> int:
     return len(raw) + TEMPLATE_ALLOWANCE
 
 
+# Characters per token for the prompt estimate: English averages about four with today's BPE
+# vocabularies; every message adds a few tokens of template around it.
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+
+
+def prompt_estimate(request: ChatCompletionRequest) -> int:
+    """What a prompt's tokens probably are, without a tokenizer: its text's characters / 4 plus a
+    few per message. Billed only when the backend's own count is missing (the consumer hung up) or
+    unbelievable (above :func:`prompt_bound`)."""
+    chars = 0
+    for message in request.messages:
+        content = message.content
+        if isinstance(content, str):
+            chars += len(content)
+        elif content:
+            chars += sum(len(part.text) for part in content if part.text)
+    return chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * len(request.messages)
+
+
 def output_bound(request: ChatCompletionRequest, model_cap: int) -> int:
     """The most completion tokens the request can produce: its own limit, else the model's cap."""
     asked = request.max_completion_tokens or request.max_tokens
@@ -67,25 +89,28 @@ class Meter:
     """Counts what one request delivered (``delivered``: text deltas handed to the consumer's
     connection) and turns it into billable tokens."""
 
-    __slots__ = ("completion_bound", "delivered", "prompt_bound", "usage")
+    __slots__ = ("completion_bound", "delivered", "prompt_bound", "prompt_estimate", "usage")
 
-    def __init__(self, prompt_tokens_bound: int, completion_tokens_bound: int) -> None:
+    def __init__(self, prompt_tokens_bound: int, completion_tokens_bound: int, prompt_tokens_estimate: int = 0) -> None:
         self.prompt_bound = prompt_tokens_bound
         self.completion_bound = completion_tokens_bound
+        self.prompt_estimate = min(prompt_tokens_estimate, prompt_tokens_bound)
         self.delivered = 0
         self.usage: Usage | None = None
 
     def hold_amount(self, price: Price) -> int:
         return price.cost(self.prompt_bound, self.completion_bound)
 
-    def bill(self, *, completed: bool, stream: bool) -> Bill:
+    def bill(self, *, completed: bool, stream: bool, consumer_left: bool = False) -> Bill:
         """Billable tokens. A completed request bills its reported usage, capped at the bounds (a
         stream without usage bills the text deltas counted); a cut stream bills the delivered deltas
-        only; a non-stream request that did not complete delivered nothing."""
+        only, plus the prompt's estimate when the consumer cut it (the provider did that work); a
+        non-stream request that did not complete delivered nothing."""
         usage = self.usage
         if not completed:
             delivered = min(self.delivered, self.completion_bound) if stream else 0
-            return Bill(0, delivered, usage, capped=False, cut=True)
+            prompt = self.prompt_estimate if consumer_left and stream else 0
+            return Bill(prompt, delivered, usage, capped=False, cut=True)
         if usage is None:
             return Bill(0, min(self.delivered, self.completion_bound), None, capped=False, cut=False)
         prompt = min(max(0, usage.prompt_tokens), self.prompt_bound)

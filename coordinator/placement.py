@@ -196,14 +196,6 @@ def choose(
     return Choice(best, POWER_OF_TWO, count)
 
 
-def ceiling(registry: Registry, slug: str, routing: Routing, *, trust_floor: float) -> Price | None:
-    """The highest input and output prices of the agents that may serve ``slug`` now, or ``None``."""
-    prices = [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
-    if not prices:
-        return None
-    return Price(max(p.input for p in prices), max(p.output for p in prices))
-
-
 # --- the cost behind power of two choices ----------------------------------------------------------
 
 

@@ -42,6 +42,16 @@ def _ema(average: float | None, value: float) -> float:
 
 
 @dataclass(eq=False)
+class TokenShare:
+    """What the agents of one agent token share: one token is one identity, however many sockets
+    it opens, so the new-agent concurrency cap counts their jobs together and their speed is
+    averaged together."""
+
+    in_flight: int = 0
+    performance: dict[str, Performance] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
 class ConnectedAgent:
     agent_id: str
     user_id: int
@@ -54,8 +64,13 @@ class ConnectedAgent:
     draining: bool = False
     jobs: set[str] = field(default_factory=set)
     trust: float = 100.0
-    concurrency_cap: int | None = None  # fewer consumer jobs at once while the agent is new
-    performance: dict[str, Performance] = field(default_factory=dict)
+    concurrency_cap: int | None = None  # fewer consumer jobs at once (all its token's agents) while new
+    share: TokenShare = field(default_factory=TokenShare)
+
+    @property
+    def performance(self) -> dict[str, Performance]:
+        """Moving averages per model, shared by the token's agents."""
+        return self.share.performance
 
     @property
     def provider_id(self) -> str:
@@ -66,19 +81,37 @@ class ConnectedAgent:
     def free_slots(self) -> int:
         if self.draining:
             return 0
-        cap = self.max_concurrency if self.concurrency_cap is None else min(self.concurrency_cap, self.max_concurrency)
-        return max(0, cap - self.in_flight)
+        own = self.max_concurrency - self.in_flight
+        if self.concurrency_cap is None:
+            return max(0, own)
+        return max(0, min(own, self.concurrency_cap - self.share.in_flight))
 
 
 class Registry:
     def __init__(self) -> None:
         self._agents: dict[str, ConnectedAgent] = {}
+        self._tokens: dict[int, list[ConnectedAgent]] = {}  # agent token id -> its connected agents
 
     def add(self, agent: ConnectedAgent) -> None:
+        """Register ``agent``; it shares a :class:`TokenShare` with its token's other agents."""
+        siblings = self._tokens.setdefault(agent.token_id, [])
+        if siblings:
+            agent.share = siblings[0].share
+        siblings.append(agent)
         self._agents[agent.agent_id] = agent
 
+    def of_token(self, token_id: int) -> int:
+        """How many agents of this agent token are connected."""
+        return len(self._tokens.get(token_id, ()))
+
     def remove(self, agent_id: str) -> ConnectedAgent | None:
-        return self._agents.pop(agent_id, None)
+        agent = self._agents.pop(agent_id, None)
+        if agent is not None:
+            siblings = self._tokens[agent.token_id]
+            siblings.remove(agent)
+            if not siblings:
+                del self._tokens[agent.token_id]
+        return agent
 
     def get(self, agent_id: str) -> ConnectedAgent | None:
         return self._agents.get(agent_id)

@@ -142,6 +142,7 @@ class Agent:
         self._ws = ws
         self.runner.set_frame_limit(first.limits.max_frame_bytes)
         self.runner.whole_replies = first.whole_replies
+        self.runner.progress_interval = first.progress_interval
         log.info("connected", extra={"agent_id": first.agent_id, "models": first.models})
         if self.stopping.is_set():
             await self.send(Draining())

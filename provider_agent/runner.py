@@ -12,7 +12,7 @@ import msgspec
 from provider_agent.backends import Backend
 from shared import errors
 from shared.backend import Chunk, Done
-from shared.protocol import JobAssign, JobChunk, JobDone, JobFailed, Message
+from shared.protocol import JobAssign, JobChunk, JobDone, JobFailed, JobProgress, Message
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Runner:
         self.max_concurrency = max_concurrency
         self.max_chunk_bytes = 1024 * 1024
         self.whole_replies = False  # the coordinator takes a non-streamed reply in its JobDone
+        self.progress_interval = 0.0  # seconds between JobProgress on non-stream jobs (0: none)
         self.draining = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -66,7 +67,26 @@ class Runner:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending
 
+    async def _progress(self, job_id: str, send: Send) -> None:
+        """Tell the coordinator, while a non-stream job's backend works, that the job is alive."""
+        try:
+            while True:
+                await asyncio.sleep(self.progress_interval)
+                await send(JobProgress(job_id=job_id))
+        except Exception as exc:  # the socket went away: the job's own send reports it
+            log.debug("progress not sent", extra={"job_id": job_id, "error": type(exc).__name__})
+
     async def _run(self, assign: JobAssign, send: Send) -> None:
+        ticker = None
+        if not assign.stream and self.progress_interval > 0:
+            ticker = asyncio.create_task(self._progress(assign.job_id, send))
+        try:
+            await self._serve(assign, send)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    async def _serve(self, assign: JobAssign, send: Send) -> None:
         job_id = assign.job_id
         started = time.perf_counter()
         seq = 0

@@ -29,6 +29,8 @@ BACKEND_REJECTED = "backend_rejected"
 AGENT_BUSY = "agent_busy"
 AGENT_DRAINING = "agent_draining"
 DEADLINE_EXCEEDED = "deadline_exceeded"
+OUTPUT_OVERRUN = "output_overrun"  # the coordinator cut a job that sent more than the request allows
+CONSUMER_TOO_SLOW = "consumer_too_slow"  # the coordinator cut a job whose consumer stopped reading
 
 _TYPES = {
     400: "invalid_request_error",

@@ -85,6 +85,13 @@ class JobFailed(Message, tag="job.failed"):
     status: int | None = None
 
 
+class JobProgress(Message, tag="job.progress"):
+    """The agent is still working on a non-stream job (sent every ``Welcome.progress_interval``
+    while its backend has not answered), so silence can be told from a long reply."""
+
+    job_id: str
+
+
 class Draining(Message, tag="draining"):
     """The agent takes no new jobs and will close once its in-flight jobs finish."""
 
@@ -101,6 +108,7 @@ class Welcome(Message, tag="welcome"):
     limits: Limits
     models: dict[str, str] = {}  # backend model -> the directory slug it is served as
     whole_replies: bool = False
+    progress_interval: float = 0.0  # seconds between JobProgress on non-stream jobs (0: none)
 
 
 class JobAssign(Message, tag="job.assign"):
@@ -123,7 +131,7 @@ class Reject(Message, tag="reject"):
     reason: str
 
 
-AgentMessage = Hello | Heartbeat | JobChunk | JobDone | JobFailed | Draining
+AgentMessage = Hello | Heartbeat | JobChunk | JobDone | JobFailed | JobProgress | Draining
 CoordinatorMessage = Welcome | JobAssign | JobCancel | Reject
 
 
@@ -151,10 +159,10 @@ class _Codec:
         """Decode one frame; unknown tags give :class:`UnknownMessage`, anything malformed raises."""
         try:
             return self._decoder.decode(frame)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # nesting too deep is malformed too
             try:
                 tag = self._tag_decoder.decode(frame).type
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 raise ProtocolError(f"invalid frame: {exc}") from None
             if tag not in self._tags:
                 return UnknownMessage(tag)
@@ -175,7 +183,7 @@ def encode(message: Message) -> bytes:
 
 def agent_decoder() -> _Codec:
     """Decoder the coordinator uses for frames from agents."""
-    return _Codec(AgentMessage, _tags(Hello, Heartbeat, JobChunk, JobDone, JobFailed, Draining))
+    return _Codec(AgentMessage, _tags(Hello, Heartbeat, JobChunk, JobDone, JobFailed, JobProgress, Draining))
 
 
 def coordinator_decoder() -> _Codec:

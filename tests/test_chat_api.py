@@ -49,7 +49,7 @@ def test_openai_sdk_non_stream_and_stream(pool: Pool, served: str) -> None:
     assert "x_pool" in (plain[-1].model_extra or {}) and plain[-1].choices[0].finish_reason == "stop"
 
 
-def test_fields_reach_the_backend_untouched(pool: Pool, served: str) -> None:
+def test_api_fields_reach_the_backend_and_others_do_not(pool: Pool, served: str) -> None:
     body = {
         "model": "smollm2-135m",
         "messages": MSG,
@@ -67,7 +67,8 @@ def test_fields_reach_the_backend_untouched(pool: Pool, served: str) -> None:
     assert pool.post(body).status_code == 200
     seen = httpx.get(f"{served}/_last").json()
     assert seen.pop("model") == "standin-model"
-    assert seen == {k: v for k, v in body.items() if k != "model"}
+    # A field outside the API could change how much a backend generates: it does not go through.
+    assert seen == {k: v for k, v in body.items() if k not in ("model", "ignore_eos")}
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ with a loopback stand-in playing the paid upstream."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -14,16 +15,16 @@ import pytest
 
 from coordinator import placement
 from coordinator.catalog import precision
+from coordinator.forward import backend_body
 from coordinator.metering import Price
 from coordinator.placement import Routing
 from coordinator.registry import ConnectedAgent, Performance, Registry
 from coordinator.routes.agent_ws import HelloRefused, hello_offers
-from coordinator.routes.chat import without_preferences
 from shared import protocol
 from shared.openai import ProviderPreferences
 from shared.protocol import Hello, ModelOffer
 from tests.harness import Pool, with_upstream
-from tests.test_units import DIRECTORY
+from tests.test_units import CEILING, DIRECTORY
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -52,7 +53,7 @@ def _agent(
     agent = ConnectedAgent(
         agent_id,
         provider,
-        1,
+        next(_tokens),  # each its own token: a token's agents share their averages
         {slug: ModelOffer(slug, slug, price, price, quantization=quantization)},
         capacity,
         _Link(),
@@ -63,6 +64,9 @@ def _agent(
     if ttft_ms is not None or tokens_per_s is not None:
         agent.performance[slug] = Performance(ttft_ms, tokens_per_s, jobs=5)
     return agent
+
+
+_tokens = itertools.count(1)
 
 
 def _registry(*agents: ConnectedAgent) -> Registry:
@@ -228,7 +232,7 @@ def test_quantization_is_read_from_the_backend_name_or_announced() -> None:
             ModelOffer("qwen2.5-coder-7b", "qwen", 1, 1),
         ],
     )
-    offers = hello_offers(hello, DIRECTORY)
+    offers = hello_offers(hello, DIRECTORY, CEILING)
     assert {slug: offer.quantization for slug, offer in offers.items()} == {
         "smollm2-135m": "q4_k_m",
         "gemma-3-270m": "q8_0",
@@ -240,12 +244,12 @@ def test_quantization_is_read_from_the_backend_name_or_announced() -> None:
         ModelOffer("gemma-3-270m", "g", 1, 1, quantization="mine"),
     ):
         with pytest.raises(HelloRefused, match="is not one the directory lists"):
-            hello_offers(msgspec.structs.replace(hello, models=[offer]), DIRECTORY)
+            hello_offers(msgspec.structs.replace(hello, models=[offer]), DIRECTORY, CEILING)
 
 
 def test_preferences_are_removed_from_the_forwarded_body() -> None:
     body = b'{"model":["a","b"],"provider":{"sort":"price"},"messages":[],"extra":{"provider":1}}'
-    assert without_preferences(body) == b'{"model":["a","b"],"messages":[],"extra":{"provider":1}}'
+    assert backend_body(body, 9) == b'{"model":["a","b"],"messages":[],"max_tokens":9}'
 
 
 # --- end to end --------------------------------------------------------------------------------

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from coordinator import catalog, keys
-from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, text_deltas
+from coordinator import audit, catalog, dispatch, keys
+from coordinator.dispatch import Dispatcher, Job, output_budget
+from coordinator.forward import backend_body, content_problem
+from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, prompt_estimate
 from coordinator.ratelimit import FailureLimits, KeyLimits, duration
+from coordinator.registry import ConnectedAgent, Registry
 from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import XPool, stamp
 from coordinator.settings import Settings, SettingsError
+from coordinator.upstream import Upstream
 from provider_agent.config import ConfigError, load
 from provider_agent.connection import backoff_delay
-from shared import protocol
-from shared.backend import SSEParser, prepare_body
+from shared import errors, protocol
+from shared.backend import Failure, SSEParser, prepare_body
 from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
 from shared.openai import ChatCompletionRequest
-from shared.protocol import Hello, JobChunk, ModelOffer, ProtocolError, UnknownMessage, Usage
+from shared.protocol import Hello, JobCancel, JobChunk, JobDone, ModelOffer, ProtocolError, UnknownMessage, Usage
 
 
 def test_key_format_and_checksum() -> None:
@@ -57,7 +62,7 @@ def test_protocol_round_trip_unknown_tag_and_garbage() -> None:
     decoder = protocol.agent_decoder()
     chunk = JobChunk(job_id="j", seq=3, data=b'{"a":1}')
     assert decoder.decode(protocol.encode(chunk)) == chunk
-    assert decoder.decode(msgspec.msgpack.encode({"type": "job.progress", "pct": 5})) == UnknownMessage("job.progress")
+    assert decoder.decode(msgspec.msgpack.encode({"type": "job.eta", "pct": 5})) == UnknownMessage("job.eta")
     # a newer peer's extra fields are ignored
     extended = msgspec.msgpack.encode({"type": "heartbeat", "in_flight": 2, "gpu_temp": 71})
     assert decoder.decode(extended) == protocol.Heartbeat(in_flight=2)
@@ -80,16 +85,17 @@ def _hello(**kw: object) -> Hello:
 
 
 DIRECTORY = catalog.Directory(catalog.shipped())
+CEILING = Price(50_000, 200_000)
 
 
 def hello_refusal(hello: Hello) -> str:
     with pytest.raises(HelloRefused) as refused:
-        hello_offers(hello, DIRECTORY)
+        hello_offers(hello, DIRECTORY, CEILING)
     return str(refused.value)
 
 
 def test_hello_validation_gives_reasons() -> None:
-    assert list(hello_offers(_hello(), DIRECTORY)) == ["smollm2-135m"]
+    assert list(hello_offers(_hello(), DIRECTORY, CEILING)) == ["smollm2-135m"]
     assert "protocol version 99" in hello_refusal(_hello(protocol=99))
     assert "no models" in hello_refusal(_hello(models=[]))
     assert "max_concurrency" in hello_refusal(_hello(max_concurrency=0))
@@ -245,6 +251,7 @@ def test_hold_covers_the_worst_case_and_bills_are_capped() -> None:
 
 def test_cut_streams_bill_only_delivered_text() -> None:
     meter = Meter(100, 50)
+    output = audit.Output()
     for chunk in (
         b'{"choices":[{"delta":{"role":"assistant","content":null}}]}',
         b'{"choices":[{"delta":{"content":"Hel"}}]}',
@@ -252,12 +259,17 @@ def test_cut_streams_bill_only_delivered_text() -> None:
         b'{"choices":[{"delta":{"content":""}}]}',
         b'{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\\"a"}}]}}]}',
         b'{"choices":[{"delta":{},"finish_reason":"stop"}]}',
+        b'{"choices":[],"content":"outside","delta":{"content":"outside"}}',
     ):
-        meter.delivered += text_deltas(chunk)
+        meter.delivered += output.read(chunk)
     assert meter.delivered == 3
     meter.usage = Usage(prompt_tokens=9, completion_tokens=40, total_tokens=49)
     cut = meter.bill(completed=False, stream=True)
     assert (cut.prompt_tokens, cut.completion_tokens, cut.cut) == (0, 3, True)
+    hung_up = Meter(100, 50, prompt_tokens_estimate=30)
+    hung_up.delivered = 3
+    left = hung_up.bill(completed=False, stream=True, consumer_left=True)
+    assert (left.prompt_tokens, left.completion_tokens) == (30, 3)  # the prompt was processed
     assert meter.bill(completed=False, stream=False).completion_tokens == 0
     meter.usage = None
     assert meter.bill(completed=True, stream=True).completion_tokens == 3
@@ -317,3 +329,206 @@ def test_money_settings() -> None:
     ):
         with pytest.raises(SettingsError):
             Settings.from_env({f"POOL_{name}": raw})
+
+
+# --- what a hostile agent or consumer can claim (issue 15) --------------------------------------
+
+
+def test_output_counts_only_text_inside_the_choices_and_bounds_tool_calls() -> None:
+    output = audit.Output()
+    payloads = [
+        b'{"choices":[{"delta":{"content":"one"}}]}',
+        b'{"choices":[{"delta":{"content":"\xc3\xa9t\xc3\xa9"}}]}',  # 4 non-ASCII bytes: up to 5 tokens
+        b'{"choices":[{"delta":{"refusal":"no"}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"get","arguments":""}}]}}]}',
+        b'{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"a\\":1}"}}]}}]}',
+        b'{"content":"outside","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}',
+        b'{"usage":{"completion_tokens":9},"delta":{"content":"nope"}}',
+    ]
+    assert [output.read(p) for p in payloads] == [1, 1, 1, 0, 1, 0, 0]
+    assert output.deltas == 4
+    # 1 + (1 + 4 non-ASCII bytes) + 1, the call's allowance and name, its arguments' bytes
+    assert output.token_bound == 1 + 5 + 1 + audit.TOOL_CALL_ALLOWANCE + 3 + 7
+    assert output.tool_calls == 1 and output.finish_reason == "tool_calls"
+    assert output.text == "oneéténo"
+    whole = audit.Output()
+    assert whole.read(b'{"choices":[{"message":{"role":"assistant","content":"hello"}}]}') == 1
+    assert whole.token_bound == 5  # a whole reply is bounded by its bytes
+
+
+def test_the_audit_counts_tool_calls_and_prompt_reports() -> None:
+    output = audit.read_output([b'{"choices":[{"delta":{"content":"a"},"finish_reason":null}]}'] * 5)
+    output.read(b'{"choices":[{"delta":{"tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}')
+    job = audit.Job(
+        stream=True,
+        delivered=5,
+        reported=Usage(prompt_tokens=10**9, completion_tokens=10**9),
+        output=output,
+        seconds=1.0,
+        parameter_count=None,
+        prompt_bound=300,
+        prompt_estimate=7,
+    )
+    verdict = audit.judge(job)
+    assert [kind for kind, _ in verdict.findings] == ["usage_inflated", "usage_inflated"]
+    assert verdict.completion_tokens == 5 + audit.TOOL_CALL_ALLOWANCE + 1 + 2
+    assert verdict.prompt_tokens == 7
+
+
+def test_output_keeps_a_bounded_text_for_the_sanity_checks() -> None:
+    output = audit.Output()
+    piece = b'{"choices":[{"delta":{"content":"' + b"y" * 10_000 + b'"}}]}'
+    for _ in range(20):
+        output.read(piece)
+    assert len(output.text) == audit.TEXT_KEPT
+    assert output.deltas == 20
+
+
+def test_prompt_estimate_counts_message_text() -> None:
+    request = msgspec.json.decode(
+        b'{"model":"m","messages":[{"role":"system","content":"12345678"},'
+        b'{"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"data:x"}}]}]}',
+        type=ChatCompletionRequest,
+    )
+    assert prompt_estimate(request) == 12 // 4 + 2 * 4
+
+
+def test_backends_get_only_the_api_and_the_priced_output_limit() -> None:
+    raw = (
+        b'{"model":"m","messages":[],"n_predict":4096,"ignore_eos":true,"top_k":5,'
+        b'"max_completion_tokens":900,"options":{"num_predict":9},"provider":{"sort":"price"}}'
+    )
+    assert msgspec.json.decode(backend_body(raw, 10)) == {
+        "model": "m",
+        "messages": [],
+        "top_k": 5,
+        "max_completion_tokens": 10,
+    }
+    assert msgspec.json.decode(backend_body(b'{"model":"m","messages":[],"max_tokens":99}', 10))["max_tokens"] == 10
+    assert msgspec.json.decode(backend_body(b'{"model":"m","messages":[]}', 10))["max_tokens"] == 10
+
+
+@pytest.mark.parametrize(
+    ("part", "param"),
+    [
+        ({"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}, "messages[0].content[0].image_url.url"),
+        ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "messages[0].content[0].image_url.url"),
+        ({"type": "file", "text": "x"}, "messages[0].content[0].type"),
+    ],
+)
+def test_content_parts_that_name_urls_are_refused(part: dict[str, object], param: str) -> None:
+    body = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": [part]}]})
+    problem = content_problem(msgspec.json.decode(body, type=ChatCompletionRequest))
+    assert problem is not None and problem[0] == param
+    inline = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": [inline]}]})
+    assert content_problem(msgspec.json.decode(body, type=ChatCompletionRequest)) is None
+
+
+def test_prices_above_the_ceiling_are_refused_at_hello() -> None:
+    for price_in, price_out in ((50_001, 1), (1, 200_001), (2**62, 2**62)):
+        hello = _hello()
+        offer = msgspec.structs.replace(hello.models[0], price_in=price_in, price_out=price_out)
+        with pytest.raises(HelloRefused, match="ceiling"):
+            hello_offers(msgspec.structs.replace(hello, models=[offer]), DIRECTORY, CEILING)
+    entry = msgspec.structs.replace(DIRECTORY.entries["smollm2-135m"], max_price_in=7, max_price_out=8)
+    assert entry.ceiling(CEILING) == Price(7, 8)
+    with pytest.raises(catalog.DirectoryError):
+        catalog.check(msgspec.structs.replace(entry, max_price_out=catalog.MAX_PRICE + 1))
+
+
+def test_one_token_is_one_identity_for_concurrency_and_speed() -> None:
+    registry = Registry()
+    agents = [
+        ConnectedAgent(f"agt_{i}", 1, 7, {}, max_concurrency=4, link=None, last_seen=0.0)  # type: ignore[arg-type]
+        for i in range(3)
+    ]
+    for agent in agents:
+        agent.concurrency_cap = 2
+        registry.add(agent)
+    assert registry.of_token(7) == 3
+    assert len({id(agent.share) for agent in agents}) == 1
+    agents[0].in_flight = agents[0].share.in_flight = 2
+    assert [agent.free_slots for agent in agents] == [0, 0, 0]
+    agents[0].concurrency_cap = agents[1].concurrency_cap = agents[2].concurrency_cap = None
+    assert [agent.free_slots for agent in agents] == [2, 4, 4]
+
+
+def test_output_budget_grows_with_the_bound_and_logprobs() -> None:
+    assert output_budget(10, False) < output_budget(10, True) < output_budget(1000, True)
+    assert output_budget(10, False) < 100_000
+
+
+def test_deeply_nested_frames_are_protocol_errors() -> None:
+    decoder = protocol.agent_decoder()
+    with pytest.raises(ProtocolError):
+        decoder.decode(b"\x91" * 100_000 + b"\xc0")
+    with pytest.raises(ProtocolError):
+        decoder.decode(b"\x81\xa4type" + b"\x91" * 100_000 + b"\xc0")
+
+
+class _Outbox:
+    """The agent's end of the socket, as the job table sees it: what was sent to it."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+
+    async def send(self, message: object) -> None:
+        self.sent.append(message)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.sent.append(("close", code))
+
+
+async def _job_on_an_agent(budget: int) -> tuple[Dispatcher, ConnectedAgent, Job, _Outbox]:
+    registry = Registry()
+    outbox = _Outbox()
+    agent = ConnectedAgent("agt_x", 1, 1, {"m": ModelOffer("m", "m", 1, 1)}, 4, outbox, 0.0)
+    registry.add(agent)
+    dispatcher = Dispatcher(registry, Upstream(None, None, {}, 5.0), 5.0, 60.0)
+    job = await dispatcher.assign(agent, "m", b"{}", stream=True, want_usage=False, budget=budget)
+    return dispatcher, agent, job, outbox
+
+
+async def test_a_backlog_makes_the_agents_socket_wait_for_the_consumer() -> None:
+    dispatcher, agent, job, _ = await _job_on_an_agent(budget=64 * 1024 * 1024)
+    piece = b"x" * (256 * 1024)
+    for seq in range(4):  # 1 MiB waiting: the high-water mark
+        assert await dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=seq, data=piece))
+    blocked = asyncio.ensure_future(dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=4, data=piece)))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # the agent's reader waits: nothing more is read from its socket
+    for _ in range(3):  # the consumer reads, not yet down to the low-water mark
+        await job.next(1.0)
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    await job.next(1.0)  # now it is: the agent's socket is read again
+    await asyncio.wait_for(blocked, 1.0)
+    assert job.queued == dispatch.QUEUE_LOW
+
+
+async def test_a_consumer_that_never_reads_has_its_own_job_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "DRAIN_TIMEOUT", 0.2)
+    dispatcher, agent, job, outbox = await _job_on_an_agent(budget=64 * 1024 * 1024)
+    piece = b"x" * (512 * 1024)
+    for seq in range(3):
+        await dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=seq, data=piece))
+    assert job.finished and agent.in_flight == 0
+    events = job.ready()
+    assert isinstance(events[-1], Failure) and events[-1].code == errors.CONSUMER_TOO_SLOW
+    await asyncio.sleep(0)
+    assert any(isinstance(m, JobCancel) for m in outbox.sent)
+
+
+async def test_output_past_the_budget_ends_the_job_and_frames_for_others_are_ignored() -> None:
+    dispatcher, agent, job, outbox = await _job_on_an_agent(budget=1000)
+    other = ConnectedAgent("agt_y", 2, 2, {"m": ModelOffer("m", "m", 1, 1)}, 4, _Outbox(), 0.0)
+    assert not await dispatcher.on_chunk(other, JobChunk(job_id=job.job_id, seq=0, data=b"stolen"))
+    assert not dispatcher.on_done(other, JobDone(job_id=job.job_id))
+    assert job.queue.empty()
+    assert await dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=0, data=b"x" * 1001))
+    (event,) = job.ready()
+    assert isinstance(event, Failure) and event.code == errors.OUTPUT_OVERRUN
+    assert not await dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=1, data=b"late"))
+    await asyncio.sleep(0)
+    assert any(isinstance(m, JobCancel) for m in outbox.sent)

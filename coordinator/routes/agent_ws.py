@@ -14,9 +14,12 @@ from litestar.exceptions import WebSocketDisconnect
 
 from coordinator.catalog import SLUG, Directory, normalize, quantization_label
 from coordinator.errors import error_body, invalid_api_key
+from coordinator.guards import client_address
+from coordinator.metering import Price
 from coordinator.registry import ConnectedAgent
 from coordinator.state import PoolState
-from shared import protocol
+from shared import errors, protocol
+from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
 from shared.protocol import (
     Draining,
     Heartbeat,
@@ -24,6 +27,7 @@ from shared.protocol import (
     JobChunk,
     JobDone,
     JobFailed,
+    JobProgress,
     Limits,
     Message,
     ModelOffer,
@@ -90,15 +94,48 @@ class _RateLimit:
         return True
 
 
+class LogBudget:
+    """Lines one connection may add to the log: ``burst`` at once, then one per ``period`` seconds;
+    a peer that sends junk as fast as it can fills no disk."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0) -> None:
+        self.burst = burst
+        self.period = period
+        self.left = burst
+        self.skipped = 0
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.stamp >= self.period:
+            self.left, self.stamp = self.burst, now
+        if self.left <= 0:
+            self.skipped += 1
+            return False
+        self.left -= 1
+        return True
+
+    def take_skipped(self) -> int:
+        """How many lines were skipped since the last one written."""
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+def _usd_per_million(nano_per_token: int) -> str:
+    return f"${nano_per_token * TOKENS_PER_PRICE_UNIT / NANO_PER_USD:g}"
+
+
 class HelloRefused(Exception):
     """Why a Hello cannot be accepted (sent to the agent, which prints it)."""
 
 
-def hello_offers(hello: Hello, directory: Directory) -> dict[str, ModelOffer]:
+def hello_offers(hello: Hello, directory: Directory, default_ceiling: Price) -> dict[str, ModelOffer]:
     """The agent's offers by directory slug; :class:`HelloRefused` if the Hello cannot be accepted.
 
     An offer names its slug, or leaves it empty for the coordinator to find from the backend model
-    name through the directory's aliases; either way the model must be in the directory."""
+    name through the directory's aliases; either way the model must be in the directory, and its
+    prices within the entry's ceiling (``default_ceiling`` where the entry sets none): what one
+    agent asks must not raise what every consumer's request holds without bound."""
     if hello.protocol != protocol.PROTOCOL_VERSION:
         raise HelloRefused(
             f"protocol version {hello.protocol} is not supported; this coordinator speaks version "
@@ -123,6 +160,12 @@ def hello_offers(hello: Hello, directory: Directory) -> dict[str, ModelOffer]:
             raise HelloRefused(f"model {slug!r} announced twice")
         if offer.price_in < 0 or offer.price_out < 0:
             raise HelloRefused(f"model {slug!r}: prices must not be negative")
+        ceiling = directory.entries[slug].ceiling(default_ceiling)
+        if not ceiling.covers(Price(offer.price_in, offer.price_out)):
+            raise HelloRefused(
+                f"model {slug!r}: prices above the pool's ceiling for it ({_usd_per_million(ceiling.input)} in, "
+                f"{_usd_per_million(ceiling.output)} out per 1M tokens)"
+            )
         if offer.context_window is not None and offer.context_window <= 0:
             raise HelloRefused(f"model {slug!r}: context_window must be positive")
         quantization = quantization_label(offer.quantization or normalize(offer.backend_model)[1] or "")
@@ -137,15 +180,16 @@ def hello_offers(hello: Hello, directory: Directory) -> dict[str, ModelOffer]:
     return offers
 
 
-async def _refuse_upgrade(socket: WebSocket[Any, Any, Any]) -> None:
-    """Answer the upgrade with a plain 401 (ASGI websocket denial response), or close 4401."""
+async def _refuse_upgrade(socket: WebSocket[Any, Any, Any], status: int = 401, message: str = "") -> None:
+    """Answer the upgrade with a plain HTTP error (ASGI websocket denial response), or close 4401/4429."""
     await socket.receive()  # websocket.connect
-    body = msgspec.json.encode(error_body(401, "invalid_api_key", invalid_api_key().message))
+    code = errors.INVALID_API_KEY if status == 401 else errors.RATE_LIMIT_EXCEEDED
+    body = msgspec.json.encode(error_body(status, code, message or invalid_api_key().message))
     if "websocket.http.response" in (socket.scope.get("extensions") or {}):
         await socket.send(
             {
                 "type": "websocket.http.response.start",
-                "status": 401,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -154,7 +198,14 @@ async def _refuse_upgrade(socket: WebSocket[Any, Any, Any]) -> None:
         )
         await socket.send({"type": "websocket.http.response.body", "body": body, "more_body": False})
     else:
-        await socket.send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED, "reason": "invalid agent token"})
+        close = CLOSE_UNAUTHORIZED if status == 401 else CLOSE_RATE
+        await socket.send({"type": "websocket.close", "code": close, "reason": "refused"})
+
+
+async def _reject(link: SocketLink, user_id: int, reason: str) -> None:
+    log.info("agent rejected", extra={"user_id": user_id, "reason": reason})
+    await link.send(Reject(reason=reason))
+    await link.close(CLOSE_PROTOCOL_ERROR, "rejected")
 
 
 async def _receive_frame(socket: WebSocket[Any, Any, Any]) -> bytes | str | None:
@@ -175,9 +226,15 @@ async def _receive_frame(socket: WebSocket[Any, Any, Any]) -> bytes | str | None
 @websocket("/v1/agent/connect")
 async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
     pool: PoolState = socket.app.state.pool
+    client = client_address(socket)
+    wait = pool.auth_failures.blocked(client)
+    if wait:
+        await _refuse_upgrade(socket, 429, f"Too many failed authentications from this address. Retry in {wait} s.")
+        return
     principal = await pool.agent_tokens.resolve(socket.headers.get("authorization"))
     if principal is None:
-        log.info("agent refused: invalid token", extra={"client": str(socket.client)})
+        pool.auth_failures.failed(client)
+        log.info("agent refused: invalid token", extra={"client": client})
         await _refuse_upgrade(socket)
         return
     await socket.accept()
@@ -199,12 +256,11 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
         await link.send(Reject(reason="the first message must be a hello frame (msgpack)"))
         await link.close(CLOSE_PROTOCOL_ERROR, "expected hello")
         return
+    default_ceiling = Price(settings.default_max_price_in, settings.default_max_price_out)
     try:
-        offers = hello_offers(hello, pool.directory)
+        offers = hello_offers(hello, pool.directory, default_ceiling)
     except HelloRefused as refused:
-        log.info("agent rejected", extra={"user_id": principal.user_id, "reason": str(refused)})
-        await link.send(Reject(reason=str(refused)))
-        await link.close(CLOSE_PROTOCOL_ERROR, "rejected")
+        await _reject(link, principal.user_id, str(refused))
         return
 
     agent = ConnectedAgent(
@@ -216,33 +272,44 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
         link=link,
         last_seen=time.monotonic(),
     )
-    await link.send(
-        Welcome(
-            agent_id=agent.agent_id,
-            heartbeat_interval=settings.heartbeat_interval,
-            limits=Limits(settings.max_frame_bytes, settings.max_messages_per_second),
-            models={offer.backend_model: slug for slug, offer in offers.items()},
-            whole_replies=True,
-        )
-    )
+    # Its standing first: an agent whose trust cannot be read is not welcomed.
     pool.trust.apply(agent, (await pool.trust.load(agent.token_id)).score())
+    connected = pool.registry.of_token(agent.token_id)  # checked and added with no await between
+    if connected >= settings.max_connections_per_agent_token:
+        await _reject(
+            link,
+            agent.user_id,
+            f"this agent token already has {connected} agents connected (the most one token may have); "
+            "stop one, or mint another token for another machine",
+        )
+        return
     pool.registry.add(agent)
-    log.info(
-        "agent connected",
-        extra={
-            "agent_id": agent.agent_id,
-            "user_id": agent.user_id,
-            "models": sorted(agent.models),
-            "trust": round(agent.trust, 1),
-        },
-    )
     reason = "connection closed"
     try:
+        await link.send(  # before any job: a lock taken without waiting orders it first
+            Welcome(
+                agent_id=agent.agent_id,
+                heartbeat_interval=settings.heartbeat_interval,
+                limits=Limits(settings.max_frame_bytes, settings.max_messages_per_second),
+                models={offer.backend_model: slug for slug, offer in offers.items()},
+                whole_replies=True,
+                progress_interval=settings.whole_reply_silence / 4,
+            )
+        )
+        log.info(
+            "agent connected",
+            extra={
+                "agent_id": agent.agent_id,
+                "user_id": agent.user_id,
+                "models": sorted(agent.models),
+                "trust": round(agent.trust, 1),
+            },
+        )
         reason = await _serve(pool, agent, link, socket)
     finally:
         if pool.registry.remove(agent.agent_id) is agent:
             pool.dispatcher.agent_lost(agent, reason)
-        if not any(other.token_id == agent.token_id for other in pool.registry.agents()):
+        if not pool.registry.of_token(agent.token_id):
             pool.trust.forget(agent.token_id)
         log.info("agent disconnected", extra={"agent_id": agent.agent_id, "reason": reason})
 
@@ -251,6 +318,7 @@ async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socke
     """Handle frames until the agent goes away; returns why it went."""
     dispatcher = pool.dispatcher
     limit = _RateLimit(pool.settings.max_messages_per_second)
+    lines = LogBudget()
     max_frame = pool.settings.max_frame_bytes
     while True:
         frame = await _receive_frame(socket)
@@ -272,20 +340,29 @@ async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socke
             await link.close(CLOSE_PROTOCOL_ERROR, str(exc))
             return "protocol error"
         agent.last_seen = time.monotonic()
+        known = True
         match message:
             case JobChunk():
-                dispatcher.on_chunk(message)
+                known = await dispatcher.on_chunk(agent, message)
             case JobDone():
-                dispatcher.on_done(message)
+                known = dispatcher.on_done(agent, message)
             case JobFailed():
-                dispatcher.on_failed(message)
+                known = dispatcher.on_failed(agent, message)
+            case JobProgress():
+                known = dispatcher.on_progress(agent, message.job_id)
             case Heartbeat():
                 pass
             case Draining():
                 agent.draining = True
                 log.info("agent draining", extra={"agent_id": agent.agent_id})
             case UnknownMessage(tag=tag):
-                log.warning("unknown message skipped", extra={"agent_id": agent.agent_id, "tag": tag})
+                if lines.allow():
+                    log.warning(
+                        "unknown message skipped",
+                        extra={"agent_id": agent.agent_id, "tag": tag[:40], "skipped": lines.take_skipped()},
+                    )
             case Hello():
                 await link.close(CLOSE_PROTOCOL_ERROR, "hello sent twice")
                 return "protocol error"
+        if not known and lines.allow():  # a job it does not run, or one already over: skipped
+            log.info("frame for a job not this agent's skipped", extra={"agent_id": agent.agent_id})

@@ -21,10 +21,11 @@ from coordinator import audit, trust
 from coordinator.accounting import Charge, Reservation
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
-from coordinator.dispatch import TIMED_OUT, Attempt, Job, Route, provider_error
+from coordinator.dispatch import TIMED_OUT, Attempt, Job, Route, output_budget, provider_error
 from coordinator.errors import error_body, error_response
+from coordinator.forward import backend_body, content_problem
 from coordinator.guards import require_consumer_key
-from coordinator.metering import Meter, Price, output_bound, prompt_bound, text_deltas
+from coordinator.metering import Meter, Price, output_bound, prompt_bound, prompt_estimate
 from coordinator.placement import DEFAULT_ROUTING, Routing, offer_price
 from coordinator.registry import ConnectedAgent
 from coordinator.requestlog import RequestRecord
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _json = msgspec.json.Encoder()
 
+CONSUMER_GONE = "consumer_gone"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -56,15 +58,9 @@ class XPool(msgspec.Struct, omit_defaults=True):
     attempts: int | None = None  # agents (and upstream) tried, failovers included
 
 
-_strip_decoder = msgspec.json.Decoder(dict[str, Any])
-
-
-def without_preferences(raw: bytes) -> bytes:
-    """The body without the pool's own ``provider`` object: backends (and the agents that run them)
-    see only what OpenAI's API defines."""
-    body = _strip_decoder.decode(raw)
-    body.pop("provider", None)
-    return _json.encode(body)
+# Text deltas past the request's bound a stream may carry before it is cut as an overrun: room for
+# a backend that splits a token's text in two, never enough to matter (billing stops at the bound).
+OVERRUN_SLACK = 4
 
 
 def stamp(payload: bytes, x_pool: XPool) -> bytes:
@@ -92,7 +88,7 @@ class Call:
     token_estimate: int = 0
     reservation: Reservation | None = None
     route: Route | None = None
-    output: list[bytes] = field(default_factory=list)  # payloads relayed, for the audit
+    output: audit.Output = field(default_factory=audit.Output)  # what was relayed, counted as it went
     reported: Usage | None = None  # the agent's usage report, when the audit overrode it
     ended: bool = False
 
@@ -120,7 +116,7 @@ class Call:
             billable = self._judge(job, job.agent, completed, failure)
         charge: Charge | None = None
         if job is not None and self.reservation is not None:
-            charge = self._bill(job, completed, billable)
+            charge = self._bill(job, completed, billable, consumer_left=code == CONSUMER_GONE)
         if job is not None and completed and billable:
             pool.dispatcher.observe(job, record.completion_tokens, stream=record.stream)
         if job is not None or status in (502, 503):
@@ -154,14 +150,17 @@ class Call:
         if not completed:
             return True  # the consumer went away: nothing to say about the agent
         info = self.pool.directory.get(job.slug)
+        meter = self.meter
         verdict = audit.judge(
             audit.Job(
                 stream=self.record.stream,
-                delivered=self.meter.delivered,
-                reported=self.meter.usage,
-                output=audit.read_output(self.output),
+                delivered=meter.delivered,
+                reported=meter.usage,
+                output=self.output,
                 seconds=time.perf_counter() - job.assigned_at,
                 parameter_count=info.parameter_count if info is not None else None,
+                prompt_bound=meter.prompt_bound,
+                prompt_estimate=meter.prompt_estimate,
             )
         )
         # A consumer's prompt can ask for a repeated word or stop at once: output that fails the
@@ -172,18 +171,23 @@ class Call:
             dispatcher.witness(agent, kind, detail, job.job_id)
         if not findings:
             dispatcher.witness(agent, trust.COMPLETED, job_id=job.job_id)
-        usage = self.meter.usage
-        if verdict.completion_tokens is not None and usage is not None:
-            self.reported = usage  # what the agent claimed, for the request log
-            self.meter.usage = msgspec.structs.replace(usage, completion_tokens=verdict.completion_tokens)
+        usage = meter.usage
+        if usage is not None:
+            # Billed: what the coordinator counted, never more than the agent claims.
+            counted = max(meter.delivered, self.output.token_bound)
+            completion = max(0, min(usage.completion_tokens, counted))
+            prompt = usage.prompt_tokens if verdict.prompt_tokens is None else verdict.prompt_tokens
+            if (prompt, completion) != (usage.prompt_tokens, usage.completion_tokens):
+                self.reported = usage  # what the agent claimed, for the request log
+                meter.usage = msgspec.structs.replace(usage, prompt_tokens=prompt, completion_tokens=completion)
         return verdict.billable
 
-    def _bill(self, job: Job, completed: bool, billable: bool) -> Charge:
+    def _bill(self, job: Job, completed: bool, billable: bool, *, consumer_left: bool) -> Charge:
         record, agent = self.record, job.agent
         record.fallback = job.fallback
         record.agent_id = agent.agent_id if agent is not None else None
         record.provider_user_id = agent.user_id if agent is not None else None
-        bill = self.meter.bill(completed=completed, stream=record.stream)
+        bill = self.meter.bill(completed=completed, stream=record.stream, consumer_left=consumer_left)
         record.prompt_tokens, record.completion_tokens = bill.prompt_tokens, bill.completion_tokens
         reported = self.reported or bill.reported
         if reported is not None:
@@ -233,7 +237,7 @@ class Call:
         """After a stream response: if the relay never ran to its end, stop the job and bill what went out."""
         if not self.ended:
             job.cancel()
-            self.end(499, job=job, code="consumer_gone")
+            self.end(499, job=job, code=CONSUMER_GONE)
 
 
 def _known_model(pool: PoolState, slug: str) -> bool:
@@ -241,15 +245,14 @@ def _known_model(pool: PoolState, slug: str) -> bool:
 
 
 def _model_cap(pool: PoolState, slugs: list[str]) -> int:
-    """The most tokens a completion of any of ``slugs`` can have: their context windows where known."""
+    """The most tokens a completion of any of ``slugs`` can have: the directory's context window
+    (the operator's word), else the default cap. What an agent announces binds its own jobs only:
+    it never lowers what every other agent's jobs may bill."""
     caps = []
     for slug in slugs:
-        windows = [w for a in pool.registry.serving(slug) if (w := a.models[slug].context_window)]
         known = pool.directory.get(slug)
-        if known is not None and known.context_window:
-            windows.append(known.context_window)
-        caps.append(min(windows) if windows else pool.settings.default_output_tokens)
-    return max(caps)
+        caps.append(known.context_window if known is not None and known.context_window else None)
+    return max(cap or pool.settings.default_output_tokens for cap in caps)
 
 
 @post(
@@ -271,11 +274,8 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
     models = data.models
     record.model, record.stream = models[0], data.stream
     raw = await request.body()
-    if data.provider is not None:
-        raw = without_preferences(raw)
-    call = Call(
-        pool, record, time.perf_counter(), Meter(prompt_bound(raw), output_bound(data, _model_cap(pool, models)))
-    )
+    bound = output_bound(data, _model_cap(pool, models))
+    call = Call(pool, record, time.perf_counter(), Meter(prompt_bound(raw), bound, prompt_estimate(data)))
     for slug in models:
         if not _known_model(pool, slug):
             return call.reject(
@@ -284,6 +284,9 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
                 f"The model `{slug}` does not exist in this pool. GET /v1/models lists the available models.",
                 param="model",
             )
+    problem = content_problem(data)
+    if problem is not None:
+        return call.reject(400, errors.INVALID_REQUEST, problem[1], param=problem[0])
     estimate = len(raw) // 4 + (data.max_completion_tokens or data.max_tokens or 0)
     decision = pool.key_limits.admit(principal.credential_id, estimate, principal.rpm, principal.tpm)
     if not decision.allowed:
@@ -296,35 +299,58 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
     call.token_estimate = estimate
     limits = decision.headers
     routing = Routing.of(data.provider)
-    ceiling = pool.dispatcher.ceiling(models, routing)
-    if ceiling is None:
+    prices = pool.dispatcher.prices(models, routing)
+    if not prices:
         return call.no_capacity(models, routing, limits)
     try:
-        return await _run(call, data, raw, routing, ceiling, limits)
+        return await _run(call, data, backend_body(raw, bound), routing, prices, limits)
     except BaseException:
         call.end(500, code=errors.INTERNAL_ERROR)
         raise
 
 
+async def _hold(call: Call, prices: list[Price]) -> Price:
+    """Reserve the worst case at the highest prices on offer, or, if the consumer's credit cannot
+    cover that, at the cheapest offer's (the request then goes only to offers that cheap): one
+    dear agent cannot price a consumer out of the cheap ones. Returns the prices the hold covers;
+    :class:`InsufficientCredits` if even the cheapest is out of reach."""
+    meter, accounting = call.meter, call.pool.accounting
+    ceiling = Price(max(p.input for p in prices), max(p.output for p in prices))
+    try:
+        call.reservation = await accounting.reserve(call.record, meter.hold_amount(ceiling))
+        return ceiling
+    except InsufficientCredits:
+        cheapest = min(prices, key=meter.hold_amount)
+        if meter.hold_amount(cheapest) >= meter.hold_amount(ceiling):
+            raise
+    call.reservation = await accounting.reserve(call.record, meter.hold_amount(cheapest))
+    return cheapest
+
+
 async def _run(
-    call: Call, data: ChatCompletionRequest, raw: bytes, routing: Routing, ceiling: Price, limits: dict[str, str]
+    call: Call, data: ChatCompletionRequest, body: bytes, routing: Routing, prices: list[Price], limits: dict[str, str]
 ) -> Response[Any]:
     pool = call.pool
-    amount = call.meter.hold_amount(ceiling)
     try:
-        call.reservation = await pool.accounting.reserve(call.record, amount)
+        ceiling = await _hold(call, prices)
     except InsufficientCredits as exc:
         return call.reject(
             402,
             errors.INSUFFICIENT_CREDITS,
             f"Insufficient credits: this request may cost up to {usd(exc.needed)} (prompt and max_tokens at the "
-            f"highest price on offer) and {usd(exc.available)} is available. Add credits or lower max_tokens.",
+            f"lowest price on offer) and {usd(exc.available)} is available. Add credits or lower max_tokens.",
             headers=limits,
         )
     stream = data.stream
     want_usage = bool(stream and data.stream_options and data.stream_options.include_usage)
     attempt = await pool.dispatcher.start(
-        data.models, raw, stream=stream, want_usage=want_usage, routing=routing, max_price=ceiling
+        data.models,
+        body,
+        stream=stream,
+        want_usage=want_usage,
+        routing=routing,
+        max_price=ceiling,
+        budget=output_budget(call.meter.completion_bound, bool(data.logprobs)),
     )
     if attempt is None:
         return call.no_capacity(data.models, routing, limits)
@@ -344,8 +370,10 @@ async def _run(
 
 
 async def _complete(call: Call, attempt: Attempt, limits: dict[str, str]) -> Response[Any]:
-    """Non-stream: nothing reaches the consumer before the end, so any retryable failure fails over."""
+    """Non-stream: nothing reaches the consumer before the end. The agent says it is alive while
+    its backend works; silence for ``POOL_WHOLE_REPLY_SILENCE`` ends the job as a failure."""
     job, event = attempt.job, attempt.first
+    silence = call.pool.dispatcher.silence(stream=False)
     parts: list[bytes] = []
     while True:
         if isinstance(event, Chunk):
@@ -353,55 +381,75 @@ async def _complete(call: Call, attempt: Attempt, limits: dict[str, str]) -> Res
         elif isinstance(event, Done):
             body = b"".join([*parts, *event.tail])  # an agent may send a reply whole with its end
             call.meter.usage = event.usage
-            call.output.append(body)
+            call.meter.delivered = call.output.read(body)
             x_pool = call.end(200, job=job, completed=True)
             assert x_pool is not None
             return Response(stamp(body, x_pool), media_type="application/json", headers=limits)
         else:
             job.cancel()
             return call.failed(event, limits, job)
-        event = await job.next(call.pool.settings.idle_timeout)
+        event = await job.next(silence)
+
+
+def _overran(call: Call, job: Job) -> Failure:
+    job.cancel()
+    bound = call.meter.completion_bound
+    return Failure(errors.OUTPUT_OVERRUN, f"the provider sent more than the request's {bound} tokens", False)
 
 
 async def _relay(call: Call, attempt: Attempt) -> AsyncIterator[bytes]:
-    """Relay a started job as SSE; an error after the first chunk ends the stream with an error event."""
+    """Relay a started job as SSE, counting its output as it goes; an error after the first chunk,
+    or output past the request's bound, ends the stream with an error event."""
     job, event = attempt.job, attempt.first
     first_at = time.perf_counter()
     idle = call.pool.settings.idle_timeout
     meter, output = call.meter, call.output
+    most = meter.completion_bound + OVERRUN_SLACK
     try:
         while True:
             out: list[bytes] = []
-            deltas = 0  # counted as delivered once the consumer's connection took them
+            carried = 0  # counted as delivered once the consumer's connection took them
+            end: Done | Failure | None = None
             for item in (event, *job.ready()):
                 if isinstance(item, Chunk):
-                    deltas += text_deltas(item.data)
-                    output.append(item.data)
+                    tokens = output.read(item.data)
+                    if meter.delivered + carried + tokens > most:  # not relayed: the job is cut here
+                        end = _overran(call, job)
+                        break
+                    carried += tokens
                     out.append(b"data: " + item.data + b"\n\n")
                     continue
-                meter.delivered += deltas
-                if isinstance(item, Done):
-                    meter.delivered += sum(text_deltas(chunk) for chunk in item.tail)
-                    meter.usage = item.usage
-                    output.extend(item.tail)
-                    x_pool = call.end(200, job=job, completed=True, first_at=first_at)
-                    tail = list(item.tail)
-                    if tail and x_pool is not None:
-                        tail[-1] = stamp(tail[-1], x_pool)
-                    out.extend(b"data: " + chunk + b"\n\n" for chunk in tail)
-                    out.append(b"data: [DONE]\n\n")
-                else:
-                    log.warning("stream failed after first chunk", extra={"job_id": job.job_id, "code": item.code})
-                    status, code, message = provider_error(item)
-                    call.end(status, job=job, failure=item, code=code, first_at=first_at)
-                    out.append(b"data: " + _json.encode(error_body(status, code, message)) + b"\n\n")
+                end = item
+                break
+            if end is None:
                 yield b"".join(out)
-                return
+                meter.delivered += carried
+                event = await job.next(idle)
+                continue
+            if isinstance(end, Done):
+                tokens = sum(output.read(chunk) for chunk in end.tail)
+                if meter.delivered + carried + tokens > most:
+                    end = _overran(call, job)
+                else:
+                    carried += tokens
+            meter.delivered += carried
+            if isinstance(end, Done):
+                meter.usage = end.usage
+                x_pool = call.end(200, job=job, completed=True, first_at=first_at)
+                tail = list(end.tail)
+                if tail and x_pool is not None:
+                    tail[-1] = stamp(tail[-1], x_pool)
+                out.extend(b"data: " + chunk + b"\n\n" for chunk in tail)
+                out.append(b"data: [DONE]\n\n")
+            else:
+                log.warning("stream failed after first chunk", extra={"job_id": job.job_id, "code": end.code})
+                status, code, message = provider_error(end)
+                call.end(status, job=job, failure=end, code=code, first_at=first_at)
+                out.append(b"data: " + _json.encode(error_body(status, code, message)) + b"\n\n")
             yield b"".join(out)
-            meter.delivered += deltas
-            event = await job.next(idle)
+            return
     finally:
         if not job.finished:
             log.info("consumer went away, cancelling job", extra={"job_id": job.job_id})
             job.cancel()
-        call.end(499, job=job, code="consumer_gone", first_at=first_at)
+        call.end(499, job=job, code=CONSUMER_GONE, first_at=first_at)
