@@ -73,7 +73,7 @@ async def keep_trust(pool: PoolState) -> None:
     """Write new trust evidence, and let time act on the scores of connected agents."""
     await pool.trust.flush(everything=False)
     for agent in pool.registry.agents():
-        pool.trust.apply(agent, pool.trust.score(agent.token_id))
+        pool.trust.apply(agent, pool.trust.standing(agent.token_id, agent.user_id))
 
 
 async def keep_history(pool: PoolState) -> None:

@@ -132,49 +132,75 @@ def evidence_of(row: Any) -> Evidence:
 
 @dataclass
 class TrustBook:
-    """The reputations of the agent tokens connected to this process, and evidence to write.
+    """The reputations of the agent tokens connected to this process, and of their providers, and
+    evidence to write.
 
-    An agent token connects to one process at a time in normal use; a second process loads the
-    stored evidence when it connects, so scores follow agents across restarts and processes."""
+    An agent's standing is the lower of its token's score and its provider's (all the provider's
+    tokens' evidence together): one identity per token for what it did, and a provider caught
+    cheating cannot start afresh by minting a new token. An agent token connects to one process at
+    a time in normal use; a second process loads the stored evidence when it connects, so scores
+    follow agents across restarts and processes."""
 
     engine: AsyncEngine
     half_life: float
     new_agent_concurrency: int
     reputations: dict[int, Reputation] = field(default_factory=dict)
+    providers: dict[int, Reputation] = field(default_factory=dict)  # provider user id -> all its tokens' evidence
     pending: list[Evidence] = field(default_factory=list)
+    _owners: dict[int, int] = field(default_factory=dict)  # loaded token -> its provider
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def load(self, token_id: int) -> Reputation:
+    async def load(self, token_id: int, provider_user_id: int | None = None) -> Reputation:
         """The token's reputation from its stored evidence and what waits to be written (cached
-        while it is connected)."""
+        while it is connected); with ``provider_user_id``, its provider's is loaded too."""
         known = self.reputations.get(token_id)
-        if known is not None:
+        if known is not None and (provider_user_id is None or provider_user_id in self.providers):
             return known
         now = time.time()
         since = evidence_horizon(now, self.half_life)
-        query = select(_table).where(_table.c.agent_token_id == token_id, _table.c.created_at >= since)
+        by_token = select(_table).where(_table.c.agent_token_id == token_id, _table.c.created_at >= since)
         async with self._lock:  # no flush moves evidence from pending to the table meanwhile
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+                rows = (await conn.execute(by_token)).all()
+                if provider_user_id is not None and provider_user_id not in self.providers:
+                    by_provider = select(_table).where(
+                        _table.c.provider_user_id == provider_user_id, _table.c.created_at >= since
+                    )
+                    provided = [evidence_of(r) for r in (await conn.execute(by_provider)).all() if r.kind in WEIGHTS]
+                    provided += [e for e in self.pending if e.provider_user_id == provider_user_id]
+                    self.providers[provider_user_id] = reputation_of(provided, self.half_life, now)
             evidence = [evidence_of(row) for row in rows if row.kind in WEIGHTS]
             evidence += [item for item in self.pending if item.token_id == token_id]
+        if provider_user_id is not None:
+            self._owners[token_id] = provider_user_id
         return self.reputations.setdefault(token_id, reputation_of(evidence, self.half_life, now))
+
+    async def load_standing(self, token_id: int, provider_user_id: int) -> float:
+        """Load a connecting agent's token and provider; its standing."""
+        await self.load(token_id, provider_user_id)
+        return self.standing(token_id, provider_user_id)
 
     def forget(self, token_id: int) -> None:
         self.reputations.pop(token_id, None)
+        provider = self._owners.pop(token_id, None)
+        if provider is not None and provider not in self._owners.values():
+            self.providers.pop(provider, None)
 
     def record(self, evidence: Evidence) -> float:
-        """Count one piece of evidence now; returns the token's new score. Evidence about a token
-        not loaded here (its agent went away) is only written: the next load reads it."""
+        """Count one piece of evidence now; returns the token's new standing. Evidence about a
+        token not loaded here (its agent went away) is only written: the next load reads it."""
         self.pending.append(evidence)
+        provider = self.providers.get(evidence.provider_user_id)
+        if provider is not None:
+            provider.add(evidence.weight, evidence.at, self.half_life, evidence.count)
         reputation = self.reputations.get(evidence.token_id)
         if reputation is None:
             return Reputation().score()
         reputation.add(evidence.weight, evidence.at, self.half_life, evidence.count)
-        return reputation.score()
+        return min(reputation.score(), provider.score() if provider is not None else 100.0)
 
     def witness(self, agent: ConnectedAgent, kind: str, detail: str = "", job_id: str | None = None) -> None:
-        """Count evidence about ``agent`` now and apply its new score to it."""
+        """Count evidence about ``agent`` now and apply its new standing to it."""
         score = self.record(Evidence(agent.token_id, agent.user_id, kind, time.time(), detail=detail, job_id=job_id))
         if agent.token_id not in self.reputations:
             return
@@ -195,6 +221,15 @@ class TrustBook:
             return Reputation().score()
         reputation.decay_to(now or time.time(), self.half_life)
         return reputation.score()
+
+    def standing(self, token_id: int, provider_user_id: int, now: float | None = None) -> float:
+        """The lower of the token's score and its provider's."""
+        at = now or time.time()
+        provider = self.providers.get(provider_user_id)
+        if provider is None:
+            return self.score(token_id, at)
+        provider.decay_to(at, self.half_life)
+        return min(self.score(token_id, at), provider.score())
 
     async def flush(self, everything: bool = True) -> int:
         """Write pending evidence; on failure it waits for the next flush. ``completed`` jobs are

@@ -187,3 +187,34 @@ async def test_trust_evidence_is_stored_and_scores_follow_a_token_across_process
         assert expected == pytest.approx(100 * 8 / (8 + 9), abs=0.01)
     finally:
         await engine.dispose()
+
+
+async def test_a_providers_new_token_starts_from_the_providers_standing(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        await db.migrate(engine)
+        async with db.sessionmaker(engine)() as session, session.begin():
+            cheat = await accounts.create_user(session, "cheat@example.com")
+            await accounts.create_user(session, "other@example.com")
+            for email in ("cheat@example.com", "cheat@example.com", "other@example.com"):
+                await accounts.create_agent_token(session, email)
+        async with engine.connect() as conn:
+            caught, fresh, unrelated = (await conn.execute(text("SELECT id FROM agent_tokens ORDER BY id"))).scalars()
+            (other,) = (await conn.execute(text("SELECT id FROM users WHERE email = 'other@example.com'"))).scalars()
+        book = trust.TrustBook(engine, half_life=3600.0, new_agent_concurrency=2)
+        assert await book.load_standing(caught, cheat.id) == 50.0
+        now = time.time()
+        for _ in range(2):
+            book.record(trust.Evidence(caught, cheat.id, trust.CANARY_FAILED, now))
+        await book.flush()
+        # Another process, after the caught agent is gone: the provider's new token is no newcomer.
+        later = trust.TrustBook(engine, half_life=3600.0, new_agent_concurrency=2)
+        standing = await later.load_standing(fresh, cheat.id)
+        assert later.score(fresh) == 50.0
+        assert standing == pytest.approx(100 * 3 / (3 + 3 + 20), abs=0.01)
+        assert standing < 40
+        assert await later.load_standing(unrelated, other) == 50.0  # other providers are untouched
+        later.forget(fresh)
+        assert cheat.id not in later.providers
+    finally:
+        await engine.dispose()

@@ -273,7 +273,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
         last_seen=time.monotonic(),
     )
     # Its standing first: an agent whose trust cannot be read is not welcomed.
-    pool.trust.apply(agent, (await pool.trust.load(agent.token_id)).score())
+    pool.trust.apply(agent, await pool.trust.load_standing(agent.token_id, agent.user_id))
     connected = pool.registry.of_token(agent.token_id)  # checked and added with no await between
     if connected >= settings.max_connections_per_agent_token:
         await _reject(
