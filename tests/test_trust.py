@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from coordinator import audit, trust
-from coordinator.audit import Output, read_output
+from coordinator.audit import read_output
 from coordinator.clawback import Clawback
 from coordinator.requestlog import RequestRecord
 from coordinator.trust import Evidence, Reputation, reputation_of
@@ -100,12 +100,10 @@ def test_audit_passes_honest_work() -> None:
         {"choices": [{"index": 0, "message": {"content": "Paris is the capital."}, "finish_reason": "stop"}]}
     )
     assert _kinds(_job([body], reported=6, stream=False)) == []
+    # a tool call's tokens include the template's markers around its name and arguments
+    call = {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
     tools = msgspec.json.encode(
-        {
-            "choices": [
-                {"index": 0, "message": {"content": None, "tool_calls": [{"id": "1"}]}, "finish_reason": "tool_calls"}
-            ]
-        }
+        {"choices": [{"index": 0, "message": {"content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}]}
     )
     assert _kinds(_job([tools], reported=30, stream=False)) == []
 
@@ -129,7 +127,8 @@ def test_audit_catches_each_cheat_and_bills_what_it_can_vouch_for() -> None:
 
 def test_output_reader_keeps_finish_reason_and_text() -> None:
     output = read_output([_chunk("Hel"), _chunk("lo"), STOP])
-    assert output == Output(text="Hello", tool_calls=False, finish_reason="stop", valid=True, token_bound=2)
+    assert (output.text, output.tool_calls, output.finish_reason, output.valid) == ("Hello", 0, "stop", True)
+    assert (output.token_bound, output.deltas) == (2, 2)
     accented = read_output([_chunk("ñ"), _chunk("😊")])
     assert accented.token_bound == (1 + 2) + (1 + 4)  # one token per delta, plus one per non-ASCII byte
 
