@@ -121,6 +121,24 @@ async def generation(pool: Pool, request_id: str, key: str | None = None) -> dic
     return found
 
 
+async def earned(pool: Pool, request_id: str) -> tuple[int, int, int | None]:
+    """(cost, the provider's share, the provider) of a request, from the request log."""
+    rows: list[tuple[Any, ...]] = []
+
+    def logged() -> bool:
+        nonlocal rows
+        rows = _query(pool, "SELECT cost, provider_earned, provider_user_id FROM request_log WHERE id = ?", request_id)
+        return bool(rows)
+
+    await eventually(logged)
+    return rows[0][0], rows[0][1], rows[0][2]
+
+
+def provider_of(pool: Pool, token: str) -> int:
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return int(_query(pool, "SELECT user_id FROM agent_tokens WHERE digest = ?", digest)[0][0])
+
+
 async def books_balance(pool: Pool) -> None:
     from coordinator import db
 
@@ -158,6 +176,10 @@ async def test_a_tiny_context_window_caps_only_its_own_jobs(arena: Pool) -> None
         billed = await generation(arena, reply_.json()["x_pool"]["request_id"])
         assert billed["completionTokens"] == usage["completion_tokens"]
         assert agent.assigned == []
+        cost, share, paid = await earned(arena, reply_.json()["x_pool"]["request_id"])
+        assert paid == provider_of(arena, arena.token)  # the honest provider earned its full price
+        assert cost == usage["prompt_tokens"] * 100 + usage["completion_tokens"] * 200
+        assert share == cost * 9 // 10  # less the 10 % platform fee
     await books_balance(arena)
 
 
@@ -319,6 +341,9 @@ async def test_an_agent_refusing_valid_requests_blocks_nobody(arena: Pool) -> No
         results = [await chat(arena, body) for _ in range(20)]
         assert [r.status_code for r in results] == [200] * 20
         assert agent.assigned, "the refusing agent was never tried"
+        honest = provider_of(arena, arena.token)
+        for result in results:  # every request was paid to the provider that served it, never the refuser
+            assert (await earned(arena, result.json()["x_pool"]["request_id"]))[2] == honest
     details = await evidence(arena, token_id, trust.FAILED)
     assert all("another provider served" in detail for detail in details)
     await books_balance(arena)
@@ -342,6 +367,7 @@ async def test_silence_on_a_whole_reply_is_evidence_and_fails_over_fast(arena: P
         assert agent.assigned, "the silent agent was never tried"
     details = await evidence(arena, token_id, trust.FAILED)
     assert any(TIMED_OUT_TEXT in detail for detail in details)
+    await books_balance(arena)
 
 
 TIMED_OUT_TEXT = "no output for 2 s"
@@ -357,6 +383,7 @@ async def test_a_slow_whole_reply_from_an_honest_agent_still_arrives(arena: Pool
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 600
     assert elapsed > 2, f"the reply took {elapsed:.1f} s, within the silence window: it shows nothing"
+    await books_balance(arena)
 
 
 # --- 6. the request that reaches the backend is the one that was priced -------------------------
@@ -373,6 +400,7 @@ async def test_backend_fields_cannot_raise_the_output_beyond_the_price(arena: Po
     refused = await chat(arena, {"model": SLUG, "messages": [{"role": "user", "content": [image]}]})
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "messages[0].content[0].image_url.url"
+    await books_balance(arena)
 
 
 # --- 9. hanging up mid-stream ------------------------------------------------------------------
@@ -425,6 +453,7 @@ async def test_deeply_nested_frames_close_only_that_connection(arena: Pool) -> N
     assert "RecursionError" not in (arena.coordinator.output() if arena.coordinator else "")
     response = await chat(arena, {"model": SLUG, "messages": HI, "max_tokens": 3})
     assert response.status_code == 200
+    await books_balance(arena)
 
 
 async def test_one_token_opens_a_bounded_number_of_connections_sharing_one_concurrency(arena: Pool) -> None:
