@@ -19,6 +19,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from coordinator import __version__, auth, billing, catalog, db, periodic
 from coordinator.accounting import Accounting
+from coordinator.bodies import TOO_DEEP, PoolRequest
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
@@ -110,6 +111,14 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[bytes]:
+    """A recursion limit reached past the body's first decoding (a body read again, a conversion):
+    still the client's nesting, so a 400 and one short line, never a traceback."""
+    log.warning("request refused: nested too deeply", extra={"path": request.url.path})
+    _log_refused(request, 400, errors.INVALID_REQUEST)
+    return error_response(400, errors.INVALID_REQUEST, TOO_DEEP)
+
+
     log.exception("unhandled error", exc_info=exc)
     _log_refused(request, 500, errors.INTERNAL_ERROR)
     return error_response(500, errors.INTERNAL_ERROR, "Internal error; it has been logged.")
@@ -288,5 +297,7 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=OpenAPIConfig(title="Provider Pool", version=__version__, path="/schema"),
         logging_config=None,
     )
+            RecursionError: _too_deep,
     app.state.pool = pool
     return app
+        request_class=PoolRequest,

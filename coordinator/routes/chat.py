@@ -17,7 +17,7 @@ from litestar import Request, Response, post
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from coordinator import audit, trust
+from coordinator import audit, bodies, trust
 from coordinator.accounting import Charge, Reservation
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
@@ -62,7 +62,7 @@ _strip_decoder = msgspec.json.Decoder(dict[str, Any])
 def without_preferences(raw: bytes) -> bytes:
     """The body without the pool's own ``provider`` object: backends (and the agents that run them)
     see only what OpenAI's API defines."""
-    body = _strip_decoder.decode(raw)
+    body: dict[str, Any] = bodies.decode(_strip_decoder, raw)
     body.pop("provider", None)
     return _json.encode(body)
 
