@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
     user = admin_commands.add_parser("create-user", help="create a user")
     user.add_argument("--email", required=True)
+    approve = admin_commands.add_parser("approve-user", help="let a user who signed up (POOL_SIGNUP_APPROVAL) log in")
+    approve.add_argument("--email", required=True)
+    admin_commands.add_parser("pending-users", help="list the users waiting for approval (email and signup time)")
     for name, what in (
         ("create-key", "a consumer key (pool_live_…)"),
         ("create-agent-token", "an agent token"),
@@ -85,6 +88,15 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
     async def create_user(session: AsyncSession) -> str:
         user = await accounts.create_user(session, args.email)
         return str(user.id)
+
+    async def approve_user(session: AsyncSession) -> str:
+        user = await accounts.approve_user(session, args.email)
+        return f"approved {user.email}"
+
+    async def pending_users(session: AsyncSession) -> str:
+        return "\n".join(
+            f"{user.email} {user.created_at.isoformat()}" for user in await accounts.pending_users(session)
+        )
 
     async def create_key(session: AsyncSession) -> str:
         return await accounts.create_api_key(session, args.email, args.name)
@@ -146,6 +158,8 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
     actions = {
         "models": edit_models,
         "create-user": create_user,
+        "approve-user": approve_user,
+        "pending-users": pending_users,
         "create-key": create_key,
         "create-agent-token": create_token,
         "grant-credits": grant_credits,

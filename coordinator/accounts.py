@@ -43,10 +43,15 @@ def normalize_email(email: str) -> str:
 
 
 async def create_user(
-    session: AsyncSession, email: str, password_hash: str | None = None, subject: str | None = None
+    session: AsyncSession,
+    email: str,
+    password_hash: str | None = None,
+    subject: str | None = None,
+    approved: bool = True,
 ) -> User:
-    """A new user with empty wallet, holds and earnings accounts."""
-    user = User(email=normalize_email(email), password_hash=password_hash, subject=subject)
+    """A new user with empty wallet, holds and earnings accounts (``approved=False``: one that waits
+    for an operator before it can log in)."""
+    user = User(email=normalize_email(email), password_hash=password_hash, subject=subject, approved=approved)
     session.add(user)
     try:
         await session.flush()
@@ -61,6 +66,18 @@ async def user_by_email(session: AsyncSession, email: str) -> User:
     if user is None:
         raise AccountError(f"no user with email {email}")
     return user
+
+
+async def approve_user(session: AsyncSession, email: str) -> User:
+    """Let a user who signed up while approval was required log in."""
+    user = await user_by_email(session, email)
+    user.approved = True
+    return user
+
+
+async def pending_users(session: AsyncSession) -> list[User]:
+    """Users waiting for approval, oldest first."""
+    return list(await session.scalars(select(User).where(User.approved.is_(False)).order_by(User.id)))
 
 
 async def user_for_subject(session: AsyncSession, subject: str, email: str | None) -> User:

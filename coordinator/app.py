@@ -25,7 +25,7 @@ from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
 from coordinator.history import History
 from coordinator.metering import Price
-from coordinator.ratelimit import FailureLimits, KeyLimits
+from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
 from coordinator.registry import Registry
 from coordinator.requestlog import RequestLog, RequestRecord
 from coordinator.routes.account import account_router
@@ -37,7 +37,7 @@ from coordinator.routes.pages import root, status_live, status_page
 from coordinator.routes.portal import agent_tokens_router, login, signup, tokens_router
 from coordinator.routes.portal_pages import portal_pages
 from coordinator.routes.provider import provider_agents
-from coordinator.sessions import SessionTokens
+from coordinator.sessions import Passwords, SessionTokens
 from coordinator.settings import Settings
 from coordinator.state import PoolState
 from coordinator.stats import RequestStats
@@ -110,7 +110,6 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     return error_response(status, code, message, None, exc.headers)
 
 
-def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[bytes]:
     """A recursion limit reached past the body's first decoding (a body read again, a conversion):
     still the client's nesting, so a 400 and one short line, never a traceback."""
@@ -119,6 +118,7 @@ def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[
     return error_response(400, errors.INVALID_REQUEST, TOO_DEEP)
 
 
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
     _log_refused(request, 500, errors.INTERNAL_ERROR)
     return error_response(500, errors.INTERNAL_ERROR, "Internal error; it has been logged.")
@@ -231,6 +231,8 @@ def build_state(settings: Settings) -> PoolState:
         auth_failures=FailureLimits(settings.auth_failures_per_minute),
         accounting=accounting,
         portal=portal_sessions(settings),
+        passwords=Passwords(),
+        signups=AddressLimits(settings.signups_per_hour, 3600.0),
         directory=catalog.Directory(catalog.shipped()),
     )
 
@@ -262,6 +264,7 @@ def create_app(settings: Settings) -> Litestar:
             await periodic.keep_history(pool)
             await pool.requests.close()
             await pool.upstream.aclose()
+            pool.passwords.close()
             await pool.engine.dispose()
 
     app = Litestar(
@@ -291,13 +294,13 @@ def create_app(settings: Settings) -> Litestar:
             PoolError: _pool_error,
             ValidationException: _validation_error,
             HTTPException: _http_error,
+            RecursionError: _too_deep,
             Exception: _internal_error,
         },
         request_max_body_size=settings.max_body_bytes,
+        request_class=PoolRequest,
         openapi_config=OpenAPIConfig(title="Provider Pool", version=__version__, path="/schema"),
         logging_config=None,
     )
-            RecursionError: _too_deep,
     app.state.pool = pool
     return app
-        request_class=PoolRequest,

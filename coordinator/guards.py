@@ -97,7 +97,7 @@ async def session_user(pool: PoolState, token: str) -> int | None:
     if not subject.isdigit() or len(subject) > 18:
         return None
     async with pool.sessions() as session:
-        exists = await session.scalar(select(User.id).where(User.id == int(subject)))
+        exists = await session.scalar(select(User.id).where(User.id == int(subject), User.approved.is_(True)))
     return int(subject) if exists is not None else None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jwt
@@ -92,17 +93,28 @@ class SessionTokens:
         return claims
 
 
-async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
+class Passwords:
+    """argon2id off the event loop, on ``at_once`` threads of its own: each hash or check takes 64 MiB
+    and a core, so a flood of signups or logins queues (a few hundred bytes each) instead of growing
+    memory, and a caller that gives up does not free a thread still hashing."""
 
+    def __init__(self, at_once: int = 2) -> None:
+        self._threads = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="argon2")
 
-async def verify_password(stored_hash: str | None, password: str) -> bool:
-    """Whether ``password`` matches; unknown users are checked against a dummy hash so both cost the same."""
+    async def hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, _hasher.hash, password)
 
-    def check() -> bool:
-        try:
-            return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
-        except (VerificationError, InvalidHashError):
-            return False
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Whether ``password`` matches; unknown users are checked against a dummy hash so both cost
+        the same."""
 
-    return await asyncio.to_thread(check)
+        def check() -> bool:
+            try:
+                return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+            except (VerificationError, InvalidHashError):
+                return False
+
+        return await asyncio.get_running_loop().run_in_executor(self._threads, check)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)

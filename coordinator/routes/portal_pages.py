@@ -135,18 +135,20 @@ async def signup_page(request: Request[Any, Any, Any]) -> Template:
 
 
 async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Redirect:
+    """Log in, or sign up and then log in with the same credentials (signup itself says nothing of
+    whether the email had an account: if it had, only its own password opens it)."""
     pool = _pool(request)
     form = await _form(request)
     if not csrf_ok(request, form):
         return _page(request, "portal/sign_in.html", "portal", mode=mode, status=403, error=_STALE_FORM)
+    client = client_address(request)
     try:
         credentials = msgspec.convert(
             {"email": form.get("email", ""), "password": form.get("password", "")}, Credentials
         )
         if mode == "signup":
-            user = await register(pool, credentials)
-        else:
-            user = await authenticate(pool, credentials, client_address(request))
+            await register(pool, credentials, client)
+        user = await authenticate(pool, credentials, client)
     except msgspec.ValidationError as exc:
         error = "Enter an email address and a password of at least 8 characters."
         if "email" in str(exc):
@@ -161,6 +163,9 @@ async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Red
             email_value=form.get("email", ""),
         )
     except PoolError as exc:
+        if mode == "signup" and exc.status == 403 and pool.settings.signup_approval:
+            return _page(request, "portal/sign_in.html", "portal", mode="login", notice=_AWAITING_APPROVAL)
+        message = _ALREADY_THERE if mode == "signup" and exc.code == errors.INVALID_CREDENTIALS else exc.message
         return _page(
             request,
             "portal/sign_in.html",
@@ -168,7 +173,7 @@ async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Red
             mode=mode,
             status=exc.status,
             headers=exc.headers or None,  # Retry-After when too many failures came from here
-            error=exc.message,
+            error=message,
             email_value=form.get("email", ""),
         )
     token = pool.portal.issue(str(user.id))
@@ -177,6 +182,14 @@ async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Red
 
 
 _STALE_FORM = "This form has expired. Please try again."
+_ALREADY_THERE = (
+    "Could not sign you in with this password. If you already have an account with this email, "
+    "log in with that account's password."
+)
+_AWAITING_APPROVAL = (
+    "Thank you for signing up. New accounts on this pool wait for an operator's approval: "
+    "log in once your account is approved."
+)
 
 
 @post("/login", summary="Log in to the portal (form)", status_code=200)
@@ -184,7 +197,7 @@ async def login_form(request: Request[Any, Any, Any]) -> Template | Redirect:
     return await _sign_in(request, "login")
 
 
-@post("/signup", summary="Create a portal account (form)", status_code=200)
+@post("/signup", summary="Create a portal account and log in to it (form)", status_code=200)
 async def signup_form(request: Request[Any, Any, Any]) -> Template | Redirect:
     return await _sign_in(request, "signup")
 
