@@ -34,7 +34,7 @@ from coordinator.routes.agent_ws import agent_connect
 from coordinator.routes.chat import create_chat_completion
 from coordinator.routes.directory import list_models, pool_status
 from coordinator.routes.pages import root, status_live, status_page
-from coordinator.routes.portal import agent_tokens_router, login, signup, tokens_router
+from coordinator.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
 from coordinator.routes.portal_pages import portal_pages
 from coordinator.routes.provider import provider_agents
 from coordinator.sessions import Passwords, SessionTokens
@@ -276,6 +276,7 @@ def create_app(settings: Settings) -> Litestar:
             healthz,
             signup,
             login,
+            logout,
             tokens_router,
             agent_tokens_router,
             account_router,

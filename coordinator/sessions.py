@@ -3,12 +3,15 @@
 Either the coordinator signs its own tokens (HS256 with ``POOL_JWT_SECRET``) or it verifies tokens an
 external identity provider signed, with keys from ``POOL_JWT_JWKS_URL`` (refetched when a token names
 a key it has not seen, so key rotation needs no restart). Either way the algorithm is pinned and
-``exp``, ``iss``, ``aud`` and ``sub`` are required.
+``exp``, ``iss``, ``aud`` and ``sub`` are required. The coordinator's own tokens carry a ``jti``, so
+logging out revokes that one session (``revoked_sessions``) before it expires; tokens without one
+(an identity provider's may lack it) end at their expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +69,14 @@ class SessionTokens:
         if self._secret is None:
             raise RuntimeError("sessions are issued by the external identity provider")
         issued = int(time.time())
-        claims = {"sub": subject, "iss": self.issuer, "aud": self.audience, "iat": issued, "exp": issued + self.ttl}
+        claims = {
+            "sub": subject,
+            "iss": self.issuer,
+            "aud": self.audience,
+            "iat": issued,
+            "exp": issued + self.ttl,
+            "jti": secrets.token_urlsafe(16),  # names this session, so logging out can revoke it
+        }
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
     async def verify(self, token: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import Cookie, ResponseHeader
 
-from coordinator.guards import session_user
+from coordinator.guards import PortalSession, portal_session
 from coordinator.state import PoolState
 
 SESSION_COOKIE = "pool_session"
@@ -64,6 +64,12 @@ def _secure(request: Request[Any, Any, Any]) -> bool:
     return request.url.scheme == "https" or (request.url.hostname or "") not in LOOPBACK
 
 
+def signed_in(request: Request[Any, Any, Any]) -> PortalSession | None:
+    """The session :func:`page_user` found for this request."""
+    found: PortalSession | None = getattr(request.state, "portal_session", None)
+    return found
+
+
 def csrf_token(request: Request[Any, Any, Any]) -> str:
     """The browser's double-submit token (a new one if it has none)."""
     token = request.cookies.get(CSRF_COOKIE, "")
@@ -107,6 +113,9 @@ def ended_session(request: Request[Any, Any, Any]) -> Cookie:
 
 
 async def page_user(request: Request[Any, Any, Any]) -> int | None:
-    """The signed-in user of a page request, ``None`` without a valid session cookie."""
+    """The signed-in user of a page request, ``None`` without a valid session cookie; the session is
+    remembered on the request (:func:`signed_in`)."""
     pool: PoolState = request.app.state.pool
-    return await session_user(pool, request.cookies.get(SESSION_COOKIE, ""))
+    found = await portal_session(pool, request.cookies.get(SESSION_COOKIE, ""))
+    request.state.portal_session = found
+    return found.user_id if found is not None else None

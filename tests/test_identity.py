@@ -1,11 +1,13 @@
-"""Accounts against hostile clients, through real coordinator processes: signups limited per address
-before any hashing and hashes bounded process-wide; signup that never tells whether an email has an
-account; accounts that wait for an operator's approval.
+"""Accounts and sessions against hostile clients, through real coordinator processes: signups limited
+per address before any hashing and hashes bounded process-wide; signup that never tells whether an
+email has an account; accounts that wait for an operator's approval; logout that revokes a session
+on every process.
 
 Clients pick their source address in 127.0.0.0/8, so each test is "another address" to the pool."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import uuid
@@ -14,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
+import jwt
 import pytest
 
 from scripts import localpool
@@ -214,6 +218,72 @@ def test_new_accounts_wait_for_an_operators_approval(approving: Pool) -> None:
         key = api.post("/v1/tokens", json={"displayName": "approved"}, headers=session)
         assert key.status_code == 201, key.text
         assert api.get("/v1/credits", headers={"authorization": f"Bearer {key.json()['token']}"}).status_code == 200
+
+
+# --- logout --------------------------------------------------------------------------------------
+
+
+def test_logout_revokes_the_session_on_every_process_at_once(pg_url: str, tmp_path: Path) -> None:
+    first = bare_pool(tmp_path, db_url=pg_url)
+    port = localpool.free_port()
+    second = localpool.start_coordinator(port, first.env, tmp_path, name="coordinator-second")
+    other = f"http://127.0.0.1:{port}"
+    try:
+        address = email("logout")
+        copied = first.sign_up(address, PASSWORD)["token"]
+        kept = first.sign_up(address, PASSWORD)["token"]  # another session of the same user
+        assert "jti" in jwt.decode(copied, options={"verify_signature": False})
+        for url in (first.url, other):
+            assert httpx.get(f"{url}/v1/tokens", headers=bearer(copied), timeout=10).status_code == 200
+
+        # an expired revocation is pruned by the next logout
+        asyncio.run(plant_expired_revocation(pg_url))
+        assert httpx.post(f"{first.url}/v1/auth/logout", headers=bearer(copied), timeout=10).status_code == 204
+        for url in (other, first.url):  # at once, on the other process too
+            error_of(httpx.get(f"{url}/v1/tokens", headers=bearer(copied), timeout=10), 401, "invalid_session")
+            error_of(httpx.post(f"{url}/v1/auth/logout", headers=bearer(copied), timeout=10), 401, "invalid_session")
+        assert httpx.get(f"{other}/v1/tokens", headers=bearer(kept), timeout=10).status_code == 200
+        assert asyncio.run(revoked_rows(pg_url)) == 1
+
+        schema = httpx.get(f"{first.url}/schema/openapi.json", timeout=10).json()
+        assert "post" in schema["paths"]["/v1/auth/logout"]
+    finally:
+        second.stop()
+        first.stop()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def plant_expired_revocation(url: str) -> None:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(
+            "INSERT INTO revoked_sessions (jti_digest, expires_at) VALUES ($1, now() - interval '1 minute')", "0" * 64
+        )
+    finally:
+        await conn.close()
+
+
+async def revoked_rows(url: str) -> int:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return int(await conn.fetchval("SELECT COUNT(*) FROM revoked_sessions"))
+    finally:
+        await conn.close()
+
+
+def test_the_logout_page_revokes_the_session_cookie(accounts: Pool) -> None:
+    with client(accounts, "127.0.0.12") as browser:
+        assert sign_up_page(browser, email("page-logout"), PASSWORD).status_code == 303
+        copied = browser.cookies["pool_session"]
+        home = browser.get("/portal")
+        ended = browser.post("/portal/logout", data={"csrf": form_token(home)})
+        assert (ended.status_code, ended.headers["location"]) == (303, "/portal/login")
+    error_of(httpx.get(f"{accounts.url}/v1/tokens", headers=bearer(copied), timeout=10), 401, "invalid_session")
+    replayed = httpx.get(f"{accounts.url}/portal", cookies={"pool_session": copied}, timeout=10)
+    assert (replayed.status_code, replayed.headers["location"]) == (302, "/portal/login")
 
 
 # --- helpers -------------------------------------------------------------------------------------

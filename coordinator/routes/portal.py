@@ -1,4 +1,4 @@
-"""Portal identity and credentials: signup, login, and the user's own keys and agent tokens.
+"""Portal identity and credentials: signup, login, logout, and the user's own keys and agent tokens.
 
 Anyone can sign up, so signup tells nobody whether an email already has an account: it answers the
 same (202, same body, an argon2 hash either way) and hands out no session; the client then logs in,
@@ -9,7 +9,8 @@ log in until an operator approves it.
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -20,7 +21,7 @@ from sqlalchemy import select
 
 from coordinator import accounts
 from coordinator.errors import PoolError
-from coordinator.guards import check_not_blocked, client_address, require_session
+from coordinator.guards import PortalSession, check_not_blocked, client_address, require_session
 from coordinator.models import AgentToken, ApiKey, User
 from coordinator.state import PoolState
 from shared import errors
@@ -118,6 +119,32 @@ async def signup(request: Request[Any, Any, Any], data: Credentials) -> SignupOu
 async def login(request: Request[Any, Any, Any], data: Credentials) -> SessionOut:
     pool = _pool(request)
     return _session(pool, await authenticate(pool, data, client_address(request)))
+
+
+@post(
+    "/v1/auth/logout",
+    guards=[require_session],
+    summary="End this portal session",
+    description="The bearer session is refused from now on, by every coordinator process.",
+    tags=["portal"],
+    status_code=204,
+)
+async def logout(request: Request[Any, Any, Any]) -> Response[None]:
+    portal: PortalSession = request.state.portal_session
+    await end_session(_pool(request), portal)
+    return Response(None, status_code=204)
+
+
+async def end_session(pool: PoolState, portal: PortalSession) -> None:
+    """Revoke a session until it expires (one without a ``jti`` can only expire)."""
+    if portal.jti is None:
+        return
+    expires = datetime.fromtimestamp(min(portal.expires, time.time() + MAX_REVOCATION), UTC)
+    async with pool.sessions() as session, session.begin():
+        await accounts.revoke_session(session, portal.jti, expires)
+
+
+MAX_REVOCATION = 366 * 86_400.0  # an identity provider's far-off ``exp`` is kept this long at most
 
 
 async def register(pool: PoolState, data: Credentials, client: str) -> str:

@@ -27,7 +27,7 @@ from coordinator.models import AgentToken, ApiKey, User
 from coordinator.routes.account import credit_figures, earnings_by_day, recent_requests, usage_by_day
 from coordinator.routes.directory import model_list
 from coordinator.routes.pages import base_context
-from coordinator.routes.portal import Credentials, DisplayName, authenticate, register
+from coordinator.routes.portal import Credentials, DisplayName, authenticate, end_session, register
 from coordinator.routes.provider import provider_standing
 from coordinator.state import PoolState
 from coordinator.templating import usd
@@ -39,6 +39,7 @@ from coordinator.websession import (
     page_headers,
     page_user,
     session_cookie,
+    signed_in,
 )
 from shared import errors
 
@@ -204,9 +205,14 @@ async def signup_form(request: Request[Any, Any, Any]) -> Template | Redirect:
 
 @post("/logout", summary="Log out of the portal (form)", status_code=200)
 async def logout(request: Request[Any, Any, Any]) -> Redirect:
+    """End the session everywhere (a copy of its cookie stops working too) and drop the cookie."""
+    await page_user(request)
     # Logging out needs no CSRF check to be safe, but a cross-site page must not sign people out.
     if not csrf_ok(request, await _form(request)):
         return Redirect("/portal", status_code=303)
+    session = signed_in(request)
+    if session is not None:
+        await end_session(_pool(request), session)
     return Redirect(LOGIN, status_code=303, cookies=[ended_session(request)])
 
 
