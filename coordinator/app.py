@@ -23,6 +23,7 @@ from coordinator.bodies import TOO_DEEP, PoolRequest
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
+from coordinator.formtokens import FormTokens
 from coordinator.history import History
 from coordinator.metering import Price
 from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
@@ -233,6 +234,7 @@ def build_state(settings: Settings) -> PoolState:
         portal=portal_sessions(settings),
         passwords=Passwords(),
         signups=AddressLimits(settings.signups_per_hour, 3600.0),
+        forms=FormTokens(settings.jwt_secret or secrets.token_urlsafe(32)),
         directory=catalog.Directory(catalog.shipped()),
     )
 

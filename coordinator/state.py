@@ -11,6 +11,7 @@ from coordinator.auth import SecretCache
 from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
+from coordinator.formtokens import FormTokens
 from coordinator.history import History
 from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
 from coordinator.registry import Registry
@@ -42,6 +43,7 @@ class PoolState:
     portal: SessionTokens
     passwords: Passwords
     signups: AddressLimits
+    forms: FormTokens
     directory: Directory
     trust: TrustBook
     verifier: Verifier

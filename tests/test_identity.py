@@ -1,7 +1,7 @@
 """Accounts and sessions against hostile clients, through real coordinator processes: signups limited
 per address before any hashing and hashes bounded process-wide; signup that never tells whether an
 email has an account; accounts that wait for an operator's approval; logout that revokes a session
-on every process.
+on every process; portal forms whose tokens an attacker cannot plant.
 
 Clients pick their source address in 127.0.0.0/8, so each test is "another address" to the pool."""
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -286,7 +287,7 @@ def test_the_logout_page_revokes_the_session_cookie(accounts: Pool) -> None:
     assert (replayed.status_code, replayed.headers["location"]) == (302, "/portal/login")
 
 
-# --- helpers -------------------------------------------------------------------------------------
+# --- CSRF: tokens the server minted, not cookies a client planted --------------------------------
 
 
 def form_token(page: httpx.Response) -> str:
@@ -295,6 +296,46 @@ def form_token(page: httpx.Response) -> str:
     return found[1]
 
 
+def plant(browser: httpx.Client, token: str) -> None:
+    """Replace the browser's form cookie, as a sibling site or a plain-HTTP attacker could."""
+    browser.cookies.delete("pool_csrf")
+    browser.cookies.set("pool_csrf", token, domain="127.0.0.1", path="/portal")
+
+
 def sign_up_page(browser: httpx.Client, address: str, password: str) -> httpx.Response:
     token = form_token(browser.get("/portal/signup"))
     return browser.post("/portal/signup", data={"csrf": token, "email": address, "password": password})
+
+
+def test_planted_csrf_cookies_are_refused_and_change_nothing(accounts: Pool) -> None:
+    planted = ["p" * 32, f"{'n' * 22}.{int(time.time())}.{'m' * 43}"]  # the old format, and a forged new one
+    with client(accounts, "127.0.0.13") as victim:
+        # before login: a cookie and field the server did not mint open no form
+        address = email("planted")
+        for token in planted:
+            plant(victim, token)
+            refused = victim.post("/portal/signup", data={"csrf": token, "email": address, "password": PASSWORD})
+            assert refused.status_code == 403 and "expired" in refused.text
+        victim.cookies.clear()
+        login = victim.post("/v1/auth/login", json={"email": address, "password": PASSWORD})
+        error_of(login, 401, "invalid_credentials")  # no account was made
+
+        # signed in: the page's own token works; planted pairs, a minted nonce, or another session's
+        # token do not
+        assert sign_up_page(victim, email("victim"), PASSWORD).status_code == 303
+        session = victim.cookies["pool_session"]
+        own = form_token(victim.get("/portal"))
+        with client(accounts, "127.0.0.14") as attacker:
+            assert sign_up_page(attacker, email("attacker"), PASSWORD).status_code == 303
+            theirs = form_token(attacker.get("/portal"))
+            nonce = form_token(attacker.get("/portal/signup"))
+        for token in [*planted, nonce, theirs]:
+            plant(victim, token)
+            forged = victim.post("/portal/keys", data={"csrf": token, "name": "planted"})
+            assert (forged.status_code, forged.headers["location"]) == (303, "/portal?done=expired"), token
+        made = victim.post("/portal/keys", data={"csrf": own, "name": "mine"})
+        assert made.status_code == 200 and "pool_live_" in made.text
+    names = [
+        row["displayName"] for row in httpx.get(f"{accounts.url}/v1/tokens", headers=bearer(session)).json()["data"]
+    ]
+    assert names == ["mine"]

@@ -8,7 +8,6 @@ shows exactly what the API would show that user and nobody else's data. Sessions
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
@@ -32,7 +31,6 @@ from coordinator.routes.provider import provider_standing
 from coordinator.state import PoolState
 from coordinator.templating import usd
 from coordinator.websession import (
-    csrf_cookie,
     csrf_ok,
     csrf_token,
     ended_session,
@@ -85,14 +83,14 @@ def _page(
     headers: dict[str, str] | None = None,
     **context: Any,
 ) -> Template:
-    """Render a page with the frame's context and a double-submit token (set as a cookie if new)."""
-    csrf = csrf_token(request)
+    """Render a page with the frame's context and its forms' token (and the cookie of a new nonce)."""
+    csrf, cookie = csrf_token(request)
     frame = {**base_context(request, page), "csrf": csrf, "external": _pool(request).portal.external}
     return Template(
         name,
         context={**frame, **context},
         status_code=status,
-        cookies=[csrf_cookie(request, csrf), *(cookies or [])],
+        cookies=[*([cookie] if cookie else []), *(cookies or [])],
         headers=headers,
     )
 
@@ -178,8 +176,7 @@ async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Red
             email_value=form.get("email", ""),
         )
     token = pool.portal.issue(str(user.id))
-    fresh = csrf_cookie(request, secrets.token_urlsafe(24))  # a new form token with the new session
-    return Redirect("/portal", status_code=303, cookies=[session_cookie(request, token, pool.portal.ttl), fresh])
+    return Redirect("/portal", status_code=303, cookies=[session_cookie(request, token, pool.portal.ttl)])
 
 
 _STALE_FORM = "This form has expired. Please try again."
