@@ -171,6 +171,7 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
+    from coordinator import deadlines
     from coordinator.app import create_app
 
     asyncio.run(_migrate(settings))
@@ -178,6 +179,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         create_app(settings),
         host=args.host,
         port=args.port,
+        http=deadlines.protocol(settings.header_timeout, settings.body_timeout),
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=None,
         ws_per_message_deflate=False,

@@ -1,11 +1,15 @@
 """Hostile HTTP clients against a real coordinator: bodies built to break decoding (JSON nested
 thousands deep, invalid encodings, absurd numbers) get a 400 in the error envelope without a
-traceback in the log."""
+traceback in the log; slow clients (slowloris headers, dribbled bodies, idle connections) are cut off
+at their deadlines while everyone else is served."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -47,7 +51,7 @@ HOSTILE = {
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    harness = Pool(tmp_path_factory.mktemp("hostile"))
+    harness = Pool(tmp_path_factory.mktemp("hostile"), header_timeout="1", body_timeout="2")
     harness.start()
     try:
         yield harness
@@ -112,3 +116,142 @@ def test_bodies_that_break_decoding_are_400_everywhere_without_a_traceback(hosti
     listed = httpx.get(f"{pool.url}/v1/tokens", headers={"authorization": f"Bearer {session}"}, timeout=10)
     assert listed.json()["data"] == []
 
+
+# --- slow clients --------------------------------------------------------------------------------
+
+HEADER_TIMEOUT, BODY_TIMEOUT, SLACK = 1.0, 2.0, 1.5
+DRIBBLE = 0.2  # seconds between the bytes a slow client sends
+
+
+async def _closed(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """Wait for the server to close the connection (EOF or reset); ``False`` if it stayed open."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+    except TimeoutError:  # (an OSError: first)
+        return False
+    except OSError:  # reset
+        return True
+    return True
+
+
+async def _dribble(writer: asyncio.StreamWriter, piece: bytes) -> None:
+    try:
+        while True:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(DRIBBLE)
+    except OSError:
+        pass
+
+
+async def slow_client(port: int, start: bytes, piece: bytes, first: bytes = b"") -> tuple[float, bool]:
+    """Open a connection, send ``first`` (a whole request, answered), then ``start`` and ``piece``
+    after ``piece`` forever; return how long the server took, from ``start``, to close it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    try:
+        if first:
+            writer.write(first)
+            await writer.drain()
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            await reader.read(65536)  # the answer's body
+        began = loop.time()
+        writer.write(start)
+        dribbler = asyncio.create_task(_dribble(writer, piece)) if piece else None
+        closed = await _closed(reader, 15)
+        elapsed = loop.time() - began
+        if dribbler is not None:
+            dribbler.cancel()
+        return elapsed, closed
+    finally:
+        writer.close()
+
+
+async def _flood(port: int, url: str) -> dict[str, Any]:
+    healthz: list[float] = []
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            while not stop.is_set():
+                began = time.monotonic()
+                assert (await client.get(f"{url}/healthz")).status_code == 200
+                healthz.append(time.monotonic() - began)
+                await asyncio.sleep(0.1)
+
+    head = b"POST /v1/auth/login HTTP/1.1\r\nhost: pool\r\ncontent-type: application/json\r\n"
+    ping = b"GET /healthz HTTP/1.1\r\nhost: pool\r\n\r\n"
+    kinds = {
+        "slow headers": [slow_client(port, ping[:-2], b"x-a: b\r\n") for _ in range(50)],
+        "idle": [slow_client(port, b"", b"") for _ in range(20)],
+        "slow body": [slow_client(port, head + b"content-length: 1000\r\n\r\n{", b" ") for _ in range(30)],
+        "slow headers after a request": [slow_client(port, b"GET /he", b"a", first=ping) for _ in range(10)],
+    }
+    poller = asyncio.create_task(poll())
+    everyone = await asyncio.gather(*(client for clients in kinds.values() for client in clients))
+    results, at = {}, 0
+    for kind, clients in kinds.items():
+        results[kind], at = everyone[at : at + len(clients)], at + len(clients)
+    stop.set()
+    await poller
+    return {"results": results, "healthz": healthz}
+
+
+async def _legit(port: int) -> list[bytes]:
+    """Clients slower than usual but within the deadlines: headers in two parts 0.6 s apart, and a
+    body in three parts over 1.2 s."""
+    answers = []
+    body = b'{"email": "nobody@example.com", "password": "not the password"}'
+    head = b"POST /v1/auth/login HTTP/1.1\r\nhost: pool\r\ncontent-length: %d\r\n\r\n" % len(body)
+    for parts in (
+        [b"GET /healthz HTTP/1.1\r\nhost: pool\r\n", b"accept: */*\r\n\r\n"],
+        [head, body[:20], body[20:]],
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.6)
+        answers.append(await asyncio.wait_for(reader.readuntil(b"\r\n"), 5))
+        writer.close()
+    return answers
+
+
+def test_slow_clients_are_cut_off_at_their_deadlines_and_others_are_served(hostile: Pool) -> None:
+    pool = hostile
+    pool.agent(pool.standin(chunks=8, interval_ms=400), [f"{MODEL}=standin-model"])
+    before = log_of(pool)
+
+    async def scenario() -> tuple[dict[str, Any], list[bytes], httpx.Response]:
+        # a stream that lasts longer than both deadlines, running through the flood
+        async with httpx.AsyncClient(timeout=30) as client:
+            stream = asyncio.create_task(
+                client.post(
+                    f"{pool.url}/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                    headers={"authorization": f"Bearer {pool.key}"},
+                )
+            )
+            flood = await _flood(pool.port, pool.url)
+            legit = await _legit(pool.port)
+            return flood, legit, await stream
+
+    flood, legit, stream = asyncio.run(scenario())
+    results: dict[str, list[tuple[float, bool]]] = flood["results"]
+    for kind, deadline in [
+        ("slow headers", HEADER_TIMEOUT),
+        ("idle", HEADER_TIMEOUT),
+        ("slow headers after a request", HEADER_TIMEOUT),
+        ("slow body", BODY_TIMEOUT),
+    ]:
+        times = [elapsed for elapsed, closed in results[kind]]
+        assert all(closed for _, closed in results[kind]), (kind, results[kind])
+        assert deadline - 0.2 <= min(times) and max(times) <= deadline + SLACK, (kind, min(times), max(times))
+    assert flood["healthz"] and max(flood["healthz"]) < 1.0, max(flood["healthz"])
+    assert [answer.split(b" ")[1] for answer in legit] == [b"200", b"401"]  # served, not cut off
+
+    assert stream.status_code == 200 and stream.text.count("tok") == 8 and stream.text.endswith("[DONE]\n\n")
+    assert pool.agent_count() == 1  # the agent's websocket outlived both deadlines
+    new = log_of(pool)[len(before) :]
+    assert "Traceback" not in new and '"exc"' not in new, new[-3000:]
