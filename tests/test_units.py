@@ -9,7 +9,7 @@ import pytest
 
 from coordinator import catalog, keys
 from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, text_deltas
-from coordinator.ratelimit import FailureLimits, KeyLimits, duration
+from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits, address_key, duration
 from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import XPool, stamp
 from coordinator.settings import Settings, SettingsError
@@ -317,3 +317,13 @@ def test_money_settings() -> None:
     ):
         with pytest.raises(SettingsError):
             Settings.from_env({f"POOL_{name}": raw})
+
+
+def test_signups_are_counted_per_address_and_per_ipv6_64() -> None:
+    limits = AddressLimits(2, 3600.0)
+    assert limits.take("2001:db8::1") == 0 and limits.take("2001:db8::ffff:1") == 0
+    assert 0 < limits.take("2001:db8::1:0:0:2") <= 1800  # the same /64: one signup refills in 30 min
+    assert limits.take("2001:db8:0:1::1") == 0  # another /64
+    assert limits.take("192.0.2.1") == 0 and limits.take("::ffff:192.0.2.1") == 0
+    assert limits.take("192.0.2.1") > 0  # an IPv4-mapped address is that IPv4 address
+    assert address_key("unknown") == "unknown"
