@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
     user = admin_commands.add_parser("create-user", help="create a user")
     user.add_argument("--email", required=True)
+    approve = admin_commands.add_parser("approve-user", help="let a user who signed up (POOL_SIGNUP_APPROVAL) log in")
+    approve.add_argument("--email", required=True)
+    admin_commands.add_parser("pending-users", help="list the users waiting for approval (email and signup time)")
     for name, what in (
         ("create-key", "a consumer key (pool_live_…)"),
         ("create-agent-token", "an agent token"),
@@ -87,6 +90,15 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
     async def create_user(session: AsyncSession) -> str:
         user = await accounts.create_user(session, args.email)
         return str(user.id)
+
+    async def approve_user(session: AsyncSession) -> str:
+        user = await accounts.approve_user(session, args.email)
+        return f"approved {user.email}"
+
+    async def pending_users(session: AsyncSession) -> str:
+        return "\n".join(
+            f"{user.email} {user.created_at.isoformat()}" for user in await accounts.pending_users(session)
+        )
 
     async def create_key(session: AsyncSession) -> str:
         return await accounts.create_api_key(session, args.email, args.name)
@@ -150,6 +162,8 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
     actions = {
         "models": edit_models,
         "create-user": create_user,
+        "approve-user": approve_user,
+        "pending-users": pending_users,
         "create-key": create_key,
         "create-agent-token": create_token,
         "grant-credits": grant_credits,
@@ -161,6 +175,7 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
+    from coordinator import deadlines
     from coordinator.app import create_app
 
     asyncio.run(_migrate(settings))
@@ -168,6 +183,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         create_app(settings),
         host=args.host,
         port=args.port,
+        http=deadlines.protocol(settings.header_timeout, settings.body_timeout),
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=None,
         ws_per_message_deflate=False,

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from coordinator import billing, keys
-from coordinator.models import AgentToken, ApiKey, User
+from coordinator.models import AgentToken, ApiKey, RevokedSession, User
 
 MAX_CREDENTIALS_PER_USER = 100
 Credential = type[ApiKey] | type[AgentToken]
@@ -43,10 +44,15 @@ def normalize_email(email: str) -> str:
 
 
 async def create_user(
-    session: AsyncSession, email: str, password_hash: str | None = None, subject: str | None = None
+    session: AsyncSession,
+    email: str,
+    password_hash: str | None = None,
+    subject: str | None = None,
+    approved: bool = True,
 ) -> User:
-    """A new user with empty wallet, holds and earnings accounts."""
-    user = User(email=normalize_email(email), password_hash=password_hash, subject=subject)
+    """A new user with empty wallet, holds and earnings accounts (``approved=False``: one that waits
+    for an operator before it can log in)."""
+    user = User(email=normalize_email(email), password_hash=password_hash, subject=subject, approved=approved)
     session.add(user)
     try:
         await session.flush()
@@ -61,6 +67,18 @@ async def user_by_email(session: AsyncSession, email: str) -> User:
     if user is None:
         raise AccountError(f"no user with email {email}")
     return user
+
+
+async def approve_user(session: AsyncSession, email: str) -> User:
+    """Let a user who signed up while approval was required log in."""
+    user = await user_by_email(session, email)
+    user.approved = True
+    return user
+
+
+async def pending_users(session: AsyncSession) -> list[User]:
+    """Users waiting for approval, oldest first."""
+    return list(await session.scalars(select(User).where(User.approved.is_(False)).order_by(User.id)))
 
 
 async def user_for_subject(session: AsyncSession, subject: str, email: str | None) -> User:
@@ -160,3 +178,25 @@ async def revoked_agent_tokens(session: AsyncSession, token_ids: set[int]) -> se
         select(AgentToken.id).where(AgentToken.id.in_(token_ids), AgentToken.revoked_at.is_(None))
     )
     return token_ids - set(live)
+
+
+def jti_digest(jti: str) -> str:
+    """How a session's ``jti`` is stored: fixed size, whatever an identity provider puts there."""
+    return hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def session_revoked(jti: str) -> ColumnElement[bool]:
+    """A condition true when the session with ``jti`` was logged out."""
+    return exists().where(RevokedSession.jti_digest == jti_digest(jti))
+
+
+async def revoke_session(session: AsyncSession, jti: str, expires_at: datetime) -> None:
+    """Refuse the session with ``jti`` from now until it expires; forget sessions that expired."""
+    await session.execute(delete(RevokedSession).where(RevokedSession.expires_at < datetime.now(UTC)))
+    digest = jti_digest(jti)
+    if await session.get(RevokedSession, digest) is None:
+        try:
+            async with session.begin_nested():
+                session.add(RevokedSession(jti_digest=digest, expires_at=expires_at))
+        except IntegrityError:  # logged out at the same moment by another request: revoked either way
+            pass

@@ -19,12 +19,14 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from coordinator import __version__, auth, billing, catalog, db, periodic
 from coordinator.accounting import Accounting
+from coordinator.bodies import TOO_DEEP, PoolRequest
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
+from coordinator.formtokens import FormTokens
 from coordinator.history import History
 from coordinator.metering import Price
-from coordinator.ratelimit import FailureLimits, KeyLimits
+from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
 from coordinator.registry import Registry
 from coordinator.requestlog import RequestLog, RequestRecord
 from coordinator.routes.account import account_router
@@ -33,10 +35,10 @@ from coordinator.routes.agent_ws import agent_connect
 from coordinator.routes.chat import create_chat_completion
 from coordinator.routes.directory import list_models, pool_status
 from coordinator.routes.pages import root, status_live, status_page
-from coordinator.routes.portal import agent_tokens_router, login, signup, tokens_router
+from coordinator.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
 from coordinator.routes.portal_pages import portal_pages
 from coordinator.routes.provider import provider_agents
-from coordinator.sessions import SessionTokens
+from coordinator.sessions import Passwords, SessionTokens
 from coordinator.settings import Settings
 from coordinator.state import PoolState
 from coordinator.stats import RequestStats
@@ -107,6 +109,14 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     code = _CODES.get(status, errors.INVALID_REQUEST)
     _log_refused(request, status, code)
     return error_response(status, code, message, None, exc.headers)
+
+
+def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[bytes]:
+    """A recursion limit reached past the body's first decoding (a body read again, a conversion):
+    still the client's nesting, so a 400 and one short line, never a traceback."""
+    log.warning("request refused: nested too deeply", extra={"path": request.url.path})
+    _log_refused(request, 400, errors.INVALID_REQUEST)
+    return error_response(400, errors.INVALID_REQUEST, TOO_DEEP)
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -223,6 +233,9 @@ def build_state(settings: Settings) -> PoolState:
         auth_failures=FailureLimits(settings.auth_failures_per_minute),
         accounting=accounting,
         portal=portal_sessions(settings),
+        passwords=Passwords(),
+        signups=AddressLimits(settings.signups_per_hour, 3600.0),
+        forms=FormTokens(settings.jwt_secret or secrets.token_urlsafe(32)),
         directory=catalog.Directory(catalog.shipped()),
     )
 
@@ -254,6 +267,7 @@ def create_app(settings: Settings) -> Litestar:
             await periodic.keep_history(pool)
             await pool.requests.close()
             await pool.upstream.aclose()
+            pool.passwords.close()
             await pool.engine.dispose()
 
     app = Litestar(
@@ -265,6 +279,7 @@ def create_app(settings: Settings) -> Litestar:
             healthz,
             signup,
             login,
+            logout,
             tokens_router,
             agent_tokens_router,
             account_router,
@@ -283,9 +298,11 @@ def create_app(settings: Settings) -> Litestar:
             PoolError: _pool_error,
             ValidationException: _validation_error,
             HTTPException: _http_error,
+            RecursionError: _too_deep,
             Exception: _internal_error,
         },
         request_max_body_size=settings.max_body_bytes,
+        request_class=PoolRequest,
         openapi_config=OpenAPIConfig(title="Provider Pool", version=__version__, path="/schema"),
         logging_config=None,
     )

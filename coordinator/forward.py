@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from coordinator import bodies
 from shared.openai import ChatCompletionRequest
 
 # Sampling fields outside OpenAI's API that llama.cpp, vLLM and others read alike and that change
@@ -33,7 +34,7 @@ _encoder = msgspec.json.Encoder()
 def backend_body(raw: bytes, completion_bound: int) -> bytes:
     """The body to send a backend: the forwarded fields in the consumer's order, the output limit
     set to ``completion_bound``."""
-    body = _decoder.decode(raw)
+    body: dict[str, Any] = bodies.decode(_decoder, raw)
     forwarded = {key: value for key, value in body.items() if key in FORWARDED}
     if "max_completion_tokens" in forwarded:
         forwarded["max_completion_tokens"] = completion_bound

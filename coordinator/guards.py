@@ -2,7 +2,8 @@
 
 A consumer key (``pool_live_…``) opens the inference API; a portal session (a JWT) opens the
 portal's key and token management; the read-only account endpoints accept either; the admin API
-wants ``POOL_ADMIN_TOKEN``. A key is never a session and a session is never a key. Repeated failures
+wants ``POOL_ADMIN_TOKEN``. A key is never a session and a session is never a key; a session that was
+logged out, or whose user waits for an operator's approval, opens nothing. Repeated failures
 from one client address are refused with 429 before any lookup.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -79,8 +81,19 @@ async def require_consumer_key(connection: Connection) -> None:
     )
 
 
-async def session_user(pool: PoolState, token: str) -> int | None:
-    """The user a portal session token belongs to; ``None`` if it is not a valid session."""
+@dataclass(frozen=True, slots=True)
+class PortalSession:
+    """A valid portal session: whose it is, and what names it (its ``jti``, else the token itself)."""
+
+    user_id: int
+    jti: str | None
+    expires: float  # the token's ``exp``
+    token: str
+
+
+async def portal_session(pool: PoolState, token: str) -> PortalSession | None:
+    """The portal session a token opens; ``None`` if it is invalid, logged out, or its user may not
+    log in (unknown, or waiting for approval)."""
     if not token or token.startswith((keys.CONSUMER_PREFIX, keys.AGENT_PREFIX)):
         return None
     try:
@@ -89,16 +102,26 @@ async def session_user(pool: PoolState, token: str) -> int | None:
         log.info("portal session refused", extra={"reason": str(exc)})
         return None
     subject = str(claims["sub"])
+    jti = claims.get("jti")
+    jti = jti if isinstance(jti, str) and jti else None
+    expires = float(claims["exp"])
     if pool.portal.external:
         async with pool.sessions() as session, session.begin():
             email = claims.get("email")
             user = await accounts.user_for_subject(session, subject, email if isinstance(email, str) else None)
-            return user.id
+            if jti is not None and await session.scalar(select(accounts.session_revoked(jti))):
+                return None
+            return PortalSession(user.id, jti, expires, token)
     if not subject.isdigit() or len(subject) > 18:
         return None
+    # One query, as before revocation existed: the user exists, may log in, and this session was not
+    # logged out (on any process: the row is there the moment logout answers).
+    query = select(User.id).where(User.id == int(subject), User.approved.is_(True))
+    if jti is not None:
+        query = query.where(~accounts.session_revoked(jti))
     async with pool.sessions() as session:
-        exists = await session.scalar(select(User.id).where(User.id == int(subject)))
-    return int(subject) if exists is not None else None
+        exists = await session.scalar(query)
+    return PortalSession(int(subject), jti, expires, token) if exists is not None else None
 
 
 async def _require_user(connection: Connection, *, keys_too: bool) -> None:
@@ -111,7 +134,9 @@ async def _require_user(connection: Connection, *, keys_too: bool) -> None:
         principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
         user_id = principal.user_id if principal is not None else None
     else:
-        user_id = await session_user(pool, token)
+        portal = await portal_session(pool, token)
+        connection.state.portal_session = portal
+        user_id = portal.user_id if portal is not None else None
     if user_id is None:
         pool.auth_failures.failed(client)
         raise invalid_session()

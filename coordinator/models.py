@@ -51,6 +51,16 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     password_hash: Mapped[str | None] = mapped_column(String(200), default=None)
     subject: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)  # external IdP ``sub``
+    approved: Mapped[bool] = mapped_column(Boolean, default=True)  # False: waits for an operator (signup approval)
+
+
+class RevokedSession(Base):
+    """A portal session ended before its expiry (logout): refused until ``expires_at``, then pruned."""
+
+    __tablename__ = "revoked_sessions"
+
+    jti_digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the token's ``jti``
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class ApiKey(Base):

@@ -1,4 +1,5 @@
-"""Per-key request and token limits, and a limit on failed authentications per client. In memory.
+"""Per-key request and token limits, and limits per client address (failed authentications,
+signups). In memory.
 
 Token buckets that refill continuously (``limit`` per minute), as OpenAI's limits behave. The token
 bucket may go into debt: a request is admitted while the bucket is not empty, charged its estimate,
@@ -8,6 +9,7 @@ Each coordinator process keeps its own buckets; with N processes a key can reach
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -20,9 +22,9 @@ V = TypeVar("V")
 class Bucket:
     __slots__ = ("capacity", "level", "rate", "stamp")
 
-    def __init__(self, per_minute: int, now: float) -> None:
+    def __init__(self, per_minute: int, now: float, period: float = 60.0) -> None:
         self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+        self.rate = per_minute / period
         self.level = float(per_minute)
         self.stamp = now
 
@@ -144,3 +146,41 @@ class FailureLimits:
             self._buckets.put(client, bucket)
         bucket.refill(now)
         bucket.level = max(0.0, bucket.level - 1)
+
+
+def address_key(client: str) -> str:
+    """What a limit per address counts by: the address, or for IPv6 its /64 (one subscriber's
+    network, where a client can pick any of 2**64 addresses)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return client
+
+
+class AddressLimits:
+    """At most ``limit`` actions (signups) per ``period`` seconds per client address, refilled
+    continuously; a refused action is not counted."""
+
+    def __init__(self, limit: int, period: float, max_clients: int = 100_000) -> None:
+        self.limit = limit
+        self.period = period
+        self._buckets: _LRU[Bucket] = _LRU(max_clients)
+
+    def take(self, client: str) -> int:
+        """Count one action and return 0, or return the seconds until the client may act again."""
+        now = time.monotonic()
+        key = address_key(client)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = Bucket(self.limit, now, self.period)
+            self._buckets.put(key, bucket)
+        bucket.refill(now)
+        if bucket.level < 1:
+            return max(1, math.ceil(bucket.wait_for(1)))
+        bucket.level -= 1
+        return 0

@@ -3,14 +3,18 @@
 Either the coordinator signs its own tokens (HS256 with ``POOL_JWT_SECRET``) or it verifies tokens an
 external identity provider signed, with keys from ``POOL_JWT_JWKS_URL`` (refetched when a token names
 a key it has not seen, so key rotation needs no restart). Either way the algorithm is pinned and
-``exp``, ``iss``, ``aud`` and ``sub`` are required.
+``exp``, ``iss``, ``aud`` and ``sub`` are required. The coordinator's own tokens carry a ``jti``, so
+logging out revokes that one session (``revoked_sessions``) before it expires; tokens without one
+(an identity provider's may lack it) end at their expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jwt
@@ -65,7 +69,14 @@ class SessionTokens:
         if self._secret is None:
             raise RuntimeError("sessions are issued by the external identity provider")
         issued = int(time.time())
-        claims = {"sub": subject, "iss": self.issuer, "aud": self.audience, "iat": issued, "exp": issued + self.ttl}
+        claims = {
+            "sub": subject,
+            "iss": self.issuer,
+            "aud": self.audience,
+            "iat": issued,
+            "exp": issued + self.ttl,
+            "jti": secrets.token_urlsafe(16),  # names this session, so logging out can revoke it
+        }
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
     async def verify(self, token: str) -> dict[str, Any]:
@@ -92,17 +103,28 @@ class SessionTokens:
         return claims
 
 
-async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
+class Passwords:
+    """argon2id off the event loop, on ``at_once`` threads of its own: each hash or check takes 64 MiB
+    and a core, so a flood of signups or logins queues (a few hundred bytes each) instead of growing
+    memory, and a caller that gives up does not free a thread still hashing."""
 
+    def __init__(self, at_once: int = 2) -> None:
+        self._threads = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="argon2")
 
-async def verify_password(stored_hash: str | None, password: str) -> bool:
-    """Whether ``password`` matches; unknown users are checked against a dummy hash so both cost the same."""
+    async def hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, _hasher.hash, password)
 
-    def check() -> bool:
-        try:
-            return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
-        except (VerificationError, InvalidHashError):
-            return False
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Whether ``password`` matches; unknown users are checked against a dummy hash so both cost
+        the same."""
 
-    return await asyncio.to_thread(check)
+        def check() -> bool:
+            try:
+                return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+            except (VerificationError, InvalidHashError):
+                return False
+
+        return await asyncio.get_running_loop().run_in_executor(self._threads, check)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)

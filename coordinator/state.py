@@ -11,11 +11,12 @@ from coordinator.auth import SecretCache
 from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
+from coordinator.formtokens import FormTokens
 from coordinator.history import History
-from coordinator.ratelimit import FailureLimits, KeyLimits
+from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
 from coordinator.registry import Registry
 from coordinator.requestlog import RequestLog
-from coordinator.sessions import SessionTokens
+from coordinator.sessions import Passwords, SessionTokens
 from coordinator.settings import Settings
 from coordinator.stats import RequestStats
 from coordinator.trust import TrustBook
@@ -40,6 +41,9 @@ class PoolState:
     auth_failures: FailureLimits
     accounting: Accounting
     portal: SessionTokens
+    passwords: Passwords
+    signups: AddressLimits
+    forms: FormTokens
     directory: Directory
     trust: TrustBook
     verifier: Verifier

@@ -4,28 +4,29 @@ The pages keep the portal JWT (the same one ``/v1/auth/login`` returns) in a coo
 they are rendered on the server with the user's data in the first paint and work without JavaScript,
 which a token held by script could not give. The cookie is ``HttpOnly`` (no script, injected or
 not, can read it), ``SameSite=Strict`` (no other site's page sends it along), scoped to ``/portal``,
-and ``Secure`` behind HTTPS. Forms also carry a token that must equal the ``pool_csrf`` cookie
-(double submit), so a cross-site post fails even where SameSite is not honoured.
+and ``Secure`` behind HTTPS.
+
+Forms also carry a token the server minted (``coordinator/formtokens.py``): a cross-site post fails
+even where SameSite is not honoured, and so does one whose cookies an attacker planted (from a sibling
+subdomain or over plain HTTP). A signed-in page's forms are bound to its session; a login or signup
+form to a nonce the server signed, kept in the ``pool_csrf`` cookie.
 """
 
 from __future__ import annotations
 
 import hmac
-import re
-import secrets
 from typing import Any
 
 from litestar import Request
 from litestar.datastructures import Cookie, ResponseHeader
 
-from coordinator.guards import session_user
+from coordinator.guards import PortalSession, portal_session
 from coordinator.state import PoolState
 
 SESSION_COOKIE = "pool_session"
 CSRF_COOKIE = "pool_csrf"
 CSRF_FIELD = "csrf"
 PORTAL_PATH = "/portal"
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32}$")
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -64,10 +65,26 @@ def _secure(request: Request[Any, Any, Any]) -> bool:
     return request.url.scheme == "https" or (request.url.hostname or "") not in LOOPBACK
 
 
-def csrf_token(request: Request[Any, Any, Any]) -> str:
-    """The browser's double-submit token (a new one if it has none)."""
+def signed_in(request: Request[Any, Any, Any]) -> PortalSession | None:
+    """The session :func:`page_user` found for this request."""
+    found: PortalSession | None = getattr(request.state, "portal_session", None)
+    return found
+
+
+def csrf_token(request: Request[Any, Any, Any]) -> tuple[str, Cookie | None]:
+    """The token for the page's forms, and the cookie to set with it (a new pre-login nonce).
+
+    Forms of a page whose handler found a session (:func:`page_user`) are bound to that session;
+    other pages' forms (login, signup) to the browser's nonce cookie."""
+    pool: PoolState = request.app.state.pool
+    session = signed_in(request)
+    if session is not None:
+        return pool.forms.for_session(session.jti, session.token), None
     token = request.cookies.get(CSRF_COOKIE, "")
-    return token if _TOKEN.match(token) else secrets.token_urlsafe(24)
+    if pool.forms.nonce_ok(token):
+        return token, None
+    token = pool.forms.new_nonce()
+    return token, csrf_cookie(request, token)
 
 
 def csrf_cookie(request: Request[Any, Any, Any], token: str) -> Cookie:
@@ -77,9 +94,16 @@ def csrf_cookie(request: Request[Any, Any, Any], token: str) -> Cookie:
 
 
 def csrf_ok(request: Request[Any, Any, Any], form: dict[str, str]) -> bool:
-    """Whether a posted form carries the token of the cookie it came with."""
-    cookie, sent = request.cookies.get(CSRF_COOKIE, ""), form.get(CSRF_FIELD, "")
-    return bool(_TOKEN.match(cookie)) and hmac.compare_digest(cookie.encode(), sent.encode())
+    """Whether a posted form carries a token this server minted for it: bound to the session the
+    handler found (:func:`page_user`), or, without one, the nonce of the cookie it came with."""
+    pool: PoolState = request.app.state.pool
+    sent = form.get(CSRF_FIELD, "")
+    session = signed_in(request)
+    if session is not None:
+        expected = pool.forms.for_session(session.jti, session.token)
+        return hmac.compare_digest(sent.encode(errors="replace"), expected.encode())
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    return pool.forms.nonce_ok(cookie) and hmac.compare_digest(cookie.encode(), sent.encode(errors="replace"))
 
 
 def session_cookie(request: Request[Any, Any, Any], token: str, max_age: int) -> Cookie:
@@ -107,6 +131,9 @@ def ended_session(request: Request[Any, Any, Any]) -> Cookie:
 
 
 async def page_user(request: Request[Any, Any, Any]) -> int | None:
-    """The signed-in user of a page request, ``None`` without a valid session cookie."""
+    """The signed-in user of a page request, ``None`` without a valid session cookie; the session is
+    remembered on the request, and binds the forms of the page (:func:`csrf_token`, :func:`csrf_ok`)."""
     pool: PoolState = request.app.state.pool
-    return await session_user(pool, request.cookies.get(SESSION_COOKIE, ""))
+    found = await portal_session(pool, request.cookies.get(SESSION_COOKIE, ""))
+    request.state.portal_session = found
+    return found.user_id if found is not None else None

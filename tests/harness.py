@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from openai import OpenAI
@@ -36,6 +37,8 @@ class Pool:
             "new_agent_concurrency": "64",
             "trust_threshold": "0",
             "canary_interval_seconds": "0",
+            # Tests sign many users up from 127.0.0.1; tests/test_identity.py checks the limit itself.
+            "signups_per_hour": "10000",
             **settings,
         }
         self.env = localpool.coordinator_env(self.db_url, **self.settings)
@@ -122,6 +125,15 @@ class Pool:
             time.sleep(0.05)
 
     # --- consumers -----------------------------------------------------------------------------
+
+    def sign_up(self, email: str, password: str) -> dict[str, Any]:
+        """Sign up through the API, then log in (signup returns no session); the login body."""
+        credentials = {"email": email, "password": password}
+        signup = httpx.post(f"{self.url}/v1/auth/signup", json=credentials, timeout=30)
+        assert signup.status_code == 202, signup.text
+        login = httpx.post(f"{self.url}/v1/auth/login", json=credentials, timeout=30)
+        assert login.status_code == 200, login.text
+        return dict(login.json())
 
     def client(self, **kw: object) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kw)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """The portal and account APIs through a real coordinator (and real agents on stand-in backends):
-signup and login, consumer keys and agent tokens (create, use, revoke), isolation between users,
-keys vs sessions, admin top-ups, credits/usage/generation/earnings, rate limits, 402, and that no
-secret, session or prompt is ever stored or logged."""
+signup (which never says whether an email has an account) and login, consumer keys and agent tokens
+(create, use, revoke), isolation between users, keys vs sessions, admin top-ups,
+credits/usage/generation/earnings, rate limits, 402, and that no secret, session or prompt is ever
+stored or logged."""
 
 from __future__ import annotations
 
@@ -64,9 +65,7 @@ class User:
         self.email = unique_email(tag)
         self.password = f"pw-{uuid.uuid4().hex}"
         SENT.add(self.password)
-        response = call(pool, "POST", "/v1/auth/signup", json={"email": self.email, "password": self.password})
-        assert response.status_code == 201, response.text
-        body = response.json()
+        body = pool.sign_up(self.email, self.password)
         self.id: int = body["user"]["id"]
         self.jwt: str = body["token"]
         SENT.add(self.jwt)
@@ -154,20 +153,21 @@ def test_signup_login_and_their_refusals(pool: Pool) -> None:
     email, password = unique_email("Alice"), f"pw-{uuid.uuid4().hex}"  # mixed case on purpose
     SENT.add(password)
     signup = call(pool, "POST", "/v1/auth/signup", json={"email": email, "password": password})
-    assert signup.status_code == 201, signup.text
-    body = signup.json()
+    assert signup.status_code == 202, signup.text
+    accepted = signup.json()
+    assert set(accepted) == {"email", "approvalRequired", "message"}, accepted  # no session: log in
+    assert accepted["email"] == email.lower() and accepted["approvalRequired"] is False
+    assert "set-cookie" not in signup.headers
+
+    # login (email case and spaces do not matter), and the new session works
+    login = call(pool, "POST", "/v1/auth/login", json={"email": f" {email.upper()} ", "password": password})
+    assert login.status_code == 200, login.text
+    body = login.json()
     assert set(body) == {"token", "tokenType", "expiresIn", "user"}
     assert body["tokenType"] == "Bearer" and body["expiresIn"] == 3600
     assert body["user"]["email"] == email.lower() and isinstance(body["user"]["id"], int)
     SENT.add(body["token"])
     assert call(pool, "GET", "/v1/tokens", body["token"]).status_code == 200
-
-    # login (email case and spaces do not matter), and the new session works
-    login = call(pool, "POST", "/v1/auth/login", json={"email": f" {email.upper()} ", "password": password})
-    assert login.status_code == 200, login.text
-    assert login.json()["user"] == body["user"] and login.json()["tokenType"] == "Bearer"
-    SENT.add(login.json()["token"])
-    assert call(pool, "GET", "/v1/tokens", login.json()["token"]).status_code == 200
 
     # wrong password and unknown email look the same
     wrong = call(pool, "POST", "/v1/auth/login", json={"email": email, "password": password + "x"})
@@ -175,10 +175,16 @@ def test_signup_login_and_their_refusals(pool: Pool) -> None:
     assert error_of(wrong, 401, "invalid_credentials") == error_of(unknown, 401, "invalid_credentials")
     assert "token" not in wrong.text
 
-    # duplicate signup, whatever the case of the email
+    # signing up again, whatever the case of the email, answers exactly as the first time and changes
+    # nothing: the other password does not open the account, the first one still does
     for again in (email, email.upper()):
         duplicate = call(pool, "POST", "/v1/auth/signup", json={"email": again, "password": "another-password"})
-        assert error_of(duplicate, 409, "conflict")["param"] == "email"
+        assert (duplicate.status_code, duplicate.json()) == (202, accepted), duplicate.text
+        taken = call(pool, "POST", "/v1/auth/login", json={"email": again, "password": "another-password"})
+        assert error_of(taken, 401, "invalid_credentials") == error_of(wrong, 401, "invalid_credentials")
+    relogin = call(pool, "POST", "/v1/auth/login", json={"email": email, "password": password})
+    assert relogin.status_code == 200 and relogin.json()["user"] == body["user"], relogin.text
+    SENT.add(relogin.json()["token"])
 
     # bad input: 400 naming the field
     for payload, param in [

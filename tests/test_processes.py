@@ -15,12 +15,6 @@ from tests.harness import ADMIN_TOKEN, Pool
 BODY = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
-def signup(url: str, email: str) -> str:
-    reply = httpx.post(f"{url}/v1/auth/signup", json={"email": email, "password": "a long password"}, timeout=30)
-    assert reply.status_code == 201, reply.text
-    return str(reply.json()["token"])
-
-
 def test_a_key_revoked_on_one_process_is_refused_by_another_within_a_second(pg_url: str, tmp_path: Path) -> None:
     first = Pool(tmp_path, db_url=pg_url)
     first.start()
@@ -28,7 +22,7 @@ def test_a_key_revoked_on_one_process_is_refused_by_another_within_a_second(pg_u
     second = localpool.start_coordinator(port, first.env, tmp_path, name="coordinator-second")
     other = f"http://127.0.0.1:{port}"
     try:
-        session = {"authorization": f"Bearer {signup(first.url, 'two@example.com')}"}
+        session = {"authorization": f"Bearer {first.sign_up('two@example.com', 'a long password')['token']}"}
         created = httpx.post(f"{first.url}/v1/tokens", json={"displayName": "shared"}, headers=session, timeout=10)
         assert created.status_code == 201, created.text
         key, key_id = created.json()["token"], created.json()["id"]

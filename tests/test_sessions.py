@@ -88,15 +88,13 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 @pytest.fixture(scope="module")
 def user_id(local: Pool) -> int:
-    body = {"email": f"jwt-{uuid.uuid4().hex[:8]}@example.com", "password": "correct horse battery"}
-    response = httpx.post(f"{local.url}/v1/auth/signup", json=body, timeout=30)
-    assert response.status_code == 201, response.text
-    uid: int = response.json()["user"]["id"]
+    session = local.sign_up(f"jwt-{uuid.uuid4().hex[:8]}@example.com", "correct horse battery")
+    uid: int = session["user"]["id"]
     # something only this user has, to recognise their session by
     created = httpx.post(
         f"{local.url}/v1/tokens",
         json={"displayName": "marker"},
-        headers={"authorization": f"Bearer {response.json()['token']}"},
+        headers={"authorization": f"Bearer {session['token']}"},
         timeout=30,
     )
     assert created.status_code == 201, created.text

@@ -7,17 +7,21 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from importlib.resources import files
 
 import msgspec
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text, update
 
 from coordinator import accounts, auth, catalog, db, keys, trust
 from coordinator.models import AgentToken, ApiKey, Base
 from scripts.localpool import ROOT
+
+HEAD = ScriptDirectory(str(files("migrations"))).get_current_head()
 
 
 async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
@@ -26,7 +30,7 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
         assert await db.current_revision(engine) is None
         await db.migrate(engine)
         await db.migrate(engine)  # every `serve` runs it again
-        assert await db.current_revision(engine) == "0008"
+        assert await db.current_revision(engine) == HEAD
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
             # The migrations build exactly what the models describe.
@@ -42,6 +46,7 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
             "directory_models",
             "trust_evidence",
             "status_minutes",
+            "revoked_sessions",
         } <= tables
         assert drift == []
     finally:
@@ -61,6 +66,25 @@ async def test_upgrade_opens_accounts_for_existing_users(db_url: str) -> None:
         async with engine.connect() as conn:
             ids = set((await conn.execute(text("SELECT id FROM accounts"))).scalars())
         assert {"wallet:1", "held:1", "earnings:1", "platform:fees", "platform:upstream", "platform:funding"} <= ids
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_keeps_existing_users_able_to_log_in(db_url: str) -> None:
+    """0007 adds signup approval: accounts made before it stay usable."""
+    engine = db.create_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: command.upgrade(db._alembic_config(sync), "0006"))
+            await conn.execute(
+                text("INSERT INTO users (email, created_at) VALUES ('old@example.com', :t)"),
+                {"t": datetime(2026, 1, 1, tzinfo=UTC)},
+            )
+        await db.migrate(engine)
+        async with engine.connect() as conn:
+            approved = (await conn.execute(text("SELECT approved FROM users"))).scalars().all()
+            revoked = (await conn.execute(text("SELECT COUNT(*) FROM revoked_sessions"))).scalar()
+        assert approved == [True] and revoked == 0
     finally:
         await engine.dispose()
 

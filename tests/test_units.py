@@ -12,7 +12,7 @@ from coordinator import audit, catalog, dispatch, keys
 from coordinator.dispatch import Dispatcher, Job, output_budget
 from coordinator.forward import backend_body, content_problem
 from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, prompt_estimate
-from coordinator.ratelimit import FailureLimits, KeyLimits, duration
+from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits, address_key, duration
 from coordinator.registry import ConnectedAgent, Registry
 from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.routes.chat import XPool, stamp
@@ -532,3 +532,13 @@ async def test_output_past_the_budget_ends_the_job_and_frames_for_others_are_ign
     assert not await dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=1, data=b"late"))
     await asyncio.sleep(0)
     assert any(isinstance(m, JobCancel) for m in outbox.sent)
+
+
+def test_signups_are_counted_per_address_and_per_ipv6_64() -> None:
+    limits = AddressLimits(2, 3600.0)
+    assert limits.take("2001:db8::1") == 0 and limits.take("2001:db8::ffff:1") == 0
+    assert 0 < limits.take("2001:db8::1:0:0:2") <= 1800  # the same /64: one signup refills in 30 min
+    assert limits.take("2001:db8:0:1::1") == 0  # another /64
+    assert limits.take("192.0.2.1") == 0 and limits.take("::ffff:192.0.2.1") == 0
+    assert limits.take("192.0.2.1") > 0  # an IPv4-mapped address is that IPv4 address
+    assert address_key("unknown") == "unknown"

@@ -287,6 +287,7 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
     problem = content_problem(data)
     if problem is not None:
         return call.reject(400, errors.INVALID_REQUEST, problem[1], param=problem[0])
+    body = backend_body(raw, bound)
     estimate = len(raw) // 4 + (data.max_completion_tokens or data.max_tokens or 0)
     decision = pool.key_limits.admit(principal.credential_id, estimate, principal.rpm, principal.tpm)
     if not decision.allowed:
@@ -303,7 +304,7 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
     if not prices:
         return call.no_capacity(models, routing, limits)
     try:
-        return await _run(call, data, backend_body(raw, bound), routing, prices, limits)
+        return await _run(call, data, body, routing, prices, limits)
     except BaseException:
         call.end(500, code=errors.INTERNAL_ERROR)
         raise

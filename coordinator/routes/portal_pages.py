@@ -8,7 +8,6 @@ shows exactly what the API would show that user and nobody else's data. Sessions
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
@@ -27,18 +26,18 @@ from coordinator.models import AgentToken, ApiKey, User
 from coordinator.routes.account import credit_figures, earnings_by_day, recent_requests, usage_by_day
 from coordinator.routes.directory import model_list
 from coordinator.routes.pages import base_context
-from coordinator.routes.portal import Credentials, DisplayName, authenticate, register
+from coordinator.routes.portal import Credentials, DisplayName, authenticate, end_session, register
 from coordinator.routes.provider import provider_standing
 from coordinator.state import PoolState
 from coordinator.templating import usd
 from coordinator.websession import (
-    csrf_cookie,
     csrf_ok,
     csrf_token,
     ended_session,
     page_headers,
     page_user,
     session_cookie,
+    signed_in,
 )
 from shared import errors
 
@@ -84,14 +83,14 @@ def _page(
     headers: dict[str, str] | None = None,
     **context: Any,
 ) -> Template:
-    """Render a page with the frame's context and a double-submit token (set as a cookie if new)."""
-    csrf = csrf_token(request)
+    """Render a page with the frame's context and its forms' token (and the cookie of a new nonce)."""
+    csrf, cookie = csrf_token(request)
     frame = {**base_context(request, page), "csrf": csrf, "external": _pool(request).portal.external}
     return Template(
         name,
         context={**frame, **context},
         status_code=status,
-        cookies=[csrf_cookie(request, csrf), *(cookies or [])],
+        cookies=[*([cookie] if cookie else []), *(cookies or [])],
         headers=headers,
     )
 
@@ -135,18 +134,20 @@ async def signup_page(request: Request[Any, Any, Any]) -> Template:
 
 
 async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Redirect:
+    """Log in, or sign up and then log in with the same credentials (signup itself says nothing of
+    whether the email had an account: if it had, only its own password opens it)."""
     pool = _pool(request)
     form = await _form(request)
     if not csrf_ok(request, form):
         return _page(request, "portal/sign_in.html", "portal", mode=mode, status=403, error=_STALE_FORM)
+    client = client_address(request)
     try:
         credentials = msgspec.convert(
             {"email": form.get("email", ""), "password": form.get("password", "")}, Credentials
         )
         if mode == "signup":
-            user = await register(pool, credentials)
-        else:
-            user = await authenticate(pool, credentials, client_address(request))
+            await register(pool, credentials, client)
+        user = await authenticate(pool, credentials, client)
     except msgspec.ValidationError as exc:
         error = "Enter an email address and a password of at least 8 characters."
         if "email" in str(exc):
@@ -161,6 +162,9 @@ async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Red
             email_value=form.get("email", ""),
         )
     except PoolError as exc:
+        if mode == "signup" and exc.status == 403 and pool.settings.signup_approval:
+            return _page(request, "portal/sign_in.html", "portal", mode="login", notice=_AWAITING_APPROVAL)
+        message = _ALREADY_THERE if mode == "signup" and exc.code == errors.INVALID_CREDENTIALS else exc.message
         return _page(
             request,
             "portal/sign_in.html",
@@ -168,15 +172,22 @@ async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Red
             mode=mode,
             status=exc.status,
             headers=exc.headers or None,  # Retry-After when too many failures came from here
-            error=exc.message,
+            error=message,
             email_value=form.get("email", ""),
         )
     token = pool.portal.issue(str(user.id))
-    fresh = csrf_cookie(request, secrets.token_urlsafe(24))  # a new form token with the new session
-    return Redirect("/portal", status_code=303, cookies=[session_cookie(request, token, pool.portal.ttl), fresh])
+    return Redirect("/portal", status_code=303, cookies=[session_cookie(request, token, pool.portal.ttl)])
 
 
 _STALE_FORM = "This form has expired. Please try again."
+_ALREADY_THERE = (
+    "Could not sign you in with this password. If you already have an account with this email, "
+    "log in with that account's password."
+)
+_AWAITING_APPROVAL = (
+    "Thank you for signing up. New accounts on this pool wait for an operator's approval: "
+    "log in once your account is approved."
+)
 
 
 @post("/login", summary="Log in to the portal (form)", status_code=200)
@@ -184,16 +195,21 @@ async def login_form(request: Request[Any, Any, Any]) -> Template | Redirect:
     return await _sign_in(request, "login")
 
 
-@post("/signup", summary="Create a portal account (form)", status_code=200)
+@post("/signup", summary="Create a portal account and log in to it (form)", status_code=200)
 async def signup_form(request: Request[Any, Any, Any]) -> Template | Redirect:
     return await _sign_in(request, "signup")
 
 
 @post("/logout", summary="Log out of the portal (form)", status_code=200)
 async def logout(request: Request[Any, Any, Any]) -> Redirect:
+    """End the session everywhere (a copy of its cookie stops working too) and drop the cookie."""
+    await page_user(request)
     # Logging out needs no CSRF check to be safe, but a cross-site page must not sign people out.
     if not csrf_ok(request, await _form(request)):
         return Redirect("/portal", status_code=303)
+    session = signed_in(request)
+    if session is not None:
+        await end_session(_pool(request), session)
     return Redirect(LOGIN, status_code=303, cookies=[ended_session(request)])
 
 
