@@ -294,6 +294,7 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
             headers=decision.headers,
         )
     call.token_estimate = estimate
+    pool.verifier.observe(raw)  # canaries copy the shapes of admitted requests
     limits = decision.headers
     routing = Routing.of(data.provider)
     ceiling = pool.dispatcher.ceiling(models, routing)
