@@ -1,131 +1,41 @@
 """Verification jobs (canaries), run by APScheduler among consumer traffic.
 
-A canary is an ordinary job: the same ``job.assign`` message, a body shaped like an OpenAI SDK request
-(a short user prompt, ``temperature: 0`` and a seed), so an agent cannot tell it from a consumer's.
-Its answer is audited like any job (usage, speed, output) and compared with the reference answer for
-that model, quantisation and prompt: the answer trusted agents of two providers agreed on. Answers given
-before a reference exists wait for it and are judged then. Honest agents running the same weights
-agree word for word at temperature 0; a different model does not. Canaries are not billed and not
-paid. A verdict vouches for, or refunds, the consumer jobs the agent served for that model since its
-last passed canary (``coordinator/clawback.py``).
+A canary is an ordinary job: the same ``job.assign`` message, a prompt from a large pool (some of it
+the operator's own) in the shape of a recent consumer request (:mod:`coordinator.canaries`), so an
+agent cannot tell it from a consumer's by its form. Its answer is audited like any job (usage, speed,
+output) and compared with the references for that model, quantisation and prompt
+(:mod:`coordinator.references`): answers of the platform upstream, asked the same prompt when it
+serves the model, and of providers the operator vouches for, whose canary answers are references
+rather than judged. Answers given before a reference exists wait for it and are judged then. Honest
+agents running the same weights agree at temperature 0; a different model does not. Canaries are
+not billed and not paid. A pass vouches for the consumer jobs the agent served for that model since
+its last pass; failures on distinct prompts, once confirmed, refund them (``coordinator/clawback.py``).
+Canary evidence names no job and no prompt, so a provider's evidence list does not say which of
+its jobs were canaries.
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 
-import msgspec
-
-from coordinator import audit, trust
+from coordinator import audit, canaries, trust
+from coordinator.canaries import Canary, Prompts, Shapes
 from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.metering import text_deltas
+from coordinator.references import PLATFORM, UNLABELED, Answer, ReferenceBook, Verdict
 from coordinator.registry import ConnectedAgent, Registry
 from shared.backend import Chunk, Done
-from shared.protocol import Usage
 
 log = logging.getLogger(__name__)
 
-# Short questions with short, deterministic answers at temperature 0.
-PROMPTS = (
-    "What is the capital of France?",
-    "Name three colours.",
-    "What is 2 + 2?",
-    "Say hello in Spanish.",
-    "What do bees make?",
-    "Name a planet in our solar system.",
-    "What is the opposite of hot?",
-    "How many days are in a week?",
-    "What animal says moo?",
-    "Give me a synonym for happy.",
-    "What is water made of?",
-    "Name a fruit that is yellow.",
-)
-MAX_TOKENS = 24
-SEED = 7
-SIMILAR = 0.8  # difflib ratio at which two answers count as the same
 CANARY = "canary: "  # how evidence from verification jobs begins
-
-
-def canary_body(slug: str, prompt: str) -> bytes:
-    """A request as the OpenAI Python SDK sends it."""
-    return msgspec.json.encode(
-        {
-            "messages": [{"role": "user", "content": prompt}],
-            "model": slug,
-            "max_tokens": MAX_TOKENS,
-            "seed": SEED,
-            "stream": True,
-            "temperature": 0,
-        }
-    )
-
-
-def similar(a: str, b: str) -> bool:
-    return difflib.SequenceMatcher(None, a.strip(), b.strip()).ratio() >= SIMILAR
-
-
-Key = tuple[str, str, int]  # (slug, quantization, prompt index)
-Verdict = tuple[ConnectedAgent, bool, float]  # (agent, passed, when it answered: time.monotonic())
-UNLABELED = ""  # agents with no (or an unlisted) quantization, judged against any label's reference
-
-
-@dataclass
-class References:
-    """Reference answers per model, quantisation and prompt, and the answers waiting for one.
-
-    A reference is an answer trusted agents of two providers agree on: one trusted agent could be a
-    cheater that earned its trust, untrusted newcomers could be sybils agreeing with each other, and
-    one provider's agents could all run the same wrong model. An unlabeled agent passes if its answer
-    matches the reference of any quantisation of the model, so leaving the label off hides nothing."""
-
-    answers: dict[Key, str] = field(default_factory=dict)
-    waiting: dict[Key, dict[int, tuple[ConnectedAgent, str, bool, float]]] = field(default_factory=dict)
-
-    def references(self, key: Key) -> list[str]:
-        """The reference answers that judge ``key``: its own, or for the unlabeled, any label's."""
-        own = self.answers.get(key)
-        if own is not None or key[1] != UNLABELED:
-            return [] if own is None else [own]
-        return [text for (slug, _, prompt), text in self.answers.items() if slug == key[0] and prompt == key[2]]
-
-    def judge(self, key: Key, agent: ConnectedAgent, text: str, trusted: bool, at: float) -> list[Verdict]:
-        """Verdicts that ``text`` (answered at ``at``) settles: none while no reference exists."""
-        references = self.references(key)
-        if references:
-            return [(agent, any(similar(text, reference) for reference in references), at)]
-        waiting = self.waiting.setdefault(key, {})
-        waiting[agent.token_id] = (agent, text, trusted, at)
-        agreeing = trusted and any(
-            other.user_id != agent.user_id and was_trusted and similar(text, answer)
-            for other, answer, was_trusted, _ in waiting.values()
-        )
-        if not agreeing:
-            return []
-        self.answers[key] = text
-        del self.waiting[key]
-        return [(other, similar(answer, text), when) for other, answer, _, when in waiting.values()]
-
-    def prompt_for(self, slug: str, quantization: str, token_id: int, rng: random.Random) -> int:
-        """A prompt whose answer can be judged now (half the time, when there is one), else one
-        another token answered (trusted ones first) so a reference can form, else a new one."""
-        keys = [(slug, quantization, i) for i in range(len(PROMPTS))]
-        judged = [k for k in keys if self.references(k)]
-        others = [k for k in keys if k not in judged and any(t != token_id for t in self.waiting.get(k, {}))]
-        trusted = [k for k in others if any(t != token_id and w[2] for t, w in self.waiting[k].items())]
-        fresh = [k for k in keys if k not in judged and token_id not in self.waiting.get(k, {})]
-        tiers = (
-            [judged, trusted, others, fresh, judged, keys]
-            if rng.random() < 0.5
-            else [trusted, others, fresh, judged, keys]
-        )
-        return rng.choice(next(tier for tier in tiers if tier))[2]
+JUDGED_SHARE = 0.5  # without an upstream, canaries that ask a prompt a reference already answers
 
 
 @dataclass
@@ -136,10 +46,19 @@ class Verifier:
     clawback: Clawback
     first_chunk_timeout: float
     idle_timeout: float
-    references: References = field(default_factory=References)
+    references: ReferenceBook
+    prompts: Prompts = field(default_factory=Prompts)
+    shapes: Shapes = field(default_factory=Shapes)
+    cap: int = canaries.CAP
     done: dict[int, int] = field(default_factory=dict)  # canaries run per agent token
     rng: random.Random = field(default_factory=random.Random)
+    _digests: dict[str, dict[str, str]] = field(default_factory=dict)  # per model: prompt digest -> prompt
+    _asking: set[tuple[str, str]] = field(default_factory=set)  # (model, digest) the upstream is asked
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def observe(self, raw: bytes) -> None:
+        """Note an admitted consumer request's shape (one in a few is read), for canaries to copy."""
+        self.shapes.observe(raw)
 
     def pick(self) -> tuple[ConnectedAgent, str] | None:
         """The agent to verify next: the one with the fewest canaries, ties at random; and a model."""
@@ -177,39 +96,95 @@ class Verifier:
         for task in list(self._running):
             task.cancel()
 
+    async def refresh(self) -> None:
+        """Read references and vouched providers again; judge the answers that can be judged now."""
+        for verdict in await self.references.refresh():
+            self._settle(verdict)
+
+    def prompt_for(self, slug: str, source: str | None) -> str:
+        """A prompt to ask: for a reference source, one others' answers wait on; for others, half the
+        time (when no upstream answers every prompt) one that can be judged now; else any."""
+        digests = self._digests.get(slug)
+        if digests is None:
+            prompts = (*self.prompts.shipped, *self.prompts.operator)
+            digests = self._digests[slug] = {canaries.digest(slug, prompt): prompt for prompt in prompts}
+        if source is not None:
+            waiting = [digests[d] for d in self.references.waiting_for(slug) if d in digests]
+            if waiting:
+                return self.rng.choice(waiting)
+        elif not self.dispatcher.upstream.serves(slug) and self.rng.random() < JUDGED_SHARE:
+            judged = [prompt for d, prompt in digests.items() if self.references.has(slug, d)]
+            if judged:
+                return self.rng.choice(judged)
+        return self.prompts.draw(self.rng)
+
     async def run(
         self, agent: ConnectedAgent, slug: str, quantization: str = UNLABELED, parameter_count: int | None = None
     ) -> None:
         """Send one canary to ``agent`` and count what it shows as evidence; ``quantization`` is the
         label whose references judge it (one the directory lists, else unlabeled)."""
-        index = self.references.prompt_for(slug, quantization, agent.token_id, self.rng)
+        source = self.references.source_of(agent)
+        prompt = self.prompt_for(slug, source)
+        key = canaries.digest(slug, prompt)
+        canary = canaries.build(self.shapes.draw(self.rng), slug, prompt, self.cap)
         self.done[agent.token_id] = self.done.get(agent.token_id, 0) + 1
-        job = await self.dispatcher.assign(
-            agent, slug, canary_body(slug, PROMPTS[index]), stream=True, want_usage=False
-        )
+        asking = None
+        if source is None and not self.references.has(slug, key) and self.dispatcher.upstream.serves(slug):
+            asking = asyncio.create_task(self._ask_upstream(slug, prompt, key))
+        try:
+            result = await self._answer(agent, slug, canary, parameter_count)
+        finally:
+            if asking is not None:
+                await asking
+        if result is None:
+            return
+        answer, clean = result
+        answered = time.monotonic()
+        if source is None:
+            verdicts = self.references.judge(slug, quantization, key, agent, answer, answered)
+        else:  # the operator trusts this provider: its answer is a reference, not judged
+            self.clawback.vouched(agent.token_id, agent.agent_id, slug, answered)
+            verdicts = []
+            if clean:
+                verdicts = await self.references.contribute(slug, quantization, key, source, agent.user_id, answer)
+        for verdict in verdicts:
+            self._settle(verdict)
+
+    async def _answer(
+        self, agent: ConnectedAgent, slug: str, canary: Canary, parameter_count: int | None
+    ) -> tuple[Answer, bool] | None:
+        """Run the canary on the agent and audit it: its answer and whether the audit found nothing;
+        ``None`` if it failed."""
+        job = await self.dispatcher.assign(agent, slug, canary.body, stream=canary.stream, want_usage=canary.want_usage)
         payloads: list[bytes] = []
         delivered = 0
-        usage: Usage | None = None
+        usage = None
+        cut = False
         event = await job.next(self.first_chunk_timeout)
         while True:
             if isinstance(event, Chunk):
                 payloads.append(event.data)
-                delivered += text_deltas(event.data)
+                if canary.stream:
+                    delivered += text_deltas(event.data)
+                    if canary.cut and delivered >= canary.limit:  # as a consumer who read enough
+                        job.cancel()
+                        cut = True
+                        break
             elif isinstance(event, Done):
                 payloads.extend(event.tail)
-                delivered += sum(text_deltas(chunk) for chunk in event.tail)
+                if canary.stream:
+                    delivered += sum(text_deltas(chunk) for chunk in event.tail)
                 usage = event.usage
                 break
             else:
                 job.cancel()
                 self.dispatcher.witness_failure(agent, job, event, started=bool(payloads), origin=CANARY)
-                return
+                return None
             event = await job.next(self.idle_timeout)
-        answered = time.monotonic()
-        output = audit.read_output(payloads)
+        output = audit.read_output(payloads if canary.stream else [b"".join(payloads)])
         verdict = audit.judge(
             audit.Job(
-                stream=True,
+                stream=canary.stream,
                 delivered=delivered,
                 reported=usage,
                 output=output,
@@ -218,14 +193,43 @@ class Verifier:
             )
         )
         for kind, detail in verdict.findings:
-            self.book.witness(agent, kind, CANARY + detail, job.job_id)
-        trusted = agent.trust >= trust.TRUSTED
-        key = (slug, quantization, index)
-        for judged, passed, at in self.references.judge(key, agent, output.text, trusted, answered):
-            kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
-            detail = f"{CANARY}{slug} prompt {index}: answer {'matches' if passed else 'differs from'} the reference"
-            self.book.witness(judged, kind, detail, job.job_id if judged is agent else None)
-            if passed:
-                self.clawback.vouched(judged.token_id, judged.agent_id, slug, at)
-            else:
-                self.clawback.discredited(judged.token_id, slug)
+            self.book.witness(agent, kind, CANARY + detail)
+        complete = not cut and output.finish_reason == "stop"
+        return Answer(output.text, complete, canary.limit), not verdict.findings
+
+    async def _ask_upstream(self, slug: str, prompt: str, key: str) -> None:
+        """Ask the platform upstream for its reference answer to ``prompt`` (once at a time)."""
+        if (slug, key) in self._asking:
+            return
+        self._asking.add((slug, key))
+        try:
+            body = canaries.reference_body(slug, prompt, self.cap)
+            job = self.dispatcher.run_upstream(slug, body, stream=False, want_usage=False)
+            parts: list[bytes] = []
+            event = await job.next(self.first_chunk_timeout)
+            while isinstance(event, Chunk):
+                parts.append(event.data)
+                event = await job.next(self.idle_timeout)
+            if not isinstance(event, Done):
+                job.cancel()
+                log.warning("upstream reference failed", extra={"model": slug, "code": event.code})
+                return
+            output = audit.read_output([b"".join([*parts, *event.tail])])
+            if audit.bad_output(output) is not None:
+                return
+            answer = Answer(output.text, output.finish_reason == "stop", self.cap)
+            for verdict in await self.references.contribute(slug, UNLABELED, key, PLATFORM, None, answer):
+                self._settle(verdict)
+        finally:
+            self._asking.discard((slug, key))
+
+    def _settle(self, verdict: Verdict) -> None:
+        """Evidence from a verdict, and what it means for the agent's consumer jobs."""
+        agent, passed, at, slug, prompt = verdict
+        kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
+        detail = f"{CANARY}{slug}: answer {'matches' if passed else 'differs from'} the reference"
+        self.book.witness(agent, kind, detail)
+        if passed:
+            self.clawback.vouched(agent.token_id, agent.agent_id, slug, at)
+        else:
+            self.clawback.disagreed(agent.token_id, slug, prompt)

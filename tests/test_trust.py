@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import json
 import re
 import sqlite3
 import time
@@ -23,7 +23,7 @@ from coordinator.audit import Output, read_output
 from coordinator.clawback import Clawback
 from coordinator.requestlog import RequestRecord
 from coordinator.trust import Evidence, Reputation, reputation_of
-from coordinator.verify import CANARY, PROMPTS, References, canary_body
+from coordinator.verify import CANARY
 from scripts import localpool
 from shared import protocol
 from shared.protocol import Heartbeat, Hello, JobAssign, ModelOffer, Usage, Welcome
@@ -137,55 +137,6 @@ def test_output_reader_keeps_finish_reason_and_text() -> None:
 # --- verification jobs ------------------------------------------------------------------------
 
 
-class _Agent:
-    """Just enough of a connected agent for :class:`References`: its token and its provider."""
-
-    def __init__(self, token_id: int, user_id: int | None = None) -> None:
-        self.token_id = token_id
-        self.user_id = token_id if user_id is None else user_id
-
-
-def _judge(
-    refs: References,
-    token: int,
-    text: str,
-    trusted: bool,
-    provider: int | None = None,
-    prompt: int = 0,
-    label: str = "q4_k_m",
-) -> list[tuple[int, bool]]:
-    verdicts = refs.judge(("m", label, prompt), _Agent(token, provider), text, trusted, at=float(token))  # type: ignore[arg-type]
-    assert all(at == agent.token_id for agent, _, at in verdicts)  # each verdict carries its answer's time
-    return [(agent.token_id, passed) for agent, passed, _ in verdicts]
-
-
-def test_a_reference_needs_two_trusted_tokens_and_then_judges_everyone() -> None:
-    refs = References()
-    assert _judge(refs, 1, "Paris is the capital of France.", trusted=False) == []  # waits
-    assert _judge(refs, 2, "Paris is the capital of France.", trusted=False) == []  # sybils cannot agree in
-    assert _judge(refs, 3, "The capital is Lyon, a city.", trusted=False) == []
-    assert _judge(refs, 4, "Paris is the capital of France.", trusted=True) == []  # one trusted: not enough
-    verdicts = _judge(refs, 5, "Paris is the capital of France!", trusted=True)  # near-identical agrees
-    assert sorted(verdicts) == [(1, True), (2, True), (3, False), (4, True), (5, True)]
-    assert _judge(refs, 6, "Berlin.", trusted=False) == [(6, False)]
-    assert _judge(refs, 7, "Paris is the capital of France.", trusted=False) == [(7, True)]
-    # two trusted tokens of one provider are one opinion
-    assert _judge(refs, 8, "Rome.", trusted=True, provider=80, prompt=1) == []
-    assert _judge(refs, 9, "Rome.", trusted=True, provider=80, prompt=1) == []
-    assert sorted(_judge(refs, 10, "Rome.", trusted=True, prompt=1)) == [(8, True), (9, True), (10, True)]
-
-
-def test_unlabeled_agents_are_judged_against_the_reference_of_any_label() -> None:
-    refs = References()
-    assert _judge(refs, 1, "Paris.", trusted=True, label="q8_0") == []
-    assert _judge(refs, 2, "Paris.", trusted=True, label="q8_0") == [(1, True), (2, True)]
-    assert _judge(refs, 3, "Bonjour, je suis un modèle.", trusted=False, label="") == [(3, False)]
-    assert _judge(refs, 4, "Paris.", trusted=False, label="") == [(4, True)]
-    assert _judge(refs, 5, "Lyon.", trusted=False, label="q4_k_m") == []  # a label judges by its own alone
-    rng = random.Random(1)
-    assert {refs.prompt_for("m", "", 9, rng) for _ in range(40)} >= {0}  # judged prompts are offered
-
-
 def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_rest() -> None:
     clawback = Clawback(engine=None, accounting=None)  # type: ignore[arg-type]
     token = 7
@@ -213,15 +164,6 @@ def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_res
     assert (9, "m") not in clawback.unvouched
 
 
-def test_canary_prompts_favour_answers_that_can_be_judged() -> None:
-    refs = References()
-    rng = random.Random(3)
-    refs.judge(("m", "", 4), _Agent(1), "x", True, at=0.0)  # type: ignore[arg-type]
-    assert {refs.prompt_for("m", "", 2, rng) for _ in range(20)} == {4}  # token 2 can help form a reference
-    assert 4 not in {refs.prompt_for("m", "", 1, rng) for _ in range(20)}  # token 1 already answered it
-    assert canary_body("m", PROMPTS[0]).startswith(b'{"messages":[{"role":"user","content":')
-
-
 @pytest.fixture
 def verifying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     harness = Pool(tmp_path_factory.mktemp("verifying"), canary_interval_seconds="0.2")
@@ -234,17 +176,19 @@ def verifying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) -> None:
     """A websocket client in the agent's place records every job.assign it gets: one for a consumer
-    request sent as the OpenAI SDK sends it, the others verification jobs."""
+    request, the others verification jobs. Once the coordinator has seen a consumer's request, the
+    canaries copy its shape: the same bytes but for the question asked."""
     pool = verifying
     url = pool.url.replace("http://", "ws://") + "/v1/agent/connect"
     offer = ModelOffer("smollm2-135m", "local-model", 100, 200)
     hello = Hello(protocol=protocol.PROTOCOL_VERSION, agent_version="t", models=[offer], max_concurrency=8)
-    consumer = {
-        "messages": [{"role": "user", "content": "A consumer's question?"}],
+    consumer = {  # not the order an SDK uses, nor the old canaries' limit and seed
         "model": "smollm2-135m",
-        "max_tokens": 24,
-        "seed": 1,
         "stream": True,
+        "messages": [{"role": "user", "content": "A consumer's question?"}],
+        "stream_options": {"include_usage": True},
+        "max_tokens": 40,
+        "seed": 1,
         "temperature": 0,
     }
     assigned: list[JobAssign] = []
@@ -265,11 +209,15 @@ async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) ->
                     assigned.append(message)
         request.cancel()
     bodies = [msgspec.json.decode(job.request) for job in assigned]
-    consumer_jobs = [job for job, body in zip(assigned, bodies, strict=True) if body == consumer]
-    canaries = [job for job, body in zip(assigned, bodies, strict=True) if body != consumer]
-    assert len(consumer_jobs) == 1 and len(canaries) >= 3, bodies
-    mine = consumer_jobs[0]
-    for canary, body in ((job, msgspec.json.decode(job.request)) for job in canaries):
+    mine = next(job for job, body in zip(assigned, bodies, strict=True) if body == consumer)
+    after = assigned[assigned.index(mine) + 1 :]  # sent once the consumer's request was seen
+    assert len(after) >= 3, bodies
+    for canary in after:
+        body = msgspec.json.decode(canary.request)
+        question = body["messages"][0]["content"]
+        assert question != "A consumer's question?" and body["messages"][0]["role"] == "user"
+        body["messages"][0]["content"] = consumer["messages"][0]["content"]  # type: ignore[index]
+        assert json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() == mine.request
         assert canary.__struct_fields__ == mine.__struct_fields__
         assert (canary.model, canary.backend_model, canary.stream, canary.want_usage) == (
             mine.model,
@@ -279,8 +227,7 @@ async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) ->
         )
         assert re.fullmatch(r"job_[0-9a-f]{16}", canary.job_id) and re.fullmatch(r"job_[0-9a-f]{16}", mine.job_id)
         assert abs((canary.deadline - time.time()) - (mine.deadline - time.time())) < 5
-        assert list(body) == list(consumer)  # the same fields in the same order
-        assert body["messages"][0]["role"] == "user" and body["model"] == "smollm2-135m"
+    assert len({msgspec.json.decode(job.request)["messages"][0]["content"] for job in after}) >= 2  # a pool
 
 
 # --- real agents, honest and cheating ------------------------------------------------------------
