@@ -9,7 +9,8 @@ serves the model, and of providers the operator vouches for, whose canary answer
 rather than judged. Answers given before a reference exists wait for it and are judged then. Honest
 agents running the same weights agree at temperature 0; a different model does not. Canaries are
 not billed and not paid. A pass vouches for the consumer jobs the agent served for that model since
-its last pass; failures on distinct prompts, once confirmed, refund them (``coordinator/clawback.py``).
+its last pass (when the operator has prompts of its own, only a pass on one of those: the shipped
+ones are public); failures on distinct prompts, once confirmed, refund them (``coordinator/clawback.py``).
 Canary evidence names no job and no prompt, so a provider's evidence list does not say which of
 its jobs were canaries.
 """
@@ -53,6 +54,7 @@ class Verifier:
     done: dict[int, int] = field(default_factory=dict)  # canaries run per agent token
     rng: random.Random = field(default_factory=random.Random)
     _digests: dict[str, dict[str, str]] = field(default_factory=dict)  # per model: prompt digest -> prompt
+    _secret: set[str] = field(default_factory=set)  # digests of the operator's prompts
     _asking: set[tuple[str, str]] = field(default_factory=set)  # (model, digest) the upstream is asked
     _running: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -101,13 +103,23 @@ class Verifier:
         for verdict in await self.references.refresh():
             self._settle(verdict)
 
-    def prompt_for(self, slug: str, source: str | None) -> str:
-        """A prompt to ask: for a reference source, one others' answers wait on; for others, half the
-        time (when no upstream answers every prompt) one that can be judged now; else any."""
+    def _digests_of(self, slug: str) -> dict[str, str]:
         digests = self._digests.get(slug)
         if digests is None:
             prompts = (*self.prompts.shipped, *self.prompts.operator)
             digests = self._digests[slug] = {canaries.digest(slug, prompt): prompt for prompt in prompts}
+            self._secret.update(canaries.digest(slug, prompt) for prompt in self.prompts.operator)
+        return digests
+
+    def _public(self, slug: str, prompt: str) -> bool:
+        """Whether ``prompt`` (a digest) is a shipped one while the operator has prompts of its own."""
+        self._digests_of(slug)
+        return bool(self.prompts.operator) and prompt not in self._secret
+
+    def prompt_for(self, slug: str, source: str | None) -> str:
+        """A prompt to ask: for a reference source, one others' answers wait on; for others, half the
+        time (when no upstream answers every prompt) one that can be judged now; else any."""
+        digests = self._digests_of(slug)
         if source is not None:
             waiting = [digests[d] for d in self.references.waiting_for(slug) if d in digests]
             if waiting:
@@ -230,6 +242,9 @@ class Verifier:
         detail = f"{CANARY}{slug}: answer {'matches' if passed else 'differs from'} the reference"
         self.book.witness(agent, kind, detail)
         if passed:
-            self.clawback.vouched(agent.token_id, agent.agent_id, slug, at)
+            # The shipped prompts are public: a cheater can answer those alone honestly. When the
+            # operator has prompts of its own, only those vouch for jobs (and clear strikes).
+            if not self._public(slug, prompt):
+                self.clawback.vouched(agent.token_id, agent.agent_id, slug, at)
         else:
             self.clawback.disagreed(agent.token_id, slug, prompt)
