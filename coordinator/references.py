@@ -115,13 +115,14 @@ class ReferenceBook:
         """The source an agent's answers are references of, if its provider is vouched for."""
         return f"user:{agent.user_id}" if agent.user_id in self.vouched else None
 
-    def references(self, slug: str, quantization: str, prompt: str) -> list[Reference]:
-        """The references that judge an answer of ``quantization``: its own label's, else any."""
-        every = self.answers.get((slug, prompt), [])
+    def references(self, slug: str, quantization: str, prompt: str, other_than: str | None = None) -> list[Reference]:
+        """The references that judge an answer of ``quantization``: its own label's, else any (those
+        of sources ``other_than`` one, for a source's own answer)."""
+        every = [r for r in self.answers.get((slug, prompt), []) if r.source != other_than]
         return [r for r in every if r.quantization == quantization] or every
 
-    def has(self, slug: str, prompt: str) -> bool:
-        return (slug, prompt) in self.answers
+    def has(self, slug: str, prompt: str, other_than: str | None = None) -> bool:
+        return any(r.source != other_than for r in self.answers.get((slug, prompt), []))
 
     def waiting_for(self, slug: str) -> list[str]:
         """Prompts (digests) of ``slug`` whose answers wait for a reference."""

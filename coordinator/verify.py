@@ -5,12 +5,13 @@ the operator's own) in the shape of a recent consumer request (:mod:`coordinator
 agent cannot tell it from a consumer's by its form. Its answer is audited like any job (usage, speed,
 output) and compared with the references for that model, quantisation and prompt
 (:mod:`coordinator.references`): answers of the platform upstream, asked the same prompt when it
-serves the model, and of providers the operator vouches for, whose canary answers are references
-rather than judged. Answers given before a reference exists wait for it and are judged then. Honest
+serves the model, and of providers the operator vouches for. A vouched provider's answer is judged
+only by the other sources' references, and becomes its own reference when it agrees with those (or
+there are none). Answers given before a reference exists wait for it and are judged then. Honest
 agents running the same weights agree at temperature 0; a different model does not. Canaries are
 not billed and not paid. A pass vouches for the consumer jobs the agent served for that model since
 its last pass (when the operator has prompts of its own, only a pass on one of those: the shipped
-ones are public); failures on distinct prompts, once confirmed, refund them (``coordinator/clawback.py``).
+ones are public); failures on distinct prompts, once confirmed, refund them (``clawback.py``).
 Canary evidence names no job and no prompt, so a provider's evidence list does not say which of
 its jobs were canaries.
 """
@@ -29,7 +30,7 @@ from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.metering import text_deltas
-from coordinator.references import PLATFORM, UNLABELED, Answer, ReferenceBook, Verdict
+from coordinator.references import PLATFORM, UNLABELED, Answer, ReferenceBook, Verdict, agrees
 from coordinator.registry import ConnectedAgent, Registry
 from shared.backend import Chunk, Done
 
@@ -117,15 +118,15 @@ class Verifier:
         return bool(self.prompts.operator) and prompt not in self._secret
 
     def prompt_for(self, slug: str, source: str | None) -> str:
-        """A prompt to ask: for a reference source, one others' answers wait on; for others, half the
-        time (when no upstream answers every prompt) one that can be judged now; else any."""
+        """A prompt to ask: for a reference source, one others' answers wait on; half the time (when
+        no upstream answers every prompt, or for a source) one that can be judged now; else any."""
         digests = self._digests_of(slug)
         if source is not None:
             waiting = [digests[d] for d in self.references.waiting_for(slug) if d in digests]
             if waiting:
                 return self.rng.choice(waiting)
-        elif not self.dispatcher.upstream.serves(slug) and self.rng.random() < JUDGED_SHARE:
-            judged = [prompt for d, prompt in digests.items() if self.references.has(slug, d)]
+        if (source is not None or not self.dispatcher.upstream.serves(slug)) and self.rng.random() < JUDGED_SHARE:
+            judged = [prompt for d, prompt in digests.items() if self.references.has(slug, d, other_than=source)]
             if judged:
                 return self.rng.choice(judged)
         return self.prompts.draw(self.rng)
@@ -154,11 +155,14 @@ class Verifier:
         answered = time.monotonic()
         if source is None:
             verdicts = self.references.judge(slug, quantization, key, agent, answer, answered)
-        else:  # the operator trusts this provider: its answer is a reference, not judged
-            self.clawback.vouched(agent.token_id, agent.agent_id, slug, answered)
-            verdicts = []
-            if clean:
-                verdicts = await self.references.contribute(slug, quantization, key, source, agent.user_id, answer)
+        else:  # the operator trusts this provider: judged by the other sources, if any; a reference if agreeing
+            others = self.references.references(slug, quantization, key, other_than=source)
+            passed = any(agrees(answer, reference) for reference in others)
+            verdicts = [Verdict(agent, passed, answered, slug, key)] if others else []
+            if not others:
+                self.clawback.vouched(agent.token_id, agent.agent_id, slug, answered)
+            if clean and (passed or not others):
+                verdicts += await self.references.contribute(slug, quantization, key, source, agent.user_id, answer)
         for verdict in verdicts:
             self._settle(verdict)
 
