@@ -286,8 +286,9 @@ async def test_the_verifier_judges_stream_cut_and_whole_canaries(tmp_path: Path)
     engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
     try:
         await db.migrate(engine)
-        vouched, ordinary = await _users(engine, "v@p.example", "o@p.example")
+        vouched, ordinary, other = await _users(engine, "v@p.example", "o@p.example", "w@p.example")
         await _vouch(engine, "v@p.example")
+        await _vouch(engine, "w@p.example")
         registry = Registry()
         dispatcher = Dispatcher(registry, Upstream(None, None, {}, 5.0), 5.0, 60.0)
         book = TrustBook(engine, 3600.0, 2)
@@ -300,7 +301,8 @@ async def test_the_verifier_judges_stream_cut_and_whole_canaries(tmp_path: Path)
         source = _agent(1, vouched, ScriptedLink(dispatcher, long_answer))
         honest = _agent(2, ordinary, ScriptedLink(dispatcher, long_answer))
         cheat = _agent(3, ordinary + 100, ScriptedLink(dispatcher, "x " * 100))
-        for agent in (source, honest, cheat):
+        wrong_source = _agent(4, other, ScriptedLink(dispatcher, "y " * 100))  # vouched, but wrong
+        for agent in (source, honest, cheat, wrong_source):
             registry.add(agent)
             book.reputations[agent.token_id] = trust.Reputation()
         shapes = [
@@ -317,6 +319,10 @@ async def test_the_verifier_judges_stream_cut_and_whole_canaries(tmp_path: Path)
         kinds = [(e.token_id, e.kind) for e in book.pending]
         assert kinds == [(2, trust.CANARY_PASSED)] and all(e.detail.startswith(CANARY) for e in book.pending)
         assert all(e.job_id is None and "Q?" not in e.detail for e in book.pending)  # names no job, no prompt
+        # another vouched source is judged by the first one's reference, and its wrong answer is not added
+        await verifier.run(wrong_source, "m")
+        assert [(e.token_id, e.kind) for e in book.pending][-1] == (4, trust.CANARY_FAILED)
+        assert [r.source for r in verifier.references.answers[("m", canaries.digest("m", "Q?"))]] == [f"user:{vouched}"]
         for _ in range(6):
             await verifier.run(honest, "m")
             await verifier.run(cheat, "m")
