@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator import accounts, billing, catalog, db
+from coordinator import accounts, billing, catalog, db, references
 from coordinator.settings import Settings, SettingsError
 from shared import logs
 from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--key-id", type=int, required=True)
     limits.add_argument("--rpm", type=int, help="requests per minute (omit: the default)")
     limits.add_argument("--tpm", type=int, help="tokens per minute (omit: the default)")
+    for name, what in (
+        ("vouch", "vouch for a provider: its agents' canary answers become reference answers"),
+        ("unvouch", "stop vouching for a provider and remove its reference answers"),
+    ):
+        admin_commands.add_parser(name, help=what).add_argument("--email", required=True)
     models = admin_commands.add_parser("models", help="edit the model directory (every process reloads it)")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     model_commands.add_parser("list", help="print the directory as TOML-like lines")
@@ -159,8 +164,13 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
             raise accounts.AccountError(str(exc)) from None
         return f"saved {info.slug}"
 
+    async def vouch(session: AsyncSession) -> str:
+        return await references.vouch(session, args.email, args.admin_command == "vouch")
+
     actions = {
         "models": edit_models,
+        "vouch": vouch,
+        "unvouch": vouch,
         "create-user": create_user,
         "approve-user": approve_user,
         "pending-users": pending_users,

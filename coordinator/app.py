@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from coordinator import __version__, auth, billing, catalog, db, periodic
+from coordinator import __version__, auth, billing, canaries, catalog, db, periodic
 from coordinator.accounting import Accounting
 from coordinator.bodies import TOO_DEEP, PoolRequest
 from coordinator.clawback import Clawback
@@ -27,6 +27,7 @@ from coordinator.formtokens import FormTokens
 from coordinator.history import History
 from coordinator.metering import Price
 from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
+from coordinator.references import ReferenceBook
 from coordinator.registry import Registry
 from coordinator.requestlog import RequestLog, RequestRecord
 from coordinator.routes.account import account_router
@@ -211,7 +212,18 @@ def build_state(settings: Settings) -> PoolState:
         idle_seconds=settings.credit_lease_idle_seconds,
         flush_interval=settings.ledger_flush_interval,
     )
-    clawback = Clawback(engine, accounting)
+    clawback = Clawback(engine, accounting, confirmations=settings.canary_confirmations)
+    verifier = Verifier(
+        registry,
+        dispatcher,
+        trust_book,
+        clawback,
+        settings.first_chunk_timeout,
+        settings.idle_timeout,
+        ReferenceBook(engine),
+        prompts=canaries.Prompts(operator=canaries.read_prompts(settings.canary_prompts_file)),
+        default_output_tokens=settings.default_output_tokens,
+    )
     return PoolState(
         settings=settings,
         engine=engine,
@@ -222,9 +234,7 @@ def build_state(settings: Settings) -> PoolState:
         upstream=upstream,
         dispatcher=dispatcher,
         trust=trust_book,
-        verifier=Verifier(
-            registry, dispatcher, trust_book, clawback, settings.first_chunk_timeout, settings.idle_timeout
-        ),
+        verifier=verifier,
         clawback=clawback,
         stats=RequestStats(settings.status_window_seconds),
         history=History(engine, accounting.instance_id, settings.status_history, settings.status_flush_seconds),
@@ -248,6 +258,7 @@ def create_app(settings: Settings) -> Litestar:
         accounting = pool.accounting
         await billing.renew_instance(pool.engine, accounting.instance_id, accounting.started_at)
         pool.directory = await catalog.load(pool.engine)
+        await pool.verifier.refresh()
         pool.requests.start()
         accounting.start()
         sched = periodic.scheduler(pool)

@@ -1,11 +1,13 @@
-"""Refunds for consumer jobs that a failed canary discredits.
+"""Refunds for consumer jobs that failed canaries discredit.
 
 The audit of each job catches what one job shows (inflated usage, impossible speed, garbage, stalls),
 and those jobs are billed as counted or not at all. A different model behind the claimed one shows
-only when a canary's answer differs from the reference, which needs trusted agents of two providers:
+only when a canary's answer differs from a trusted source's reference (``coordinator/references.py``):
 until then the agent may have served consumers. So each process keeps the consumer jobs an agent
 token's agents served for a model since a canary vouched for them. A passed canary vouches for the
-jobs of the agent that answered it which ended before its answer (they leave); a failed one refunds
+jobs of the agent that answered it which ended before its answer (they leave). A failed one is a
+strike; ``confirmations`` strikes on distinct prompts without a pass between confirm the disagreement
+(one odd answer, a reference gone stale, never costs an honest provider its earnings) and refund
 every job kept for the token and model (reconnecting does not shed them), and the jobs that end after
 it, until a canary passes again: the consumer gets the charge back, the
 provider's share comes out of its earnings (the platform covers what those no longer hold) and the fee
@@ -54,7 +56,9 @@ class Clawback:
     engine: AsyncEngine
     accounting: Accounting
     unvouched: OrderedDict[Key, deque[Served]] = field(default_factory=OrderedDict)
-    discredited_now: set[Key] = field(default_factory=set)  # failed their last canary: refund as they end
+    confirmations: int = 2  # failed canaries, on distinct prompts, that confirm a disagreement
+    discredited_now: set[Key] = field(default_factory=set)  # confirmed failing: refund jobs as they end
+    strikes: OrderedDict[Key, set[str]] = field(default_factory=OrderedDict)  # prompts failed since a pass
     due: list[Served] = field(default_factory=list)
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -81,14 +85,29 @@ class Clawback:
         jobs that ended before then stand."""
         key = (token_id, slug)
         self.discredited_now.discard(key)
+        self.strikes.pop(key, None)
         jobs = self.unvouched.get(key)
         if jobs:
             kept = [job for job in jobs if job.agent_id != agent_id or job.at > answered_at]
             self.unvouched[key] = deque(kept, maxlen=KEPT)
 
+    def disagreed(self, token_id: int, slug: str, prompt: str) -> bool:
+        """A canary for ``slug`` failed on ``prompt`` (its digest): a strike; refund the token's jobs
+        once the strikes confirm the disagreement. Whether they do."""
+        key = (token_id, slug)
+        prompts = self.strikes.pop(key, set())
+        prompts.add(prompt)
+        self.strikes[key] = prompts
+        while len(self.strikes) > TOKENS:
+            self.strikes.popitem(last=False)
+        if len(prompts) < self.confirmations:
+            return False
+        self.discredited(token_id, slug)
+        return True
+
     def discredited(self, token_id: int, slug: str) -> None:
-        """A canary for ``slug`` failed: refund the token's jobs for it that no canary vouched for,
-        and those still running, as they end."""
+        """Canaries for ``slug`` confirmed failing: refund the token's jobs for it that no canary
+        vouched for, and those still running, as they end."""
         key = (token_id, slug)
         if len(self.discredited_now) < TOKENS:
             self.discredited_now.add(key)

@@ -9,7 +9,6 @@ prompt the provider had already processed.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from shared.openai import ChatCompletionRequest
@@ -18,9 +17,6 @@ from shared.protocol import Usage
 # A chat template adds a few tokens per message (and some templates a default system prompt) beyond
 # the body's bytes; the JSON punctuation of each message already outweighs them, this covers the rest.
 TEMPLATE_ALLOWANCE = 256
-
-# A streamed chunk that carries generated text or tool-call arguments (compact or spaced JSON).
-_TEXT_DELTA = re.compile(rb'"(?:content|reasoning_content|arguments)"\s*:\s*"(?!")')
 
 
 @dataclass(frozen=True)
@@ -66,11 +62,6 @@ def output_bound(request: ChatCompletionRequest, model_cap: int) -> int:
     """The most completion tokens the request can produce: its own limit, else the model's cap."""
     asked = request.max_completion_tokens or request.max_tokens
     return min(asked, model_cap) if asked else model_cap
-
-
-def text_deltas(chunk: bytes) -> int:
-    """1 if a streamed chunk carries generated text (at least one token), else 0."""
-    return 1 if _TEXT_DELTA.search(chunk) is not None else 0
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(200), default=None)
     subject: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)  # external IdP ``sub``
     approved: Mapped[bool] = mapped_column(Boolean, default=True)  # False: waits for an operator (signup approval)
+    vouched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # a reference source
 
 
 class RevokedSession(Base):
@@ -272,3 +273,20 @@ class StatusMinuteRow(Base):
     latency: Mapped[str] = mapped_column(Text)  # JSON {bucket: count}
     max_ms: Mapped[float] = mapped_column(Float)
     providers: Mapped[str] = mapped_column(Text)  # JSON [provider user id, …]
+
+
+class CanaryReference(Base):
+    """One trusted source's answer to a canary prompt (``prompt``: its digest, never its text), which
+    judges agents' answers: ``source`` is ``platform`` (the upstream) or ``user:<id>`` (a provider the
+    operator vouches for; its rows go when it is unvouched)."""
+
+    __tablename__ = "canary_references"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    quantization: Mapped[str] = mapped_column(String(32), primary_key=True)  # "": none, or not one listed
+    prompt: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    complete: Mapped[bool] = mapped_column(Boolean)  # the model ended it (else a token limit cut it)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,7 +1,7 @@
 """Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
-release holds whose request is gone, reload the model directory (edited by any process), write trust
-evidence and decay scores, send verification jobs and refund what they discredit, write and prune the
-status history."""
+release holds whose request is gone, reload the model directory and the canary references (edited by
+any process), write trust evidence and decay scores, send verification jobs and refund what they
+discredit, write and prune the status history."""
 
 from __future__ import annotations
 
@@ -91,6 +91,14 @@ async def refund_discredited(pool: PoolState) -> None:
     await pool.clawback.refund_due()
 
 
+async def reload_references(pool: PoolState) -> None:
+    """Read canary references and vouched providers again (other processes and the operator edit them)."""
+    try:
+        await pool.verifier.refresh()
+    except Exception as exc:  # keep the references we have
+        log.error("reference reload failed", extra={"error": str(exc)})
+
+
 async def verify_an_agent(pool: PoolState) -> None:
     """Send one verification job (a canary) to the agent verified least so far."""
     pool.verifier.start_one(pool.directory)
@@ -111,4 +119,5 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     if settings.canary_interval_seconds > 0:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
+    sched.add_job(reload_references, "interval", seconds=settings.directory_reload_seconds, **once)
     return sched

@@ -1,19 +1,24 @@
 """Verification jobs (canaries), run by APScheduler among consumer traffic.
 
-A canary is an ordinary job: the same ``job.assign`` message, a body shaped like an OpenAI SDK request
-(a short user prompt, ``temperature: 0`` and a seed), so an agent cannot tell it from a consumer's.
-Its answer is audited like any job (usage, speed, output) and compared with the reference answer for
-that model, quantisation and prompt: the answer trusted agents of two providers agreed on. Answers given
-before a reference exists wait for it and are judged then. Honest agents running the same weights
-agree word for word at temperature 0; a different model does not. Canaries are not billed and not
-paid. A verdict vouches for, or refunds, the consumer jobs the agent served for that model since its
-last passed canary (``coordinator/clawback.py``).
+A canary is an ordinary job: the same ``job.assign`` message, a prompt from a large pool (some of it
+the operator's own) in the shape of a recent consumer request (:mod:`coordinator.canaries`), so an
+agent cannot tell it from a consumer's by its form. Its answer is audited like any job (usage, speed,
+output) and compared with the references for that model, quantisation and prompt
+(:mod:`coordinator.references`): answers of the platform upstream, asked the same prompt when it
+serves the model, and of providers the operator vouches for. A vouched provider's answer is judged
+only by the other sources' references, and becomes its own reference when it agrees with those (or
+there are none). Answers given before a reference exists wait for it and are judged then. Honest
+agents running the same weights agree at temperature 0; a different model does not. Canaries are
+not billed and not paid. A pass vouches for the consumer jobs the agent served for that model since
+its last pass (when the operator has prompts of its own, only a pass on one of those: the shipped
+ones are public); failures on distinct prompts, once confirmed, refund them (``clawback.py``).
+Canary evidence names no job and no prompt, so a provider's evidence list does not say which of
+its jobs were canaries.
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import random
 import time
@@ -21,111 +26,22 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from coordinator import audit, trust
+from coordinator import audit, canaries, trust
+from coordinator.canaries import Canary, Prompts, Shapes
 from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
-from coordinator.dispatch import Dispatcher
-from coordinator.metering import text_deltas
+from coordinator.dispatch import Dispatcher, output_budget
+from coordinator.forward import backend_body
+from coordinator.metering import output_bound
+from coordinator.references import PLATFORM, UNLABELED, Answer, ReferenceBook, Verdict, agrees
 from coordinator.registry import ConnectedAgent, Registry
 from shared.backend import Chunk, Done
-from shared.protocol import Usage
+from shared.openai import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 
-# Short questions with short, deterministic answers at temperature 0.
-PROMPTS = (
-    "What is the capital of France?",
-    "Name three colours.",
-    "What is 2 + 2?",
-    "Say hello in Spanish.",
-    "What do bees make?",
-    "Name a planet in our solar system.",
-    "What is the opposite of hot?",
-    "How many days are in a week?",
-    "What animal says moo?",
-    "Give me a synonym for happy.",
-    "What is water made of?",
-    "Name a fruit that is yellow.",
-)
-MAX_TOKENS = 24
-SEED = 7
-SIMILAR = 0.8  # difflib ratio at which two answers count as the same
 CANARY = "canary: "  # how evidence from verification jobs begins
-
-
-def canary_body(slug: str, prompt: str) -> bytes:
-    """A request as the OpenAI Python SDK sends it."""
-    return msgspec.json.encode(
-        {
-            "messages": [{"role": "user", "content": prompt}],
-            "model": slug,
-            "max_tokens": MAX_TOKENS,
-            "seed": SEED,
-            "stream": True,
-            "temperature": 0,
-        }
-    )
-
-
-def similar(a: str, b: str) -> bool:
-    return difflib.SequenceMatcher(None, a.strip(), b.strip()).ratio() >= SIMILAR
-
-
-Key = tuple[str, str, int]  # (slug, quantization, prompt index)
-Verdict = tuple[ConnectedAgent, bool, float]  # (agent, passed, when it answered: time.monotonic())
-UNLABELED = ""  # agents with no (or an unlisted) quantization, judged against any label's reference
-
-
-@dataclass
-class References:
-    """Reference answers per model, quantisation and prompt, and the answers waiting for one.
-
-    A reference is an answer trusted agents of two providers agree on: one trusted agent could be a
-    cheater that earned its trust, untrusted newcomers could be sybils agreeing with each other, and
-    one provider's agents could all run the same wrong model. An unlabeled agent passes if its answer
-    matches the reference of any quantisation of the model, so leaving the label off hides nothing."""
-
-    answers: dict[Key, str] = field(default_factory=dict)
-    waiting: dict[Key, dict[int, tuple[ConnectedAgent, str, bool, float]]] = field(default_factory=dict)
-
-    def references(self, key: Key) -> list[str]:
-        """The reference answers that judge ``key``: its own, or for the unlabeled, any label's."""
-        own = self.answers.get(key)
-        if own is not None or key[1] != UNLABELED:
-            return [] if own is None else [own]
-        return [text for (slug, _, prompt), text in self.answers.items() if slug == key[0] and prompt == key[2]]
-
-    def judge(self, key: Key, agent: ConnectedAgent, text: str, trusted: bool, at: float) -> list[Verdict]:
-        """Verdicts that ``text`` (answered at ``at``) settles: none while no reference exists."""
-        references = self.references(key)
-        if references:
-            return [(agent, any(similar(text, reference) for reference in references), at)]
-        waiting = self.waiting.setdefault(key, {})
-        waiting[agent.token_id] = (agent, text, trusted, at)
-        agreeing = trusted and any(
-            other.user_id != agent.user_id and was_trusted and similar(text, answer)
-            for other, answer, was_trusted, _ in waiting.values()
-        )
-        if not agreeing:
-            return []
-        self.answers[key] = text
-        del self.waiting[key]
-        return [(other, similar(answer, text), when) for other, answer, _, when in waiting.values()]
-
-    def prompt_for(self, slug: str, quantization: str, token_id: int, rng: random.Random) -> int:
-        """A prompt whose answer can be judged now (half the time, when there is one), else one
-        another token answered (trusted ones first) so a reference can form, else a new one."""
-        keys = [(slug, quantization, i) for i in range(len(PROMPTS))]
-        judged = [k for k in keys if self.references(k)]
-        others = [k for k in keys if k not in judged and any(t != token_id for t in self.waiting.get(k, {}))]
-        trusted = [k for k in others if any(t != token_id and w[2] for t, w in self.waiting[k].items())]
-        fresh = [k for k in keys if k not in judged and token_id not in self.waiting.get(k, {})]
-        tiers = (
-            [judged, trusted, others, fresh, judged, keys]
-            if rng.random() < 0.5
-            else [trusted, others, fresh, judged, keys]
-        )
-        return rng.choice(next(tier for tier in tiers if tier))[2]
+JUDGED_SHARE = 0.5  # without an upstream, canaries that ask a prompt a reference already answers
 
 
 @dataclass
@@ -136,10 +52,21 @@ class Verifier:
     clawback: Clawback
     first_chunk_timeout: float
     idle_timeout: float
-    references: References = field(default_factory=References)
+    references: ReferenceBook
+    prompts: Prompts = field(default_factory=Prompts)
+    shapes: Shapes = field(default_factory=Shapes)
+    cap: int = canaries.CAP
+    default_output_tokens: int = 4096  # a model's output cap when the directory gives no context window
     done: dict[int, int] = field(default_factory=dict)  # canaries run per agent token
     rng: random.Random = field(default_factory=random.Random)
+    _digests: dict[str, dict[str, str]] = field(default_factory=dict)  # per model: prompt digest -> prompt
+    _secret: set[str] = field(default_factory=set)  # digests of the operator's prompts
+    _asking: set[tuple[str, str]] = field(default_factory=set)  # (model, digest) the upstream is asked
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def observe(self, raw: bytes) -> None:
+        """Note an admitted consumer request's shape (one in a few is read), for canaries to copy."""
+        self.shapes.observe(raw)
 
     def pick(self) -> tuple[ConnectedAgent, str] | None:
         """The agent to verify next: the one with the fewest canaries, ties at random; and a model."""
@@ -161,15 +88,16 @@ class Verifier:
         label = agent.models[slug].quantization
         quantization = label if info is not None and label in info.quantizations else UNLABELED
         parameters = info.parameter_count if info is not None else None
-        task = asyncio.create_task(self._run_logged(agent, slug, quantization, parameters))
+        model_cap = info.context_window if info is not None and info.context_window else None
+        task = asyncio.create_task(self._run_logged(agent, slug, quantization, parameters, model_cap))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
     async def _run_logged(
-        self, agent: ConnectedAgent, slug: str, quantization: str, parameter_count: int | None
+        self, agent: ConnectedAgent, slug: str, quantization: str, parameter_count: int | None, model_cap: int | None
     ) -> None:
         try:
-            await self.run(agent, slug, quantization, parameter_count)
+            await self.run(agent, slug, quantization, parameter_count, model_cap)
         except Exception:  # one canary's trouble must not stop the next
             log.exception("verification job failed", extra={"agent_id": agent.agent_id})
 
@@ -177,40 +105,124 @@ class Verifier:
         for task in list(self._running):
             task.cancel()
 
+    async def refresh(self) -> None:
+        """Read references and vouched providers again; judge the answers that can be judged now."""
+        for verdict in await self.references.refresh():
+            self._settle(verdict)
+
+    def _digests_of(self, slug: str) -> dict[str, str]:
+        digests = self._digests.get(slug)
+        if digests is None:
+            prompts = (*self.prompts.shipped, *self.prompts.operator)
+            digests = self._digests[slug] = {canaries.digest(slug, prompt): prompt for prompt in prompts}
+            self._secret.update(canaries.digest(slug, prompt) for prompt in self.prompts.operator)
+        return digests
+
+    def _public(self, slug: str, prompt: str) -> bool:
+        """Whether ``prompt`` (a digest) is a shipped one while the operator has prompts of its own."""
+        self._digests_of(slug)
+        return bool(self.prompts.operator) and prompt not in self._secret
+
+    def prompt_for(self, slug: str, source: str | None) -> str:
+        """A prompt to ask: for a reference source, one others' answers wait on; half the time (when
+        no upstream answers every prompt, or for a source) one that can be judged now; else any."""
+        digests = self._digests_of(slug)
+        if source is not None:
+            waiting = [digests[d] for d in self.references.waiting_for(slug) if d in digests]
+            if waiting:
+                return self.rng.choice(waiting)
+        if (source is not None or not self.dispatcher.upstream.serves(slug)) and self.rng.random() < JUDGED_SHARE:
+            judged = [prompt for d, prompt in digests.items() if self.references.has(slug, d, other_than=source)]
+            if judged:
+                return self.rng.choice(judged)
+        return self.prompts.draw(self.rng)
+
     async def run(
-        self, agent: ConnectedAgent, slug: str, quantization: str = UNLABELED, parameter_count: int | None = None
+        self,
+        agent: ConnectedAgent,
+        slug: str,
+        quantization: str = UNLABELED,
+        parameter_count: int | None = None,
+        model_cap: int | None = None,
     ) -> None:
         """Send one canary to ``agent`` and count what it shows as evidence; ``quantization`` is the
         label whose references judge it (one the directory lists, else unlabeled)."""
-        index = self.references.prompt_for(slug, quantization, agent.token_id, self.rng)
+        source = self.references.source_of(agent)
+        prompt = self.prompt_for(slug, source)
+        key = canaries.digest(slug, prompt)
+        canary = canaries.build(self.shapes.draw(self.rng), slug, prompt, self.cap)
         self.done[agent.token_id] = self.done.get(agent.token_id, 0) + 1
+        asking = None
+        if source is None and not self.references.has(slug, key) and self.dispatcher.upstream.serves(slug):
+            asking = asyncio.create_task(self._ask_upstream(slug, prompt, key))
+        try:
+            result = await self._answer(agent, slug, canary, parameter_count, model_cap or self.default_output_tokens)
+        finally:
+            if asking is not None:
+                await asking
+        if result is None:
+            return
+        answer, clean = result
+        answered = time.monotonic()
+        if source is None:
+            verdicts = self.references.judge(slug, quantization, key, agent, answer, answered)
+        else:  # the operator trusts this provider: judged by the other sources, if any; a reference if agreeing
+            others = self.references.references(slug, quantization, key, other_than=source)
+            passed = any(agrees(answer, reference) for reference in others)
+            verdicts = [Verdict(agent, passed, answered, slug, key)] if others else []
+            if not others:
+                self.clawback.vouched(agent.token_id, agent.agent_id, slug, answered)
+            if clean and (passed or not others):
+                verdicts += await self.references.contribute(slug, quantization, key, source, agent.user_id, answer)
+        for verdict in verdicts:
+            self._settle(verdict)
+
+    async def _answer(
+        self, agent: ConnectedAgent, slug: str, canary: Canary, parameter_count: int | None, model_cap: int
+    ) -> tuple[Answer, bool] | None:
+        """Run the canary on the agent and audit it: its answer and whether the audit found nothing;
+        ``None`` if it failed. The agent gets the body a consumer's request in this shape would reach
+        it as (:func:`coordinator.forward.backend_body`), output limit and all."""
+        bound = output_bound(msgspec.json.decode(canary.body, type=ChatCompletionRequest), model_cap)
         job = await self.dispatcher.assign(
-            agent, slug, canary_body(slug, PROMPTS[index]), stream=True, want_usage=False
+            agent,
+            slug,
+            backend_body(canary.body, bound),
+            stream=canary.stream,
+            want_usage=canary.want_usage,
+            budget=output_budget(bound, logprobs=False),
         )
-        payloads: list[bytes] = []
-        delivered = 0
-        usage: Usage | None = None
+        output = audit.Output()
+        whole: list[bytes] = []  # a non-stream reply, read once it is complete
+        usage = None
+        cut = False
         event = await job.next(self.first_chunk_timeout)
         while True:
             if isinstance(event, Chunk):
-                payloads.append(event.data)
-                delivered += text_deltas(event.data)
+                if not canary.stream:
+                    whole.append(event.data)
+                elif output.read(event.data) and canary.cut and output.deltas >= canary.limit:
+                    job.cancel()  # as a consumer who read enough
+                    cut = True
+                    break
             elif isinstance(event, Done):
-                payloads.extend(event.tail)
-                delivered += sum(text_deltas(chunk) for chunk in event.tail)
+                if canary.stream:
+                    for chunk in event.tail:
+                        output.read(chunk)
+                else:
+                    output.read(b"".join([*whole, *event.tail]))
                 usage = event.usage
                 break
             else:
                 job.cancel()
-                self.dispatcher.witness_failure(agent, job, event, started=bool(payloads), origin=CANARY)
-                return
-            event = await job.next(self.idle_timeout)
-        answered = time.monotonic()
-        output = audit.read_output(payloads)
+                started = bool(whole) or output.deltas > 0
+                self.dispatcher.witness_failure(agent, job, event, started=started, origin=CANARY)
+                return None
+            event = await job.next(self.idle_timeout if canary.stream else self.dispatcher.silence(stream=False))
         verdict = audit.judge(
             audit.Job(
-                stream=True,
-                delivered=delivered,
+                stream=canary.stream,
+                delivered=output.deltas if canary.stream else 0,
                 reported=usage,
                 output=output,
                 seconds=time.perf_counter() - job.assigned_at,
@@ -218,14 +230,46 @@ class Verifier:
             )
         )
         for kind, detail in verdict.findings:
-            self.book.witness(agent, kind, CANARY + detail, job.job_id)
-        trusted = agent.trust >= trust.TRUSTED
-        key = (slug, quantization, index)
-        for judged, passed, at in self.references.judge(key, agent, output.text, trusted, answered):
-            kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
-            detail = f"{CANARY}{slug} prompt {index}: answer {'matches' if passed else 'differs from'} the reference"
-            self.book.witness(judged, kind, detail, job.job_id if judged is agent else None)
-            if passed:
-                self.clawback.vouched(judged.token_id, judged.agent_id, slug, at)
-            else:
-                self.clawback.discredited(judged.token_id, slug)
+            self.book.witness(agent, kind, CANARY + detail)
+        complete = not cut and output.finish_reason == "stop"
+        return Answer(output.text, complete, canary.limit), not verdict.findings
+
+    async def _ask_upstream(self, slug: str, prompt: str, key: str) -> None:
+        """Ask the platform upstream for its reference answer to ``prompt`` (once at a time)."""
+        if (slug, key) in self._asking:
+            return
+        self._asking.add((slug, key))
+        try:
+            body = canaries.reference_body(slug, prompt, self.cap)
+            job = self.dispatcher.run_upstream(slug, body, stream=False, want_usage=False)
+            parts: list[bytes] = []
+            event = await job.next(self.first_chunk_timeout)
+            while isinstance(event, Chunk):
+                parts.append(event.data)
+                event = await job.next(self.idle_timeout)
+            if not isinstance(event, Done):
+                job.cancel()
+                log.warning("upstream reference failed", extra={"model": slug, "code": event.code})
+                return
+            output = audit.read_output([b"".join([*parts, *event.tail])])
+            if audit.bad_output(output) is not None:
+                return
+            answer = Answer(output.text, output.finish_reason == "stop", self.cap)
+            for verdict in await self.references.contribute(slug, UNLABELED, key, PLATFORM, None, answer):
+                self._settle(verdict)
+        finally:
+            self._asking.discard((slug, key))
+
+    def _settle(self, verdict: Verdict) -> None:
+        """Evidence from a verdict, and what it means for the agent's consumer jobs."""
+        agent, passed, at, slug, prompt = verdict
+        kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
+        detail = f"{CANARY}{slug}: answer {'matches' if passed else 'differs from'} the reference"
+        self.book.witness(agent, kind, detail)
+        if passed:
+            # The shipped prompts are public: a cheater can answer those alone honestly. When the
+            # operator has prompts of its own, only those vouch for jobs (and clear strikes).
+            if not self._public(slug, prompt):
+                self.clawback.vouched(agent.token_id, agent.agent_id, slug, at)
+        else:
+            self.clawback.disagreed(agent.token_id, slug, prompt)

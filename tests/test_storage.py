@@ -47,6 +47,7 @@ async def test_migrations_create_schema_and_are_idempotent(db_url: str) -> None:
             "trust_evidence",
             "status_minutes",
             "revoked_sessions",
+            "canary_references",
         } <= tables
         assert drift == []
     finally:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import json
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,12 +19,12 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from coordinator import audit, trust
+from coordinator import audit, canaries, trust
 from coordinator.audit import read_output
 from coordinator.clawback import Clawback
 from coordinator.requestlog import RequestRecord
 from coordinator.trust import Evidence, Reputation, reputation_of
-from coordinator.verify import CANARY, PROMPTS, References, canary_body
+from coordinator.verify import CANARY
 from scripts import localpool
 from shared import protocol
 from shared.protocol import Heartbeat, Hello, JobAssign, ModelOffer, Usage, Welcome
@@ -136,55 +137,6 @@ def test_output_reader_keeps_finish_reason_and_text() -> None:
 # --- verification jobs ------------------------------------------------------------------------
 
 
-class _Agent:
-    """Just enough of a connected agent for :class:`References`: its token and its provider."""
-
-    def __init__(self, token_id: int, user_id: int | None = None) -> None:
-        self.token_id = token_id
-        self.user_id = token_id if user_id is None else user_id
-
-
-def _judge(
-    refs: References,
-    token: int,
-    text: str,
-    trusted: bool,
-    provider: int | None = None,
-    prompt: int = 0,
-    label: str = "q4_k_m",
-) -> list[tuple[int, bool]]:
-    verdicts = refs.judge(("m", label, prompt), _Agent(token, provider), text, trusted, at=float(token))  # type: ignore[arg-type]
-    assert all(at == agent.token_id for agent, _, at in verdicts)  # each verdict carries its answer's time
-    return [(agent.token_id, passed) for agent, passed, _ in verdicts]
-
-
-def test_a_reference_needs_two_trusted_tokens_and_then_judges_everyone() -> None:
-    refs = References()
-    assert _judge(refs, 1, "Paris is the capital of France.", trusted=False) == []  # waits
-    assert _judge(refs, 2, "Paris is the capital of France.", trusted=False) == []  # sybils cannot agree in
-    assert _judge(refs, 3, "The capital is Lyon, a city.", trusted=False) == []
-    assert _judge(refs, 4, "Paris is the capital of France.", trusted=True) == []  # one trusted: not enough
-    verdicts = _judge(refs, 5, "Paris is the capital of France!", trusted=True)  # near-identical agrees
-    assert sorted(verdicts) == [(1, True), (2, True), (3, False), (4, True), (5, True)]
-    assert _judge(refs, 6, "Berlin.", trusted=False) == [(6, False)]
-    assert _judge(refs, 7, "Paris is the capital of France.", trusted=False) == [(7, True)]
-    # two trusted tokens of one provider are one opinion
-    assert _judge(refs, 8, "Rome.", trusted=True, provider=80, prompt=1) == []
-    assert _judge(refs, 9, "Rome.", trusted=True, provider=80, prompt=1) == []
-    assert sorted(_judge(refs, 10, "Rome.", trusted=True, prompt=1)) == [(8, True), (9, True), (10, True)]
-
-
-def test_unlabeled_agents_are_judged_against_the_reference_of_any_label() -> None:
-    refs = References()
-    assert _judge(refs, 1, "Paris.", trusted=True, label="q8_0") == []
-    assert _judge(refs, 2, "Paris.", trusted=True, label="q8_0") == [(1, True), (2, True)]
-    assert _judge(refs, 3, "Bonjour, je suis un modèle.", trusted=False, label="") == [(3, False)]
-    assert _judge(refs, 4, "Paris.", trusted=False, label="") == [(4, True)]
-    assert _judge(refs, 5, "Lyon.", trusted=False, label="q4_k_m") == []  # a label judges by its own alone
-    rng = random.Random(1)
-    assert {refs.prompt_for("m", "", 9, rng) for _ in range(40)} >= {0}  # judged prompts are offered
-
-
 def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_rest() -> None:
     clawback = Clawback(engine=None, accounting=None)  # type: ignore[arg-type]
     token = 7
@@ -212,15 +164,6 @@ def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_res
     assert (9, "m") not in clawback.unvouched
 
 
-def test_canary_prompts_favour_answers_that_can_be_judged() -> None:
-    refs = References()
-    rng = random.Random(3)
-    refs.judge(("m", "", 4), _Agent(1), "x", True, at=0.0)  # type: ignore[arg-type]
-    assert {refs.prompt_for("m", "", 2, rng) for _ in range(20)} == {4}  # token 2 can help form a reference
-    assert 4 not in {refs.prompt_for("m", "", 1, rng) for _ in range(20)}  # token 1 already answered it
-    assert canary_body("m", PROMPTS[0]).startswith(b'{"messages":[{"role":"user","content":')
-
-
 @pytest.fixture
 def verifying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     harness = Pool(tmp_path_factory.mktemp("verifying"), canary_interval_seconds="0.2")
@@ -233,17 +176,19 @@ def verifying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) -> None:
     """A websocket client in the agent's place records every job.assign it gets: one for a consumer
-    request sent as the OpenAI SDK sends it, the others verification jobs."""
+    request, the others verification jobs. Once the coordinator has seen a consumer's request, the
+    canaries copy its shape: the same bytes but for the question asked."""
     pool = verifying
     url = pool.url.replace("http://", "ws://") + "/v1/agent/connect"
     offer = ModelOffer("smollm2-135m", "local-model", 100, 200)
     hello = Hello(protocol=protocol.PROTOCOL_VERSION, agent_version="t", models=[offer], max_concurrency=8)
-    consumer = {
-        "messages": [{"role": "user", "content": "A consumer's question?"}],
+    consumer = {  # not the order an SDK uses, nor the old canaries' limit and seed
         "model": "smollm2-135m",
-        "max_tokens": 24,
-        "seed": 1,
         "stream": True,
+        "messages": [{"role": "user", "content": "A consumer's question?"}],
+        "stream_options": {"include_usage": True},
+        "max_tokens": 40,
+        "seed": 1,
         "temperature": 0,
     }
     assigned: list[JobAssign] = []
@@ -264,11 +209,15 @@ async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) ->
                     assigned.append(message)
         request.cancel()
     bodies = [msgspec.json.decode(job.request) for job in assigned]
-    consumer_jobs = [job for job, body in zip(assigned, bodies, strict=True) if body == consumer]
-    canaries = [job for job, body in zip(assigned, bodies, strict=True) if body != consumer]
-    assert len(consumer_jobs) == 1 and len(canaries) >= 3, bodies
-    mine = consumer_jobs[0]
-    for canary, body in ((job, msgspec.json.decode(job.request)) for job in canaries):
+    mine = next(job for job, body in zip(assigned, bodies, strict=True) if body == consumer)
+    after = assigned[assigned.index(mine) + 1 :]  # sent once the consumer's request was seen
+    assert len(after) >= 3, bodies
+    for canary in after:
+        body = msgspec.json.decode(canary.request)
+        question = body["messages"][0]["content"]
+        assert question != "A consumer's question?" and body["messages"][0]["role"] == "user"
+        body["messages"][0]["content"] = consumer["messages"][0]["content"]  # type: ignore[index]
+        assert json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() == mine.request
         assert canary.__struct_fields__ == mine.__struct_fields__
         assert (canary.model, canary.backend_model, canary.stream, canary.want_usage) == (
             mine.model,
@@ -278,8 +227,7 @@ async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) ->
         )
         assert re.fullmatch(r"job_[0-9a-f]{16}", canary.job_id) and re.fullmatch(r"job_[0-9a-f]{16}", mine.job_id)
         assert abs((canary.deadline - time.time()) - (mine.deadline - time.time())) < 5
-        assert list(body) == list(consumer)  # the same fields in the same order
-        assert body["messages"][0]["role"] == "user" and body["model"] == "smollm2-135m"
+    assert len({msgspec.json.decode(job.request)["messages"][0]["content"] for job in after}) >= 2  # a pool
 
 
 # --- real agents, honest and cheating ------------------------------------------------------------
@@ -299,10 +247,11 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     verification jobs every quarter second."""
     harness = Pool(
         tmp_path_factory.mktemp("trust"),
-        idle_timeout="2",
+        idle_timeout="10",  # a stall cheat never resumes; honest llama.cpp on 2 busy cores pauses for seconds
         new_agent_concurrency="2",
         trust_threshold="40",
         canary_interval_seconds="0.25",
+        directory_reload_seconds="1",  # vouching reaches the coordinator within a second
     )
     harness.start()
     try:
@@ -409,8 +358,9 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
     forced = _served_by(pool, _standing(pool, keys["wrong-model"])["connected"][0]["agentId"], 2)
     assert all(cost > 0 for _, cost in forced), forced
     honest = {}
-    for name in ("honest-a", "honest-b"):
+    for name in ("honest-a", "honest-b"):  # providers the operator vouches for: their answers are references
         token, honest[name] = _provider(pool, name)
+        localpool.admin(pool.env, "vouch", "--email", f"{name}@providers.example")
         pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
     for name, (options, _) in CHEATS.items():
         token, keys[name] = _provider(pool, name)
@@ -441,19 +391,23 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
     print("\ncheater: (jobs, consumer jobs) until below the threshold:", table)
     print("consumer requests each cheater finished, in all:", served_by)
 
-    for name, key in honest.items():
+    for name, key in honest.items():  # vouched: their canary answers are references, nothing counts against them
         standing = _standing(pool, key)
-        assert standing["routable"] is True and standing["trustScore"] > 50, (name, standing)
+        assert standing["routable"] is True and standing["trustScore"] >= 50, (name, standing)
         assert {item["kind"] for item in standing["evidence"]} <= {trust.COMPLETED, trust.CANARY_PASSED}, standing
     # the audit catches its cheats within the 2 jobs a new agent runs at once (and one for slack);
-    # the wrong model, at its first canary once honest agents of two providers are trusted (in this
+    # the wrong model, at its first canary judged against a vouched provider's reference (in this
     # pool, with a canary every quarter second, within a few rounds)
     assert all(table[name][0] <= 3 for name in CHEATS), table
     assert table["wrong-model"][0] <= 30, table
 
     # once caught, cheaters get no more consumer traffic
-    late = asyncio.run(_round(pool))
-    assert {name_of.get(str(agent)) for agent, _ in late} <= {"honest-a", "honest-b"}, late
+    late: list[tuple[str | None, float]] = []
+    for _ in range(10):  # some may find no free slot on a busy machine
+        late += asyncio.run(_round(pool))
+        if any(agent for agent, _ in late):
+            break
+    assert {name_of.get(str(agent)) for agent, _ in late if agent is not None} <= {"honest-a", "honest-b"}, late
     # consumers paid for honest work and the inflater's tokens as counted; not for garbage, stalls or
     # impossible speed, and the wrong model's jobs were refunded once its canary failed
     for agent, cost in served:
@@ -510,3 +464,220 @@ def _spent(pool: Pool) -> float:
     time.sleep(1.5)  # charges are written once a second
     credits = httpx.get(f"{pool.url}/v1/credits", headers={"authorization": f"Bearer {pool.key}"}, timeout=10).json()
     return float(1000 - credits["balanceUsd"])
+
+
+# --- a model swapper that looks for canaries, and colluding accounts --------------------------------
+
+OPERATOR_PROMPTS = (  # the operator's own canaries: in no public list
+    "What is the capital city of Mongolia?",
+    "Which planet is known as the red planet?",
+    "What is the largest mammal in the world?",
+    "Which is heavier, a kilogram of feathers or a kilogram of iron?",
+    "What do caterpillars turn into?",
+    "Name the longest river in Africa.",
+    "What instrument has black and white keys?",
+    "How many strings does a standard guitar have?",
+    "What is the main ingredient of guacamole?",
+    "Which season comes after autumn?",
+    "What is frozen water called?",
+    "Who painted the Mona Lisa?",
+    "What is the hardest natural substance?",
+    "How many players are on a football team?",
+    "Which bird is a symbol of peace?",
+    "What is the main language of Brazil?",
+    "What shape has three sides?",
+    "What do you call a baby cat?",
+    "Which organ pumps blood through the body?",
+    "What is the closest star to Earth?",
+)
+CONSUMER_PROMPTS = (
+    "Summarise the plot of Hamlet in two sentences.",
+    "Suggest a name for a small bakery.",
+    "Write a polite reply declining a meeting invitation.",
+    "What are good habits for learning a language?",
+    "Give me a short motivational quote.",
+    "Explain what a database index is.",
+    "Write a tweet announcing a product launch.",
+    "How should I store fresh basil?",
+)
+CONSUMER_SHAPES: tuple[dict[str, Any], ...] = (  # the traffic canaries come to look like; all deterministic
+    {"max_tokens": 32, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0},
+    {"max_tokens": 48, "seed": 3, "temperature": 0.0},
+    {"stream": True, "max_tokens": 100, "temperature": 0},
+)
+
+
+def _detector(pool: Pool, canary: str, other: str) -> str:
+    """Start the cheating backend (tests/detector.py); returns its base URL."""
+    port = localpool.free_port()
+    argv = [sys.executable, "-m", "tests.detector", "--port", str(port), "--canary", canary, "--other", other]
+    proc = localpool.spawn("detector", argv, pool.dir)
+    pool.backends.append(proc)
+    localpool.wait_http(f"http://127.0.0.1:{port}/_log", proc)
+    return f"http://127.0.0.1:{port}"
+
+
+async def _consumer(client: httpx.AsyncClient, pool: Pool, agent: str, n: int) -> tuple[bool, float]:
+    """One consumer request in one of the traffic's shapes, served only by ``agent``: (served, cost)."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": CONSUMER_PROMPTS[n % len(CONSUMER_PROMPTS)]}]}
+    body["model"] = "smollm2-135m"
+    body.update(CONSUMER_SHAPES[n % len(CONSUMER_SHAPES)])
+    body["provider"] = {"only": [agent]}
+    response = await client.post(f"{pool.url}/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        return False, 0.0
+    if not body.get("stream"):
+        return True, float(response.json()["x_pool"]["cost_usd"])
+    lines = [line for line in response.text.splitlines() if '"x_pool"' in line]
+    return bool(lines), float(msgspec.json.decode(lines[-1][6:])["x_pool"]["cost_usd"]) if lines else 0.0
+
+
+def _token_evidence(pool: Pool, token_id: int) -> list[tuple[str, str]]:
+    with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
+        rows = db.execute("SELECT kind, detail FROM trust_evidence WHERE agent_token_id = ?", (token_id,)).fetchall()
+    return [(kind, detail) for kind, detail in rows]
+
+
+@pytest.mark.slow
+def test_a_model_swapper_that_detects_canaries_is_caught(
+    tmp_path_factory: pytest.TempPathFactory, llama: str, gemma: str
+) -> None:
+    """An agent behind tests/detector.py: SmolLM2 for what it takes for a canary, Gemma for the rest.
+    The platform upstream (SmolLM2 too) gives the references; the operator has prompts of its own."""
+    workdir = tmp_path_factory.mktemp("detector")
+    prompts = workdir / "canary-prompts.txt"
+    prompts.write_text("\n".join(OPERATOR_PROMPTS) + "\n")
+    assert not set(OPERATOR_PROMPTS + CONSUMER_PROMPTS) & set(canaries.shipped())
+    pool = Pool(
+        workdir,
+        trust_threshold="40",
+        new_agent_concurrency="2",
+        canary_interval_seconds="0.5",
+        canary_prompts_file=str(prompts),
+        upstream_base_url=f"{llama}/v1",
+        upstream_models="smollm2-135m=local-model",
+    )
+    pool.start()
+    try:
+        token, key = _provider(pool, "swapper")
+        detector = _detector(pool, canary=llama, other=gemma)
+        pool.agent(detector, ["smollm2-135m=local-model"], token=token, max_concurrency=4)
+        standing = _standing(pool, key)
+        agent, token_id = standing["connected"][0]["agentId"], standing["tokenId"]
+
+        async def traffic() -> list[tuple[bool, float]]:
+            """Consumer requests, two at a time, until the swapper is out (retried while canaries
+            hold its slots)."""
+            served: list[tuple[bool, float]] = []
+            n, deadline = 0, time.monotonic() + 180
+            async with httpx.AsyncClient(timeout=120, headers={"authorization": f"Bearer {pool.key}"}) as client:
+                while _standing(pool, key)["routable"] and time.monotonic() < deadline:
+                    results = await asyncio.gather(*(_consumer(client, pool, agent, n + i) for i in range(2)))
+                    served += [result for result in results if result[0]]
+                    n += sum(ok for ok, _ in results)
+                    if not any(ok for ok, _ in results):
+                        await asyncio.sleep(0.2)
+            return served
+
+        served = asyncio.run(traffic())
+        assert not _standing(pool, key)["routable"]
+        kinds = [kind for kind, _ in _token_evidence(pool, token_id)]
+        assert trust.CANARY_FAILED in kinds, kinds
+        jobs, consumer_jobs = _jobs_until_caught(pool, token_id)
+        paid = sum(cost for ok, cost in served if ok)
+        assert paid > 0
+        earnings = f"{pool.url}/v1/provider/earnings"
+        deadline = time.monotonic() + 60  # two failures on the operator's prompts confirm it; then refunds
+        while time.monotonic() < deadline:
+            balance = httpx.get(earnings, headers={"authorization": f"Bearer {key}"}, timeout=10).json()["balanceUsd"]
+            if balance == 0:
+                break
+            time.sleep(0.5)
+        assert balance == 0, "the swapper kept its earnings"
+        with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
+            refunded, charged = db.execute(
+                "SELECT sum(refunded), count(*) FROM request_log WHERE agent_id = ? AND cost > 0", (agent,)
+            ).fetchone()
+        assert refunded == charged > 0
+
+        deadline = time.monotonic() + 60  # canaries go on: a sample large enough to count what it flags
+        while len(log := httpx.get(f"{detector}/_log", timeout=5).json()) < 30 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        consumer = [entry for entry in log if entry["prompt"] in CONSUMER_PROMPTS]
+        canary = [entry for entry in log if entry["prompt"] not in CONSUMER_PROMPTS]
+        secret = [entry for entry in canary if entry["prompt"] in OPERATOR_PROMPTS]
+        reasons: dict[str, int] = {}
+        for entry in log:
+            for reason in entry["reasons"]:
+                reasons[reason] = reasons.get(reason, 0) + 1
+        flagged = sum(1 for entry in canary if entry["reasons"])
+        print(
+            f"\ndetector flagged {flagged}/{len(canary)} canaries ({sum(1 for e in secret if e['reasons'])}"
+            f"/{len(secret)} of the operator's) and {sum(1 for e in consumer if e['reasons'])}/{len(consumer)} "
+            f"consumer jobs; by fingerprint {reasons}; caught after {jobs} jobs ({consumer_jobs} consumer); "
+            f"{refunded}/{charged} paid consumer jobs refunded"
+        )
+        assert "old" not in reasons and "old_order" not in reasons  # the old fingerprint finds nothing
+        assert not any(entry["reasons"] for entry in consumer)  # so it cheated every consumer...
+        assert any(not entry["reasons"] for entry in secret)  # ...and missed the operator's canaries
+    finally:
+        pool.stop()
+
+
+@pytest.mark.slow
+def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
+    tmp_path_factory: pytest.TempPathFactory, llama: str, gemma: str
+) -> None:
+    """Two ordinary accounts run the same wrong model and buy their agents into "trusted" with
+    provider.only jobs; their canary answers agree, and stay unjudged answers: only the vouched
+    provider's make a reference, which then catches them."""
+    pool = Pool(
+        tmp_path_factory.mktemp("collusion"),
+        trust_threshold="40",
+        new_agent_concurrency="2",
+        canary_interval_seconds="1",
+        directory_reload_seconds="1",
+    )
+    pool.start()
+    try:
+        keys = {}
+        for name in ("sybil-a", "sybil-b"):
+            token, keys[name] = _provider(pool, name)
+            pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2)
+            _served_by(pool, _standing(pool, keys[name])["connected"][0]["agentId"], 4)  # 7 of 10: trusted
+        for name, key in keys.items():
+            assert _standing(pool, key)["trustScore"] >= trust.TRUSTED, name  # bought their way in
+        with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
+            assert db.execute("SELECT count(*) FROM canary_references").fetchone() == (0,)
+
+        token, honest = _provider(pool, "honest")
+        localpool.admin(pool.env, "vouch", "--email", "honest@providers.example")
+        pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            standings = {name: _standing(pool, key) for name, key in keys.items()}
+            if all(not standing["routable"] for standing in standings.values()):
+                break
+            asyncio.run(_round(pool))
+            time.sleep(0.5)
+        for name, standing in standings.items():
+            assert not standing["routable"], (name, standing)
+            assert trust.CANARY_FAILED in {item["kind"] for item in standing["evidence"]}, name
+        finished: list[str] = []  # the model still answers everyone (once canaries leave the newcomer a slot)
+        while len(finished) < 3 and time.monotonic() < deadline + 60:
+            finished += [str(agent) for agent, _ in asyncio.run(_round(pool)) if agent is not None]
+            time.sleep(0.2)
+        standing = _standing(pool, honest)
+        assert len(finished) >= 3 and set(finished) == {standing["connected"][0]["agentId"]}, finished
+        assert standing["routable"] and standing["trustScore"] >= 50, standing
+        assert {item["kind"] for item in standing["evidence"]} <= {trust.COMPLETED, trust.CANARY_PASSED}, standing
+        with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
+            sources = {row[0] for row in db.execute("SELECT source FROM canary_references")}
+        assert sources == {f"user:{_user_id(pool, 'honest@providers.example')}"}
+    finally:
+        pool.stop()
+
+
+def _user_id(pool: Pool, email: str) -> int:
+    with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
+        return int(db.execute("SELECT id FROM users WHERE email = ?", (email,)).fetchone()[0])

@@ -298,6 +298,7 @@ async def create_chat_completion(request: Request[Any, Any, Any], data: ChatComp
             headers=decision.headers,
         )
     call.token_estimate = estimate
+    pool.verifier.observe(raw)  # canaries copy the shapes of admitted requests
     limits = decision.headers
     routing = Routing.of(data.provider)
     prices = pool.dispatcher.prices(models, routing)
