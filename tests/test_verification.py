@@ -260,6 +260,14 @@ class ScriptedLink:
         else:
             self.cancelled += 1
 
+    @property
+    def agent(self) -> ConnectedAgent:
+        """The agent this socket belongs to (it speaks only for its own jobs)."""
+        for agent in self.dispatcher.registry.agents():
+            if agent.link is self:
+                return agent
+        raise AssertionError("no agent on this link")
+
     async def _serve(self, job: JobAssign) -> None:
         await asyncio.sleep(0.05)
         body = msgspec.json.decode(job.request)
@@ -269,14 +277,17 @@ class ScriptedLink:
         if not job.stream:
             message = {"role": "assistant", "content": "".join(words)}
             whole = {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
-            self.dispatcher.on_done(JobDone(job_id=job.job_id, finish_reason=finish, tail=[msgspec.json.encode(whole)]))
+            done = JobDone(job_id=job.job_id, finish_reason=finish, tail=[msgspec.json.encode(whole)])
+            self.dispatcher.on_done(self.agent, done)
             return
         for seq, word in enumerate(words):
             chunk = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
-            self.dispatcher.on_chunk(JobChunk(job_id=job.job_id, seq=seq, data=msgspec.json.encode(chunk)))
+            await self.dispatcher.on_chunk(
+                self.agent, JobChunk(job_id=job.job_id, seq=seq, data=msgspec.json.encode(chunk))
+            )
             await asyncio.sleep(0.001)  # a speed the audit believes
         last = msgspec.json.encode({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-        self.dispatcher.on_done(JobDone(job_id=job.job_id, finish_reason=finish, tail=[last]))
+        self.dispatcher.on_done(self.agent, JobDone(job_id=job.job_id, finish_reason=finish, tail=[last]))
 
     async def close(self, code: int, reason: str) -> None:
         return None
