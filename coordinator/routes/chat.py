@@ -142,11 +142,14 @@ class Call:
 
     def _judge(self, job: Job, agent: ConnectedAgent, completed: bool, failure: Failure | None) -> bool:
         """Evidence about the agent from how its job ended; whether the consumer pays for it. A job
-        that went silent or produced garbage is not billed; inflated usage is billed as counted."""
+        that went silent, overran its bound or produced garbage is not billed; inflated usage is
+        billed as counted."""
         dispatcher = self.pool.dispatcher
         if failure is not None:
             started = job.first_at is not None
-            return not (dispatcher.witness_failure(agent, job, failure, started=started) and failure.code == TIMED_OUT)
+            at_fault = dispatcher.witness_failure(agent, job, failure, started=started)
+            # A stall, or output past what the request allowed, is not billed: the agent broke the job.
+            return not (at_fault and failure.code in (TIMED_OUT, errors.OUTPUT_OVERRUN))
         if not completed:
             return True  # the consumer went away: nothing to say about the agent
         info = self.pool.directory.get(job.slug)
