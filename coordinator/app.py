@@ -149,6 +149,15 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+async def _request_id_everywhere(message: Any, scope: Scope) -> None:
+    """Give a response the middleware never saw (a 404 or 405 from the router) an ``x-request-id``."""
+    if message["type"] == "http.response.start":
+        headers = message.setdefault("headers", [])
+        if not any(name.lower() == b"x-request-id" for name, _ in headers):
+            rid = logs.request_id.get() or "req_" + secrets.token_hex(8)
+            message["headers"] = [*headers, (b"x-request-id", rid.encode())]
+
+
 @get("/healthz", summary="Liveness and agent count", tags=["ops"])
 async def healthz(request: Request[Any, Any, Any]) -> dict[str, Any]:
     pool: PoolState = request.app.state.pool
@@ -305,6 +314,7 @@ def create_app(settings: Settings) -> Litestar:
         template_config=template_config(),
         lifespan=[lifespan],
         middleware=[request_id_middleware],
+        before_send=[_request_id_everywhere],
         exception_handlers={
             PoolError: _pool_error,
             ValidationException: _validation_error,

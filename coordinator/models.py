@@ -223,6 +223,8 @@ class RequestLogRow(Base):
     platform_fee: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_cost: Mapped[int] = mapped_column(BigInteger, default=0)
     refunded: Mapped[bool] = mapped_column(Boolean, default=False)  # a failed canary gave the cost back
+    backend_id: Mapped[str | None] = mapped_column(String(200))  # what the backend called the reply
+    backend_model: Mapped[str | None] = mapped_column(String(200))  # and itself; consumers see the slug
 
 
 class DirectoryModel(Base):

@@ -5,18 +5,17 @@ discredit, write and prune the status history."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from coordinator import accounts, catalog, trust
-from coordinator.routes.agent_ws import CLOSE_REVOKED, CLOSE_STALE
+from coordinator.presence import remove_agent
 from coordinator.state import PoolState
+from shared.protocol import CLOSE_REVOKED, CLOSE_STALE
 
 log = logging.getLogger(__name__)
-_closing: set[asyncio.Future[None]] = set()
 TRUST_INTERVAL = 2.0  # seconds between writes of trust evidence
 
 
@@ -25,14 +24,7 @@ async def drop_stale_agents(pool: PoolState) -> int:
     horizon = time.monotonic() - pool.settings.stale_after
     stale = pool.registry.stale(horizon)
     for agent in stale:
-        if pool.registry.remove(agent.agent_id) is agent:
-            log.warning("agent missed heartbeats, dropping", extra={"agent_id": agent.agent_id})
-            pool.dispatcher.witness(agent, trust.HEARTBEAT_MISSED, "missed heartbeats")
-            pool.dispatcher.agent_lost(agent, "missed heartbeats")
-            # Closing may wait for a handshake the silent agent never sends; do not hold up the sweep.
-            task = asyncio.ensure_future(agent.link.close(CLOSE_STALE, "missed heartbeats"))
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+        remove_agent(pool, agent, "missed heartbeats", CLOSE_STALE, evidence=trust.HEARTBEAT_MISSED)
     return len(stale)
 
 
@@ -43,16 +35,7 @@ async def drop_revoked_agents(pool: PoolState) -> int:
         return 0
     async with pool.sessions() as session:
         revoked = await accounts.revoked_agent_tokens(session, {a.token_id for a in agents})
-    dropped = 0
-    for agent in agents:
-        if agent.token_id in revoked and pool.registry.remove(agent.agent_id) is agent:
-            log.warning("agent token revoked, disconnecting", extra={"agent_id": agent.agent_id})
-            pool.dispatcher.agent_lost(agent, "token revoked")
-            task = asyncio.ensure_future(agent.link.close(CLOSE_REVOKED, "agent token revoked"))
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
-            dropped += 1
-    return dropped
+    return sum(remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED) for agent in agents if agent.token_id in revoked)
 
 
 async def release_orphaned_holds(pool: PoolState) -> None:

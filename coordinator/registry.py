@@ -16,6 +16,8 @@ class AgentLink(Protocol):
 
     def close(self, code: int, reason: str) -> Awaitable[None]: ...
 
+    def close_soon(self, code: int, reason: str) -> None: ...
+
 
 EMA_WEIGHT = 0.2  # weight of the newest observation in the moving averages
 
@@ -125,6 +127,15 @@ class Registry:
     def serving(self, slug: str) -> list[ConnectedAgent]:
         """Agents announcing ``slug`` (draining ones included)."""
         return [agent for agent in self._agents.values() if slug in agent.models]
+
+    def able(self, slug: str, trust_floor: float) -> list[ConnectedAgent]:
+        """Agents that can get ``slug``'s traffic: announcing it, not draining, trusted enough
+        (busy ones included: they take jobs again as theirs end)."""
+        return [
+            agent
+            for agent in self._agents.values()
+            if slug in agent.models and not agent.draining and agent.trust >= trust_floor
+        ]
 
     def slugs(self) -> set[str]:
         return {slug for agent in self._agents.values() for slug in agent.models}

@@ -56,6 +56,8 @@ class RequestRecord:
     platform_fee: int = 0
     upstream_cost: int = 0
     refunded: bool = False
+    backend_id: str | None = None  # what the backend said; the consumer saw the pool's id and slug
+    backend_model: str | None = None
 
     def values(self) -> tuple[object, ...]:
         """The row, in the order of :data:`COLUMNS`."""

@@ -11,6 +11,15 @@ import msgspec
 
 PROTOCOL_VERSION = 1
 
+# Websocket close codes the coordinator uses (4xxx: the application's, after HTTP's meanings).
+CLOSE_PROTOCOL_ERROR = 4400  # a bad frame, a second hello, a rejected hello
+CLOSE_UNAUTHORIZED = 4401  # the agent token is not valid
+CLOSE_REVOKED = 4403  # the agent token was revoked while connected
+CLOSE_STALE = 4408  # heartbeats missed
+CLOSE_RATE = 4429  # too many messages, or too many failed authentications
+CLOSE_TOO_BIG = 1009  # a frame over the limit
+CLOSE_UNSUPPORTED_DATA = 1003  # a text frame
+
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
     """Base of every websocket message."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,18 @@ class Pool:
             headers["content-type"] = "application/json"
             return httpx.post(f"{self.url}/v1/chat/completions", headers=headers, content=content, timeout=60)
         return httpx.post(f"{self.url}/v1/chat/completions", headers=headers, json=body, timeout=60)
+
+    def generation(self, generation_id: str, key: str | None = None) -> dict[str, Any] | None:
+        """``GET /v1/generation/{id}`` as the consumer (``None`` until the request is logged)."""
+        headers = {"authorization": f"Bearer {key or self.key}"}
+        response = httpx.get(f"{self.url}/v1/generation/{generation_id}", headers=headers, timeout=10)
+        return dict(response.json()) if response.status_code == 200 else None
+
+    def query(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
+        """Rows from the pool's SQLite database (read-only)."""
+        path = self.db_url.removeprefix("sqlite+aiosqlite:///")
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute(sql, args).fetchall()
 
     def status(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/v1/pool/status", timeout=5).json())

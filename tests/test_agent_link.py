@@ -150,11 +150,10 @@ def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
 
     response = asyncio.run(run())
     assert response.status_code == 200
-    assert "tok0 tok1 tok2" in "".join(
-        msgspec.json.decode(line[6:])["choices"][0]["delta"].get("content", "")
-        for line in response.text.split("\n\n")
-        if line.startswith("data: {") and msgspec.json.decode(line[6:])["choices"]
-    ).replace("  ", " ")
+    events = [msgspec.json.decode(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert "tok0 tok1 tok2" in text.replace("  ", " ")
+    assert events[-1]["x_pool"]["attempts"] == 2  # the hanging agent first, then the other one
 
 
 def test_agent_missing_heartbeats_is_dropped_and_its_job_fails_over(pool: Pool) -> None:
@@ -166,6 +165,7 @@ def test_agent_missing_heartbeats_is_dropped_and_its_job_fails_over(pool: Pool) 
         response = pool.post(BODY)
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == "tok0 tok1"
+        assert response.json()["x_pool"]["attempts"] == 2  # it failed over from the frozen agent
         assert time.monotonic() - started < 10  # 3 missed 0.5 s heartbeats, not the 30 s first-chunk timeout
         pool.wait_agent_count(1)
     finally:

@@ -181,6 +181,10 @@ def test_unknown_route_and_method_use_the_envelope(pool: Pool) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = httpx.get(f"{pool.url}/v1/chat/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()
+    # Every response carries a request id, routed or not, and only one.
+    for response in (missing, wrong, httpx.get(f"{pool.url}/healthz")):
+        assert response.headers["x-request-id"].startswith("req_")
+        assert len(response.headers.get_list("x-request-id")) == 1
 
 
 def test_models_directory_and_schema(pool: Pool, served: str) -> None:

@@ -18,6 +18,7 @@ import pytest
 from scripts import localpool
 from scripts.localpool import ROOT
 from tests.harness import Pool
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,15 @@ def test_real_model_non_stream_and_stream(pool: Pool, llama: str) -> None:
     )
     assert (reply.choices[0].message.content or "").strip()
     assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
-    assert reply.model == "local-model"  # the backend's name, not a provider's file path
+    # The consumer sees the slug it asked for and the pool's generation id, which the generation
+    # endpoint takes; llama.cpp's own fields (timings, system_fingerprint) don't reach it.
+    assert reply.model == "smollm2-135m"
+    x_pool = (reply.model_extra or {})["x_pool"]
+    assert reply.id == x_pool["request_id"]
+    assert not {"timings", "system_fingerprint"} & (reply.model_extra or {}).keys()
+    assert reply.system_fingerprint is None
+    generation = eventually(lambda: pool.generation(reply.id))
+    assert generation["model"] == "smollm2-135m" and generation["completionTokens"] == reply.usage.completion_tokens
 
     stream = client.chat.completions.create(
         model="smollm2-135m",
@@ -51,6 +60,14 @@ def test_real_model_non_stream_and_stream(pool: Pool, llama: str) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     x_pool = (chunks[-1].model_extra or {})["x_pool"]
     assert x_pool["fallback"] is False and x_pool["ttft_ms"] <= x_pool["latency_ms"]
+    assert {c.id for c in chunks} == {x_pool["request_id"]}  # one id in every chunk, as OpenRouter does
+    assert {c.model for c in chunks} == {"smollm2-135m"}
+    assert all(not {"timings", "system_fingerprint"} & (c.model_extra or {}).keys() for c in chunks)
+    # What llama.cpp called itself stays in the request log, for the audit.
+    query = "SELECT backend_model, backend_id FROM request_log WHERE id = ?"
+    rows = eventually(lambda: pool.query(query, x_pool["request_id"]))
+    assert rows and rows[0][0] and rows[0][1] and rows[0][1] != x_pool["request_id"]
+
 
 
 def test_tools_and_response_format_reach_the_backend(pool: Pool, llama: str) -> None:

@@ -405,6 +405,13 @@ def test_account_api_after_one_request(pool: Pool) -> None:
     assert money, f"not settled: {consumer.credits()}"
     assert money["balanceNano"] == 1_000_000_000 - 87 and money["availableNano"] == money["balanceNano"]
 
+    # A body refused before its model was read is the consumer's request, at no cost, under no model:
+    # in the generation endpoint, not a row of the per-model usage.
+    refused = pool.post(content=b'{"model": ', key=key)
+    assert error_of(refused, 400, "invalid_request")
+    logged = consumer.get(f"/v1/generation/{refused.headers['x-request-id']}").json()
+    assert (logged["status"], logged["costNano"]) == (400, 0)
+
     usage = consumer.get("/v1/usage", params={"from": today(), "to": today()})
     assert usage.status_code == 200
     body = usage.json()

@@ -11,6 +11,7 @@ import pytest
 
 from scripts import localpool
 from tests.harness import Pool, with_upstream
+from tests.waiting import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -75,6 +76,11 @@ def test_upstream_failure_is_502(upstream_pool: Pool) -> None:
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "provider_error"
         assert "stand-in failure" in response.json()["error"]["message"]
+        # The failed request is logged as the fallback's, by the platform, under the model asked for.
+        generation = eventually(lambda rid=response.headers["x-request-id"]: pool.generation(rid))
+        assert generation["fallback"] is True and generation["provider"] == "platform"
+        assert generation["model"] == "gemma-3-270m" and generation["status"] == 502
+
 
 
 def test_coordinator_on_postgresql_serves_end_to_end(pg_url: str, tmp_path: Path) -> None:

@@ -154,7 +154,9 @@ def _unless_refunded(amount: Any) -> Any:
 
 
 async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) -> list[tuple[Any, ...]]:
-    """Per day and model, for the rows ``who`` selects: requests, failures, tokens in/out, ``amount``."""
+    """Per day and model, for the rows ``who`` selects: requests, failures, tokens in/out, ``amount``.
+    Requests refused before a model was read (a body that isn't JSON, say) belong to no model and
+    cost nothing: they are in ``/v1/generation/{id}``, not here."""
     await pool.requests.flush()
     query = (
         select(
@@ -166,7 +168,7 @@ async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) 
             func.sum(_log.c.completion_tokens),
             func.sum(amount),
         )
-        .where(who, _log.c.day >= first, _log.c.day <= last)
+        .where(who, _log.c.model != "", _log.c.day >= first, _log.c.day <= last)
         .group_by(_log.c.day, _log.c.model)
         .order_by(_log.c.day, _log.c.model)
     )

@@ -16,11 +16,17 @@ from coordinator.catalog import SLUG, Directory, normalize, quantization_label
 from coordinator.errors import error_body, invalid_api_key
 from coordinator.guards import client_address
 from coordinator.metering import Price
+from coordinator.presence import remove_agent
 from coordinator.registry import ConnectedAgent
 from coordinator.state import PoolState
 from shared import errors, protocol
 from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
 from shared.protocol import (
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_RATE,
+    CLOSE_TOO_BIG,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNSUPPORTED_DATA,
     Draining,
     Heartbeat,
     Hello,
@@ -39,14 +45,6 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 
-CLOSE_PROTOCOL_ERROR = 4400
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_REVOKED = 4403
-CLOSE_STALE = 4408
-CLOSE_RATE = 4429
-CLOSE_TOO_BIG = 1009
-CLOSE_UNSUPPORTED_DATA = 1003
-
 MAX_CONCURRENCY = 1024
 
 _decoder = protocol.agent_decoder()
@@ -59,11 +57,18 @@ class SocketLink:
         self._socket = socket
         self._lock = asyncio.Lock()
         self.closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     async def send(self, message: Message) -> None:
         frame = protocol.encode(message)
         async with self._lock:
             await self._socket.send({"type": "websocket.send", "bytes": frame, "text": None})
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close without waiting: a silent peer may never answer the closing handshake. The task
+        is kept here until it ends."""
+        if not self.closed and self._closing is None:
+            self._closing = asyncio.ensure_future(self.close(code, reason))
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -307,11 +312,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
         )
         reason = await _serve(pool, agent, link, socket)
     finally:
-        if pool.registry.remove(agent.agent_id) is agent:
-            pool.dispatcher.agent_lost(agent, reason)
-        if not pool.registry.of_token(agent.token_id):
-            pool.trust.forget(agent.token_id)
-        log.info("agent disconnected", extra={"agent_id": agent.agent_id, "reason": reason})
+        remove_agent(pool, agent, reason)  # a no-op if a sweep removed it first
 
 
 async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socket: WebSocket[Any, Any, Any]) -> str:
@@ -320,6 +321,7 @@ async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socke
     limit = _RateLimit(pool.settings.max_messages_per_second)
     lines = LogBudget()
     max_frame = pool.settings.max_frame_bytes
+    disagreed = 0  # heartbeats in a row whose in_flight was not the coordinator's count
     while True:
         frame = await _receive_frame(socket)
         if frame is None:
@@ -350,8 +352,15 @@ async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socke
                 known = dispatcher.on_failed(agent, message)
             case JobProgress():
                 known = dispatcher.on_progress(agent, message.job_id)
-            case Heartbeat():
-                pass
+            case Heartbeat(in_flight=reported):
+                # The coordinator's count places jobs (an agent's word can't buy it more); a count
+                # that disagrees twice running (one heartbeat may cross a job's end) is logged.
+                disagreed = disagreed + 1 if reported != agent.in_flight else 0
+                if disagreed == 2 and lines.allow():
+                    log.warning(
+                        "agent's in_flight disagrees with the coordinator's",
+                        extra={"agent_id": agent.agent_id, "reported": reported, "counted": agent.in_flight},
+                    )
             case Draining():
                 agent.draining = True
                 log.info("agent draining", extra={"agent_id": agent.agent_id})

@@ -26,6 +26,7 @@ from coordinator.errors import error_body, error_response
 from coordinator.forward import backend_body, content_problem
 from coordinator.guards import require_consumer_key
 from coordinator.metering import Meter, Price, output_bound, prompt_bound, prompt_estimate
+from coordinator.present import present
 from coordinator.placement import DEFAULT_ROUTING, Routing, offer_price
 from coordinator.registry import ConnectedAgent
 from coordinator.requestlog import RequestRecord
@@ -63,16 +64,6 @@ class XPool(msgspec.Struct, omit_defaults=True):
 OVERRUN_SLACK = 4
 
 
-def stamp(payload: bytes, x_pool: XPool) -> bytes:
-    """Add ``"x_pool": {…}`` to a JSON object without re-parsing it."""
-    body = payload.rstrip()
-    if not body.endswith(b"}"):
-        return payload
-    inner = body[:-1].rstrip()
-    separator = b"" if inner.endswith(b"{") else b","
-    return inner + separator + b'"x_pool":' + _json.encode(x_pool) + b"}"
-
-
 def usd(nano: int) -> str:
     return f"${nano / NANO_PER_USD:.6f}"
 
@@ -91,6 +82,17 @@ class Call:
     output: audit.Output = field(default_factory=audit.Output)  # what was relayed, counted as it went
     reported: Usage | None = None  # the agent's usage report, when the audit overrode it
     ended: bool = False
+
+    def show(self, payload: bytes, x_pool: XPool | None = None) -> bytes:
+        """The payload as the consumer sees it (:mod:`coordinator.present`); the first thing the
+        backend said of itself goes to the request log."""
+        record = self.record
+        shown, said = present(payload, record.id, record.model, x_pool)
+        if record.backend_model is None and said.model is not None:
+            record.backend_model = said.model
+        if record.backend_id is None and said.id is not None:
+            record.backend_id = said.id
+        return shown
 
     def end(
         self,
@@ -185,11 +187,16 @@ class Call:
                 meter.usage = msgspec.structs.replace(usage, prompt_tokens=prompt, completion_tokens=completion)
         return verdict.billable
 
-    def _bill(self, job: Job, completed: bool, billable: bool, *, consumer_left: bool) -> Charge:
+    def attribute(self, job: Job) -> None:
+        """Log who served (or last tried) the request: an agent, or the upstream as the fallback."""
         record, agent = self.record, job.agent
         record.fallback = job.fallback
         record.agent_id = agent.agent_id if agent is not None else None
         record.provider_user_id = agent.user_id if agent is not None else None
+
+    def _bill(self, job: Job, completed: bool, billable: bool, *, consumer_left: bool) -> Charge:
+        record, agent = self.record, job.agent
+        self.attribute(job)
         bill = self.meter.bill(completed=completed, stream=record.stream, consumer_left=consumer_left)
         record.prompt_tokens, record.completion_tokens = bill.prompt_tokens, bill.completion_tokens
         reported = self.reported or bill.reported
@@ -363,6 +370,7 @@ async def _run(
     call.record.model = attempt.route.model
     if isinstance(attempt.first, Failure):
         attempt.job.cancel()
+        call.attribute(attempt.job)
         return call.failed(attempt.first, limits)
     if stream:
         return Stream(
@@ -389,7 +397,7 @@ async def _complete(call: Call, attempt: Attempt, limits: dict[str, str]) -> Res
             call.meter.delivered = call.output.read(body)
             x_pool = call.end(200, job=job, completed=True)
             assert x_pool is not None
-            return Response(stamp(body, x_pool), media_type="application/json", headers=limits)
+            return Response(call.show(body, x_pool), media_type="application/json", headers=limits)
         else:
             job.cancel()
             return call.failed(event, limits, job)
@@ -422,7 +430,7 @@ async def _relay(call: Call, attempt: Attempt) -> AsyncIterator[bytes]:
                         end = _overran(call, job)
                         break
                     carried += tokens
-                    out.append(b"data: " + item.data + b"\n\n")
+                    out.append(b"data: " + call.show(item.data) + b"\n\n")
                     continue
                 end = item
                 break
@@ -442,9 +450,10 @@ async def _relay(call: Call, attempt: Attempt) -> AsyncIterator[bytes]:
                 meter.usage = end.usage
                 x_pool = call.end(200, job=job, completed=True, first_at=first_at)
                 tail = list(end.tail)
-                if tail and x_pool is not None:
-                    tail[-1] = stamp(tail[-1], x_pool)
-                out.extend(b"data: " + chunk + b"\n\n" for chunk in tail)
+                out.extend(
+                    b"data: " + call.show(chunk, x_pool if i == len(tail) - 1 else None) + b"\n\n"
+                    for i, chunk in enumerate(tail)
+                )
                 out.append(b"data: [DONE]\n\n")
             else:
                 log.warning("stream failed after first chunk", extra={"job_id": job.job_id, "code": end.code})

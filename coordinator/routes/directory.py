@@ -112,7 +112,7 @@ def model_list(pool: PoolState) -> ModelList:
     """Every model the pool serves now, with its directory facts, providers, prices and trust."""
     entries = []
     for slug in _available(pool):
-        agents = pool.registry.serving(slug)
+        agents = pool.registry.able(slug, pool.settings.trust_threshold)  # who can serve: what consumers get
         info = pool.directory.get(slug)
         prices = [a.models[slug].price_in + a.models[slug].price_out for a in agents]
         windows = [w for a in agents if (w := a.models[slug].context_window) is not None]
@@ -154,7 +154,7 @@ async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
         by_model.append(
             ModelStatus(
                 modelSlug=slug,
-                providerCount=len({a.user_id for a in pool.registry.serving(slug)}),
+                providerCount=len({a.user_id for a in pool.registry.able(slug, pool.settings.trust_threshold)}),
                 avgLatencyP95Ms=model.p95() if model is not None else None,
             )
         )
