@@ -19,7 +19,7 @@ from coordinator import placement, trust
 from coordinator.metering import Price
 from coordinator.placement import Routing
 from coordinator.registry import ConnectedAgent, Performance, Registry
-from coordinator.trust import TrustBook
+from coordinator.trust import TrustBook, is_rejection
 from coordinator.upstream import Upstream
 from shared import errors
 from shared.backend import Chunk, Done, Event, Failure
@@ -27,8 +27,8 @@ from shared.protocol import JobAssign, JobCancel, JobChunk, JobDone, JobFailed
 
 log = logging.getLogger(__name__)
 
-AGENT_LOST = "agent_lost"
-TIMED_OUT = "timed_out"
+AGENT_LOST = errors.AGENT_LOST
+TIMED_OUT = errors.TIMED_OUT
 
 # Output bytes a job may send when the request sets no budget (verification jobs), and the backlog
 # waiting for a consumer at which the agent's socket stops being read until it falls to QUEUE_LOW.
@@ -49,12 +49,6 @@ BUDGET_BASE = 64 * 1024
 def output_budget(completion_bound: int, logprobs: bool) -> int:
     """The most output bytes a job may send for a request with this completion bound."""
     return BUDGET_BASE + completion_bound * (BYTES_PER_TOKEN_WITH_LOGPROBS if logprobs else BYTES_PER_TOKEN)
-
-
-def is_rejection(failure: Failure) -> bool:
-    """A backend refusing the request itself (400/413/422): the consumer's doing, unless another
-    provider serves the same request."""
-    return failure.code == errors.BACKEND_REJECTED and failure.status in (400, 413, 422)
 
 
 class Job:
@@ -322,15 +316,9 @@ class Dispatcher:
         the request (judged by :meth:`start` against a second opinion) says nothing against it;
         output beyond the request's bound is an overrun; a silence after output began is a stall,
         any other failure then an abort."""
-        if failure.code in (errors.AGENT_BUSY, errors.AGENT_DRAINING, errors.CONSUMER_TOO_SLOW) or is_rejection(
-            failure
-        ):
+        kind = trust.failure_evidence(failure, started=started)
+        if kind is None:
             return False
-        kind = trust.FAILED
-        if failure.code == errors.OUTPUT_OVERRUN:
-            kind = trust.OVERRAN
-        elif started:
-            kind = trust.STALLED if failure.code == TIMED_OUT else trust.ABORTED
         self.witness(agent, kind, f"{origin}{failure.code}: {failure.message}", job.job_id)
         return True
 

@@ -92,11 +92,12 @@ class Meter:
     def hold_amount(self, price: Price) -> int:
         return price.cost(self.prompt_bound, self.completion_bound)
 
-    def bill(self, *, completed: bool, stream: bool, consumer_left: bool = False) -> Bill:
-        """Billable tokens. A completed request bills its reported usage, capped at the bounds (a
-        stream without usage bills the text deltas counted); a cut stream bills the delivered deltas
-        only, plus the prompt's estimate when the consumer cut it (the provider did that work); a
-        non-stream request that did not complete delivered nothing."""
+    def bill(self, *, completed: bool, stream: bool, consumer_left: bool = False, counted: Usage | None = None) -> Bill:
+        """Billable tokens. A completed request bills its reported usage (or ``counted``, what the
+        audit counted when the report can't be believed), capped at the bounds (a stream without
+        usage bills the text deltas counted); a cut stream bills the delivered deltas only, plus
+        the prompt's estimate when the consumer cut it (the provider did that work); a non-stream
+        request that did not complete delivered nothing. ``Bill.reported`` is the agent's report."""
         usage = self.usage
         if not completed:
             delivered = min(self.delivered, self.completion_bound) if stream else 0
@@ -104,7 +105,8 @@ class Meter:
             return Bill(prompt, delivered, usage, capped=False, cut=True)
         if usage is None:
             return Bill(0, min(self.delivered, self.completion_bound), None, capped=False, cut=False)
-        prompt = min(max(0, usage.prompt_tokens), self.prompt_bound)
-        completion = min(max(0, usage.completion_tokens), self.completion_bound)
-        capped = prompt != usage.prompt_tokens or completion != usage.completion_tokens
+        billed = counted or usage
+        prompt = min(max(0, billed.prompt_tokens), self.prompt_bound)
+        completion = min(max(0, billed.completion_tokens), self.completion_bound)
+        capped = prompt != billed.prompt_tokens or completion != billed.completion_tokens
         return Bill(prompt, completion, usage, capped=capped, cut=False)

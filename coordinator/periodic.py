@@ -35,7 +35,9 @@ async def drop_revoked_agents(pool: PoolState) -> int:
         return 0
     async with pool.sessions() as session:
         revoked = await accounts.revoked_agent_tokens(session, {a.token_id for a in agents})
-    return sum(remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED) for agent in agents if agent.token_id in revoked)
+    return sum(
+        remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED) for agent in agents if agent.token_id in revoked
+    )
 
 
 async def release_orphaned_holds(pool: PoolState) -> None:

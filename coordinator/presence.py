@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from coordinator.state import PoolState
 from coordinator.registry import ConnectedAgent
+from coordinator.state import PoolState
 
 log = logging.getLogger(__name__)
 

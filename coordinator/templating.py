@@ -9,7 +9,7 @@ from pathlib import Path
 from litestar.contrib.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
-from shared.money import NANO_PER_USD
+from shared.money import format_usd
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
@@ -33,14 +33,7 @@ def score(value: float | None) -> str:
 
 
 def usd(nano: int | None) -> str:
-    """Nano-USD as dollars: cents for large sums, more places for small ones, so that a request's
-    cost of a fraction of a cent shows (and a balance moves when one is charged)."""
-    if nano is None:
-        return DASH
-    value = nano / NANO_PER_USD
-    if abs(value) >= 100 or value == 0:
-        return f"${value:,.2f}"
-    return f"${value:,.4f}" if abs(value) >= 0.01 else f"${value:.6f}"
+    return DASH if nano is None else format_usd(nano)
 
 
 def when(value: datetime | None) -> str:

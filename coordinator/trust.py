@@ -26,6 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator.models import TrustEvidenceRow
 from coordinator.registry import ConnectedAgent
+from shared import errors
+from shared.backend import Failure
 
 log = logging.getLogger(__name__)
 _table = cast(Table, TrustEvidenceRow.__table__)
@@ -42,6 +44,30 @@ IMPLAUSIBLE_SPEED = "implausible_speed"  # faster than the model can run
 BAD_OUTPUT = "bad_output"  # empty output marked stop, one token repeated, invalid UTF-8
 CANARY_FAILED = "canary_failed"  # answered a reference prompt unlike the model it claims
 OVERRAN = "output_overrun"  # sent more output than the request allowed
+# Failures that break a job the consumer then does not pay for.
+UNPAID_FAILURES = frozenset({errors.TIMED_OUT, errors.OUTPUT_OVERRUN})
+
+
+def is_rejection(failure: Failure) -> bool:
+    """A backend refusing the request itself (400/413/422): the consumer's doing, unless another
+    provider serves the same request."""
+    return failure.code == errors.BACKEND_REJECTED and failure.status in (400, 413, 422)
+
+
+def failure_evidence(failure: Failure, *, started: bool) -> str | None:
+    """The evidence kind a failed job is against its agent (``started``: after output began), or
+    ``None`` when the agent was not at fault: a full or draining agent, a consumer too slow to
+    read, or a backend refusing the request (judged against a second opinion by the dispatcher).
+    Output beyond the request's bound is an overrun; a silence after output began is a stall, any
+    other failure then an abort."""
+    if failure.code in (errors.AGENT_BUSY, errors.AGENT_DRAINING, errors.CONSUMER_TOO_SLOW) or is_rejection(failure):
+        return None
+    if failure.code == errors.OUTPUT_OVERRUN:
+        return OVERRAN
+    if started:
+        return STALLED if failure.code == errors.TIMED_OUT else ABORTED
+    return FAILED
+
 
 WEIGHTS = {
     COMPLETED: 1.0,

@@ -19,6 +19,7 @@ its jobs were canaries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -32,10 +33,11 @@ from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher, output_budget
 from coordinator.forward import backend_body
+from coordinator.jobreader import JobReader
 from coordinator.metering import output_bound
 from coordinator.references import PLATFORM, UNLABELED, Answer, ReferenceBook, Verdict, agrees
 from coordinator.registry import ConnectedAgent, Registry
-from shared.backend import Chunk, Done
+from shared.backend import Chunk, Done, Failure
 from shared.openai import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -192,46 +194,24 @@ class Verifier:
             want_usage=canary.want_usage,
             budget=output_budget(bound, logprobs=False),
         )
-        output = audit.Output()
-        whole: list[bytes] = []  # a non-stream reply, read once it is complete
-        usage = None
-        cut = False
-        event = await job.next(self.first_chunk_timeout)
-        while True:
-            if isinstance(event, Chunk):
-                if not canary.stream:
-                    whole.append(event.data)
-                elif output.read(event.data) and canary.cut and output.deltas >= canary.limit:
-                    job.cancel()  # as a consumer who read enough
-                    cut = True
-                    break
-            elif isinstance(event, Done):
-                if canary.stream:
-                    for chunk in event.tail:
-                        output.read(chunk)
-                else:
-                    output.read(b"".join([*whole, *event.tail]))
-                usage = event.usage
-                break
-            else:
-                job.cancel()
-                started = bool(whole) or output.deltas > 0
-                self.dispatcher.witness_failure(agent, job, event, started=started, origin=CANARY)
-                return None
-            event = await job.next(self.idle_timeout if canary.stream else self.dispatcher.silence(stream=False))
-        verdict = audit.judge(
-            audit.Job(
-                stream=canary.stream,
-                delivered=output.deltas if canary.stream else 0,
-                reported=usage,
-                output=output,
-                seconds=time.perf_counter() - job.assigned_at,
-                parameter_count=parameter_count,
-            )
-        )
+        first = await job.next(self.first_chunk_timeout)
+        reader = JobReader(job, first, bound=bound, stop_after=canary.limit if canary.cut else None)
+        if canary.stream:
+            async with contextlib.aclosing(reader.batches(self.idle_timeout)) as batches:
+                async for _ in batches:
+                    pass
+        else:
+            await reader.whole(self.dispatcher.silence(stream=False))
+        if isinstance(reader.end, Failure):
+            job.cancel()
+            started = job.first_at is not None
+            self.dispatcher.witness_failure(agent, job, reader.end, started=started, origin=CANARY)
+            return None
+        verdict = audit.judge(reader.audited(canary.stream, parameter_count))
         for kind, detail in verdict.findings:
             self.book.witness(agent, kind, CANARY + detail)
-        complete = not cut and output.finish_reason == "stop"
+        output = reader.output
+        complete = not reader.cut and output.finish_reason == "stop"
         return Answer(output.text, complete, canary.limit), not verdict.findings
 
     async def _ask_upstream(self, slug: str, prompt: str, key: str) -> None:

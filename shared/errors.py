@@ -31,6 +31,8 @@ AGENT_DRAINING = "agent_draining"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 OUTPUT_OVERRUN = "output_overrun"  # the coordinator cut a job that sent more than the request allows
 CONSUMER_TOO_SLOW = "consumer_too_slow"  # the coordinator cut a job whose consumer stopped reading
+TIMED_OUT = "timed_out"  # the coordinator waited for a job's next output in vain
+AGENT_LOST = "agent_lost"  # the agent running the job went away
 
 _TYPES = {
     400: "invalid_request_error",

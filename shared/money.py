@@ -31,6 +31,20 @@ def nano_per_token_to_usd_per_million(nano: int) -> float:
     return float(Decimal(nano) * TOKENS_PER_PRICE_UNIT / NANO_PER_USD)
 
 
+def nano_to_usd(nano: int) -> float:
+    """Nano-USD as dollars, for the API's ``…Usd`` fields (exact sums are in the ``…Nano`` fields)."""
+    return nano / NANO_PER_USD
+
+
+def format_usd(nano: int) -> str:
+    """Nano-USD as text: cents for large sums, more places for small ones, so that a request's cost
+    of a fraction of a cent shows (and a balance moves when one is charged)."""
+    value = nano / NANO_PER_USD
+    if abs(value) >= 100 or value == 0:
+        return f"${value:,.2f}"
+    return f"${value:,.4f}" if abs(value) >= 0.01 else f"${value:.6f}"
+
+
 def usd_to_nano(value: str | float | int, maximum: int) -> int:
     """Exact nano-USD for a positive amount of at most 9 decimals and at most ``maximum`` USD."""
     if isinstance(value, bool):

@@ -181,7 +181,8 @@ async def test_a_tiny_context_window_caps_only_its_own_jobs(arena: Pool) -> None
         assert cost == usage["prompt_tokens"] * 100 + usage["completion_tokens"] * 200
         assert share == cost * 9 // 10  # less the 10 % platform fee
         # The directory counts who can serve: not the draining agent that still announces the model.
-        listing = httpx.get(f"{arena.url}/v1/models", timeout=5).json()["data"]
+        async with httpx.AsyncClient(timeout=5) as client:
+            listing = (await client.get(f"{arena.url}/v1/models")).json()["data"]
         entry = next(m for m in listing if m["id"] == SLUG)
         assert entry["providerCount"] == 1 and entry["minPricePer1mTokensUsd"] == pytest.approx(0.3)
     await books_balance(arena)

@@ -21,15 +21,11 @@ from coordinator.models import RequestLogRow
 from coordinator.requestlog import RequestRecord
 from coordinator.state import PoolState
 from shared import errors
-from shared.money import NANO_PER_USD
+from shared.money import nano_to_usd
 
 MAX_DAYS = 366
 log = logging.getLogger(__name__)
 _log = cast(Table, RequestLogRow.__table__)
-
-
-def usd(nano: int) -> float:
-    return nano / NANO_PER_USD
 
 
 class Credits(msgspec.Struct):
@@ -141,7 +137,7 @@ async def credit_figures(pool: PoolState, user_id: int) -> Credits:
     unspent = pool.accounting.unspent(user_id)
     held, available = money.held - unspent, money.available + unspent
     total = available + held
-    return Credits(usd(total), usd(held), usd(available), total, held, available)
+    return Credits(nano_to_usd(total), nano_to_usd(held), nano_to_usd(available), total, held, available)
 
 
 FROM = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)")
@@ -184,7 +180,9 @@ async def usage(request: Request[Any, Any, Any], from_date: str | None = FROM, t
 
 async def usage_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Usage:
     rows = await _daily(pool, _log.c.user_id == user_id, _unless_refunded(_log.c.cost), first, last)
-    data = [UsageRow(day, model, n, failed, p, c, usd(cost), cost) for day, model, n, failed, p, c, cost in rows]
+    data = [
+        UsageRow(day, model, n, failed, p, c, nano_to_usd(cost), cost) for day, model, n, failed, p, c, cost in rows
+    ]
     return Usage(first, last, data)
 
 
@@ -216,7 +214,7 @@ def _generation(r: Any) -> Generation:
         reportedPromptTokens=r.reported_prompt_tokens,
         reportedCompletionTokens=r.reported_completion_tokens,
         usageCapped=r.usage_capped,
-        costUsd=usd(r.cost),
+        costUsd=nano_to_usd(r.cost),
         costNano=r.cost,
         refunded=r.refunded,
     )
@@ -248,8 +246,8 @@ async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) 
     await pool.accounting.flush()  # earnings booked in this process but not yet written
     async with pool.engine.connect() as conn:
         money = await billing.balances(conn, user_id)
-    data = [EarningsRow(day, model, n, p, c, usd(e), e) for day, model, n, _, p, c, e in rows]
-    return Earnings(usd(money.earnings), money.earnings, first, last, data)
+    data = [EarningsRow(day, model, n, p, c, nano_to_usd(e), e) for day, model, n, _, p, c, e in rows]
+    return Earnings(nano_to_usd(money.earnings), money.earnings, first, last, data)
 
 
 account_router = Router(
