@@ -17,6 +17,9 @@ from scripts import localpool
 
 STATE = localpool.ROOT / ".pool" / "demo"
 SLUG = "smollm2-135m"
+# The demo's model is SmolLM2-135M-Instruct: small enough for any CPU, too small for facts (asked for
+# France's capital it rambles in French). This question it answers right, at temperature 0.
+FIRST_QUESTION = "Name three colors."
 
 
 def _port(preferred: int) -> int:
@@ -61,8 +64,9 @@ def main() -> int:
             headers={"authorization": f"Bearer {key}"},
             json={
                 "model": SLUG,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "messages": [{"role": "user", "content": FIRST_QUESTION}],
                 "max_tokens": 30,
+                "temperature": 0,  # the answer a 135M model gets right, every time
             },
             timeout=60,
         ).json()
@@ -92,13 +96,13 @@ Ready. Logs in {STATE}. Press Ctrl-C to stop everything.
 curl:
   curl -s {base}/v1/chat/completions \\
     -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
-    -d '{{"model": "{SLUG}", "messages": [{{"role": "user", "content": "Say hello"}}]}}'
+    -d '{{"model": "{SLUG}", "messages": [{{"role": "user", "content": "{FIRST_QUESTION}"}}], "temperature": 0}}'
 
 OpenAI SDK (pip install openai):
   from openai import OpenAI
   client = OpenAI(base_url="{base}/v1", api_key="{key}")
   stream = client.chat.completions.create(
-      model="{SLUG}", messages=[{{"role": "user", "content": "Say hello"}}], stream=True)
+      model="{SLUG}", messages=[{{"role": "user", "content": "What is 2 + 2?"}}], stream=True)
   for chunk in stream:
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
