@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
+from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
@@ -41,7 +42,7 @@ from coordinator.routes.portal_pages import portal_pages
 from coordinator.routes.provider import provider_agents
 from coordinator.sessions import Passwords, SessionTokens
 from coordinator.settings import Settings
-from coordinator.state import PoolState
+from coordinator.state import PoolState, pool_of, provide_pool
 from coordinator.stats import RequestStats
 from coordinator.templating import STATIC, template_config
 from coordinator.trust import TrustBook
@@ -67,7 +68,7 @@ def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> Non
     record: RequestRecord | None = getattr(request.state, "record", None)
     if record is not None and record.status == 0:
         record.status, record.error_code = status, code
-        pool: PoolState = request.app.state.pool
+        pool = pool_of(request)
         pool.accounting.finish(record, None, None)
 
 
@@ -159,8 +160,7 @@ async def _request_id_everywhere(message: Any, scope: Scope) -> None:
 
 
 @get("/healthz", summary="Liveness and agent count", tags=["ops"])
-async def healthz(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    pool: PoolState = request.app.state.pool
+async def healthz(pool: PoolState) -> dict[str, Any]:
     return {"status": "ok", "version": __version__, "agents": len(pool.registry)}
 
 
@@ -315,6 +315,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         before_send=[_request_id_everywhere],
+        dependencies={"pool": Provide(provide_pool, sync_to_thread=False)},
         exception_handlers={
             PoolError: _pool_error,
             ValidationException: _validation_error,

@@ -23,7 +23,7 @@ from coordinator.errors import PoolError, invalid_api_key
 from coordinator.models import User
 from coordinator.requestlog import RequestRecord
 from coordinator.sessions import InvalidSession
-from coordinator.state import PoolState
+from coordinator.state import PoolState, pool_of
 from shared import errors, logs
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,7 @@ Connection = ASGIConnection[Any, Any, Any, Any]
 
 
 def _pool(connection: Connection) -> PoolState:
-    pool: PoolState = connection.app.state.pool
-    return pool
+    return pool_of(connection)
 
 
 def client_address(connection: Connection) -> str:

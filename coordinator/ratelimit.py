@@ -20,6 +20,8 @@ V = TypeVar("V")
 
 
 class Bucket:
+    """Holds up to ``per_minute`` (per ``period`` seconds), refilled continuously."""
+
     __slots__ = ("capacity", "level", "rate", "stamp")
 
     def __init__(self, per_minute: int, now: float, period: float = 60.0) -> None:
@@ -31,6 +33,14 @@ class Bucket:
     def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Take ``amount`` if the bucket holds it (never into debt)."""
+        self.refill(now)
+        if self.level < amount:
+            return False
+        self.level -= amount
+        return True
 
     def wait_for(self, amount: float) -> float:
         """Seconds until the bucket holds ``amount``."""

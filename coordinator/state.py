@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from coordinator.accounting import Accounting
@@ -48,3 +51,14 @@ class PoolState:
     trust: TrustBook
     verifier: Verifier
     clawback: Clawback
+
+
+def provide_pool(state: State) -> PoolState:
+    """The dependency handlers declare as ``pool: PoolState`` (registered by ``create_app``)."""
+    pool: PoolState = state.pool
+    return pool
+
+
+def pool_of(connection: ASGIConnection[Any, Any, Any, Any]) -> PoolState:
+    """The pool, for what runs outside a handler's dependencies (guards, hooks, cookie helpers)."""
+    return provide_pool(connection.app.state)

@@ -21,7 +21,7 @@ from litestar import Request
 from litestar.datastructures import Cookie, ResponseHeader
 
 from coordinator.guards import PortalSession, portal_session
-from coordinator.state import PoolState
+from coordinator.state import pool_of
 
 SESSION_COOKIE = "pool_session"
 CSRF_COOKIE = "pool_csrf"
@@ -52,14 +52,14 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 def public_url(request: Request[Any, Any, Any]) -> str:
     """The pool's address as users should see it: ``POOL_PUBLIC_URL``, else what the request says
     (behind a proxy, set the former: the Host header is the client's to choose)."""
-    pool: PoolState = request.app.state.pool
+    pool = pool_of(request)
     return pool.settings.public_url or str(request.base_url).rstrip("/")
 
 
 def _secure(request: Request[Any, Any, Any]) -> bool:
     """Cookies are ``Secure`` unless the pool is reached over plain HTTP on loopback (or is
     configured with an ``http://`` public URL): a TLS proxy in front may make requests look plain."""
-    pool: PoolState = request.app.state.pool
+    pool = pool_of(request)
     if pool.settings.public_url is not None:
         return pool.settings.public_url.startswith("https://")
     return request.url.scheme == "https" or (request.url.hostname or "") not in LOOPBACK
@@ -76,7 +76,7 @@ def csrf_token(request: Request[Any, Any, Any]) -> tuple[str, Cookie | None]:
 
     Forms of a page whose handler found a session (:func:`page_user`) are bound to that session;
     other pages' forms (login, signup) to the browser's nonce cookie."""
-    pool: PoolState = request.app.state.pool
+    pool = pool_of(request)
     session = signed_in(request)
     if session is not None:
         return pool.forms.for_session(session.jti, session.token), None
@@ -96,7 +96,7 @@ def csrf_cookie(request: Request[Any, Any, Any], token: str) -> Cookie:
 def csrf_ok(request: Request[Any, Any, Any], form: dict[str, str]) -> bool:
     """Whether a posted form carries a token this server minted for it: bound to the session the
     handler found (:func:`page_user`), or, without one, the nonce of the cookie it came with."""
-    pool: PoolState = request.app.state.pool
+    pool = pool_of(request)
     sent = form.get(CSRF_FIELD, "")
     session = signed_in(request)
     if session is not None:
@@ -133,7 +133,12 @@ def ended_session(request: Request[Any, Any, Any]) -> Cookie:
 async def page_user(request: Request[Any, Any, Any]) -> int | None:
     """The signed-in user of a page request, ``None`` without a valid session cookie; the session is
     remembered on the request, and binds the forms of the page (:func:`csrf_token`, :func:`csrf_ok`)."""
-    pool: PoolState = request.app.state.pool
+    pool = pool_of(request)
     found = await portal_session(pool, request.cookies.get(SESSION_COOKIE, ""))
     request.state.portal_session = found
     return found.user_id if found is not None else None
+
+
+def base_context(request: Request[Any, Any, Any], page: str) -> dict[str, Any]:
+    """What every page's frame needs."""
+    return {"page": page, "base_url": public_url(request), "email": None, "csrf": "", "external": False}

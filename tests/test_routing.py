@@ -17,9 +17,9 @@ from coordinator import placement
 from coordinator.catalog import precision
 from coordinator.forward import backend_body
 from coordinator.metering import Price
+from coordinator.offers import HelloRefused, hello_offers
 from coordinator.placement import Routing
 from coordinator.registry import ConnectedAgent, Performance, Registry
-from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from shared import protocol
 from shared.openai import ProviderPreferences
 from shared.protocol import Hello, ModelOffer

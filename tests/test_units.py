@@ -13,10 +13,10 @@ from coordinator.dispatch import Dispatcher, Job, output_budget
 from coordinator.forward import backend_body, content_problem
 from coordinator.inference import XPool
 from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, prompt_estimate
+from coordinator.offers import HelloRefused, hello_offers
 from coordinator.present import Said, present
 from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits, address_key, duration
 from coordinator.registry import ConnectedAgent, Registry
-from coordinator.routes.agent_ws import HelloRefused, hello_offers
 from coordinator.settings import Settings, SettingsError
 from coordinator.upstream import Upstream
 from provider_agent.config import ConfigError, load

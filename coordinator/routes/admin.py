@@ -63,8 +63,8 @@ async def grant_credits(
     request: Request[Any, Any, Any],
     data: TopupIn,
     idempotency_key: Annotated[str, Parameter(header="Idempotency-Key", min_length=1, max_length=200)],
+    pool: PoolState,
 ) -> Response[TopupOut]:
-    pool: PoolState = request.app.state.pool
     try:
         amount = usd_to_nano(data.amountUsd, billing.MAX_GRANT_USD)
     except ValueError as exc:

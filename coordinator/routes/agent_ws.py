@@ -12,15 +12,15 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from coordinator.catalog import SLUG, Directory, normalize, quantization_label
 from coordinator.errors import error_body, invalid_api_key
 from coordinator.guards import client_address
 from coordinator.metering import Price
+from coordinator.offers import HelloRefused, hello_offers
 from coordinator.presence import remove_agent
+from coordinator.ratelimit import Bucket
 from coordinator.registry import ConnectedAgent
 from coordinator.state import PoolState
 from shared import errors, protocol
-from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
 from shared.protocol import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE,
@@ -36,7 +36,6 @@ from shared.protocol import (
     JobProgress,
     Limits,
     Message,
-    ModelOffer,
     ProtocolError,
     Reject,
     UnknownMessage,
@@ -45,7 +44,6 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_CONCURRENCY = 1024
 
 _decoder = protocol.agent_decoder()
 
@@ -81,24 +79,6 @@ class SocketLink:
             log.debug("close on a dead socket", extra={"error": str(exc)})
 
 
-class _RateLimit:
-    """Token bucket: ``rate`` messages per second with a burst of one second's worth."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = float(rate)
-        self.tokens = float(rate)
-        self.stamp = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 class LogBudget:
     """Lines one connection may add to the log: ``burst`` at once, then one per ``period`` seconds;
     a peer that sends junk as fast as it can fills no disk."""
@@ -124,65 +104,6 @@ class LogBudget:
         """How many lines were skipped since the last one written."""
         skipped, self.skipped = self.skipped, 0
         return skipped
-
-
-def _usd_per_million(nano_per_token: int) -> str:
-    return f"${nano_per_token * TOKENS_PER_PRICE_UNIT / NANO_PER_USD:g}"
-
-
-class HelloRefused(Exception):
-    """Why a Hello cannot be accepted (sent to the agent, which prints it)."""
-
-
-def hello_offers(hello: Hello, directory: Directory, default_ceiling: Price) -> dict[str, ModelOffer]:
-    """The agent's offers by directory slug; :class:`HelloRefused` if the Hello cannot be accepted.
-
-    An offer names its slug, or leaves it empty for the coordinator to find from the backend model
-    name through the directory's aliases; either way the model must be in the directory, and its
-    prices within the entry's ceiling (``default_ceiling`` where the entry sets none): what one
-    agent asks must not raise what every consumer's request holds without bound."""
-    if hello.protocol != protocol.PROTOCOL_VERSION:
-        raise HelloRefused(
-            f"protocol version {hello.protocol} is not supported; this coordinator speaks version "
-            f"{protocol.PROTOCOL_VERSION}: upgrade pool-agent"
-        )
-    if not hello.models:
-        raise HelloRefused("hello announces no models")
-    if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
-        raise HelloRefused(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
-    offers: dict[str, ModelOffer] = {}
-    for offer in hello.models:
-        name = offer.slug or offer.backend_model
-        if not offer.backend_model or len(offer.backend_model) > 200:
-            raise HelloRefused(f"model {name!r}: backend_model must be 1-200 characters")
-        if offer.slug and not SLUG.match(offer.slug):
-            raise HelloRefused(f"invalid model slug {offer.slug!r} (lowercase letters, digits, . _ : -)")
-        found = directory.resolve(name)
-        if found is None:
-            raise HelloRefused(directory.unknown(name))
-        slug = found[0]
-        if slug in offers:
-            raise HelloRefused(f"model {slug!r} announced twice")
-        if offer.price_in < 0 or offer.price_out < 0:
-            raise HelloRefused(f"model {slug!r}: prices must not be negative")
-        ceiling = directory.entries[slug].ceiling(default_ceiling)
-        if not ceiling.covers(Price(offer.price_in, offer.price_out)):
-            raise HelloRefused(
-                f"model {slug!r}: prices above the pool's ceiling for it ({_usd_per_million(ceiling.input)} in, "
-                f"{_usd_per_million(ceiling.output)} out per 1M tokens)"
-            )
-        if offer.context_window is not None and offer.context_window <= 0:
-            raise HelloRefused(f"model {slug!r}: context_window must be positive")
-        quantization = quantization_label(offer.quantization or normalize(offer.backend_model)[1] or "")
-        listed = directory.entries[slug].quantizations
-        if quantization and listed and quantization not in listed:
-            # A label nobody else announces would have no canary reference to be checked against.
-            raise HelloRefused(
-                f"model {slug!r}: quantization {quantization!r} is not one the directory lists for it "
-                f"({', '.join(listed)}); announce one of those, or ask the operator to add it"
-            )
-        offers[slug] = msgspec.structs.replace(offer, slug=slug, quantization=quantization)
-    return offers
 
 
 async def _refuse_upgrade(socket: WebSocket[Any, Any, Any], status: int = 401, message: str = "") -> None:
@@ -229,8 +150,7 @@ async def _receive_frame(socket: WebSocket[Any, Any, Any]) -> bytes | str | None
 
 
 @websocket("/v1/agent/connect")
-async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
-    pool: PoolState = socket.app.state.pool
+async def agent_connect(socket: WebSocket[Any, Any, Any], pool: PoolState) -> None:
     client = client_address(socket)
     wait = pool.auth_failures.blocked(client)
     if wait:
@@ -318,7 +238,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any]) -> None:
 async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socket: WebSocket[Any, Any, Any]) -> str:
     """Handle frames until the agent goes away; returns why it went."""
     dispatcher = pool.dispatcher
-    limit = _RateLimit(pool.settings.max_messages_per_second)
+    limit = Bucket(pool.settings.max_messages_per_second, time.monotonic(), period=1.0)
     lines = LogBudget()
     max_frame = pool.settings.max_frame_bytes
     disagreed = 0  # heartbeats in a row whose in_flight was not the coordinator's count
@@ -332,7 +252,7 @@ async def _serve(pool: PoolState, agent: ConnectedAgent, link: SocketLink, socke
         if len(frame) > max_frame:
             await link.close(CLOSE_TOO_BIG, f"frame larger than {max_frame} bytes")
             return "oversized frame"
-        if not limit.allow():
+        if not limit.take(time.monotonic()):
             await link.close(CLOSE_RATE, "message rate exceeded")
             return "message rate exceeded"
         try:

@@ -44,8 +44,9 @@ DONE = b"data: [DONE]\n\n"
     tags=["inference"],
     status_code=200,
 )
-async def create_chat_completion(request: Request[Any, Any, Any], data: ChatCompletionRequest) -> Response[Any]:
-    pool: PoolState = request.app.state.pool
+async def create_chat_completion(
+    request: Request[Any, Any, Any], data: ChatCompletionRequest, pool: PoolState
+) -> Response[Any]:
     principal: Principal = request.state.principal
     record: RequestRecord = request.state.record
     call: Call | None = None

@@ -13,10 +13,10 @@ from litestar.response import Redirect, Template
 
 from coordinator import charts
 from coordinator.history import MINUTE
-from coordinator.routes.directory import model_list, status_of
+from coordinator.overview import model_list, status_of
 from coordinator.state import PoolState
 from coordinator.templating import ms
-from coordinator.websession import page_headers, public_url
+from coordinator.websession import base_context, page_headers
 
 DAY = 86_400
 
@@ -30,11 +30,6 @@ class ModelRow:
     trust: float | None
     p95: float | None
     fallback: bool
-
-
-def base_context(request: Request[Any, Any, Any], page: str) -> dict[str, Any]:
-    """What every page's frame needs."""
-    return {"page": page, "base_url": public_url(request), "email": None, "csrf": "", "external": False}
 
 
 async def status_context(pool: PoolState) -> dict[str, Any]:
@@ -93,8 +88,8 @@ async def root() -> Redirect:
 
 
 @get("/status", summary="The pool's status page (HTML)", tags=["pages"], response_headers=page_headers("no-cache"))
-async def status_page(request: Request[Any, Any, Any]) -> Template:
-    context = {**base_context(request, "status"), **await status_context(request.app.state.pool)}
+async def status_page(request: Request[Any, Any, Any], pool: PoolState) -> Template:
+    context = {**base_context(request, "status"), **await status_context(pool)}
     return Template("status.html", context=context)
 
 
@@ -104,5 +99,5 @@ async def status_page(request: Request[Any, Any, Any]) -> Template:
     tags=["pages"],
     response_headers=page_headers("no-cache"),
 )
-async def status_live(request: Request[Any, Any, Any]) -> Template:
-    return Template("_status_live.html", context=await status_context(request.app.state.pool))
+async def status_live(pool: PoolState) -> Template:
+    return Template("_status_live.html", context=await status_context(pool))

@@ -9,31 +9,20 @@ log in until an operator approves it.
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.params import Parameter
-from msgspec import Meta
-from sqlalchemy import select
 
 from coordinator import accounts
 from coordinator.errors import PoolError
-from coordinator.guards import PortalSession, check_not_blocked, client_address, require_session
+from coordinator.guards import PortalSession, client_address, require_session
 from coordinator.models import AgentToken, ApiKey, User
-from coordinator.state import PoolState
+from coordinator.signin import Credentials, DisplayName, authenticate, end_session, register
+from coordinator.state import PoolState, pool_of
 from shared import errors
-
-Email = Annotated[str, Meta(min_length=3, max_length=320)]
-Password = Annotated[str, Meta(min_length=8, max_length=1024)]
-DisplayName = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
-
-
-class Credentials(msgspec.Struct, forbid_unknown_fields=True):
-    email: Email
-    password: Password
 
 
 class UserOut(msgspec.Struct):
@@ -79,8 +68,7 @@ class TokenList(msgspec.Struct):
 
 
 def _pool(request: Request[Any, Any, Any]) -> PoolState:
-    pool: PoolState = request.app.state.pool
-    return pool
+    return pool_of(request)
 
 
 def _session(pool: PoolState, user: User) -> SessionOut:
@@ -90,11 +78,6 @@ def _session(pool: PoolState, user: User) -> SessionOut:
         expiresIn=pool.portal.ttl,
         user=UserOut(user.id, user.email),
     )
-
-
-def _local_only(pool: PoolState) -> None:
-    if pool.portal.external:
-        raise PoolError(403, errors.POLICY_BLOCKED, "Accounts are managed by this pool's identity provider.")
 
 
 @post(
@@ -133,68 +116,6 @@ async def logout(request: Request[Any, Any, Any]) -> Response[None]:
     portal: PortalSession = request.state.portal_session
     await end_session(_pool(request), portal)
     return Response(None, status_code=204)
-
-
-async def end_session(pool: PoolState, portal: PortalSession) -> None:
-    """Revoke a session until it expires (one without a ``jti`` can only expire)."""
-    if portal.jti is None:
-        return
-    expires = datetime.fromtimestamp(min(portal.expires, time.time() + MAX_REVOCATION), UTC)
-    async with pool.sessions() as session, session.begin():
-        await accounts.revoke_session(session, portal.jti, expires)
-
-
-MAX_REVOCATION = 366 * 86_400.0  # an identity provider's far-off ``exp`` is kept this long at most
-
-
-async def register(pool: PoolState, data: Credentials, client: str) -> str:
-    """Create the account unless the email has one, and say neither way; returns the normalized email.
-
-    :class:`PoolError` 400 for an invalid email, 429 past the signup limit of ``client``'s address
-    (checked before the costly hash), 403 under an identity provider."""
-    _local_only(pool)
-    try:
-        email = accounts.normalize_email(data.email)
-    except accounts.AccountError as exc:
-        raise PoolError(400, errors.INVALID_REQUEST, str(exc), param="email") from None
-    wait = pool.signups.take(client)
-    if wait:
-        raise PoolError(
-            429,
-            errors.RATE_LIMIT_EXCEEDED,
-            f"Too many signups from this address. Retry in {wait} s.",
-            headers={"retry-after": str(wait)},
-        )
-    password_hash = await pool.passwords.hash(data.password)  # for a taken email too: the same time
-    try:
-        async with pool.sessions() as session, session.begin():
-            await accounts.create_user(
-                session, email, password_hash=password_hash, approved=not pool.settings.signup_approval
-            )
-    except accounts.AccountError:
-        pass  # the email has an account: its owner's password still opens it, this one does not
-    return email
-
-
-async def authenticate(pool: PoolState, data: Credentials, client: str) -> User:
-    """The account these credentials open; :class:`PoolError` 401 (counted against ``client``), or
-    403 for a correct password of an account that waits for an operator's approval."""
-    _local_only(pool)
-    check_not_blocked(pool, client)
-    try:
-        email = accounts.normalize_email(data.email)
-    except accounts.AccountError:
-        email = ""
-    async with pool.sessions() as session:
-        user = await session.scalar(select(User).where(User.email == email)) if email else None
-    if not await pool.passwords.verify(user.password_hash if user else None, data.password) or user is None:
-        pool.auth_failures.failed(client)
-        raise PoolError(401, errors.INVALID_CREDENTIALS, "Wrong email or password.")
-    if not user.approved:
-        raise PoolError(
-            403, errors.POLICY_BLOCKED, "This account is waiting for an operator's approval; try again once approved."
-        )
-    return user
 
 
 def _credential_router(path: str, model: type[ApiKey] | type[AgentToken], what: str) -> Router:

@@ -23,14 +23,14 @@ from coordinator.charts import Chart, columns
 from coordinator.errors import PoolError
 from coordinator.guards import client_address
 from coordinator.models import AgentToken, ApiKey, User
-from coordinator.routes.account import credit_figures, earnings_by_day, recent_requests, usage_by_day
-from coordinator.routes.directory import model_list
-from coordinator.routes.pages import base_context
-from coordinator.routes.portal import Credentials, DisplayName, authenticate, end_session, register
-from coordinator.routes.provider import provider_standing
-from coordinator.state import PoolState
+from coordinator.overview import model_list
+from coordinator.signin import Credentials, DisplayName, authenticate, end_session, register
+from coordinator.standing import provider_standing
+from coordinator.state import PoolState, pool_of
+from coordinator.statements import credit_figures, earnings_by_day, recent_requests, usage_by_day
 from coordinator.templating import usd
 from coordinator.websession import (
+    base_context,
     csrf_ok,
     csrf_token,
     ended_session,
@@ -64,8 +64,7 @@ KINDS = {
 
 
 def _pool(request: Request[Any, Any, Any]) -> PoolState:
-    pool: PoolState = request.app.state.pool
-    return pool
+    return pool_of(request)
 
 
 async def _form(request: Request[Any, Any, Any]) -> dict[str, str]:
