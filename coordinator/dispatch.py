@@ -12,13 +12,13 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from coordinator import placement, trust
 from coordinator.metering import Price
 from coordinator.placement import Routing
-from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.registry import ConnectedAgent, Registry
 from coordinator.trust import TrustBook, is_rejection
 from coordinator.upstream import Upstream
 from shared import errors
@@ -58,7 +58,16 @@ class Job:
     the job), and at most ``QUEUE_HIGH`` bytes waiting for the consumer before the agent's socket
     waits for them to be read (backpressure on that agent alone)."""
 
-    def __init__(self, job_id: str, agent: ConnectedAgent | None, slug: str, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        agent: ConnectedAgent | None,
+        slug: str,
+        budget: int = DEFAULT_BUDGET,
+        *,
+        deadline: float = 0.0,
+        stop: Callable[[Job], None] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.agent = agent
         self.slug = slug
@@ -72,9 +81,9 @@ class Job:
         self.drained: asyncio.Event | None = None  # set when a backlog is read down (backpressure)
         self._waiting: asyncio.Timeout | None = None  # the wait a sign of life extends
         self._silence = 0.0
-        self._deadline = 0.0  # loop time past which no sign of life extends a wait
-        self._task: asyncio.Task[None] | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._deadline = deadline  # loop time past which no sign of life extends a wait (0: none)
+        self._task: asyncio.Task[None] | None = None  # an upstream job's pump
+        self._stop = stop  # how an agent's job is stopped (the dispatcher's cancel)
 
     @property
     def fallback(self) -> bool:
@@ -122,8 +131,8 @@ class Job:
         if self._task is not None:
             self.finished = True
             self._task.cancel()
-        elif self._dispatcher is not None:
-            self._dispatcher.cancel(self)
+        elif self._stop is not None:
+            self._stop(self)
 
 
 @dataclass(frozen=True)
@@ -184,9 +193,8 @@ class Dispatcher:
         want_usage: bool,
         budget: int = DEFAULT_BUDGET,
     ) -> Job:
-        job = Job("job_" + secrets.token_hex(8), agent, slug, budget)
-        job._dispatcher = self
-        job._deadline = asyncio.get_running_loop().time() + self.job_deadline
+        deadline = asyncio.get_running_loop().time() + self.job_deadline
+        job = Job("job_" + secrets.token_hex(8), agent, slug, budget, deadline=deadline, stop=self.cancel)
         self._jobs[job.job_id] = job
         agent.jobs.add(job.job_id)
         agent.in_flight += 1
@@ -321,22 +329,6 @@ class Dispatcher:
             return False
         self.witness(agent, kind, f"{origin}{failure.code}: {failure.message}", job.job_id)
         return True
-
-    def observe(self, job: Job, completion_tokens: int, *, stream: bool) -> None:
-        """Feed a completed job's timings into its agent token's moving averages for the model:
-        time to first token (streams only: a non-stream reply arrives whole) and generation speed."""
-        agent, first_at = job.agent, job.first_at
-        if agent is None or first_at is None:
-            return
-        now = time.perf_counter()
-        performance = agent.performance.setdefault(job.slug, Performance())
-        if stream:
-            generating = now - first_at
-            speed = (completion_tokens - 1) / generating if completion_tokens > 1 and generating > 0 else None
-            performance.observe((first_at - job.assigned_at) * 1000, speed)
-        else:
-            total = now - job.assigned_at
-            performance.observe(None, completion_tokens / total if completion_tokens > 0 and total > 0 else None)
 
     # --- events from agents ----------------------------------------------------------------
 

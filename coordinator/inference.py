@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from coordinator import audit, trust
+from coordinator import audit, registry, trust
 from coordinator.accounting import Charge, Reservation
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
@@ -347,8 +347,15 @@ class Call:
         charge = None
         if job is not None and self.reservation is not None:
             charge = Charge(outcome.cost, record.provider_user_id, outcome.upstream_cost)
-        if job is not None and ending.completed and outcome.billable:
-            pool.dispatcher.observe(job, record.completion_tokens, stream=record.stream)
+        if agent is not None and job is not None and job.first_at is not None and ending.completed and outcome.billable:
+            registry.observe(
+                agent,
+                job.slug,
+                record.completion_tokens,
+                assigned_at=job.assigned_at,
+                first_at=job.first_at,
+                stream=record.stream,
+            )
         if job is not None or ending.status in (502, 503):
             ok = ending.status == 200
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +38,23 @@ class Performance:
             self.ttft_ms = _ema(self.ttft_ms, ttft_ms)
         if tokens_per_s is not None:
             self.tokens_per_s = _ema(self.tokens_per_s, tokens_per_s)
+
+
+def observe(
+    agent: ConnectedAgent, slug: str, completion_tokens: int, *, assigned_at: float, first_at: float, stream: bool
+) -> None:
+    """Feed a completed job's timings (``perf_counter`` times) into its agent token's moving
+    averages for the model: time to first token (streams only: a non-stream reply arrives whole)
+    and generation speed."""
+    now = time.perf_counter()
+    performance = agent.performance.setdefault(slug, Performance())
+    if stream:
+        generating = now - first_at
+        speed = (completion_tokens - 1) / generating if completion_tokens > 1 and generating > 0 else None
+        performance.observe((first_at - assigned_at) * 1000, speed)
+    else:
+        total = now - assigned_at
+        performance.observe(None, completion_tokens / total if completion_tokens > 0 and total > 0 else None)
 
 
 def _ema(average: float | None, value: float) -> float:
