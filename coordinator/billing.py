@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -480,13 +480,3 @@ async def orphaned_holds(engine: AsyncEngine, instance_id: str, live: set[str], 
             )
         ).all()
     return [hold_id for hold_id, owner in rows if owner != instance_id or hold_id not in live]
-
-
-async def pending_total(conn: AsyncConnection, user_id: int) -> int:
-    """What the user's pending holds still reserve (equals their ``held`` balance)."""
-    total = await conn.scalar(
-        select(func.coalesce(func.sum(_holds.c.amount - _holds.c.charged), 0)).where(
-            _holds.c.user_id == user_id, _holds.c.status == PENDING
-        )
-    )
-    return int(total or 0)

@@ -70,7 +70,6 @@ class Bill:
     completion_tokens: int
     reported: Usage | None
     capped: bool
-    cut: bool
 
     def amount(self, price: Price) -> int:
         return price.cost(self.prompt_tokens, self.completion_tokens)
@@ -102,11 +101,11 @@ class Meter:
         if not completed:
             delivered = min(self.delivered, self.completion_bound) if stream else 0
             prompt = self.prompt_estimate if consumer_left and stream else 0
-            return Bill(prompt, delivered, usage, capped=False, cut=True)
+            return Bill(prompt, delivered, usage, capped=False)
         if usage is None:
-            return Bill(0, min(self.delivered, self.completion_bound), None, capped=False, cut=False)
+            return Bill(0, min(self.delivered, self.completion_bound), None, capped=False)
         billed = counted or usage
         prompt = min(max(0, billed.prompt_tokens), self.prompt_bound)
         completion = min(max(0, billed.completion_tokens), self.completion_bound)
         capped = prompt != billed.prompt_tokens or completion != billed.completion_tokens
-        return Bill(prompt, completion, usage, capped=capped, cut=False)
+        return Bill(prompt, completion, usage, capped=capped)

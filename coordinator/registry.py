@@ -30,10 +30,8 @@ class Performance:
 
     ttft_ms: float | None = None
     tokens_per_s: float | None = None
-    jobs: int = 0
 
     def observe(self, ttft_ms: float | None, tokens_per_s: float | None) -> None:
-        self.jobs += 1
         if ttft_ms is not None:
             self.ttft_ms = _ema(self.ttft_ms, ttft_ms)
         if tokens_per_s is not None:

@@ -62,7 +62,7 @@ def _agent(
         trust=trust,
     )
     if ttft_ms is not None or tokens_per_s is not None:
-        agent.performance[slug] = Performance(ttft_ms, tokens_per_s, jobs=5)
+        agent.performance[slug] = Performance(ttft_ms, tokens_per_s)
     return agent
 
 
@@ -203,7 +203,7 @@ def test_moving_averages() -> None:
     performance = Performance()
     performance.observe(100.0, None)
     performance.observe(None, 20.0)
-    assert (performance.ttft_ms, performance.tokens_per_s, performance.jobs) == (100.0, 20.0, 2)
+    assert (performance.ttft_ms, performance.tokens_per_s) == (100.0, 20.0)
     performance.observe(200.0, 40.0)
     assert performance.ttft_ms == pytest.approx(120.0) and performance.tokens_per_s == pytest.approx(24.0)
 
