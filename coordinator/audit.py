@@ -148,7 +148,7 @@ def read_output(payloads: list[bytes]) -> Output:
 
 
 @dataclass(frozen=True)
-class Job:
+class Finished:
     """What the coordinator saw of one completed job."""
 
     stream: bool
@@ -179,12 +179,12 @@ def speed_ceiling(parameter_count: int | None) -> float:
     return min(SPEED_CAP, SPEED_BANDWIDTH / parameter_count)
 
 
-def counted_tokens(job: Job) -> int:
+def counted_tokens(job: Finished) -> int:
     """The most completion tokens the coordinator can vouch for."""
     return max(job.delivered, job.output.token_bound)
 
 
-def judge(job: Job) -> Verdict:
+def judge(job: Finished) -> Verdict:
     verdict = Verdict()
     output = job.output
     counted = counted_tokens(job)

@@ -109,7 +109,7 @@ def conclude(
     meter: Meter,
     *,
     stream: bool,
-    audited: audit.Job | None,
+    audited: audit.Finished | None,
     price: Price,
     held: int | None,
     upstream_cost: Price | None = None,

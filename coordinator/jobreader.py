@@ -39,9 +39,9 @@ class JobReader:
     end: Done | Failure | None = None  # None after the end: the reader stopped early (``cut``)
     cut: bool = False
 
-    def audited(self, stream: bool, parameter_count: int | None, meter: Meter | None = None) -> audit.Job:
+    def audited(self, stream: bool, parameter_count: int | None, meter: Meter | None = None) -> audit.Finished:
         """What the audit sees of the job once it ended (``meter``: the request's bounds)."""
-        return audit.Job(
+        return audit.Finished(
             stream=stream,
             delivered=self.delivered,
             reported=self.end.usage if isinstance(self.end, Done) else None,

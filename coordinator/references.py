@@ -66,7 +66,9 @@ class Waiting(NamedTuple):
     at: float  # when it answered: time.monotonic()
 
 
-class Verdict(NamedTuple):
+class Comparison(NamedTuple):
+    """An agent's canary answer compared with the references for its prompt."""
+
     agent: ConnectedAgent
     passed: bool
     at: float  # when it answered: time.monotonic()
@@ -130,11 +132,11 @@ class ReferenceBook:
 
     def judge(
         self, slug: str, quantization: str, prompt: str, agent: ConnectedAgent, answer: Answer, at: float
-    ) -> list[Verdict]:
+    ) -> list[Comparison]:
         """The verdict on ``answer``, or none while no reference exists (it waits)."""
         references = self.references(slug, quantization, prompt)
         if references:
-            return [Verdict(agent, any(agrees(answer, r) for r in references), at, slug, prompt)]
+            return [Comparison(agent, any(agrees(answer, r) for r in references), at, slug, prompt)]
         key = (slug, prompt)
         entries = self.waiting.setdefault(key, {})
         self.waiting_count += agent.token_id not in entries
@@ -144,21 +146,21 @@ class ReferenceBook:
             self.waiting_count -= len(dropped)
         return []
 
-    def _settle(self, key: Key) -> list[Verdict]:
+    def _settle(self, key: Key) -> list[Comparison]:
         """Judge the answers waiting on ``key``, which has references now."""
         entries = self.waiting.pop(key, None)
         if not entries:
             return []
         self.waiting_count -= len(entries)
-        verdicts: list[Verdict] = []
+        verdicts: list[Comparison] = []
         for agent, quantization, answer, at in entries.values():
             references = self.references(key[0], quantization, key[1])
-            verdicts.append(Verdict(agent, any(agrees(answer, r) for r in references), at, *key))
+            verdicts.append(Comparison(agent, any(agrees(answer, r) for r in references), at, *key))
         return verdicts
 
     async def contribute(
         self, slug: str, quantization: str, prompt: str, source: str, user_id: int | None, answer: Answer
-    ) -> list[Verdict]:
+    ) -> list[Comparison]:
         """Store a trusted source's answer as its reference (when it is one worth keeping) and judge
         the answers that waited for it."""
         key = (slug, prompt)
@@ -173,7 +175,7 @@ class ReferenceBook:
         self.answers[key] = [*others, reference]
         return self._settle(key)
 
-    async def refresh(self) -> list[Verdict]:
+    async def refresh(self) -> list[Comparison]:
         """Read the vouched providers and every reference again (other processes add some, an
         unvouched provider's go); judge the answers that have references now."""
         async with self.engine.connect() as conn:

@@ -35,7 +35,7 @@ from coordinator.dispatch import Dispatcher, output_budget
 from coordinator.forward import backend_body
 from coordinator.jobreader import JobReader
 from coordinator.metering import output_bound
-from coordinator.references import PLATFORM, UNLABELED, Answer, ReferenceBook, Verdict, agrees
+from coordinator.references import PLATFORM, UNLABELED, Answer, Comparison, ReferenceBook, agrees
 from coordinator.registry import ConnectedAgent, Registry
 from shared.backend import Chunk, Done, Failure
 from shared.openai import ChatCompletionRequest
@@ -171,7 +171,7 @@ class Verifier:
         else:  # the operator trusts this provider: judged by the other sources, if any; a reference if agreeing
             others = self.references.references(slug, quantization, key, other_than=source)
             passed = any(agrees(answer, reference) for reference in others)
-            verdicts = [Verdict(agent, passed, answered, slug, key)] if others else []
+            verdicts = [Comparison(agent, passed, answered, slug, key)] if others else []
             if not others:
                 self.clawback.vouched(agent.token_id, agent.agent_id, slug, answered)
             if clean and (passed or not others):
@@ -240,7 +240,7 @@ class Verifier:
         finally:
             self._asking.discard((slug, key))
 
-    def _settle(self, verdict: Verdict) -> None:
+    def _settle(self, verdict: Comparison) -> None:
         """Evidence from a verdict, and what it means for the agent's consumer jobs."""
         agent, passed, at, slug, prompt = verdict
         kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED

@@ -109,8 +109,8 @@ async def test_silence_ends_a_whole_reply_as_a_timeout() -> None:
 
 def audited(
     job: Job, output: audit.Output, usage: Usage | None, *, stream: bool = True, delivered: int = 0
-) -> audit.Job:
-    return audit.Job(
+) -> audit.Finished:
+    return audit.Finished(
         stream=stream,
         delivered=delivered,
         reported=usage,

@@ -76,14 +76,14 @@ def _chunk(content: str) -> bytes:
 STOP = msgspec.json.encode({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
 
 
-def _job(payloads: list[bytes], *, reported: int | None, seconds: float = 1.0, stream: bool = True) -> audit.Job:
+def _job(payloads: list[bytes], *, reported: int | None, seconds: float = 1.0, stream: bool = True) -> audit.Finished:
     output = read_output(payloads)
     delivered = sum(1 for p in payloads if b'"content":"' in p and b'"content":""' not in p)
     usage = None if reported is None else Usage(5, reported, 5 + reported)
-    return audit.Job(stream, delivered, usage, output, seconds, 135_000_000)
+    return audit.Finished(stream, delivered, usage, output, seconds, 135_000_000)
 
 
-def _kinds(job: audit.Job) -> list[str]:
+def _kinds(job: audit.Finished) -> list[str]:
     return [kind for kind, _ in audit.judge(job).findings]
 
 

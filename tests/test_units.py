@@ -374,7 +374,7 @@ def test_output_counts_only_text_inside_the_choices_and_bounds_tool_calls() -> N
 def test_the_audit_counts_tool_calls_and_prompt_reports() -> None:
     output = audit.read_output([b'{"choices":[{"delta":{"content":"a"},"finish_reason":null}]}'] * 5)
     output.read(b'{"choices":[{"delta":{"tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}')
-    job = audit.Job(
+    job = audit.Finished(
         stream=True,
         delivered=5,
         reported=Usage(prompt_tokens=10**9, completion_tokens=10**9),

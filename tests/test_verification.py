@@ -18,7 +18,7 @@ from coordinator import accounts, canaries, db, references, trust
 from coordinator.canaries import Prompts, Shapes, build, shape_of
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
-from coordinator.references import PLATFORM, Answer, Reference, ReferenceBook, Verdict, agrees
+from coordinator.references import PLATFORM, Answer, Comparison, Reference, ReferenceBook, agrees
 from coordinator.registry import ConnectedAgent, Registry
 from coordinator.requestlog import RequestRecord
 from coordinator.settings import SettingsError
@@ -365,11 +365,11 @@ def test_with_operator_prompts_only_a_pass_on_one_of_them_clears_strikes_and_vou
     agent = _agent(7, 70)
     record = RequestRecord(id="req_1", user_id=1, key_id=None, provider_user_id=70, cost=100, provider_earned=90)
     clawback.served(7, agent.agent_id, "m", record)
-    verifier._settle(Verdict(agent, False, 0.0, "m", canaries.digest("m", "Secret one?")))
-    verifier._settle(Verdict(agent, True, time.monotonic(), "m", canaries.digest("m", "Public?")))
+    verifier._settle(Comparison(agent, False, 0.0, "m", canaries.digest("m", "Secret one?")))
+    verifier._settle(Comparison(agent, True, time.monotonic(), "m", canaries.digest("m", "Public?")))
     assert clawback.strikes[(7, "m")] and (7, "m") in clawback.unvouched  # the public pass changes nothing
-    verifier._settle(Verdict(agent, False, 0.0, "m", canaries.digest("m", "Secret two?")))
+    verifier._settle(Comparison(agent, False, 0.0, "m", canaries.digest("m", "Secret two?")))
     assert [job.request_id for job in clawback.due] == ["req_1"]  # confirmed: refunded
-    verifier._settle(Verdict(agent, True, time.monotonic(), "m", canaries.digest("m", "Secret two?")))
+    verifier._settle(Comparison(agent, True, time.monotonic(), "m", canaries.digest("m", "Secret two?")))
     assert (7, "m") not in clawback.strikes and (7, "m") not in clawback.discredited_now
     assert [e.kind for e in book.pending] == [trust.CANARY_FAILED, trust.CANARY_PASSED] * 2  # evidence each time
