@@ -55,6 +55,16 @@ def invalid_api_key() -> PoolError:
     )
 
 
+def too_many(what: str, wait: int) -> PoolError:
+    """429: too many ``what`` from this address, with when to retry."""
+    return PoolError(
+        429,
+        errors.RATE_LIMIT_EXCEEDED,
+        f"Too many {what} from this address. Retry in {wait} s.",
+        headers={"retry-after": str(wait)},
+    )
+
+
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> Response[Any]:

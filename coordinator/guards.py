@@ -19,7 +19,7 @@ from litestar.handlers.base import BaseRouteHandler
 from sqlalchemy import select
 
 from coordinator import accounts, keys
-from coordinator.errors import PoolError, invalid_api_key
+from coordinator.errors import PoolError, invalid_api_key, too_many
 from coordinator.models import User
 from coordinator.requestlog import RequestRecord
 from coordinator.sessions import InvalidSession
@@ -43,12 +43,7 @@ def client_address(connection: Connection) -> str:
 def check_not_blocked(pool: PoolState, client: str) -> None:
     wait = pool.auth_failures.blocked(client)
     if wait:
-        raise PoolError(
-            429,
-            errors.RATE_LIMIT_EXCEEDED,
-            f"Too many failed authentications from this address. Retry in {wait} s.",
-            headers={"retry-after": str(wait)},
-        )
+        raise too_many("failed authentications", wait)
 
 
 def invalid_session() -> PoolError:

@@ -26,6 +26,7 @@ from coordinator.accounting import Charge, Reservation
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
 from coordinator.dispatch import Attempt, Job, Route, output_budget, provider_error
+from coordinator.errors import PoolError
 from coordinator.forward import backend_body, content_problem
 from coordinator.jobreader import JobReader
 from coordinator.metering import Bill, Meter, Price, output_bound, prompt_bound, prompt_estimate
@@ -41,19 +42,8 @@ from shared.openai import ChatCompletionRequest
 CONSUMER_GONE = "consumer_gone"
 
 
-class Refusal(Exception):
-    """The request is answered with an error instead of output."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
+class Refusal(PoolError):
+    """The request is answered with an error instead of output; its outcome is already recorded."""
 
 
 class XPool(msgspec.Struct, omit_defaults=True):

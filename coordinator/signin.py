@@ -12,7 +12,7 @@ from msgspec import Meta
 from sqlalchemy import select
 
 from coordinator import accounts
-from coordinator.errors import PoolError
+from coordinator.errors import PoolError, too_many
 from coordinator.guards import PortalSession, check_not_blocked
 from coordinator.models import User
 from coordinator.state import PoolState
@@ -61,12 +61,7 @@ async def register(pool: PoolState, data: Credentials, client: str) -> str:
         raise PoolError(400, errors.INVALID_REQUEST, str(exc), param="email") from None
     wait = pool.signups.take(client)
     if wait:
-        raise PoolError(
-            429,
-            errors.RATE_LIMIT_EXCEEDED,
-            f"Too many signups from this address. Retry in {wait} s.",
-            headers={"retry-after": str(wait)},
-        )
+        raise too_many("signups", wait)
     password_hash = await pool.passwords.hash(data.password)  # for a taken email too: the same time
     try:
         async with pool.sessions() as session, session.begin():
