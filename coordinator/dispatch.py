@@ -225,19 +225,6 @@ class Dispatcher:
             job.queue.put_nowait(event)
         job.finished = True
 
-    def prices(self, slugs: list[str], routing: Routing) -> list[Price]:
-        """The prices of everyone who may serve the request now (agents and the upstream): what a
-        hold must cover; empty when nobody can serve it."""
-        prices = []
-        for slug in slugs:
-            prices += [
-                placement.offer_price(agent, slug)
-                for agent in placement.eligible(self.registry, slug, routing, trust_floor=self.trust_floor)
-            ]
-            if self.upstream.serves(slug) and routing.admits_upstream(self.upstream.price):
-                prices.append(self.upstream.price)
-        return prices
-
     async def start(
         self,
         slugs: list[str],

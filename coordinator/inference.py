@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from coordinator import audit, registry, trust
+from coordinator import audit, placement, registry, trust
 from coordinator.accounting import Charge, Reservation
 from coordinator.accounts import Principal
 from coordinator.billing import InsufficientCredits
@@ -332,7 +332,7 @@ class Call:
         if agent is not None:
             assert job is not None
             for kind, detail in outcome.evidence:
-                pool.dispatcher.witness(agent, kind, detail, job.job_id)
+                pool.trust.witness(agent, kind, detail, job.job_id)
         self._log(outcome)
         charge = None
         if job is not None and self.reservation is not None:
@@ -440,7 +440,9 @@ def admit(
         )
     call.token_estimate, call.limits = estimate, decision.headers
     pool.verifier.observe(raw)  # canaries copy the shapes of admitted requests
-    call.prices = pool.dispatcher.prices(models, routing)
+    call.prices = placement.prices(
+        pool.registry, pool.upstream, models, routing, trust_floor=pool.settings.trust_threshold
+    )
     if not call.prices:
         raise call.no_capacity()
     return call

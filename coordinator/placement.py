@@ -19,6 +19,7 @@ from decimal import Decimal
 from coordinator.catalog import precision, quantization_label
 from coordinator.metering import Price
 from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.upstream import Upstream
 from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
 from shared.openai import ProviderPreferences
 
@@ -248,3 +249,16 @@ _SORT_KEYS: dict[str, Callable[[ConnectedAgent, str, Performance], float]] = {
     "latency": _ttft,
     "throughput": _slowness,
 }
+
+
+def prices(
+    registry: Registry, upstream: Upstream, slugs: list[str], routing: Routing, *, trust_floor: float
+) -> list[Price]:
+    """The prices of everyone who may serve the request now (agents and the upstream): what a hold
+    must cover; empty when nobody can serve it."""
+    found = []
+    for slug in slugs:
+        found += [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
+        if upstream.serves(slug) and routing.admits_upstream(upstream.price):
+            found.append(upstream.price)
+    return found

@@ -30,7 +30,7 @@ def remove_agent(
     if pool.registry.remove(agent.agent_id) is not agent:
         return False
     if evidence is not None:
-        pool.dispatcher.witness(agent, evidence, reason)
+        pool.trust.witness(agent, evidence, reason)
     pool.dispatcher.agent_lost(agent, reason)
     if not pool.registry.of_token(agent.token_id):
         pool.trust.forget(agent.token_id)
