@@ -38,6 +38,7 @@ class JobReader:
     delivered: int = 0  # text deltas taken by the reader's consumer
     end: Done | Failure | None = None  # None after the end: the reader stopped early (``cut``)
     cut: bool = False
+    started: bool = False  # output arrived: a failure now is a stall or an abort, not a failure to start
 
     def audited(self, stream: bool, parameter_count: int | None, meter: Meter | None = None) -> audit.Finished:
         """What the audit sees of the job once it ended (``meter``: the request's bounds)."""
@@ -57,6 +58,7 @@ class JobReader:
         job, event, parts = self.job, self.first, []
         while True:
             if isinstance(event, Chunk):
+                self.started = True
                 parts.append(event.data)
             elif isinstance(event, Done):
                 body = b"".join([*parts, *event.tail])  # an agent may send a reply whole with its end
@@ -81,6 +83,7 @@ class JobReader:
             carried = 0
             for item in (event, *job.ready()):
                 if isinstance(item, Chunk):
+                    self.started = True
                     tokens = output.read(item.data)
                     if most is not None and self.delivered + carried + tokens > most:
                         self.end = overran(job, self.bound or 0)

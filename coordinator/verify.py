@@ -204,8 +204,7 @@ class Verifier:
             await reader.whole(self.dispatcher.silence(stream=False))
         if isinstance(reader.end, Failure):
             job.cancel()
-            started = job.first_at is not None
-            self.dispatcher.witness_failure(agent, job, reader.end, started=started, origin=CANARY)
+            self.dispatcher.witness_failure(agent, job, reader.end, started=reader.started, origin=CANARY)
             return None
         verdict = audit.judge(reader.audited(canary.stream, parameter_count))
         for kind, detail in verdict.findings:

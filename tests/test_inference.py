@@ -95,6 +95,7 @@ async def test_a_whole_reply_is_joined_and_counted() -> None:
     failed, first = job_with(Failure(errors.BACKEND_ERROR, "boom", True))
     reader = JobReader(failed, first)
     assert await reader.whole(silence=1.0) == Failure(errors.BACKEND_ERROR, "boom", True)
+    assert not reader.started
 
 
 async def test_silence_ends_a_whole_reply_as_a_timeout() -> None:
@@ -102,6 +103,7 @@ async def test_silence_ends_a_whole_reply_as_a_timeout() -> None:
     reader = JobReader(job, first)
     failure = await reader.whole(silence=0.01)
     assert isinstance(failure, Failure) and failure.code == errors.TIMED_OUT
+    assert reader.started  # output had begun: a stall, not a failure to start
 
 
 # --- the outcome --------------------------------------------------------------------------------
