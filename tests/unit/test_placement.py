@@ -24,7 +24,7 @@ from shared import protocol
 from shared.openai import ProviderPreferences
 from shared.protocol import Hello, ModelOffer
 from tests.harness import Pool, with_upstream
-from tests.test_units import CEILING, DIRECTORY
+from tests.unit.test_dispatch import CEILING, DIRECTORY
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -21,7 +21,7 @@ from scripts import localpool
 from tests.harness import Pool
 
 CHROMIUM = os.environ.get("POOL_TEST_CHROMIUM", "/usr/bin/chromium")
-SHOTS = Path(__file__).parent / "screenshots"
+SHOTS = Path(__file__).parents[1] / "screenshots"
 WIDTHS = {"desktop": (1280, 800), "phone": (390, 844)}
 MSG = [{"role": "user", "content": "Say hi."}]
 PASSWORD = "correct horse battery"
