@@ -23,9 +23,7 @@ def eventually(check: Callable[[], T], timeout: float = 15.0, interval: float = 
         time.sleep(interval)
 
 
-async def eventually_async(
-    check: Callable[[], Awaitable[T] | T], timeout: float = 15.0, interval: float = 0.05
-) -> T:
+async def eventually_async(check: Callable[[], Awaitable[T] | T], timeout: float = 15.0, interval: float = 0.05) -> T:
     """:func:`eventually` inside an event loop; ``check`` may be a coroutine function."""
     deadline = time.monotonic() + timeout
     while True:

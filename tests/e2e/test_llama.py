@@ -69,7 +69,6 @@ def test_real_model_non_stream_and_stream(pool: Pool, llama: str) -> None:
     assert rows and rows[0][0] and rows[0][1] and rows[0][1] != x_pool["request_id"]
 
 
-
 def test_tools_and_response_format_reach_the_backend(pool: Pool, llama: str) -> None:
     pool.agent(llama, ["smollm2-135m"])
     client = pool.client()

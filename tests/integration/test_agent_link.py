@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -20,6 +21,7 @@ from scripts.localpool import ROOT
 from shared import protocol
 from shared.protocol import Hello, ModelOffer, Reject, Welcome
 from tests.harness import Pool
+from tests.hostile import HostileAgent
 
 MSG = [{"role": "user", "content": "hi"}]
 BODY = {"model": "smollm2-135m", "messages": MSG}
@@ -235,3 +237,25 @@ def test_agent_does_not_import_coordinator_dependencies() -> None:
         "import sys, provider_agent.__main__; assert 'litestar' not in sys.modules and 'sqlalchemy' not in sys.modules"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def test_failed_agent_tokens_count_against_the_address(tmp_path: Path) -> None:
+    pool = Pool(tmp_path, auth_failures_per_minute="5")
+    pool.start()
+    try:
+
+        async def attempts() -> list[int]:
+            codes = []
+            for _ in range(7):
+                try:
+                    async with HostileAgent(pool.url, "pool_agent_" + "x" * 43):
+                        codes.append(101)
+                except Exception as exc:  # the upgrade is refused with an HTTP status
+                    codes.append(getattr(getattr(exc, "response", None), "status_code", 0))
+            return codes
+
+        codes = asyncio.run(attempts())
+        assert codes[:5] == [401] * 5
+        assert codes[5:] == [429, 429]
+    finally:
+        pool.stop()

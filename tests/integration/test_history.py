@@ -1,6 +1,6 @@
-"""Per-minute pool status history: the latency histogram, rows of several processes merged on both
-databases, pruning, and ``/v1/pool/status?history=…`` on a real coordinator with an agent and the
-upstream."""
+"""Per-minute pool status history: rows of several processes merged on both databases, pruning, a
+failed flush, and ``/v1/pool/status?history=…`` on a real coordinator with an agent and the upstream.
+The latency histogram itself is in tests/unit/test_history.py."""
 
 from __future__ import annotations
 
@@ -15,31 +15,6 @@ from coordinator.history import History, Minute
 from tests.harness import Pool, with_upstream
 
 T0 = 1_800_000_030.0  # half a minute into a minute
-
-
-def test_p95_from_the_histogram_is_within_a_bucket_of_the_exact_one() -> None:
-    minute = Minute()
-    for ms in range(1, 101):
-        minute.add(float(ms), fallback=False, ok=True)
-    assert 95 <= minute.p95() <= 95 * history.GROWTH  # type: ignore[operator]
-    single = Minute()
-    single.add(123.4, fallback=False, ok=True)
-    assert single.p95() == 123.4  # capped by the largest latency, so one request reads exactly
-    failed = Minute()
-    failed.add(5000, fallback=True, ok=False)
-    assert (failed.requests, failed.p95(), failed.point(0).fallbackRate) == (1, None, 0.0)
-
-
-def test_merged_minutes_give_the_p95_of_all_their_requests() -> None:
-    a, b = Minute(), Minute()
-    for ms in range(1, 51):
-        a.add(float(ms), fallback=False, ok=True)
-    for ms in range(51, 101):
-        b.add(float(ms), fallback=ms > 90, ok=True)
-    a.merge(b)
-    point = a.point(60)
-    assert (point.requests, point.fallbackRate) == (100, 0.1)
-    assert 95 <= point.p95LatencyMs <= 95 * history.GROWTH  # type: ignore[operator]
 
 
 async def test_processes_rows_merge_and_old_minutes_are_pruned(db_url: str) -> None:

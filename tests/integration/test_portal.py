@@ -6,6 +6,7 @@ stored or logged."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 import uuid
@@ -527,6 +528,43 @@ def test_no_secret_is_stored_or_logged(pool: Pool) -> None:
             leaks += [f"db {t}.{c}" for t, c, value in stored if needle in value]
             leaks += [f"log {name}" for name, text in logs.items() if needle in text]
     assert not leaks, leaks
+
+
+# --- 10. portal pages without a browser ----------------------------------------------------------
+
+
+def test_pages_without_a_session_lead_to_login_and_the_api_is_untouched(pool: Pool) -> None:
+    for path in ("/portal", "/portal/provider", "/portal/keys/1/revoke"):
+        response = httpx.get(f"{pool.url}{path}", timeout=10)
+        assert (response.status_code, response.headers["location"]) == (302, "/portal/login"), path
+        assert response.headers["cache-control"] == "no-store"
+    # a portal JWT in a cookie is not an API credential, and an API key is not a page session
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx.post(f"{pool.url}/v1/chat/completions", json=body, timeout=10)
+    assert refused.status_code == 401
+    page = httpx.get(f"{pool.url}/portal", cookies={"pool_session": pool.key}, timeout=10)
+    assert page.status_code == 302
+    schema = httpx.get(f"{pool.url}/schema/openapi.json", timeout=10).json()
+    assert {"/status", "/status/live", "/portal", "/portal/provider"} <= schema["paths"].keys()
+
+
+def test_session_cookies_are_secure_unless_on_loopback(pool: Pool) -> None:
+    # behind a TLS proxy the pool may see plain HTTP: cookies are Secure for any host but loopback
+    for host, secure in (("127.0.0.1", False), ("pool.example", True)):
+        form = httpx.get(f"{pool.url}/portal/signup", headers={"host": host}, timeout=10)
+        cookie = next(c for c in form.headers.get_list("set-cookie") if c.startswith("pool_csrf="))
+        assert ("Secure" in cookie) is secure, cookie
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/portal" in cookie
+    with httpx.Client(base_url=pool.url, timeout=10) as client:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/portal/signup").text)
+        assert csrf is not None
+        done = client.post(
+            "/portal/signup", data={"csrf": csrf[1], "email": "cookie@example.com", "password": "correct horse battery"}
+        )
+        assert done.status_code == 303
+        session = next(c for c in done.headers.get_list("set-cookie") if c.startswith("pool_session="))
+        assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/portal" in session
+        assert "Max-Age=3600" in session  # as long as the JWT inside it
 
 
 # --- 7. rate limits (own coordinator; the auth-failure test blocks 127.0.0.1, so it goes last) ---

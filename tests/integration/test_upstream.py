@@ -82,7 +82,6 @@ def test_upstream_failure_is_502(upstream_pool: Pool) -> None:
         assert generation["model"] == "gemma-3-270m" and generation["status"] == 502
 
 
-
 def test_coordinator_on_postgresql_serves_end_to_end(pg_url: str, tmp_path: Path) -> None:
     pool = Pool(tmp_path, db_url=pg_url)
     pool.start()  # `serve` applies the migrations on PostgreSQL; keys live there
