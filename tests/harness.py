@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from openai import OpenAI
 
 from scripts import localpool
 from scripts.localpool import Proc
+from tests.waiting import eventually
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 ADMIN_TOKEN = "test-admin-token"
@@ -119,11 +119,7 @@ class Pool:
         return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["agents"])
 
     def wait_agent_count(self, count: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.agent_count() != count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"expected {count} agents, have {self.agent_count()}")
-            time.sleep(0.05)
+        eventually(lambda: self.agent_count() == count, timeout, explain=lambda: f"{self.agent_count()} agents")
 
     # --- consumers -----------------------------------------------------------------------------
 
@@ -179,6 +175,11 @@ class Pool:
 
     def status(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/v1/pool/status", timeout=5).json())
+
+
+def last_request(backend: str) -> dict[str, Any]:
+    """The last request body a stand-in backend received (``{}`` before the first)."""
+    return dict(httpx.get(f"{backend}/_last", timeout=5).json())
 
 
 def with_upstream(workdir: Path, models: str, chunks: int = 3, **settings: str) -> Pool:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ import pytest
 
 from scripts import localpool
 from scripts.localpool import ROOT
-from tests.harness import Pool
+from tests.harness import Pool, last_request
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -131,27 +132,23 @@ def test_two_agents_share_concurrent_real_load(pool: Pool, llama: str) -> None:
 
 
 def test_killed_agent_before_first_chunk_still_replies(pool: Pool, llama: str) -> None:
-    stuck = pool.agent(pool.standin(mode="hang"), ["smollm2-135m"], price_in="0.01", price_out="0.01")
+    hanging = pool.standin(mode="hang")
+    stuck = pool.agent(hanging, ["smollm2-135m"], price_in="0.01", price_out="0.01")  # cheaper: the first choice
     pool.agent(llama, ["smollm2-135m"], price_in="1", price_out="1")
-
-    async def run() -> str:
-        client = pool.client()
-        loop = asyncio.get_running_loop()
-        request = loop.run_in_executor(
-            None,
-            lambda: client.chat.completions.create(
-                model="smollm2-135m",
-                messages=QUESTION,
-                max_tokens=20,
-                temperature=0,  # type: ignore[arg-type]
-            ),
+    client = pool.client()
+    with ThreadPoolExecutor(1) as thread:
+        request = thread.submit(
+            client.chat.completions.create,
+            model="smollm2-135m",
+            messages=QUESTION,  # type: ignore[arg-type]
+            max_tokens=20,
+            temperature=0,
         )
-        await asyncio.sleep(1.0)
+        eventually(lambda: last_request(hanging))  # the request waits on the hanging agent
         stuck.popen.kill()
-        reply = await request
-        return reply.choices[0].message.content or ""
-
-    assert asyncio.run(run()).strip()
+        reply = request.result(timeout=60)
+    assert (reply.choices[0].message.content or "").strip()
+    assert (reply.model_extra or {})["x_pool"]["attempts"] == 2  # the hanging agent first, then llama.cpp
 
 
 def _slots_busy(llama: str) -> int:
@@ -172,10 +169,7 @@ def test_consumer_disconnect_cancels_the_backend_request(pool: Pool, llama: str)
         received = [line for line in (next(lines) for _ in range(12)) if line.startswith("data:")]
         assert len(received) >= 5
         assert _slots_busy(llama) == 1  # 3000 forced tokens take far longer than this test waits
-    deadline = time.monotonic() + 5
-    while _slots_busy(llama) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _slots_busy(llama) == 0
+    eventually(lambda: _slots_busy(llama) == 0, timeout=5, interval=0.1)
 
 
 def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:

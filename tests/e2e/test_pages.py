@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from scripts import localpool
 from tests.harness import Pool
+from tests.waiting import eventually
 
 CHROMIUM = os.environ.get("POOL_TEST_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(__file__).parents[1] / "screenshots"
@@ -79,18 +79,11 @@ def requests_last_hour(pool: Pool) -> int:
     return sum(point["requests"] for point in body["history"]["points"])
 
 
-def wait_for(condition: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_status_page_shows_the_numbers_of_the_api_and_updates_live(site: Pool, browser: Browser) -> None:
     pool = site
     for _ in range(2):
         assert pool.post({"model": "smollm2-135m", "messages": MSG}).status_code == 200
-    wait_for(lambda: requests_last_hour(pool) >= 2)
+    eventually(lambda: requests_last_hour(pool) >= 2, timeout=10)
 
     first_paint = httpx.get(f"{pool.url}/", follow_redirects=True, timeout=10)  # no JavaScript at all
     assert first_paint.url.path == "/status" and first_paint.status_code == 200
@@ -196,7 +189,7 @@ def test_a_developer_signs_up_creates_a_key_uses_it_sees_it_and_revokes_it(site:
             return True
         return False
 
-    wait_for(refused, timeout=5)
+    eventually(refused, timeout=5)
     page.close()
 
 

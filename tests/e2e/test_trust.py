@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from coordinator.trust import Reputation
 from coordinator.verify import CANARY
 from scripts import localpool
 from tests.harness import Pool
+from tests.waiting import eventually, eventually_async
 
 CHEATS = {
     "inflate": ({"mode": "inflate", "chunks": 20, "interval_ms": 10}, trust.USAGE_INFLATED),
@@ -157,9 +157,12 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
             assert cost == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6), cost  # 20 tokens, not the 40 reported
     assert any(name_of.get(str(agent), "").startswith("honest") and cost > 0 for agent, cost in served)
     honest_work = sum(cost for agent, cost in [*served, *late] if name_of.get(str(agent)) != "wrong-model")
-    deadline = time.monotonic() + 15  # refunds are written in the background, once a second
-    while abs(_spent(pool) - spent_before - honest_work) > 1e-9 and time.monotonic() < deadline:
-        pass
+    eventually(  # refunds are written in the background, once a second
+        lambda: abs(_spent(pool) - spent_before - honest_work) <= 1e-9,
+        timeout=15,
+        interval=0.5,
+        explain=lambda: f"spent {_spent(pool) - spent_before}, honest work {honest_work}",
+    )
     assert _spent(pool) - spent_before == pytest.approx(honest_work, abs=1e-9)
     earned = httpx.get(
         f"{pool.url}/v1/provider/earnings", headers={"authorization": f"Bearer {keys['wrong-model']}"}, timeout=10
@@ -192,7 +195,7 @@ def _served_by(pool: Pool, agent: str, jobs: int) -> list[tuple[str | None, floa
                     if len(served) == jobs:
                         break
                 else:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # back off while verification jobs hold its slots
         assert [by for by, _ in served] == [agent] * jobs, served
         return served
 
@@ -200,7 +203,7 @@ def _served_by(pool: Pool, agent: str, jobs: int) -> list[tuple[str | None, floa
 
 
 def _spent(pool: Pool) -> float:
-    time.sleep(1.5)  # charges are written once a second
+    """What the test consumer has spent (reading credits writes the process's booked charges first)."""
     credits = httpx.get(f"{pool.url}/v1/credits", headers={"authorization": f"Bearer {pool.key}"}, timeout=10).json()
     return float(1000 - credits["balanceUsd"])
 
@@ -308,14 +311,18 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
             """Consumer requests, two at a time, until the swapper is out (retried while canaries
             hold its slots)."""
             served: list[tuple[bool, float]] = []
-            n, deadline = 0, time.monotonic() + 180
             async with httpx.AsyncClient(timeout=120, headers={"authorization": f"Bearer {pool.key}"}) as client:
-                while pool.standing(key)["routable"] and time.monotonic() < deadline:
-                    results = await asyncio.gather(*(_consumer(client, pool, agent, n + i) for i in range(2)))
-                    served += [result for result in results if result[0]]
-                    n += sum(ok for ok, _ in results)
+
+                async def out() -> bool:
+                    if not pool.standing(key)["routable"]:
+                        return True
+                    results = await asyncio.gather(*(_consumer(client, pool, agent, len(served) + i) for i in range(2)))
+                    served.extend(result for result in results if result[0])
                     if not any(ok for ok, _ in results):
-                        await asyncio.sleep(0.2)
+                        await asyncio.sleep(0.2)  # back off while canaries hold its slots
+                    return False
+
+                await eventually_async(out, timeout=180, interval=0)
             return served
 
         served = asyncio.run(traffic())
@@ -325,14 +332,14 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
         jobs, consumer_jobs = _jobs_until_caught(pool, token_id)
         paid = sum(cost for ok, cost in served if ok)
         earnings = f"{pool.url}/v1/provider/earnings"
-        deadline = time.monotonic() + 60  # two failures on the operator's prompts confirm it; then refunds
-        while time.monotonic() < deadline:
-            reply = httpx.get(earnings, headers={"authorization": f"Bearer {key}"}, timeout=10)
-            balance = reply.json()["balanceUsd"]
-            if balance == 0:
-                break
-            time.sleep(0.5)
-        assert balance == 0, "the swapper kept its earnings"
+
+        def balance() -> float:
+            return float(
+                httpx.get(earnings, headers={"authorization": f"Bearer {key}"}, timeout=10).json()["balanceUsd"]
+            )
+
+        # two failures on the operator's prompts confirm it; then refunds
+        eventually(lambda: balance() == 0, timeout=60, interval=0.5, explain=lambda: "the swapper kept its earnings")
         with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
             refunded, charged = db.execute(
                 "SELECT coalesce(sum(refunded), 0), count(*) FROM request_log WHERE agent_id = ? AND cost > 0",
@@ -342,9 +349,11 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
         # Paid before it was caught, all of it came back; on a busy machine canaries may catch it first.
         assert (charged > 0) == (paid > 0)
 
-        deadline = time.monotonic() + 60  # canaries go on: a sample large enough to count what it flags
-        while len(log := httpx.get(f"{detector}/_log", timeout=5).json()) < 30 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        def sample() -> list[dict[str, Any]] | None:  # canaries go on: a sample large enough to count what it flags
+            log: list[dict[str, Any]] = httpx.get(f"{detector}/_log", timeout=5).json()
+            return log if len(log) >= 30 else None
+
+        log = eventually(sample, timeout=60, interval=0.5)
         consumer = [entry for entry in log if entry["prompt"] in CONSUMER_PROMPTS]
         canary = [entry for entry in log if entry["prompt"] not in CONSUMER_PROMPTS]
         secret = [entry for entry in canary if entry["prompt"] in OPERATOR_PROMPTS]
@@ -395,20 +404,25 @@ def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
         token, honest = pool.new_provider("honest")
         localpool.admin(pool.env, "vouch", "--email", "honest@providers.example")
         pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+
+        def sybils_out() -> dict[str, dict[str, Any]] | None:
+            """The sybils' standings once none is routable; until then, a round of consumer requests."""
             standings = {name: pool.standing(key) for name, key in keys.items()}
             if all(not standing["routable"] for standing in standings.values()):
-                break
+                return standings
             asyncio.run(_round(pool))
-            time.sleep(0.5)
-        for name, standing in standings.items():
+            return None
+
+        for name, standing in eventually(sybils_out, timeout=90, interval=0.5).items():
             assert not standing["routable"], (name, standing)
             assert trust.CANARY_FAILED in {item["kind"] for item in standing["evidence"]}, name
         finished: list[str] = []  # the model still answers everyone (once canaries leave the newcomer a slot)
-        while len(finished) < 3 and time.monotonic() < deadline + 60:
-            finished += [str(agent) for agent, _ in asyncio.run(_round(pool)) if agent is not None]
-            time.sleep(0.2)
+
+        def three_finished() -> bool:
+            finished.extend(str(agent) for agent, _ in asyncio.run(_round(pool)) if agent is not None)
+            return len(finished) >= 3
+
+        eventually(three_finished, timeout=60, interval=0.2)
         standing = pool.standing(honest)
         assert len(finished) >= 3 and set(finished) == {standing["connected"][0]["agentId"]}, finished
         assert standing["routable"] and standing["trustScore"] >= 50, standing

@@ -22,6 +22,7 @@ from shared import protocol
 from shared.protocol import Hello, ModelOffer, Reject, Welcome
 from tests.harness import Pool
 from tests.hostile import HostileAgent
+from tests.waiting import eventually_async
 
 MSG = [{"role": "user", "content": "hi"}]
 BODY = {"model": "smollm2-135m", "messages": MSG}
@@ -52,6 +53,11 @@ async def _session(pool: Pool, *frames: bytes | str) -> tuple[int | None, str]:
         except TimeoutError:
             return None, "still open"
         return None, "unexpected message"
+
+
+async def _received(client: httpx.AsyncClient, backend: str) -> bool:
+    """Whether the stand-in at ``backend`` has received a request (it serves back the last one)."""
+    return bool((await client.get(f"{backend}/_last")).json())
 
 
 def _serving(pool: Pool) -> None:
@@ -134,7 +140,8 @@ def test_no_agent_and_no_upstream_gives_503(pool: Pool) -> None:
 
 
 def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
-    hanging = pool.agent(pool.standin(mode="hang"), ["smollm2-135m"], price_in="0.01", price_out="0.01")
+    backend = pool.standin(mode="hang")
+    hanging = pool.agent(backend, ["smollm2-135m"], price_in="0.01", price_out="0.01")
     pool.agent(pool.standin(chunks=3), ["smollm2-135m"], price_in="1", price_out="1")  # dearer: second choice
 
     async def run() -> httpx.Response:
@@ -146,7 +153,7 @@ def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
                     json={**BODY, "stream": True},
                 )
             )
-            await asyncio.sleep(1.0)  # the request now waits on the hanging agent
+            await eventually_async(lambda: _received(client, backend))  # it waits on the hanging agent
             hanging.popen.kill()
             return await request
 
@@ -196,18 +203,25 @@ def test_two_agents_share_concurrent_load(pool: Pool) -> None:
 
 
 def test_sigterm_drains_in_flight_jobs(pool: Pool) -> None:
-    agent = pool.agent(pool.standin(chunks=5, interval_ms=300), ["smollm2-135m"])
+    backend = pool.standin(chunks=5, interval_ms=300)  # a reply takes 1.5 s
+    agent = pool.agent(backend, ["smollm2-135m"])
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(timeout=30) as client:
+
+            async def draining() -> bool:
+                """The coordinator no longer counts the agent among those who can serve."""
+                listing = (await client.get(f"{pool.url}/v1/models")).json()["data"]
+                return {m["id"]: m for m in listing}.get("smollm2-135m", {}).get("providerCount") == 0
+
             request = asyncio.create_task(
                 client.post(
                     f"{pool.url}/v1/chat/completions", headers={"authorization": f"Bearer {pool.key}"}, json=BODY
                 )
             )
-            await asyncio.sleep(0.5)
+            await eventually_async(lambda: _received(client, backend))  # the job is running
             agent.signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await eventually_async(draining)
             refused = await client.post(
                 f"{pool.url}/v1/chat/completions", headers={"authorization": f"Bearer {pool.key}"}, json=BODY
             )

@@ -10,7 +10,7 @@ import msgspec
 import openai
 import pytest
 
-from tests.harness import Pool
+from tests.harness import Pool, last_request
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -65,7 +65,7 @@ def test_api_fields_reach_the_backend_and_others_do_not(pool: Pool, served: str)
         "ignore_eos": True,  # a backend-specific field the pool does not know
     }
     assert pool.post(body).status_code == 200
-    seen = httpx.get(f"{served}/_last").json()
+    seen = last_request(served)
     assert seen.pop("model") == "standin-model"
     # A field outside the API could change how much a backend generates: it does not go through.
     assert seen == {k: v for k, v in body.items() if k not in ("model", "ignore_eos")}

@@ -13,6 +13,7 @@ from sqlalchemy import insert, select
 from coordinator import db, history
 from coordinator.history import History, Minute
 from tests.harness import Pool, with_upstream
+from tests.waiting import eventually
 
 T0 = 1_800_000_030.0  # half a minute into a minute
 
@@ -73,7 +74,9 @@ def test_status_history_counts_what_the_pool_served_and_survives_a_restart(tmp_p
     pool.start()
     try:
         pool.agent(pool.standin(chunks=2), ["smollm2-135m"])
-        if time.time() % 60 > 45:  # keep every request in one minute, so its p95 can be checked exactly
+        # A sleep on purpose: keep every request in one wall-clock minute of the coordinator's process,
+        # so its p95 can be checked exactly.
+        if time.time() % 60 > 45:
             time.sleep(61 - time.time() % 60)
         latencies = []
         for model in ("smollm2-135m",) * 3 + ("gemma-3-270m",) * 2:
@@ -83,15 +86,11 @@ def test_status_history_counts_what_the_pool_served_and_survives_a_restart(tmp_p
         refused = pool.post({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
         assert refused.status_code == 404  # refused before any work: not a request the pool served
 
-        def served() -> dict[str, object]:
-            deadline = time.monotonic() + 10
-            while True:
-                body = _history(pool).json()
-                if sum(p["requests"] for p in body["history"]["points"]) >= 5 or time.monotonic() > deadline:
-                    return dict(body["history"])
-                time.sleep(0.2)
+        def served() -> dict[str, object] | None:
+            body = _history(pool).json()
+            return dict(body["history"]) if sum(p["requests"] for p in body["history"]["points"]) >= 5 else None
 
-        past = served()
+        past = eventually(served, timeout=10)
         assert past["bucketSeconds"] == 60
         [point] = [p for p in past["points"] if p["requests"]]  # type: ignore[attr-defined]
         assert (point["requests"], point["activeProviders"], point["fallbackRate"]) == (5, 1, 0.4)
@@ -104,7 +103,7 @@ def test_status_history_counts_what_the_pool_served_and_survives_a_restart(tmp_p
         assert "history" not in httpx.get(f"{pool.url}/v1/pool/status", timeout=10).json()
 
         pool.restart()  # the history is in the database: a new process reads it back
-        again = served()
+        again = eventually(served, timeout=10)
         assert [p for p in again["points"] if p["requests"]] == [point]  # type: ignore[attr-defined]
 
         for span in ("25h", "0m", "1d", "24", "-1h", "h"):

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.harness import Pool, with_upstream
+from tests.harness import Pool, last_request, with_upstream
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -70,7 +70,7 @@ def test_preferences_route_between_real_agents(routed: Pool) -> None:
     assert _x_pool(routed.post({**body, "provider": {"only": [dearest]}}))["agent"] == dearest
     assert _x_pool(routed.post({**body, "provider": {"max_price": {"prompt": 0.2}}}))["agent"] == cheapest
     # the backend never sees the pool's own preferences
-    assert "provider" not in httpx.get(f"{cheap}/_last").json()
+    assert "provider" not in last_request(cheap)
     # one provider owns both agents: its id names both, and not the upstream
     provider = by_price["provider"]
     assert _x_pool(routed.post({**body, "provider": {"only": [provider], "ignore": [cheapest]}}))["agent"] == dearest

@@ -20,6 +20,7 @@ from coordinator import trust
 from shared import protocol
 from shared.protocol import Heartbeat, Hello, JobAssign, ModelOffer, Welcome
 from tests.harness import Pool
+from tests.waiting import eventually_async
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 
@@ -60,13 +61,19 @@ async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) ->
         await ws.send(protocol.encode(hello))
         assert isinstance(decoder.decode(await ws.recv(decode=False)), Welcome)  # type: ignore[arg-type]
         request = asyncio.create_task(client.post(f"{pool.url}/v1/chat/completions", json=consumer))
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
+
+        async def three_canaries_after_the_consumers_job() -> bool:
+            """Heartbeat, take what arrives within 0.2 s, and say whether the consumer's job and three
+            more have arrived."""
             await ws.send(protocol.encode(Heartbeat()))
             with contextlib.suppress(TimeoutError):
                 message = decoder.decode(await asyncio.wait_for(ws.recv(decode=False), 0.2))  # type: ignore[arg-type]
                 if isinstance(message, JobAssign):
                     assigned.append(message)
+            bodies = [msgspec.json.decode(job.request) for job in assigned]
+            return consumer in bodies and len(bodies) - bodies.index(consumer) > 3
+
+        await eventually_async(three_canaries_after_the_consumers_job, interval=0)
         request.cancel()
     bodies = [msgspec.json.decode(job.request) for job in assigned]
     mine = next(job for job, body in zip(assigned, bodies, strict=True) if body == consumer)

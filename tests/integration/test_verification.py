@@ -151,7 +151,7 @@ class ScriptedLink:
         raise AssertionError("no agent on this link")
 
     async def _serve(self, job: JobAssign) -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # pacing: a backend's time to its first token
         body = msgspec.json.decode(job.request)
         limit = body.get("max_tokens") or body.get("max_completion_tokens") or 10_000
         words = [f"{word} " for word in self.answer.split()][:limit]

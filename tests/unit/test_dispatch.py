@@ -50,6 +50,7 @@ async def test_a_backlog_makes_the_agents_socket_wait_for_the_consumer() -> None
     for seq in range(4):  # 1 MiB waiting: the high-water mark
         assert await dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=seq, data=piece))
     blocked = asyncio.ensure_future(dispatcher.on_chunk(agent, JobChunk(job_id=job.job_id, seq=4, data=piece)))
+    # What must not happen has no event to wait for: give the reader time to run on, and check it did not.
     await asyncio.sleep(0.05)
     assert not blocked.done()  # the agent's reader waits: nothing more is read from its socket
     for _ in range(3):  # the consumer reads, not yet down to the low-water mark
