@@ -328,6 +328,9 @@ async def test_an_agent_refusing_valid_requests_blocks_nobody(arena: Pool) -> No
         results = [await chat(arena, body) for _ in range(20)]
         assert [r.status_code for r in results] == [200] * 20
         assert agent.assigned, "the refusing agent was never tried"
+        # each request the refuser took failed over to the honest agent: a second attempt, not an error
+        attempts = sorted(r.json()["x_pool"]["attempts"] for r in results)
+        assert attempts == [1] * (20 - len(agent.assigned)) + [2] * len(agent.assigned), attempts
         honest = provider_of(arena, arena.token)
         for result in results:  # every request was paid to the provider that served it, never the refuser
             assert (await earned(arena, result.json()["x_pool"]["request_id"]))[2] == honest
@@ -352,6 +355,7 @@ async def test_silence_on_a_whole_reply_is_evidence_and_fails_over_fast(arena: P
             if agent.assigned:
                 break
         assert agent.assigned, "the silent agent was never tried"
+        assert response.json()["x_pool"]["attempts"] == 2  # the silent agent, then another
     details = await evidence(arena, token_id, trust.FAILED)
     assert any(TIMED_OUT_TEXT in detail for detail in details)
     await books_balance(arena)
