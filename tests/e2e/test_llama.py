@@ -1,10 +1,11 @@
 """End to end with the real model: llama.cpp's server running SmolLM2-135M-Instruct, the coordinator
-and agents as separate processes, driven by the official `openai` package."""
+and agents as separate processes, driven by the official `openai` package: load shared between
+agents, a failover from a killed agent, a consumer's disconnect reaching the backend, and the demo.
+The chat endpoint's request and response shapes are in tests/e2e/test_chat_api.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -24,88 +25,6 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def test_real_model_non_stream_and_stream(pool: Pool, llama: str) -> None:
-    pool.agent(llama, ["smollm2-135m"])
-    client = pool.client()
-    reply = client.chat.completions.create(
-        model="smollm2-135m",
-        messages=QUESTION,
-        temperature=0,
-        max_tokens=20,  # type: ignore[arg-type]
-    )
-    assert (reply.choices[0].message.content or "").strip()
-    assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
-    # The consumer sees the slug it asked for and the pool's generation id, which the generation
-    # endpoint takes; llama.cpp's own fields (timings, system_fingerprint) don't reach it.
-    assert reply.model == "smollm2-135m"
-    x_pool = (reply.model_extra or {})["x_pool"]
-    assert reply.id == x_pool["request_id"]
-    assert not {"timings", "system_fingerprint"} & (reply.model_extra or {}).keys()
-    assert reply.system_fingerprint is None
-    generation = eventually(lambda: pool.generation(reply.id))
-    assert generation["model"] == "smollm2-135m" and generation["completionTokens"] == reply.usage.completion_tokens
-
-    stream = client.chat.completions.create(
-        model="smollm2-135m",
-        messages=QUESTION,  # type: ignore[arg-type]
-        temperature=0,
-        max_tokens=20,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.strip() and len([c for c in chunks if c.choices]) > 3
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    x_pool = (chunks[-1].model_extra or {})["x_pool"]
-    assert x_pool["fallback"] is False and x_pool["ttft_ms"] <= x_pool["latency_ms"]
-    assert {c.id for c in chunks} == {x_pool["request_id"]}  # one id in every chunk, as OpenRouter does
-    assert {c.model for c in chunks} == {"smollm2-135m"}
-    assert all(not {"timings", "system_fingerprint"} & (c.model_extra or {}).keys() for c in chunks)
-    # What llama.cpp called itself stays in the request log, for the audit.
-    query = "SELECT backend_model, backend_id FROM request_log WHERE id = ?"
-    rows = eventually(lambda: pool.query(query, x_pool["request_id"]))
-    assert rows and rows[0][0] and rows[0][1] and rows[0][1] != x_pool["request_id"]
-
-
-def test_tools_and_response_format_reach_the_backend(pool: Pool, llama: str) -> None:
-    pool.agent(llama, ["smollm2-135m"])
-    client = pool.client()
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-            },
-        }
-    ]
-    # SmolLM2's chat template has no tool syntax, so llama.cpp accepts and ignores `tools`; what
-    # shows they arrive intact is that llama.cpp parses them (a malformed schema would be a 400).
-    reply = client.chat.completions.create(
-        model="smollm2-135m",
-        messages=QUESTION,
-        tools=tools,
-        tool_choice="auto",
-        max_tokens=10,  # type: ignore[arg-type]
-    )
-    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    # response_format is enforced by llama.cpp's grammar: the reply can only be this JSON
-    schema = {
-        "type": "object",
-        "properties": {"capital": {"type": "string", "enum": ["Paris"]}},
-        "required": ["capital"],
-        "additionalProperties": False,
-    }
-    constrained = client.chat.completions.create(
-        model="smollm2-135m",
-        messages=QUESTION,  # type: ignore[arg-type]
-        max_tokens=30,
-        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},  # type: ignore[typeddict-item]
-    )
-    assert json.loads(constrained.choices[0].message.content or "") == {"capital": "Paris"}
 
 
 def test_two_agents_share_concurrent_real_load(pool: Pool, llama: str) -> None:
