@@ -31,9 +31,6 @@ SLUG = "smollm2-135m"
 HI = [{"role": "user", "content": "Say hi."}]
 
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def arena(tmp_path_factory: pytest.TempPathFactory, llama: str) -> Iterator[Pool]:
     """Production trust rules (threshold 40, new agents 2 jobs at once), no canaries, and an honest

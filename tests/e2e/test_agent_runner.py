@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 from provider_agent.backends import Backend
 from provider_agent.config import AgentConfig, ModelSpec
 from provider_agent.runner import Runner
@@ -47,7 +45,6 @@ def _answer(reply: bytes) -> str:
     return content
 
 
-@pytest.mark.slow
 async def test_a_non_streamed_reply_goes_whole_only_to_a_coordinator_that_takes_it(llama: str) -> None:
     whole = await _run_job(llama, stream=False, whole_replies=True)
     assert [type(m) for m in whole] == [JobDone]

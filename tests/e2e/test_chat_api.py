@@ -14,8 +14,6 @@ import pytest
 from tests.harness import Pool
 from tests.waiting import eventually
 
-pytestmark = pytest.mark.slow
-
 MSG = [{"role": "user", "content": "Hi"}]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

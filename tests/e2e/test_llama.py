@@ -15,14 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import pytest
 
 from scripts import localpool
 from scripts.localpool import ROOT
 from tests.harness import Pool, last_request
 from tests.waiting import eventually
-
-pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

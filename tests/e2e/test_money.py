@@ -24,8 +24,6 @@ from tests.harness import CONSUMER, Pool
 from tests.ledger_checks import balance, ledger_problems, pending_holds
 from tests.waiting import eventually
 
-pytestmark = pytest.mark.slow
-
 SLUG = "smollm2-135m"
 PRICE_OUT_NANO = 1_000  # --price-out 1 (USD per 1M tokens)
 FEE_BPS = 1_000  # the default platform fee, 10%

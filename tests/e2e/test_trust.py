@@ -85,7 +85,6 @@ async def _request(client: httpx.AsyncClient, pool: Pool, only: str | None = Non
     return (x_pool["agent"], x_pool["cost_usd"]) if x_pool else (None, 0.0)
 
 
-@pytest.mark.slow
 def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma: str) -> None:
     pool = judged
     spent_before = _spent(pool)
@@ -280,7 +279,6 @@ def _token_evidence(pool: Pool, token_id: int) -> list[tuple[str, str]]:
     return [(kind, detail) for kind, detail in rows]
 
 
-@pytest.mark.slow
 def test_a_model_swapper_that_detects_canaries_is_caught(
     tmp_path_factory: pytest.TempPathFactory, llama: str, gemma: str
 ) -> None:
@@ -375,7 +373,6 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
         pool.stop()
 
 
-@pytest.mark.slow
 def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
     tmp_path_factory: pytest.TempPathFactory, llama: str, gemma: str
 ) -> None:
