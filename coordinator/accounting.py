@@ -84,8 +84,10 @@ class Accounting:
         chunk: int,
         idle_seconds: float,
         flush_interval: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
+        self._clock = clock  # monotonic seconds: lease ages, idleness and hold renewal
         self.requests = requests
         self.limits = limits
         self.fee_bps = fee_bps
@@ -152,7 +154,7 @@ class Accounting:
         lease.in_flight += 1
         self._running += 1
         self._idle.clear()
-        lease.last_used = time.monotonic()
+        lease.last_used = self._clock()
         return Reservation(lease, amount)
 
     async def _grow(self, user_id: int, key_id: int | None, amount: int) -> Lease:
@@ -181,7 +183,7 @@ class Accounting:
         try:
             size = await self._take_from_wallet(amount, open_hold)
             assert size is not None
-            now = time.monotonic()
+            now = self._clock()
             lease = Lease(new_id, user_id, size, size, now, now, now + self.hold_ttl)
             previous = self._current.get(user_id)
             if previous is not None:
@@ -226,7 +228,7 @@ class Accounting:
                 self._idle.set()
             if not lease.lost:
                 lease.free += reservation.amount - amount
-            lease.last_used = time.monotonic()
+            lease.last_used = self._clock()
             if charge is not None and (amount or charge.upstream_cost):
                 share = billing.provider_share(amount, self.fee_bps) if charge.provider_user_id is not None else 0
                 lease.booked.append(
@@ -257,7 +259,7 @@ class Accounting:
         shutdown, or for ``user_id`` alone before their balance is read). Raises the first error
         after trying every lease."""
         async with self._flush_lock:
-            now = time.monotonic()
+            now = self._clock()
             failure: Exception | None = None
             for lease in list(self._leases.values()):
                 if user_id is not None and lease.user_id != user_id:

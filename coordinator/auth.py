@@ -33,8 +33,10 @@ class SecretCache:
         lookup: Lookup,
         ttl: float = 1.0,
         max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sessions = sessions
+        self._clock = clock
         self._prefix = prefix
         self._lookup = lookup
         self._ttl = ttl
@@ -51,7 +53,7 @@ class SecretCache:
         if scheme.lower() != "bearer" or not keys.is_well_formed(secret, self._prefix):
             return None
         secret_digest = keys.digest(secret)
-        now = time.monotonic()
+        now = self._clock()
         cached = self._entries.get(secret_digest)
         if cached is not None and cached[0] > now:
             if cached[0] - now < self._ttl / 2 and secret_digest not in self._refreshing:
@@ -62,7 +64,7 @@ class SecretCache:
         return await self._load(secret_digest)
 
     async def _load(self, secret_digest: str) -> Principal | None:
-        now = time.monotonic()
+        now = self._clock()
         async with self._sessions() as session:
             principal = await self._lookup(session, secret_digest)
         if len(self._entries) >= self._max_entries:

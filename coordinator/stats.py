@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.history import Minute
@@ -45,19 +46,20 @@ class Window:
 
 
 class RequestStats:
-    def __init__(self, window_seconds: float) -> None:
+    def __init__(self, window_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window_seconds
+        self._clock = clock
         self._slots: deque[tuple[int, Window]] = deque()  # (slot start, its requests), oldest first
 
     def record(self, slug: str, latency_ms: float, *, fallback: bool, ok: bool) -> None:
-        start = int(time.monotonic() // SLOT) * SLOT
+        start = int(self._clock() // SLOT) * SLOT
         if not self._slots or self._slots[-1][0] != start:
             self._slots.append((start, Window()))
         self._slots[-1][1].add(slug, latency_ms, fallback=fallback, ok=ok)
 
     def recent(self) -> Window:
         """The requests of the slots inside the window (older slots are dropped)."""
-        horizon = time.monotonic() - self.window
+        horizon = self._clock() - self.window
         while self._slots and self._slots[0][0] + SLOT <= horizon:
             self._slots.popleft()
         total = Window()

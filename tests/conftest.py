@@ -1,4 +1,5 @@
-"""Shared fixtures: real databases (SQLite and PostgreSQL) and real pool processes."""
+"""Shared fixtures: real databases (SQLite and PostgreSQL), real pool processes, llama.cpp's server.
+What goes where, and how to wait for a condition: tests/README.md."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from scripts import localpool
 from tests.harness import Pool
 
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+E2E = Path(__file__).parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in tests/e2e (real models, Chromium) is slow: ``make test-fast`` leaves them out."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def postgres_url() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from openai import OpenAI
 
 from scripts import localpool
 from scripts.localpool import Proc
+from tests.waiting import eventually
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 ADMIN_TOKEN = "test-admin-token"
@@ -34,11 +34,11 @@ class Pool:
             # New agents run at most 2 consumer jobs at once until trusted, agents below trust 40 get
             # no traffic, and verification jobs mix in. Tests of load, failover and money make the one
             # test provider fail on purpose and count its jobs: they run without those rules, which
-            # tests/test_trust.py checks with the defaults.
+            # tests/integration/test_trust.py and tests/e2e/test_trust.py check with the defaults.
             "new_agent_concurrency": "64",
             "trust_threshold": "0",
             "canary_interval_seconds": "0",
-            # Tests sign many users up from 127.0.0.1; tests/test_identity.py checks the limit itself.
+            # Tests sign many users up from 127.0.0.1; tests/integration/test_identity.py checks the limit.
             "signups_per_hour": "10000",
             **settings,
         }
@@ -119,11 +119,7 @@ class Pool:
         return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["agents"])
 
     def wait_agent_count(self, count: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.agent_count() != count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"expected {count} agents, have {self.agent_count()}")
-            time.sleep(0.05)
+        eventually(lambda: self.agent_count() == count, timeout, explain=lambda: f"{self.agent_count()} agents")
 
     # --- consumers -----------------------------------------------------------------------------
 
@@ -135,6 +131,24 @@ class Pool:
         login = httpx.post(f"{self.url}/v1/auth/login", json=credentials, timeout=30)
         assert login.status_code == 200, login.text
         return dict(login.json())
+
+    def new_provider(self, name: str) -> tuple[str, str]:
+        """A new provider ``name@providers.example``: its agent token and a consumer key to read its
+        provider API with."""
+        email = f"{name}@providers.example"
+        localpool.admin(self.env, "create-user", "--email", email)
+        return (
+            localpool.admin(self.env, "create-agent-token", "--email", email),
+            localpool.admin(self.env, "create-key", "--email", email),
+        )
+
+    def standing(self, key: str) -> dict[str, Any]:
+        """``GET /v1/provider/agents`` as the provider of ``key``, who has exactly one agent token."""
+        response = httpx.get(f"{self.url}/v1/provider/agents", headers={"authorization": f"Bearer {key}"}, timeout=10)
+        assert response.status_code == 200, response.text
+        agents = response.json()["agents"]
+        assert len(agents) == 1
+        return dict(agents[0])
 
     def client(self, **kw: object) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kw)  # type: ignore[arg-type]
@@ -161,6 +175,11 @@ class Pool:
 
     def status(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/v1/pool/status", timeout=5).json())
+
+
+def last_request(backend: str) -> dict[str, Any]:
+    """The last request body a stand-in backend received (``{}`` before the first)."""
+    return dict(httpx.get(f"{backend}/_last", timeout=5).json())
 
 
 def with_upstream(workdir: Path, models: str, chunks: int = 3, **settings: str) -> Pool:

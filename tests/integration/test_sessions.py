@@ -333,7 +333,9 @@ def test_jwks_key_rotation_needs_no_restart(sso: Pool, idp: Jwks) -> None:
     pid = sso.coordinator.popen.pid if sso.coordinator else None
 
     idp.serve(("key-b", KEY_B))  # the identity provider rotates: B only from now on
-    time.sleep(1.1)  # the coordinator refetches at most once a second, so unknown kids cannot flood the IdP
+    # A sleep on purpose: the coordinator refetches at most once a second (so unknown kids cannot flood
+    # the IdP), and that second has to pass in its process.
+    time.sleep(1.1)
     fetches = idp.fetches
     response = get(sso, idp_token(idp_claims(subject), "key-b", KEY_B))
     assert response.status_code == 200, (

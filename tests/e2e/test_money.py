@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from coordinator import billing, db
 from scripts import localpool
 from tests.harness import CONSUMER, Pool
 from tests.ledger_checks import balance, ledger_problems, pending_holds
-
-pytestmark = pytest.mark.slow
+from tests.waiting import eventually
 
 SLUG = "smollm2-135m"
 PRICE_OUT_NANO = 1_000  # --price-out 1 (USD per 1M tokens)
@@ -57,11 +55,7 @@ async def with_engine(url: str, action):  # type: ignore[no-untyped-def]
 
 def wait_settled(url: str, timeout: float = 20.0) -> None:
     """Wait until no hold is pending (settlement runs in the background, the sweep after a crash)."""
-    deadline = time.monotonic() + timeout
-    while run(with_engine(url, pending_holds)) > 0:
-        if time.monotonic() > deadline:
-            raise TimeoutError("holds still pending")
-        time.sleep(0.2)
+    eventually(lambda: run(with_engine(url, pending_holds)) == 0, timeout, interval=0.2)
 
 
 def user_id(url: str, email: str) -> int:

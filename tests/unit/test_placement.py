@@ -1,32 +1,21 @@
-"""Routing: placement over the registry (every `provider` preference, sorts, power of two choices,
-moving averages), and the same preferences end to end through real coordinator and agent processes
-with a loopback stand-in playing the paid upstream."""
+"""Placement over the registry, without sockets: every `provider` preference, the sorts, power of
+two choices, and what the upstream admits. The same preferences through real processes are in
+tests/integration/test_routing.py."""
 
 from __future__ import annotations
 
 import itertools
 import random
 from collections import Counter
-from collections.abc import Iterator
 
-import httpx
 import msgspec
-import pytest
 
 from coordinator import placement
-from coordinator.catalog import precision
-from coordinator.forward import backend_body
 from coordinator.metering import Price
-from coordinator.offers import HelloRefused, hello_offers
 from coordinator.placement import Routing
 from coordinator.registry import ConnectedAgent, Performance, Registry
-from shared import protocol
 from shared.openai import ProviderPreferences
-from shared.protocol import Hello, ModelOffer
-from tests.harness import Pool, with_upstream
-from tests.test_units import CEILING, DIRECTORY
-
-MSG = [{"role": "user", "content": "hi"}]
+from shared.protocol import ModelOffer
 
 
 class _Link:
@@ -121,27 +110,6 @@ def test_filters_max_price_min_trust_threshold_quantizations() -> None:
     assert _pick(registry, _routing(sort="price", quantizations=["int4", "int8"])) == "cheap"
 
 
-def test_precision_classes_of_quantization_labels() -> None:
-    classes = {label: precision(label) for label in ("q4_k_m", "IQ4_XS", "q4_1", "awq", "gptq", "4bit", "Q8_0")}
-    assert classes == {
-        "q4_k_m": "int4",
-        "IQ4_XS": "int4",
-        "q4_1": "int4",
-        "awq": "int4",
-        "gptq": "int4",
-        "4bit": "int4",
-        "Q8_0": "int8",
-    }
-    assert [precision(label) for label in ("f16", "fp16", "bf16", "f32", "fp8")] == [
-        "fp16",
-        "fp16",
-        "bf16",
-        "fp32",
-        "fp8",
-    ]
-    assert [precision(label) for label in ("q5_k_m", "q6_k", "q3_k_s", "unknown", "mlx")] == [None] * 5
-
-
 def test_only_ignore_order_by_agent_or_provider() -> None:
     registry = _registry(
         _agent("a1", provider=7, price=500),
@@ -199,15 +167,6 @@ def test_cost_weighs_trust_and_observed_speed() -> None:
     assert _pick(fresh, rng=random.Random(1)) == "new"
 
 
-def test_moving_averages() -> None:
-    performance = Performance()
-    performance.observe(100.0, None)
-    performance.observe(None, 20.0)
-    assert (performance.ttft_ms, performance.tokens_per_s) == (100.0, 20.0)
-    performance.observe(200.0, 40.0)
-    assert performance.ttft_ms == pytest.approx(120.0) and performance.tokens_per_s == pytest.approx(24.0)
-
-
 def test_upstream_admission() -> None:
     price = Price(1000, 2000)
     assert Routing().admits_upstream(price)
@@ -219,131 +178,3 @@ def test_upstream_admission() -> None:
     assert _routing(max_price={"completion": 2}).admits_upstream(price)
     assert not _routing(quantizations=["q4_k_m"]).admits_upstream(price)
     assert _routing(quantizations=["unknown"]).admits_upstream(price)
-
-
-def test_quantization_is_read_from_the_backend_name_or_announced() -> None:
-    hello = Hello(
-        protocol=protocol.PROTOCOL_VERSION,
-        agent_version="t",
-        max_concurrency=1,
-        models=[
-            ModelOffer("", "SmolLM2-135M-Instruct-Q4_K_M.gguf", 1, 1),
-            ModelOffer("gemma-3-270m", "gemma", 1, 1, quantization="Q8_0"),
-            ModelOffer("qwen2.5-coder-7b", "qwen", 1, 1),
-        ],
-    )
-    offers = hello_offers(hello, DIRECTORY, CEILING)
-    assert {slug: offer.quantization for slug, offer in offers.items()} == {
-        "smollm2-135m": "q4_k_m",
-        "gemma-3-270m": "q8_0",
-        "qwen2.5-coder-7b": "",
-    }
-    # a label the directory does not list for the model is refused: no one would share its canaries
-    for offer in (
-        ModelOffer("", "SmolLM2-135M-Instruct-Q3_K_S.gguf", 1, 1),
-        ModelOffer("gemma-3-270m", "g", 1, 1, quantization="mine"),
-    ):
-        with pytest.raises(HelloRefused, match="is not one the directory lists"):
-            hello_offers(msgspec.structs.replace(hello, models=[offer]), DIRECTORY, CEILING)
-
-
-def test_preferences_are_removed_from_the_forwarded_body() -> None:
-    body = b'{"model":["a","b"],"provider":{"sort":"price"},"messages":[],"extra":{"provider":1}}'
-    assert backend_body(body, 9) == b'{"model":["a","b"],"messages":[],"max_tokens":9}'
-
-
-# --- end to end --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    """A pool whose upstream (a loopback stand-in) serves both models at $1/$2 per 1M tokens."""
-    harness = with_upstream(
-        tmp_path_factory.mktemp("routing"),
-        "gemma-3-270m=upstream-gemma,smollm2-135m=upstream-smol",
-        chunks=2,
-        upstream_price_in="1",
-        upstream_price_out="2",
-    )
-    harness.start()
-    try:
-        yield harness
-    finally:
-        harness.stop()
-
-
-@pytest.fixture(autouse=True)
-def _stop_agents(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "routed" in request.fixturenames:
-        request.getfixturevalue("routed").stop_agents()
-
-
-def _x_pool(response: httpx.Response) -> dict[str, object]:
-    assert response.status_code == 200, response.text
-    return dict(response.json()["x_pool"])
-
-
-def test_allow_fallbacks_false_gets_503_instead_of_the_upstream(routed: Pool) -> None:
-    body = {"model": "gemma-3-270m", "messages": MSG}
-    assert _x_pool(routed.post(body))["route"] == "fallback"
-    refused = routed.post({**body, "provider": {"allow_fallbacks": False}})
-    assert refused.status_code == 503 and refused.headers["retry-after"]
-    error = refused.json()["error"]
-    assert error["code"] == "no_capacity" and "`provider` preferences" in error["message"]
-    for prefs in ({"ignore": ["platform"]}, {"only": [12345]}, {"max_price": {"prompt": 0.5}}):
-        assert routed.post({**body, "provider": prefs}).status_code == 503, prefs
-    assert _x_pool(routed.post({**body, "provider": {"only": ["platform"]}}))["fallback"] is True
-
-
-def test_preferences_route_between_real_agents(routed: Pool) -> None:
-    cheap = routed.standin(chunks=1)
-    routed.agent(cheap, ["smollm2-135m"], price_in="0.1", price_out="0.1")
-    routed.agent(routed.standin(chunks=1), ["smollm2-135m"], price_in="0.5", price_out="0.5")
-    body = {"model": "smollm2-135m", "messages": MSG}
-
-    by_price = _x_pool(routed.post({**body, "provider": {"sort": "price"}}))
-    assert by_price["route"] == "sort:price" and by_price["candidates"] == 2 and by_price["attempts"] == 1
-    cheapest = str(by_price["agent"])
-    dearest = str(_x_pool(routed.post({**body, "provider": {"ignore": [cheapest]}}))["agent"])
-    assert dearest.startswith("agt_") and dearest != cheapest
-    ordered = _x_pool(routed.post({**body, "provider": {"order": [dearest, cheapest]}}))
-    assert (ordered["agent"], ordered["route"]) == (dearest, "order")
-    assert _x_pool(routed.post({**body, "provider": {"only": [dearest]}}))["agent"] == dearest
-    assert _x_pool(routed.post({**body, "provider": {"max_price": {"prompt": 0.2}}}))["agent"] == cheapest
-    # the backend never sees the pool's own preferences
-    assert "provider" not in httpx.get(f"{cheap}/_last").json()
-    # one provider owns both agents: its id names both, and not the upstream
-    provider = by_price["provider"]
-    assert _x_pool(routed.post({**body, "provider": {"only": [provider], "ignore": [cheapest]}}))["agent"] == dearest
-    assert routed.post({**body, "provider": {"only": [provider], "ignore": [cheapest, dearest]}}).status_code == 503
-    assert _x_pool(routed.post({**body, "provider": {"ignore": [provider]}}))["fallback"] is True
-    # the default spreads load by power of two choices and says so
-    assert _x_pool(routed.post(body))["route"] == "power_of_two"
-
-
-def test_model_list_is_tried_in_order(routed: Pool) -> None:
-    routed.agent(routed.standin(chunks=1), ["gemma-3-270m"])
-    body = {"messages": MSG, "provider": {"allow_fallbacks": False}}
-    # no agent serves smollm2 and fallbacks are off: the second model serves it
-    first = _x_pool(routed.post({**body, "model": ["smollm2-135m", "gemma-3-270m"]}))
-    assert first["model"] == "gemma-3-270m" and first["fallback"] is False
-    # with fallbacks on, the first model's upstream comes before the second model
-    second = _x_pool(routed.post({"messages": MSG, "model": ["smollm2-135m", "gemma-3-270m"]}))
-    assert second["model"] == "smollm2-135m" and second["fallback"] is True
-    unknown = routed.post({"messages": MSG, "model": ["gemma-3-270m", "no-such-model"]})
-    assert unknown.status_code == 404 and "no-such-model" in unknown.json()["error"]["message"]
-    for bad, param in (
-        ({"model": []}, "model"),
-        ({"model": ["a"] * 9}, "model"),
-        ({"model": [""]}, "model[0]"),
-        ({"provider": {"sort": "cheapest"}}, "provider.sort"),
-        ({"provider": {"min_trust": 101}}, "provider.min_trust"),
-        ({"provider": {"max_price": {"prompt": -1}}}, "provider.max_price.prompt"),
-        ({"provider": {"order": "agt_1"}}, "provider.order"),
-        ({"provider": {"allow_fallbacks": "no"}}, "provider.allow_fallbacks"),
-        ({"provider": {"data_collection": "deny"}}, "provider"),
-    ):
-        response = routed.post({"model": "gemma-3-270m", "messages": MSG, **bad})
-        assert response.status_code == 400, (bad, response.text)
-        assert response.json()["error"]["param"] == param, response.json()

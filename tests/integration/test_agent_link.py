@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -20,6 +21,8 @@ from scripts.localpool import ROOT
 from shared import protocol
 from shared.protocol import Hello, ModelOffer, Reject, Welcome
 from tests.harness import Pool
+from tests.hostile import HostileAgent
+from tests.waiting import eventually_async
 
 MSG = [{"role": "user", "content": "hi"}]
 BODY = {"model": "smollm2-135m", "messages": MSG}
@@ -50,6 +53,11 @@ async def _session(pool: Pool, *frames: bytes | str) -> tuple[int | None, str]:
         except TimeoutError:
             return None, "still open"
         return None, "unexpected message"
+
+
+async def _received(client: httpx.AsyncClient, backend: str) -> bool:
+    """Whether the stand-in at ``backend`` has received a request (it serves back the last one)."""
+    return bool((await client.get(f"{backend}/_last")).json())
 
 
 def _serving(pool: Pool) -> None:
@@ -132,7 +140,8 @@ def test_no_agent_and_no_upstream_gives_503(pool: Pool) -> None:
 
 
 def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
-    hanging = pool.agent(pool.standin(mode="hang"), ["smollm2-135m"], price_in="0.01", price_out="0.01")
+    backend = pool.standin(mode="hang")
+    hanging = pool.agent(backend, ["smollm2-135m"], price_in="0.01", price_out="0.01")
     pool.agent(pool.standin(chunks=3), ["smollm2-135m"], price_in="1", price_out="1")  # dearer: second choice
 
     async def run() -> httpx.Response:
@@ -144,7 +153,7 @@ def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
                     json={**BODY, "stream": True},
                 )
             )
-            await asyncio.sleep(1.0)  # the request now waits on the hanging agent
+            await eventually_async(lambda: _received(client, backend))  # it waits on the hanging agent
             hanging.popen.kill()
             return await request
 
@@ -194,18 +203,25 @@ def test_two_agents_share_concurrent_load(pool: Pool) -> None:
 
 
 def test_sigterm_drains_in_flight_jobs(pool: Pool) -> None:
-    agent = pool.agent(pool.standin(chunks=5, interval_ms=300), ["smollm2-135m"])
+    backend = pool.standin(chunks=5, interval_ms=300)  # a reply takes 1.5 s
+    agent = pool.agent(backend, ["smollm2-135m"])
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(timeout=30) as client:
+
+            async def draining() -> bool:
+                """The coordinator no longer counts the agent among those who can serve."""
+                listing = (await client.get(f"{pool.url}/v1/models")).json()["data"]
+                return {m["id"]: m for m in listing}.get("smollm2-135m", {}).get("providerCount") == 0
+
             request = asyncio.create_task(
                 client.post(
                     f"{pool.url}/v1/chat/completions", headers={"authorization": f"Bearer {pool.key}"}, json=BODY
                 )
             )
-            await asyncio.sleep(0.5)
+            await eventually_async(lambda: _received(client, backend))  # the job is running
             agent.signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await eventually_async(draining)
             refused = await client.post(
                 f"{pool.url}/v1/chat/completions", headers={"authorization": f"Bearer {pool.key}"}, json=BODY
             )
@@ -235,3 +251,25 @@ def test_agent_does_not_import_coordinator_dependencies() -> None:
         "import sys, provider_agent.__main__; assert 'litestar' not in sys.modules and 'sqlalchemy' not in sys.modules"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def test_failed_agent_tokens_count_against_the_address(tmp_path: Path) -> None:
+    pool = Pool(tmp_path, auth_failures_per_minute="5")
+    pool.start()
+    try:
+
+        async def attempts() -> list[int]:
+            codes = []
+            for _ in range(7):
+                try:
+                    async with HostileAgent(pool.url, "pool_agent_" + "x" * 43):
+                        codes.append(101)
+                except Exception as exc:  # the upgrade is refused with an HTTP status
+                    codes.append(getattr(getattr(exc, "response", None), "status_code", 0))
+            return codes
+
+        codes = asyncio.run(attempts())
+        assert codes[:5] == [401] * 5
+        assert codes[5:] == [429, 429]
+    finally:
+        pool.stop()

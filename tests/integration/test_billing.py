@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -32,6 +32,28 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+class Skip:
+    """Time skipped instead of slept: billing's wall clock (``billing.now``, patched by the ``skip``
+    fixture) and :meth:`monotonic` (an :class:`Accounting`'s clock) run ``seconds`` ahead of the real ones."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.seconds
+
+
+@pytest.fixture
+def skip(monkeypatch: pytest.MonkeyPatch) -> Skip:
+    skipped = Skip()
+    real = billing.now
+    monkeypatch.setattr(billing, "now", lambda: real() + timedelta(seconds=skipped.seconds))
+    return skipped
 
 
 async def new_user(engine: AsyncEngine, credits: int = 0) -> int:
@@ -158,7 +180,7 @@ async def test_ledger_entries_are_append_only(engine: AsyncEngine) -> None:
     assert await ledger_problems(engine) == []
 
 
-async def test_sweep_releases_holds_of_dead_and_forgotten_requests(engine: AsyncEngine) -> None:
+async def test_sweep_releases_holds_of_dead_and_forgotten_requests(engine: AsyncEngine, skip: Skip) -> None:
     consumer = await new_user(engine, 10_000)
     started = datetime.now(UTC)
     dead, alive, other = ("crd_" + name + secrets.token_hex(3) for name in ("dead_", "alive_", "other_"))
@@ -170,7 +192,7 @@ async def test_sweep_releases_holds_of_dead_and_forgotten_requests(engine: Async
     await billing.hold(engine, forgotten, consumer, None, 1_000, alive, 600)
     await billing.hold(engine, expired, consumer, None, 1_000, other, 0.01)  # a live instance's hold past its TTL
     await billing.hold(engine, overdue, consumer, None, 1_000, alive, 0.01)  # past its TTL, but still running here
-    await asyncio.sleep(2.2)  # the dead instance's lease (2 s) runs out; holds pass their 2 s grace
+    skip(2.2)  # the dead instance's lease (2 s) runs out; holds pass their 2 s grace
     await billing.renew_instance(engine, alive, started)
     await billing.renew_instance(engine, other, started)
     orphans = await billing.orphaned_holds(engine, alive, live={running, overdue}, lease=2.0)
@@ -209,7 +231,9 @@ async def test_a_lease_takes_batched_charges_then_returns_the_rest(engine: Async
     assert await ledger_problems(engine) == []
 
 
-def accounting(engine: AsyncEngine, chunk: int, hold_ttl: float = 600) -> Accounting:
+def accounting(
+    engine: AsyncEngine, chunk: int, hold_ttl: float = 600, clock: Callable[[], float] = time.monotonic
+) -> Accounting:
     return Accounting(
         engine,
         RequestLog(engine),
@@ -220,6 +244,7 @@ def accounting(engine: AsyncEngine, chunk: int, hold_ttl: float = 600) -> Accoun
         chunk=chunk,
         idle_seconds=60,
         flush_interval=60,
+        clock=clock,
     )
 
 
@@ -298,9 +323,9 @@ async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine)
     assert await ledger_problems(engine) == []
 
 
-async def test_a_lease_in_use_keeps_its_hold_from_expiring(engine: AsyncEngine) -> None:
+async def test_a_lease_in_use_keeps_its_hold_from_expiring(engine: AsyncEngine, skip: Skip) -> None:
     consumer = await new_user(engine, 5_000)
-    books = accounting(engine, chunk=1_000, hold_ttl=2.0)
+    books = accounting(engine, chunk=1_000, hold_ttl=2.0, clock=skip.monotonic)
     record = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
     running = await books.reserve(record, 100)
 
@@ -312,7 +337,9 @@ async def test_a_lease_in_use_keeps_its_hold_from_expiring(engine: AsyncEngine) 
         return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
     created = await expires_at()
-    await asyncio.sleep(1.2)  # past half the TTL: the next flush renews it
+    await books.flush()
+    assert await expires_at() == created  # not yet half the TTL: left as it is
+    skip(1.2)  # past half the TTL: the next flush renews it
     await books.flush()
     assert (await expires_at() - created).total_seconds() >= 1.0
     books.finish(record, None, running)

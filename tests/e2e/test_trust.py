@@ -1,243 +1,32 @@
-"""Trust scores and the audit of every job: the arithmetic, each check, and a pool of real agents —
-an honest one on llama.cpp with SmolLM2 beside cheating backends — where every cheater falls below
-the routing threshold within a bounded number of jobs and consumers pay only for honest work."""
+"""Trust with the real models: honest agents on llama.cpp (SmolLM2) beside cheating backends, a
+model swapper that looks for canaries and colluding accounts. Every cheater falls below the routing
+threshold within a bounded number of jobs, and consumers pay only for honest work."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import re
 import sqlite3
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
-from websockets.asyncio.client import connect
 
-from coordinator import audit, canaries, trust
-from coordinator.audit import read_output
-from coordinator.clawback import Clawback
-from coordinator.requestlog import RequestRecord
-from coordinator.trust import Evidence, Reputation, reputation_of
+from coordinator import canaries, trust
+from coordinator.trust import Reputation
 from coordinator.verify import CANARY
 from scripts import localpool
-from shared import protocol
-from shared.protocol import Heartbeat, Hello, JobAssign, ModelOffer, Usage, Welcome
 from tests.harness import Pool
-
-HOUR = 3600.0
-
-
-def test_new_agents_start_at_50_and_one_clear_cheat_sinks_them() -> None:
-    assert Reputation().score() == 50.0
-    for kind in (trust.USAGE_INFLATED, trust.IMPLAUSIBLE_SPEED, trust.BAD_OUTPUT, trust.STALLED, trust.CANARY_FAILED):
-        reputation = Reputation()
-        reputation.add(trust.WEIGHTS[kind], 1000.0, HOUR)
-        assert reputation.score() < 40.0, kind
-    # an honest hiccup does not: one failure, one lost heartbeat
-    reputation = Reputation()
-    reputation.add(trust.WEIGHTS[trust.FAILED], 1000.0, HOUR)
-    assert reputation.score() > 40.0
-    reputation.add(trust.WEIGHTS[trust.COMPLETED], 1001.0, HOUR)
-    reputation.add(trust.WEIGHTS[trust.HEARTBEAT_MISSED], 1002.0, HOUR)
-    assert reputation.score() > 40.0
-
-
-def test_scores_decay_toward_the_prior_and_add_up_from_stored_evidence() -> None:
-    evidence = [Evidence(1, 1, trust.COMPLETED, 0.0, count=20), Evidence(1, 1, trust.USAGE_INFLATED, 10.0)]
-    now = reputation_of(evidence, HOUR, 10.0)
-    assert now.score() == pytest.approx(100 * 23 / (23 + 11))
-    later = reputation_of(evidence, HOUR, 10.0 + 10 * HOUR)
-    assert abs(later.score() - 50.0) < 1.0  # ten half-lives on, next to nothing is left
-    # order of arrival does not matter, the times do
-    assert reputation_of(list(reversed(evidence)), HOUR, 10.0).score() == pytest.approx(now.score())
-    # incremental adding equals recomputing
-    incremental = Reputation()
-    for item in evidence:
-        incremental.add(item.weight, item.at, HOUR, item.count)
-    incremental.decay_to(10.0 + HOUR, HOUR)
-    assert incremental.score() == pytest.approx(reputation_of(evidence, HOUR, 10.0 + HOUR).score())
-
-
-def test_trust_limits_concurrency_until_trusted() -> None:
-    assert trust.concurrency_cap(50.0, 2) == 2
-    assert trust.concurrency_cap(trust.TRUSTED, 2) is None
-
-
-def _chunk(content: str) -> bytes:
-    return msgspec.json.encode({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
-
-
-STOP = msgspec.json.encode({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-
-
-def _job(payloads: list[bytes], *, reported: int | None, seconds: float = 1.0, stream: bool = True) -> audit.Finished:
-    output = read_output(payloads)
-    delivered = sum(1 for p in payloads if b'"content":"' in p and b'"content":""' not in p)
-    usage = None if reported is None else Usage(5, reported, 5 + reported)
-    return audit.Finished(stream, delivered, usage, output, seconds, 135_000_000)
-
-
-def _kinds(job: audit.Finished) -> list[str]:
-    return [kind for kind, _ in audit.judge(job).findings]
-
-
-def test_audit_passes_honest_work() -> None:
-    words = [_chunk(f"w{i} ") for i in range(40)]
-    assert _kinds(_job([*words, STOP], reported=40)) == []
-    assert _kinds(_job([*words, STOP], reported=44)) == []  # a few held-back tokens are tolerated
-    assert _kinds(_job([*words, STOP], reported=None)) == []
-    # llama.cpp holds the byte tokens of a multi-byte character back and sends them as one delta:
-    # SmolLM2's real answer to "Say hello in Spanish." was 13 deltas for 24 tokens
-    spanish = ["H", "ola", " in", " es", "pa", "ñ", "ol", "!", " 😊", "🌍", "🌍", "🌍", "🌍"]
-    assert _kinds(_job([*(_chunk(piece) for piece in spanish), STOP], reported=24)) == []
-    # non-stream: the whole reply, tokens bounded by its bytes
-    body = msgspec.json.encode(
-        {"choices": [{"index": 0, "message": {"content": "Paris is the capital."}, "finish_reason": "stop"}]}
-    )
-    assert _kinds(_job([body], reported=6, stream=False)) == []
-    # a tool call's tokens include the template's markers around its name and arguments
-    call = {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
-    tools = msgspec.json.encode(
-        {"choices": [{"index": 0, "message": {"content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}]}
-    )
-    assert _kinds(_job([tools], reported=30, stream=False)) == []
-
-
-def test_audit_catches_each_cheat_and_bills_what_it_can_vouch_for() -> None:
-    words = [_chunk(f"w{i} ") for i in range(20)]
-    inflated = audit.judge(_job([*words, STOP], reported=40))
-    assert [k for k, _ in inflated.findings] == [trust.USAGE_INFLATED]
-    assert inflated.completion_tokens == 20 and inflated.billable
-    assert _kinds(_job([*words, STOP], reported=20, seconds=0.002)) == [trust.IMPLAUSIBLE_SPEED]
-    assert not audit.judge(_job([*words, STOP], reported=20, seconds=0.002)).billable
-    assert _kinds(_job([*words[:10], STOP], reported=10, seconds=0.001)) == []  # too few tokens to judge speed
-    assert _kinds(_job([*[_chunk("zzz ")] * 16, STOP], reported=16)) == [trust.BAD_OUTPUT]
-    assert _kinds(_job([STOP], reported=0)) == [trust.BAD_OUTPUT]  # empty output marked stop
-    assert _kinds(_job([b'{"choices":[{"delta":{"content":"\xff\xfe"}}]}', STOP], reported=1)) == [trust.BAD_OUTPUT]
-    assert _kinds(_job([_chunk("\ufffd" * 8), STOP], reported=1)) == [trust.BAD_OUTPUT]
-    assert not audit.judge(_job([STOP], reported=0)).billable
-    big = msgspec.json.encode({"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]})
-    assert _kinds(_job([big], reported=500, stream=False)) == [trust.USAGE_INFLATED]
-
-
-def test_output_reader_keeps_finish_reason_and_text() -> None:
-    output = read_output([_chunk("Hel"), _chunk("lo"), STOP])
-    assert (output.text, output.tool_calls, output.finish_reason, output.valid) == ("Hello", 0, "stop", True)
-    assert (output.token_bound, output.deltas) == (2, 2)
-    accented = read_output([_chunk("ñ"), _chunk("😊")])
-    assert accented.token_bound == (1 + 2) + (1 + 4)  # one token per delta, plus one per non-ASCII byte
-
-
-# --- verification jobs ------------------------------------------------------------------------
-
-
-def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_rest() -> None:
-    clawback = Clawback(engine=None, accounting=None)  # type: ignore[arg-type]
-    token = 7
-    for n, agent in enumerate(["agt_a", "agt_a", "agt_b", "agt_a"]):  # agt_b: the token reconnected
-        record = RequestRecord(id=f"req_{n}", user_id=1, key_id=None, provider_user_id=2, cost=100, provider_earned=90)
-        clawback.served(token, agent, "m", record)
-    jobs = list(clawback.unvouched[(token, "m")])
-    clawback.vouched(token, "agt_a", "m", answered_at=jobs[1].at)  # agt_a answered after its first two jobs
-    assert [job.request_id for job in clawback.unvouched[(token, "m")]] == ["req_2", "req_3"]
-    clawback.discredited(token, "m")  # a later canary failed: every job not vouched for, reconnects too
-    assert [job.request_id for job in clawback.due] == ["req_2", "req_3"]
-    late = RequestRecord(id="req_late", user_id=1, key_id=None, provider_user_id=2, cost=50, provider_earned=45)
-    clawback.served(token, "agt_a", "m", late)  # still running when the verdict came: refunded as it ends
-    assert [job.request_id for job in clawback.due] == ["req_2", "req_3", "req_late"]
-    clawback.vouched(token, "agt_a", "m", answered_at=time.monotonic())  # passing again ends that
-    clawback.served(
-        token, "agt_a", "m", RequestRecord(id="req_next", user_id=1, key_id=None, provider_user_id=2, cost=5)
-    )
-    assert len(clawback.due) == 3 and (token, "m") in clawback.unvouched
-    clawback.served(8, "agt_c", "m", RequestRecord(id="req_other", user_id=1, key_id=None, provider_user_id=3, cost=5))
-    clawback.discredited(token, "m")
-    assert [job.request_id for job in clawback.unvouched[(8, "m")]] == ["req_other"]  # another token stands apart
-    free = RequestRecord(id="req_free", user_id=1, key_id=None, provider_user_id=2, cost=0)
-    clawback.served(9, "agt_d", "m", free)  # nothing paid, nothing to give back
-    assert (9, "m") not in clawback.unvouched
-
-
-@pytest.fixture
-def verifying(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    harness = Pool(tmp_path_factory.mktemp("verifying"), canary_interval_seconds="0.2")
-    harness.start()
-    try:
-        yield harness
-    finally:
-        harness.stop()
-
-
-async def test_canaries_look_like_consumer_jobs_at_the_agent(verifying: Pool) -> None:
-    """A websocket client in the agent's place records every job.assign it gets: one for a consumer
-    request, the others verification jobs. Once the coordinator has seen a consumer's request, the
-    canaries copy its shape: the same bytes but for the question asked."""
-    pool = verifying
-    url = pool.url.replace("http://", "ws://") + "/v1/agent/connect"
-    offer = ModelOffer("smollm2-135m", "local-model", 100, 200)
-    hello = Hello(protocol=protocol.PROTOCOL_VERSION, agent_version="t", models=[offer], max_concurrency=8)
-    consumer = {  # not the order an SDK uses, nor the old canaries' limit and seed
-        "model": "smollm2-135m",
-        "stream": True,
-        "messages": [{"role": "user", "content": "A consumer's question?"}],
-        "stream_options": {"include_usage": True},
-        "max_tokens": 40,
-        "seed": 1,
-        "temperature": 0,
-    }
-    assigned: list[JobAssign] = []
-    decoder = protocol.coordinator_decoder()
-    async with (
-        connect(url, additional_headers={"Authorization": f"Bearer {pool.token}"}) as ws,
-        httpx.AsyncClient(timeout=5, headers={"authorization": f"Bearer {pool.key}"}) as client,
-    ):
-        await ws.send(protocol.encode(hello))
-        assert isinstance(decoder.decode(await ws.recv(decode=False)), Welcome)  # type: ignore[arg-type]
-        request = asyncio.create_task(client.post(f"{pool.url}/v1/chat/completions", json=consumer))
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            await ws.send(protocol.encode(Heartbeat()))
-            with contextlib.suppress(TimeoutError):
-                message = decoder.decode(await asyncio.wait_for(ws.recv(decode=False), 0.2))  # type: ignore[arg-type]
-                if isinstance(message, JobAssign):
-                    assigned.append(message)
-        request.cancel()
-    bodies = [msgspec.json.decode(job.request) for job in assigned]
-    mine = next(job for job, body in zip(assigned, bodies, strict=True) if body == consumer)
-    after = assigned[assigned.index(mine) + 1 :]  # sent once the consumer's request was seen
-    assert len(after) >= 3, bodies
-    for canary in after:
-        body = msgspec.json.decode(canary.request)
-        question = body["messages"][0]["content"]
-        assert question != "A consumer's question?" and body["messages"][0]["role"] == "user"
-        body["messages"][0]["content"] = consumer["messages"][0]["content"]  # type: ignore[index]
-        assert json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() == mine.request
-        assert canary.__struct_fields__ == mine.__struct_fields__
-        assert (canary.model, canary.backend_model, canary.stream, canary.want_usage) == (
-            mine.model,
-            mine.backend_model,
-            mine.stream,
-            mine.want_usage,
-        )
-        assert re.fullmatch(r"job_[0-9a-f]{16}", canary.job_id) and re.fullmatch(r"job_[0-9a-f]{16}", mine.job_id)
-        assert abs((canary.deadline - time.time()) - (mine.deadline - time.time())) < 5
-    assert len({msgspec.json.decode(job.request)["messages"][0]["content"] for job in after}) >= 2  # a pool
-
-
-# --- real agents, honest and cheating ------------------------------------------------------------
+from tests.waiting import eventually, eventually_async
 
 CHEATS = {
     "inflate": ({"mode": "inflate", "chunks": 20, "interval_ms": 10}, trust.USAGE_INFLATED),
     "garbage": ({"mode": "garbage", "chunks": 20, "interval_ms": 10}, trust.BAD_OUTPUT),
     "stall": ({"mode": "stall", "chunks": 20, "interval_ms": 10}, trust.STALLED),
     # 1000 tokens in a few milliseconds, whatever max_tokens says: the pool cuts it at the request's
-    # bound as an overrun before its speed is judged (implausible speed: tests/test_units.py, test_audit_*)
+    # bound as an overrun before its speed is judged (implausible speed: tests/unit/test_audit.py)
     "speed": ({"chunks": 1000}, trust.OVERRAN),
 }
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -260,24 +49,6 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         yield harness
     finally:
         harness.stop()
-
-
-def _provider(pool: Pool, name: str) -> tuple[str, str]:
-    """A new provider: its agent token and a key to read its provider API."""
-    email = f"{name}@providers.example"
-    localpool.admin(pool.env, "create-user", "--email", email)
-    return (
-        localpool.admin(pool.env, "create-agent-token", "--email", email),
-        localpool.admin(pool.env, "create-key", "--email", email),
-    )
-
-
-def _standing(pool: Pool, key: str) -> dict[str, Any]:
-    response = httpx.get(f"{pool.url}/v1/provider/agents", headers={"authorization": f"Bearer {key}"}, timeout=10)
-    assert response.status_code == 200, response.text
-    agents = response.json()["agents"]
-    assert len(agents) == 1
-    return dict(agents[0])
 
 
 def _jobs_until_caught(pool: Pool, token_id: int) -> tuple[int, int]:
@@ -314,78 +85,43 @@ async def _request(client: httpx.AsyncClient, pool: Pool, only: str | None = Non
     return (x_pool["agent"], x_pool["cost_usd"]) if x_pool else (None, 0.0)
 
 
-def test_a_consumer_job_that_fails_the_audit_is_not_billed_and_benches_the_agent(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    """Without verification jobs: the consumer's own jobs are audited; inflated usage counts against
-    the agent, output that fails the sanity checks is not billed."""
-    pool = Pool(tmp_path_factory.mktemp("audited"), trust_threshold="40", new_agent_concurrency="2")
-    pool.start()
-    try:
-        token, key = _provider(pool, "inflater")
-        pool.agent(pool.standin(mode="inflate", chunks=20, interval_ms=10), ["smollm2-135m"], token=token)
-        body = {"model": "smollm2-135m", "messages": QUESTION, "stream": True}
-        with pool.client() as client:
-            chunks = list(client.chat.completions.create(**body))  # type: ignore[call-overload]
-        x_pool = (chunks[-1].model_extra or {})["x_pool"]
-        assert x_pool["cost_usd"] == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6)  # 20 tokens, not the 40 reported
-        standing = _standing(pool, key)
-        assert standing["routable"] is False and standing["evidence"][0]["kind"] == trust.USAGE_INFLATED
-        assert standing["evidence"][0]["detail"] == "reported 40 completion tokens, counted 20"
-        refused = pool.post({**body, "stream": False})
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_capacity"
-        pool.stop_agents()
-
-        token, key = _provider(pool, "babbler")
-        pool.agent(pool.standin(mode="garbage", chunks=20, interval_ms=10), ["smollm2-135m"], token=token)
-        reply = pool.post({"model": "smollm2-135m", "messages": QUESTION})
-        assert reply.json()["choices"][0]["message"]["content"].startswith("zzz zzz")
-        assert reply.json()["x_pool"]["cost_usd"] == 0  # garbage is not billed...
-        # ...but a consumer may have asked for it: only verification jobs count it against the agent
-        standing = _standing(pool, key)
-        assert [item["kind"] for item in standing["evidence"]] == [trust.COMPLETED] and standing["routable"]
-    finally:
-        pool.stop()
-
-
-@pytest.mark.slow
 def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma: str) -> None:
     pool = judged
     spent_before = _spent(pool)
     # The wrong model connects first, and a consumer asks for it by name: it serves and is paid, as
     # nothing is known of it yet; once a canary shows what it runs, those jobs are refunded.
     keys = {}
-    token, keys["wrong-model"] = _provider(pool, "wrong-model")
+    token, keys["wrong-model"] = pool.new_provider("wrong-model")
     pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2)  # Gemma 3 270M
-    forced = _served_by(pool, _standing(pool, keys["wrong-model"])["connected"][0]["agentId"], 2)
+    forced = _served_by(pool, pool.standing(keys["wrong-model"])["connected"][0]["agentId"], 2)
     assert all(cost > 0 for _, cost in forced), forced
     honest = {}
     for name in ("honest-a", "honest-b"):  # providers the operator vouches for: their answers are references
-        token, honest[name] = _provider(pool, name)
+        token, honest[name] = pool.new_provider(name)
         localpool.admin(pool.env, "vouch", "--email", f"{name}@providers.example")
         pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
     for name, (options, _) in CHEATS.items():
-        token, keys[name] = _provider(pool, name)
+        token, keys[name] = pool.new_provider(name)
         pool.agent(pool.standin(**options), ["smollm2-135m"], token=token, max_concurrency=4)
     expected = {**{name: kind for name, (_, kind) in CHEATS.items()}, "wrong-model": trust.CANARY_FAILED}
-    standings = {name: _standing(pool, key) for name, key in {**keys, **honest}.items()}
+    standings = {name: pool.standing(key) for name, key in {**keys, **honest}.items()}
     agent_of = {name: standing["connected"][0]["agentId"] for name, standing in standings.items()}
     name_of = {agent: name for name, agent in agent_of.items()}
     served: list[tuple[str | None, float]] = list(forced)
     caught: set[str] = set()
     for _ in range(60):  # rounds of 4 concurrent requests, until every cheater is out
         served += asyncio.run(_round(pool))
-        caught = {name for name, key in keys.items() if not _standing(pool, key)["routable"]}
+        caught = {name for name, key in keys.items() if not pool.standing(key)["routable"]}
         if caught == set(keys):
             break
     if caught != set(keys):  # say why before failing
         for name, key in {**keys, **honest}.items():
-            standing = _standing(pool, key)
+            standing = pool.standing(key)
             print(name, standing["trustScore"], [(e["kind"], e["detail"]) for e in standing["evidence"][:5]])
     assert caught == set(keys)
     table = {}
     for name, key in keys.items():
-        standing = _standing(pool, key)
+        standing = pool.standing(key)
         kinds = {item["kind"] for item in standing["evidence"]}
         assert expected[name] in kinds, (name, standing["evidence"])
         table[name] = _jobs_until_caught(pool, standing["tokenId"])
@@ -394,7 +130,7 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
     print("consumer requests each cheater finished, in all:", served_by)
 
     for name, key in honest.items():  # vouched: their canary answers are references, nothing counts against them
-        standing = _standing(pool, key)
+        standing = pool.standing(key)
         assert standing["routable"] is True and standing["trustScore"] >= 50, (name, standing)
         assert {item["kind"] for item in standing["evidence"]} <= {trust.COMPLETED, trust.CANARY_PASSED}, standing
     # the audit catches its cheats within the 2 jobs a new agent runs at once (and one for slack);
@@ -420,9 +156,12 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
             assert cost == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6), cost  # 20 tokens, not the 40 reported
     assert any(name_of.get(str(agent), "").startswith("honest") and cost > 0 for agent, cost in served)
     honest_work = sum(cost for agent, cost in [*served, *late] if name_of.get(str(agent)) != "wrong-model")
-    deadline = time.monotonic() + 15  # refunds are written in the background, once a second
-    while abs(_spent(pool) - spent_before - honest_work) > 1e-9 and time.monotonic() < deadline:
-        pass
+    eventually(  # refunds are written in the background, once a second
+        lambda: abs(_spent(pool) - spent_before - honest_work) <= 1e-9,
+        timeout=15,
+        interval=0.5,
+        explain=lambda: f"spent {_spent(pool) - spent_before}, honest work {honest_work}",
+    )
     assert _spent(pool) - spent_before == pytest.approx(honest_work, abs=1e-9)
     earned = httpx.get(
         f"{pool.url}/v1/provider/earnings", headers={"authorization": f"Bearer {keys['wrong-model']}"}, timeout=10
@@ -432,7 +171,7 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
     assert sum(row["costUsd"] for row in usage["data"]) == pytest.approx(honest_work, abs=1e-9)  # reports agree
     # The directory publishes the trust of those that can serve: caught cheaters below the threshold
     # get no traffic, so they neither lower the average nor count as providers.
-    standings = [_standing(pool, key) for key in [*keys.values(), *honest.values()]]
+    standings = [pool.standing(key) for key in [*keys.values(), *honest.values()]]
     scores = [s["trustScore"] for s in standings if s["routable"]]
     listing = httpx.get(f"{pool.url}/v1/models", timeout=5).json()["data"]
     entry = next(m for m in listing if m["id"] == "smollm2-135m")
@@ -459,7 +198,7 @@ def _served_by(pool: Pool, agent: str, jobs: int) -> list[tuple[str | None, floa
                     if len(served) == jobs:
                         break
                 else:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # back off while verification jobs hold its slots
         assert [by for by, _ in served] == [agent] * jobs, served
         return served
 
@@ -467,7 +206,7 @@ def _served_by(pool: Pool, agent: str, jobs: int) -> list[tuple[str | None, floa
 
 
 def _spent(pool: Pool) -> float:
-    time.sleep(1.5)  # charges are written once a second
+    """What the test consumer has spent (reading credits writes the process's booked charges first)."""
     credits = httpx.get(f"{pool.url}/v1/credits", headers={"authorization": f"Bearer {pool.key}"}, timeout=10).json()
     return float(1000 - credits["balanceUsd"])
 
@@ -544,7 +283,6 @@ def _token_evidence(pool: Pool, token_id: int) -> list[tuple[str, str]]:
     return [(kind, detail) for kind, detail in rows]
 
 
-@pytest.mark.slow
 def test_a_model_swapper_that_detects_canaries_is_caught(
     tmp_path_factory: pytest.TempPathFactory, llama: str, gemma: str
 ) -> None:
@@ -565,41 +303,45 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
     )
     pool.start()
     try:
-        token, key = _provider(pool, "swapper")
+        token, key = pool.new_provider("swapper")
         detector = _detector(pool, canary=llama, other=gemma)
         pool.agent(detector, ["smollm2-135m=local-model"], token=token, max_concurrency=4)
-        standing = _standing(pool, key)
+        standing = pool.standing(key)
         agent, token_id = standing["connected"][0]["agentId"], standing["tokenId"]
 
         async def traffic() -> list[tuple[bool, float]]:
             """Consumer requests, two at a time, until the swapper is out (retried while canaries
             hold its slots)."""
             served: list[tuple[bool, float]] = []
-            n, deadline = 0, time.monotonic() + 180
             async with httpx.AsyncClient(timeout=120, headers={"authorization": f"Bearer {pool.key}"}) as client:
-                while _standing(pool, key)["routable"] and time.monotonic() < deadline:
-                    results = await asyncio.gather(*(_consumer(client, pool, agent, n + i) for i in range(2)))
-                    served += [result for result in results if result[0]]
-                    n += sum(ok for ok, _ in results)
+
+                async def out() -> bool:
+                    if not pool.standing(key)["routable"]:
+                        return True
+                    results = await asyncio.gather(*(_consumer(client, pool, agent, len(served) + i) for i in range(2)))
+                    served.extend(result for result in results if result[0])
                     if not any(ok for ok, _ in results):
-                        await asyncio.sleep(0.2)
+                        await asyncio.sleep(0.2)  # back off while canaries hold its slots
+                    return False
+
+                await eventually_async(out, timeout=180, interval=0)
             return served
 
         served = asyncio.run(traffic())
-        assert not _standing(pool, key)["routable"]
+        assert not pool.standing(key)["routable"]
         kinds = [kind for kind, _ in _token_evidence(pool, token_id)]
         assert trust.CANARY_FAILED in kinds, kinds
         jobs, consumer_jobs = _jobs_until_caught(pool, token_id)
         paid = sum(cost for ok, cost in served if ok)
         earnings = f"{pool.url}/v1/provider/earnings"
-        deadline = time.monotonic() + 60  # two failures on the operator's prompts confirm it; then refunds
-        while time.monotonic() < deadline:
-            reply = httpx.get(earnings, headers={"authorization": f"Bearer {key}"}, timeout=10)
-            balance = reply.json()["balanceUsd"]
-            if balance == 0:
-                break
-            time.sleep(0.5)
-        assert balance == 0, "the swapper kept its earnings"
+
+        def balance() -> float:
+            return float(
+                httpx.get(earnings, headers={"authorization": f"Bearer {key}"}, timeout=10).json()["balanceUsd"]
+            )
+
+        # two failures on the operator's prompts confirm it; then refunds
+        eventually(lambda: balance() == 0, timeout=60, interval=0.5, explain=lambda: "the swapper kept its earnings")
         with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
             refunded, charged = db.execute(
                 "SELECT coalesce(sum(refunded), 0), count(*) FROM request_log WHERE agent_id = ? AND cost > 0",
@@ -609,9 +351,11 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
         # Paid before it was caught, all of it came back; on a busy machine canaries may catch it first.
         assert (charged > 0) == (paid > 0)
 
-        deadline = time.monotonic() + 60  # canaries go on: a sample large enough to count what it flags
-        while len(log := httpx.get(f"{detector}/_log", timeout=5).json()) < 30 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        def sample() -> list[dict[str, Any]] | None:  # canaries go on: a sample large enough to count what it flags
+            log: list[dict[str, Any]] = httpx.get(f"{detector}/_log", timeout=5).json()
+            return log if len(log) >= 30 else None
+
+        log = eventually(sample, timeout=60, interval=0.5)
         consumer = [entry for entry in log if entry["prompt"] in CONSUMER_PROMPTS]
         canary = [entry for entry in log if entry["prompt"] not in CONSUMER_PROMPTS]
         secret = [entry for entry in canary if entry["prompt"] in OPERATOR_PROMPTS]
@@ -633,7 +377,6 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
         pool.stop()
 
 
-@pytest.mark.slow
 def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
     tmp_path_factory: pytest.TempPathFactory, llama: str, gemma: str
 ) -> None:
@@ -651,32 +394,37 @@ def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
     try:
         keys = {}
         for name in ("sybil-a", "sybil-b"):
-            token, keys[name] = _provider(pool, name)
+            token, keys[name] = pool.new_provider(name)
             pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2)
-            _served_by(pool, _standing(pool, keys[name])["connected"][0]["agentId"], 4)  # 7 of 10: trusted
+            _served_by(pool, pool.standing(keys[name])["connected"][0]["agentId"], 4)  # 7 of 10: trusted
         for name, key in keys.items():
-            assert _standing(pool, key)["trustScore"] >= trust.TRUSTED, name  # bought their way in
+            assert pool.standing(key)["trustScore"] >= trust.TRUSTED, name  # bought their way in
         with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
             assert db.execute("SELECT count(*) FROM canary_references").fetchone() == (0,)
 
-        token, honest = _provider(pool, "honest")
+        token, honest = pool.new_provider("honest")
         localpool.admin(pool.env, "vouch", "--email", "honest@providers.example")
         pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            standings = {name: _standing(pool, key) for name, key in keys.items()}
+
+        def sybils_out() -> dict[str, dict[str, Any]] | None:
+            """The sybils' standings once none is routable; until then, a round of consumer requests."""
+            standings = {name: pool.standing(key) for name, key in keys.items()}
             if all(not standing["routable"] for standing in standings.values()):
-                break
+                return standings
             asyncio.run(_round(pool))
-            time.sleep(0.5)
-        for name, standing in standings.items():
+            return None
+
+        for name, standing in eventually(sybils_out, timeout=90, interval=0.5).items():
             assert not standing["routable"], (name, standing)
             assert trust.CANARY_FAILED in {item["kind"] for item in standing["evidence"]}, name
         finished: list[str] = []  # the model still answers everyone (once canaries leave the newcomer a slot)
-        while len(finished) < 3 and time.monotonic() < deadline + 60:
-            finished += [str(agent) for agent, _ in asyncio.run(_round(pool)) if agent is not None]
-            time.sleep(0.2)
-        standing = _standing(pool, honest)
+
+        def three_finished() -> bool:
+            finished.extend(str(agent) for agent, _ in asyncio.run(_round(pool)) if agent is not None)
+            return len(finished) >= 3
+
+        eventually(three_finished, timeout=60, interval=0.2)
+        standing = pool.standing(honest)
         assert len(finished) >= 3 and set(finished) == {standing["connected"][0]["agentId"]}, finished
         assert standing["routable"] and standing["trustScore"] >= 50, standing
         assert {item["kind"] for item in standing["evidence"]} <= {trust.COMPLETED, trust.CANARY_PASSED}, standing

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from scripts import localpool
-from tests.harness import Pool, with_upstream
+from tests.harness import Pool, last_request, with_upstream
 from tests.waiting import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -39,7 +38,7 @@ def test_no_agent_falls_back_to_upstream(upstream_pool: Pool) -> None:
     assert reply.choices[0].message.content == "tok0 tok1 tok2"
     x_pool = (reply.model_extra or {})["x_pool"]
     assert x_pool["fallback"] is True and x_pool["provider"] == "platform" and x_pool["agent"] is None
-    seen = httpx.get(f"{pool.extra['upstream']}/_last").json()
+    seen = last_request(pool.extra["upstream"])
     assert seen["model"] == "upstream-gemma"
 
     chunks = list(

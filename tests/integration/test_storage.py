@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -104,7 +103,10 @@ async def test_accounts_store_only_digests_and_resolve(db_url: str) -> None:
             assert stored.digest == keys.digest(key) and key not in (stored.prefix, stored.digest)
             assert stored.prefix == key[:16] and stored.user_id == user.id
 
-        consumer = auth.SecretCache(sessions, keys.CONSUMER_PREFIX, accounts.find_api_key, ttl=0.2)
+        now = [1000.0]
+        consumer = auth.SecretCache(
+            sessions, keys.CONSUMER_PREFIX, accounts.find_api_key, ttl=0.2, clock=lambda: now[0]
+        )
         agents = auth.agent_tokens(sessions)
         principal = await consumer.resolve(f"Bearer {key}")
         assert principal is not None and principal.user_id == user.id
@@ -119,7 +121,8 @@ async def test_accounts_store_only_digests_and_resolve(db_url: str) -> None:
         async with sessions() as session, session.begin():
             await session.execute(update(ApiKey).values(revoked_at=datetime.now(UTC)))
             await session.execute(update(AgentToken).values(revoked_at=datetime.now(UTC)))
-        await asyncio.sleep(0.25)  # past the cache TTL: revocation is visible
+        assert await consumer.resolve(f"Bearer {key}") is not None  # within the TTL: still the cached answer
+        now[0] += 0.25  # past the cache TTL: revocation is visible
         assert await consumer.resolve(f"Bearer {key}") is None
         assert await auth.agent_tokens(sessions).resolve(f"Bearer {token}") is None
     finally:

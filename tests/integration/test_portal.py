@@ -6,6 +6,7 @@ stored or logged."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 import uuid
@@ -22,6 +23,7 @@ from websockets.sync.client import connect as ws_connect
 from coordinator import keys
 from scripts import localpool
 from tests.harness import ADMIN_TOKEN, CONSUMER, Pool
+from tests.waiting import eventually
 
 MODEL = "smollm2-135m"
 AGENT_MODELS = [f"{MODEL}=standin-model"]
@@ -114,16 +116,6 @@ def chat(pool: Pool, key: str, text: str | None = None) -> httpx.Response:
 
 def today() -> str:
     return datetime.now(UTC).date().isoformat()
-
-
-def poll(check: Any, timeout: float = 3.0, interval: float = 0.05) -> Any:
-    """Call ``check`` until it returns something truthy; return that (or the last falsy value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -225,10 +217,8 @@ def test_consumer_key_create_use_revoke(pool: Pool, served: str) -> None:
 
     assert user.revoke("tokens", created["id"]).status_code == 204
     revoked_at = time.monotonic()
-    refused = poll(lambda: chat(pool, secret).status_code == 401, timeout=1.5)
-    elapsed = time.monotonic() - revoked_at
-    assert refused, "a revoked key still worked 1.5 s after revocation"
-    assert elapsed <= 1.5
+    eventually(lambda: chat(pool, secret).status_code == 401, timeout=1.5)  # a revoked key stops working
+    assert time.monotonic() - revoked_at <= 1.5
     error_of(chat(pool, secret), 401, "invalid_api_key")
     assert user.listed("tokens") == []
     error_of(user.revoke("tokens", created["id"]), 404, "not_found")  # already revoked
@@ -291,7 +281,7 @@ def test_users_cannot_see_or_touch_each_others_keys(pool: Pool, served: str) -> 
     assert served_request.status_code == 200, served_request.text
     request_id = served_request.headers["x-request-id"]
     # the moment Alice sees her generation (still in memory, before the log flush), Bob does not
-    assert poll(lambda: alice.get(f"/v1/generation/{request_id}").status_code == 200, timeout=2)
+    eventually(lambda: alice.get(f"/v1/generation/{request_id}").status_code == 200, timeout=2)
     for auth in (bob.jwt, bob_key["token"]):
         error_of(call(pool, "GET", f"/v1/generation/{request_id}", auth), 404, "not_found")
     assert [r["id"] for r in alice.listed("tokens")] == [alice_key["id"]]
@@ -401,8 +391,7 @@ def test_account_api_after_one_request(pool: Pool) -> None:
         money = consumer.credits()
         return money if money["heldNano"] == 0 and money["balanceNano"] < 1_000_000_000 else None
 
-    money = poll(settled, timeout=3)
-    assert money, f"not settled: {consumer.credits()}"
+    money = eventually(settled, timeout=3, explain=consumer.credits)
     assert money["balanceNano"] == 1_000_000_000 - 87 and money["availableNano"] == money["balanceNano"]
 
     # A body refused before its model was read is the consumer's request, at no cost, under no model:
@@ -459,6 +448,8 @@ def test_no_credits_402_before_anything_runs(pool: Pool) -> None:
     assert "x-ratelimit-limit-requests" in response.headers
     last = httpx.get(f"{backend}/_last", timeout=5).text
     assert first in last and second not in last
+    # Nothing to wait for, so a sleep: that nothing changes later either. 0.3 s is the harness's
+    # credit-lease idle time, after which background work on a lease would have shown.
     time.sleep(0.3)
     assert broke.credits() == {
         "balanceUsd": 0.0,
@@ -511,7 +502,7 @@ def test_no_secret_is_stored_or_logged(pool: Pool) -> None:
     call(pool, "GET", "/v1/tokens", key)  # refused: a key as a session
     chat(pool, consumer.jwt)  # refused: a session as a key
     SENT.update({pool.key, pool.token})
-    assert poll(lambda: consumer.credits()["heldNano"] == 0)  # both requests settled
+    eventually(lambda: consumer.credits()["heldNano"] == 0, timeout=3)  # both requests settled
     assert len(consumer.get("/v1/usage").json()["data"]) == 1  # reading usage flushes the request log
 
     secrets = sorted(SENT)
@@ -527,6 +518,43 @@ def test_no_secret_is_stored_or_logged(pool: Pool) -> None:
             leaks += [f"db {t}.{c}" for t, c, value in stored if needle in value]
             leaks += [f"log {name}" for name, text in logs.items() if needle in text]
     assert not leaks, leaks
+
+
+# --- 10. portal pages without a browser ----------------------------------------------------------
+
+
+def test_pages_without_a_session_lead_to_login_and_the_api_is_untouched(pool: Pool) -> None:
+    for path in ("/portal", "/portal/provider", "/portal/keys/1/revoke"):
+        response = httpx.get(f"{pool.url}{path}", timeout=10)
+        assert (response.status_code, response.headers["location"]) == (302, "/portal/login"), path
+        assert response.headers["cache-control"] == "no-store"
+    # a portal JWT in a cookie is not an API credential, and an API key is not a page session
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx.post(f"{pool.url}/v1/chat/completions", json=body, timeout=10)
+    assert refused.status_code == 401
+    page = httpx.get(f"{pool.url}/portal", cookies={"pool_session": pool.key}, timeout=10)
+    assert page.status_code == 302
+    schema = httpx.get(f"{pool.url}/schema/openapi.json", timeout=10).json()
+    assert {"/status", "/status/live", "/portal", "/portal/provider"} <= schema["paths"].keys()
+
+
+def test_session_cookies_are_secure_unless_on_loopback(pool: Pool) -> None:
+    # behind a TLS proxy the pool may see plain HTTP: cookies are Secure for any host but loopback
+    for host, secure in (("127.0.0.1", False), ("pool.example", True)):
+        form = httpx.get(f"{pool.url}/portal/signup", headers={"host": host}, timeout=10)
+        cookie = next(c for c in form.headers.get_list("set-cookie") if c.startswith("pool_csrf="))
+        assert ("Secure" in cookie) is secure, cookie
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/portal" in cookie
+    with httpx.Client(base_url=pool.url, timeout=10) as client:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/portal/signup").text)
+        assert csrf is not None
+        done = client.post(
+            "/portal/signup", data={"csrf": csrf[1], "email": "cookie@example.com", "password": "correct horse battery"}
+        )
+        assert done.status_code == 303
+        session = next(c for c in done.headers.get_list("set-cookie") if c.startswith("pool_session="))
+        assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/portal" in session
+        assert "Max-Age=3600" in session  # as long as the JWT inside it
 
 
 # --- 7. rate limits (own coordinator; the auth-failure test blocks 127.0.0.1, so it goes last) ---

@@ -1,0 +1,34 @@
+"""The secret cache: a key in use is looked up again ahead of its expiry, and a revoked one still expires."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from coordinator import keys
+from coordinator.accounts import Principal
+from coordinator.auth import SecretCache
+from tests.waiting import eventually_async
+
+
+async def test_a_key_in_use_is_looked_up_ahead_and_still_expires() -> None:
+    now = [1000.0]
+    answers: list[Principal | None] = [Principal(user_id=1, credential_id=7)]
+    lookups: list[str] = []
+
+    async def lookup(_: AsyncSession, secret_digest: str) -> Principal | None:
+        lookups.append(secret_digest)
+        return answers[-1]
+
+    # No database: the lookup is the test's, the sessions it is handed are never used.
+    cache = SecretCache(async_sessionmaker(), keys.CONSUMER_PREFIX, lookup, ttl=1.0, clock=lambda: now[0])
+    header = f"Bearer {keys.generate(keys.CONSUMER_PREFIX)}"
+    assert await cache.resolve(header) == answers[0]
+    assert await cache.resolve(header) == answers[0] and len(lookups) == 1  # cached
+    now[0] += 0.6  # past half the TTL: answered from the cache, looked up behind it
+    answers.append(None)  # revoked meanwhile
+    assert await cache.resolve(header) == answers[0]
+    await eventually_async(lambda: len(lookups) == 2)
+    assert await cache.resolve(header) is None  # the lookup ahead saw the revocation
+    now[0] += 1.1  # unused for a whole TTL: the entry expired, the request waits for a lookup
+    answers.append(Principal(user_id=1, credential_id=8))
+    assert await cache.resolve(header) == answers[-1] and len(lookups) == 3
