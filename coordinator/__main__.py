@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator import accounts, billing, catalog, db, references
+from coordinator import catalog, db, ledger, references, users
 from coordinator.settings import Settings, SettingsError
 from shared import logs
 from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
@@ -93,39 +93,37 @@ async def _migrate(settings: Settings) -> None:
 
 def _admin(args: argparse.Namespace, settings: Settings) -> str:
     async def create_user(session: AsyncSession) -> str:
-        user = await accounts.create_user(session, args.email)
+        user = await users.create_user(session, args.email)
         return str(user.id)
 
     async def approve_user(session: AsyncSession) -> str:
-        user = await accounts.approve_user(session, args.email)
+        user = await users.approve_user(session, args.email)
         return f"approved {user.email}"
 
     async def pending_users(session: AsyncSession) -> str:
-        return "\n".join(
-            f"{user.email} {user.created_at.isoformat()}" for user in await accounts.pending_users(session)
-        )
+        return "\n".join(f"{user.email} {user.created_at.isoformat()}" for user in await users.pending_users(session))
 
     async def create_key(session: AsyncSession) -> str:
-        return await accounts.create_api_key(session, args.email, args.name)
+        return await users.create_api_key(session, args.email, args.name)
 
     async def create_token(session: AsyncSession) -> str:
-        return await accounts.create_agent_token(session, args.email, args.name)
+        return await users.create_agent_token(session, args.email, args.name)
 
     async def grant_credits(session: AsyncSession) -> str:
         try:
-            amount = usd_to_nano(args.usd, billing.MAX_GRANT_USD)
+            amount = usd_to_nano(args.usd, ledger.MAX_GRANT_USD)
         except ValueError as exc:
-            raise accounts.AccountError(f"--usd {exc}") from None
-        user = await accounts.user_by_email(session, args.email)
+            raise users.AccountError(f"--usd {exc}") from None
+        user = await users.user_by_email(session, args.email)
         key = args.idempotency_key or f"cli:{secrets.token_hex(12)}"
-        result = await billing.topup(session.bind, key, user.id, amount)  # type: ignore[arg-type]
+        result = await ledger.topup(session.bind, key, user.id, amount)  # type: ignore[arg-type]
         return f"{result.tx_id} {'(already granted)' if result.replayed else ''}".strip()
 
     async def set_limits(session: AsyncSession) -> str:
         for value in (args.rpm, args.tpm):
             if value is not None and value <= 0:
-                raise accounts.AccountError("limits must be positive")
-        await accounts.set_key_limits(session, args.key_id, args.rpm, args.tpm)
+                raise users.AccountError("limits must be positive")
+        await users.set_key_limits(session, args.key_id, args.rpm, args.tpm)
         return f"key {args.key_id}: rpm={args.rpm or 'default'} tpm={args.tpm or 'default'}"
 
     async def edit_models(session: AsyncSession) -> str:
@@ -136,13 +134,13 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
             return "\n".join(msgspec.json.encode(info).decode() for info in directory.entries.values())
         if command == "remove":
             if directory.get(args.slug) is None:
-                raise accounts.AccountError(f"no model {args.slug!r} in the directory")
+                raise users.AccountError(f"no model {args.slug!r} in the directory")
             await catalog.remove(conn, args.slug)
             return f"removed {args.slug}"
         if command == "alias":
             current = directory.get(args.slug)
             if current is None:
-                raise accounts.AccountError(f"no model {args.slug!r} in the directory")
+                raise users.AccountError(f"no model {args.slug!r} in the directory")
             info = msgspec.structs.replace(current, aliases=(*current.aliases, *args.alias))
         else:
             info = catalog.ModelInfo(
@@ -161,7 +159,7 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
             directory.check_names(info)
             await catalog.save(conn, info)
         except catalog.DirectoryError as exc:
-            raise accounts.AccountError(str(exc)) from None
+            raise users.AccountError(str(exc)) from None
         return f"saved {info.slug}"
 
     async def vouch(session: AsyncSession) -> str:
@@ -219,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print("migrations applied", file=sys.stderr)
         else:
             print(_admin(args, settings))
-    except accounts.AccountError as exc:
+    except users.AccountError as exc:
         print(f"pool-coordinator: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -18,15 +18,16 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from coordinator import __version__, auth, billing, canaries, catalog, db, periodic
-from coordinator.accounting import Accounting
+from coordinator import __version__, auth, canaries, catalog, db, ledger, periodic
 from coordinator.bodies import TOO_DEEP, PoolRequest
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import PoolError, error_response
 from coordinator.formtokens import FormTokens
 from coordinator.history import History
+from coordinator.leases import CreditLeases
 from coordinator.metering import Price
+from coordinator.portal_tokens import Passwords, SessionTokens
 from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
 from coordinator.references import ReferenceBook
 from coordinator.registry import Registry
@@ -40,7 +41,6 @@ from coordinator.routes.pages import root, status_live, status_page
 from coordinator.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
 from coordinator.routes.portal_pages import portal_pages
 from coordinator.routes.provider import provider_agents
-from coordinator.sessions import Passwords, SessionTokens
 from coordinator.settings import Settings
 from coordinator.state import PoolState, pool_of, provide_pool
 from coordinator.stats import RequestStats
@@ -69,7 +69,7 @@ def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> Non
     if record is not None and record.status == 0:
         record.status, record.error_code = status, code
         pool = pool_of(request)
-        pool.accounting.finish(record, None, None)
+        pool.leases.finish(record, None, None)
 
 
 def _pool_error(request: Request[Any, Any, Any], exc: PoolError) -> Response[bytes]:
@@ -210,7 +210,7 @@ def build_state(settings: Settings) -> PoolState:
         whole_reply_silence=settings.whole_reply_silence,
     )
     key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
-    accounting = Accounting(
+    leases = CreditLeases(
         engine,
         requests,
         key_limits,
@@ -221,7 +221,7 @@ def build_state(settings: Settings) -> PoolState:
         idle_seconds=settings.credit_lease_idle_seconds,
         flush_interval=settings.ledger_flush_interval,
     )
-    clawback = Clawback(engine, accounting, confirmations=settings.canary_confirmations)
+    clawback = Clawback(engine, leases, confirmations=settings.canary_confirmations)
     verifier = Verifier(
         registry,
         dispatcher,
@@ -236,7 +236,7 @@ def build_state(settings: Settings) -> PoolState:
     return PoolState(
         settings=settings,
         engine=engine,
-        sessions=sessions,
+        db_sessions=sessions,
         consumer_keys=auth.consumer_keys(sessions),
         agent_tokens=auth.agent_tokens(sessions),
         registry=registry,
@@ -246,11 +246,11 @@ def build_state(settings: Settings) -> PoolState:
         verifier=verifier,
         clawback=clawback,
         stats=RequestStats(settings.status_window_seconds),
-        history=History(engine, accounting.instance_id, settings.status_history, settings.status_flush_seconds),
+        history=History(engine, leases.instance_id, settings.status_history, settings.status_flush_seconds),
         requests=requests,
         key_limits=key_limits,
         auth_failures=FailureLimits(settings.auth_failures_per_minute),
-        accounting=accounting,
+        leases=leases,
         portal=portal_sessions(settings),
         passwords=Passwords(),
         signups=AddressLimits(settings.signups_per_hour, 3600.0),
@@ -264,12 +264,12 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        accounting = pool.accounting
-        await billing.renew_instance(pool.engine, accounting.instance_id, accounting.started_at)
+        leases = pool.leases
+        await ledger.renew_instance(pool.engine, leases.instance_id, leases.started_at)
         pool.directory = await catalog.load(pool.engine)
         await pool.verifier.refresh()
         pool.requests.start()
-        accounting.start()
+        leases.start()
         sched = periodic.scheduler(pool)
         sched.start()
         # Everything built so far lives as long as the process: keep it out of the collector's full
@@ -282,7 +282,7 @@ def create_app(settings: Settings) -> Litestar:
             sched.shutdown(wait=False)
             pool.verifier.close()
             await periodic.refund_discredited(pool)
-            await accounting.close()
+            await leases.close()
             await pool.trust.close()
             await periodic.keep_history(pool)
             await pool.requests.close()

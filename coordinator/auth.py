@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import accounts, keys
-from coordinator.accounts import Principal
+from coordinator import keys, users
+from coordinator.users import Principal
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class SecretCache:
 
 
 def consumer_keys(sessions: async_sessionmaker[AsyncSession]) -> SecretCache:
-    return SecretCache(sessions, keys.CONSUMER_PREFIX, accounts.find_api_key)
+    return SecretCache(sessions, keys.CONSUMER_PREFIX, users.find_api_key)
 
 
 def agent_tokens(sessions: async_sessionmaker[AsyncSession]) -> SecretCache:
-    return SecretCache(sessions, keys.AGENT_PREFIX, accounts.find_agent_token)
+    return SecretCache(sessions, keys.AGENT_PREFIX, users.find_agent_token)

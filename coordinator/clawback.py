@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import billing
-from coordinator.accounting import Accounting
+from coordinator import ledger
+from coordinator.leases import CreditLeases
 from coordinator.requestlog import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Served(NamedTuple):
 @dataclass
 class Clawback:
     engine: AsyncEngine
-    accounting: Accounting
+    leases: CreditLeases
     unvouched: OrderedDict[Key, deque[Served]] = field(default_factory=OrderedDict)
     confirmations: int = 2  # failed canaries, on distinct prompts, that confirm a disagreement
     discredited_now: set[Key] = field(default_factory=set)  # confirmed failing: refund jobs as they end
@@ -131,17 +131,17 @@ class Clawback:
         for job in due:
             try:
                 if not flushed:  # the request log rows, to be marked refunded
-                    await self.accounting.requests.flush()
+                    await self.leases.requests.flush()
                 if job.user_id not in flushed:  # the charge goes to the ledger before its refund
-                    await self.accounting.flush(user_id=job.user_id)
+                    await self.leases.flush(user_id=job.user_id)
                     flushed.add(job.user_id)
-                if job.request_id in self.accounting.dropped:
-                    self.accounting.dropped.discard(job.request_id)
+                if job.request_id in self.leases.dropped:
+                    self.leases.dropped.discard(job.request_id)
                     continue  # its charge never reached the ledger: nothing to give back
-                written += await billing.refund(
+                written += await ledger.refund(
                     self.engine, job.request_id, job.user_id, job.provider_user_id, job.cost, job.share
                 )
-                pending = self.accounting.requests.unflushed(job.request_id)
+                pending = self.leases.requests.unflushed(job.request_id)
                 if pending is not None:  # its log row was not written yet: it will say refunded
                     pending.refunded = True
             except Exception as exc:  # the database is away: try again on the next sweep

@@ -18,11 +18,11 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from sqlalchemy import select
 
-from coordinator import accounts, keys
+from coordinator import keys, users
 from coordinator.errors import PoolError, invalid_api_key, too_many
 from coordinator.models import User
+from coordinator.portal_tokens import InvalidSession
 from coordinator.requestlog import RequestRecord
-from coordinator.sessions import InvalidSession
 from coordinator.state import PoolState, pool_of
 from shared import errors, logs
 
@@ -100,10 +100,10 @@ async def portal_session(pool: PoolState, token: str) -> PortalSession | None:
     jti = jti if isinstance(jti, str) and jti else None
     expires = float(claims["exp"])
     if pool.portal.external:
-        async with pool.sessions() as session, session.begin():
+        async with pool.db_sessions() as session, session.begin():
             email = claims.get("email")
-            user = await accounts.user_for_subject(session, subject, email if isinstance(email, str) else None)
-            if jti is not None and await session.scalar(select(accounts.session_revoked(jti))):
+            user = await users.user_for_subject(session, subject, email if isinstance(email, str) else None)
+            if jti is not None and await session.scalar(select(users.session_revoked(jti))):
                 return None
             return PortalSession(user.id, jti, expires, token)
     if not subject.isdigit() or len(subject) > 18:
@@ -112,8 +112,8 @@ async def portal_session(pool: PoolState, token: str) -> PortalSession | None:
     # logged out (on any process: the row is there the moment logout answers).
     query = select(User.id).where(User.id == int(subject), User.approved.is_(True))
     if jti is not None:
-        query = query.where(~accounts.session_revoked(jti))
-    async with pool.sessions() as session:
+        query = query.where(~users.session_revoked(jti))
+    async with pool.db_sessions() as session:
         exists = await session.scalar(query)
     return PortalSession(int(subject), jti, expires, token) if exists is not None else None
 

@@ -22,18 +22,18 @@ from dataclasses import dataclass, field
 import msgspec
 
 from coordinator import audit, placement, registry, trust
-from coordinator.accounting import Charge, Reservation
-from coordinator.accounts import Principal
-from coordinator.billing import InsufficientCredits
 from coordinator.dispatch import Attempt, Job, Route, output_budget, provider_error
 from coordinator.errors import PoolError
 from coordinator.forward import backend_body, content_problem
 from coordinator.jobreader import JobReader
+from coordinator.leases import Charge, Reservation
+from coordinator.ledger import InsufficientCredits
 from coordinator.metering import Bill, Meter, Price, output_bound, prompt_bound, prompt_estimate
 from coordinator.placement import DEFAULT_ROUTING, Routing, offer_price
 from coordinator.present import present
 from coordinator.requestlog import RequestRecord
 from coordinator.state import PoolState
+from coordinator.users import Principal
 from shared import errors
 from shared.backend import Done, Failure
 from shared.money import format_usd, nano_to_usd
@@ -214,16 +214,16 @@ class Call:
         cover that, at the cheapest offer's (the request then goes only to offers that cheap): one
         dear agent cannot price a consumer out of the cheap ones. Returns the prices the hold covers;
         :class:`InsufficientCredits` if even the cheapest is out of reach."""
-        meter, accounting, prices = self.meter, self.pool.accounting, self.prices
+        meter, leases, prices = self.meter, self.pool.leases, self.prices
         ceiling = Price(max(p.input for p in prices), max(p.output for p in prices))
         try:
-            self.reservation = await accounting.reserve(self.record, meter.hold_amount(ceiling))
+            self.reservation = await leases.reserve(self.record, meter.hold_amount(ceiling))
             return ceiling
         except InsufficientCredits:
             cheapest = min(prices, key=meter.hold_amount)
             if meter.hold_amount(cheapest) >= meter.hold_amount(ceiling):
                 raise
-        self.reservation = await accounting.reserve(self.record, meter.hold_amount(cheapest))
+        self.reservation = await leases.reserve(self.record, meter.hold_amount(cheapest))
         return cheapest
 
     async def whole(self) -> bytes:
@@ -350,7 +350,7 @@ class Call:
             ok = ending.status == 200
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
             pool.history.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
-        pool.accounting.finish(record, charge, self.reservation, self.token_estimate)
+        pool.leases.finish(record, charge, self.reservation, self.token_estimate)
         if agent is not None and job is not None:
             pool.clawback.served(agent.token_id, agent.agent_id, job.slug, record)  # until vouched for
         route = self.route

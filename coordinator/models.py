@@ -96,7 +96,7 @@ class AgentToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
-# --- money (DESIGN §5): written only by coordinator/billing.py ------------------------------------
+# --- money (DESIGN §5): written only by coordinator/ledger.py ------------------------------------
 
 
 class Account(Base):

@@ -10,7 +10,7 @@ import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from coordinator import accounts, catalog, trust
+from coordinator import catalog, trust, users
 from coordinator.presence import remove_agent
 from coordinator.state import PoolState
 from shared.protocol import CLOSE_REVOKED, CLOSE_STALE
@@ -33,8 +33,8 @@ async def drop_revoked_agents(pool: PoolState) -> int:
     agents = pool.registry.agents()
     if not agents:
         return 0
-    async with pool.sessions() as session:
-        revoked = await accounts.revoked_agent_tokens(session, {a.token_id for a in agents})
+    async with pool.db_sessions() as session:
+        revoked = await users.revoked_agent_tokens(session, {a.token_id for a in agents})
     return sum(
         remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED) for agent in agents if agent.token_id in revoked
     )
@@ -42,7 +42,7 @@ async def drop_revoked_agents(pool: PoolState) -> int:
 
 async def release_orphaned_holds(pool: PoolState) -> None:
     try:
-        await pool.accounting.sweep()
+        await pool.leases.sweep()
     except Exception as exc:  # the database is away; try again next time
         log.error("hold sweep failed", extra={"error": str(exc)})
 

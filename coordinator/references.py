@@ -28,7 +28,7 @@ from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from coordinator import accounts
+from coordinator import users
 from coordinator.models import CanaryReference, User
 from coordinator.registry import ConnectedAgent
 
@@ -220,7 +220,7 @@ async def save(engine: AsyncEngine, slug: str, prompt: str, reference: Reference
 
 async def vouch(session: AsyncSession, email: str, vouched: bool) -> str:
     """Vouch for a provider (its agents' canary answers become references), or stop: its references go."""
-    user = await accounts.user_by_email(session, email)
+    user = await users.user_by_email(session, email)
     await session.execute(
         update(User).where(User.id == user.id).values(vouched_at=datetime.now(UTC) if vouched else None)
     )

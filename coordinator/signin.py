@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import select
 
-from coordinator import accounts
+from coordinator import users
 from coordinator.errors import PoolError, too_many
 from coordinator.guards import PortalSession, check_not_blocked
 from coordinator.models import User
@@ -42,8 +42,8 @@ async def end_session(pool: PoolState, portal: PortalSession) -> None:
     if portal.jti is None:
         return
     expires = datetime.fromtimestamp(min(portal.expires, time.time() + MAX_REVOCATION), UTC)
-    async with pool.sessions() as session, session.begin():
-        await accounts.revoke_session(session, portal.jti, expires)
+    async with pool.db_sessions() as session, session.begin():
+        await users.revoke_session(session, portal.jti, expires)
 
 
 MAX_REVOCATION = 366 * 86_400.0  # an identity provider's far-off ``exp`` is kept this long at most
@@ -56,19 +56,19 @@ async def register(pool: PoolState, data: Credentials, client: str) -> str:
     (checked before the costly hash), 403 under an identity provider."""
     _local_only(pool)
     try:
-        email = accounts.normalize_email(data.email)
-    except accounts.AccountError as exc:
+        email = users.normalize_email(data.email)
+    except users.AccountError as exc:
         raise PoolError(400, errors.INVALID_REQUEST, str(exc), param="email") from None
     wait = pool.signups.take(client)
     if wait:
         raise too_many("signups", wait)
     password_hash = await pool.passwords.hash(data.password)  # for a taken email too: the same time
     try:
-        async with pool.sessions() as session, session.begin():
-            await accounts.create_user(
+        async with pool.db_sessions() as session, session.begin():
+            await users.create_user(
                 session, email, password_hash=password_hash, approved=not pool.settings.signup_approval
             )
-    except accounts.AccountError:
+    except users.AccountError:
         pass  # the email has an account: its owner's password still opens it, this one does not
     return email
 
@@ -79,10 +79,10 @@ async def authenticate(pool: PoolState, data: Credentials, client: str) -> User:
     _local_only(pool)
     check_not_blocked(pool, client)
     try:
-        email = accounts.normalize_email(data.email)
-    except accounts.AccountError:
+        email = users.normalize_email(data.email)
+    except users.AccountError:
         email = ""
-    async with pool.sessions() as session:
+    async with pool.db_sessions() as session:
         user = await session.scalar(select(User).where(User.email == email)) if email else None
     if not await pool.passwords.verify(user.password_hash if user else None, data.password) or user is None:
         pool.auth_failures.failed(client)

@@ -9,17 +9,17 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from coordinator.accounting import Accounting
 from coordinator.auth import SecretCache
 from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
 from coordinator.formtokens import FormTokens
 from coordinator.history import History
+from coordinator.leases import CreditLeases
+from coordinator.portal_tokens import Passwords, SessionTokens
 from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
 from coordinator.registry import Registry
 from coordinator.requestlog import RequestLog
-from coordinator.sessions import Passwords, SessionTokens
 from coordinator.settings import Settings
 from coordinator.stats import RequestStats
 from coordinator.trust import TrustBook
@@ -31,7 +31,7 @@ from coordinator.verify import Verifier
 class PoolState:
     settings: Settings
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    db_sessions: async_sessionmaker[AsyncSession]
     consumer_keys: SecretCache
     agent_tokens: SecretCache
     registry: Registry
@@ -42,7 +42,7 @@ class PoolState:
     requests: RequestLog
     key_limits: KeyLimits
     auth_failures: FailureLimits
-    accounting: Accounting
+    leases: CreditLeases
     portal: SessionTokens
     passwords: Passwords
     signups: AddressLimits

@@ -10,7 +10,7 @@ from typing import Any, cast
 import msgspec
 from sqlalchemy import Table, case, func, select
 
-from coordinator import billing
+from coordinator import ledger
 from coordinator.models import RequestLogRow
 from coordinator.requestlog import RequestRecord
 from coordinator.state import PoolState
@@ -93,12 +93,12 @@ async def credit_figures(pool: PoolState, user_id: int) -> Credits:
     # Write this process's booked charges and hand back its idle credit lease first; what a lease
     # still holds beyond its running requests counts as available, so "held" is what requests hold.
     try:
-        await pool.accounting.flush(close_all=True, user_id=user_id)
+        await pool.leases.flush(close_all=True, user_id=user_id)
     except Exception as exc:  # the figures are then as of the last flush
         log.warning("ledger flush before a balance read failed", extra={"error": str(exc)})
     async with pool.engine.connect() as conn:
-        money = await billing.balances(conn, user_id)
-    unspent = pool.accounting.unspent(user_id)
+        money = await ledger.balances(conn, user_id)
+    unspent = pool.leases.unspent(user_id)
     held, available = money.held - unspent, money.available + unspent
     total = available + held
     return Credits(nano_to_usd(total), nano_to_usd(held), nano_to_usd(available), total, held, available)
@@ -177,9 +177,9 @@ def _generation(r: Any) -> Generation:
 
 async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Earnings:
     rows = await _daily(pool, _log.c.provider_user_id == user_id, _unless_refunded(_log.c.provider_earned), first, last)
-    await pool.accounting.flush()  # earnings booked in this process but not yet written
+    await pool.leases.flush()  # earnings booked in this process but not yet written
     async with pool.engine.connect() as conn:
-        money = await billing.balances(conn, user_id)
+        money = await ledger.balances(conn, user_id)
     data = [EarningsRow(day, model, n, p, c, nano_to_usd(e), e) for day, model, n, _, p, c, e in rows]
     return Earnings(nano_to_usd(money.earnings), money.earnings, first, last, data)
 

@@ -1,4 +1,4 @@
-"""Independent checks of the money invariants, straight from the tables (not through billing.py)."""
+"""Independent checks of the money invariants, straight from the tables (not through ledger.py)."""
 
 from __future__ import annotations
 

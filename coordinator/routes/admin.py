@@ -11,7 +11,7 @@ from litestar.params import Parameter
 from msgspec import Meta
 from sqlalchemy import select
 
-from coordinator import accounts, billing
+from coordinator import ledger, users
 from coordinator.errors import PoolError
 from coordinator.guards import require_admin
 from coordinator.models import User
@@ -37,11 +37,11 @@ class TopupOut(msgspec.Struct):
 async def user_id_for(pool: PoolState, email: str | None, user_id: int | None) -> int:
     if (email is None) == (user_id is None):
         raise PoolError(400, errors.INVALID_REQUEST, "Give exactly one of `email` and `userId`.", param="email")
-    async with pool.sessions() as session:
+    async with pool.db_sessions() as session:
         if email is not None:
             try:
-                found = await session.scalar(select(User.id).where(User.email == accounts.normalize_email(email)))
-            except accounts.AccountError:
+                found = await session.scalar(select(User.id).where(User.email == users.normalize_email(email)))
+            except users.AccountError:
                 found = None
         else:
             found = await session.scalar(select(User.id).where(User.id == user_id))
@@ -66,13 +66,13 @@ async def grant_credits(
     pool: PoolState,
 ) -> Response[TopupOut]:
     try:
-        amount = usd_to_nano(data.amountUsd, billing.MAX_GRANT_USD)
+        amount = usd_to_nano(data.amountUsd, ledger.MAX_GRANT_USD)
     except ValueError as exc:
         raise PoolError(400, errors.INVALID_REQUEST, f"`amountUsd` {exc}.", param="amountUsd") from None
     user_id = await user_id_for(pool, data.email, data.userId)
     try:
-        result = await billing.topup(pool.engine, idempotency_key, user_id, amount)
-    except billing.IdempotencyConflict:
+        result = await ledger.topup(pool.engine, idempotency_key, user_id, amount)
+    except ledger.IdempotencyConflict:
         raise PoolError(
             422,
             errors.IDEMPOTENCY_CONFLICT,

@@ -17,12 +17,12 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from coordinator import inference
-from coordinator.accounts import Principal
 from coordinator.errors import error_body, error_response
 from coordinator.guards import require_consumer_key
 from coordinator.inference import Call, Ending, Refusal
 from coordinator.requestlog import RequestRecord
 from coordinator.state import PoolState
+from coordinator.users import Principal
 from shared import errors
 from shared.openai import ChatCompletionRequest
 

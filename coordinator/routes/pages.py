@@ -14,9 +14,9 @@ from litestar.response import Redirect, Template
 from coordinator import charts
 from coordinator.history import MINUTE
 from coordinator.overview import model_list, status_of
+from coordinator.portal_cookies import base_context, page_headers
 from coordinator.state import PoolState
 from coordinator.templating import ms
-from coordinator.websession import base_context, page_headers
 
 DAY = 86_400
 

@@ -16,7 +16,7 @@ import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.params import Parameter
 
-from coordinator import accounts
+from coordinator import users
 from coordinator.errors import PoolError
 from coordinator.guards import PortalSession, client_address, require_session
 from coordinator.models import AgentToken, ApiKey, User
@@ -125,17 +125,17 @@ def _credential_router(path: str, model: type[ApiKey] | type[AgentToken], what: 
     async def create(request: Request[Any, Any, Any], data: TokenCreate) -> TokenCreated:
         pool = _pool(request)
         try:
-            async with pool.sessions() as session, session.begin():
-                row, secret = await accounts.create_credential(session, model, request.state.user_id, data.displayName)
-        except accounts.LimitReached as exc:
+            async with pool.db_sessions() as session, session.begin():
+                row, secret = await users.create_credential(session, model, request.state.user_id, data.displayName)
+        except users.LimitReached as exc:
             raise PoolError(409, errors.CONFLICT, str(exc)) from None
         return TokenCreated(row.id, row.name, row.prefix + "…", row.created_at, secret)
 
     @get("/", summary=f"List your {what}s (never their secrets)", operation_id=f"list_{path}")
     async def list_(request: Request[Any, Any, Any]) -> TokenList:
         pool = _pool(request)
-        async with pool.sessions() as session:
-            rows = await accounts.list_credentials(session, model, request.state.user_id)
+        async with pool.db_sessions() as session:
+            rows = await users.list_credentials(session, model, request.state.user_id)
         return TokenList([TokenOut(r.id, r.name, r.prefix + "…", r.created_at, r.last_used_at) for r in rows])
 
     @delete(
@@ -148,8 +148,8 @@ def _credential_router(path: str, model: type[ApiKey] | type[AgentToken], what: 
         request: Request[Any, Any, Any], credential_id: Annotated[int, Parameter(ge=1, le=2**31 - 1)]
     ) -> Response[None]:
         pool = _pool(request)
-        async with pool.sessions() as session, session.begin():
-            revoked = await accounts.revoke_credential(session, model, request.state.user_id, credential_id)
+        async with pool.db_sessions() as session, session.begin():
+            revoked = await users.revoke_credential(session, model, request.state.user_id, credential_id)
         if not revoked:
             raise PoolError(404, errors.NOT_FOUND, f"No such {what}.", param="id")
         return Response(None, status_code=204)

@@ -18,18 +18,13 @@ from litestar.datastructures import Cookie
 from litestar.params import Parameter
 from litestar.response import Redirect, Template
 
-from coordinator import accounts
+from coordinator import users
 from coordinator.charts import Chart, columns
 from coordinator.errors import PoolError
 from coordinator.guards import client_address
 from coordinator.models import AgentToken, ApiKey, User
 from coordinator.overview import model_list
-from coordinator.signin import Credentials, DisplayName, authenticate, end_session, register
-from coordinator.standing import provider_standing
-from coordinator.state import PoolState, pool_of
-from coordinator.statements import credit_figures, earnings_by_day, recent_requests, usage_by_day
-from coordinator.templating import usd
-from coordinator.websession import (
+from coordinator.portal_cookies import (
     base_context,
     csrf_ok,
     csrf_token,
@@ -39,6 +34,11 @@ from coordinator.websession import (
     session_cookie,
     signed_in,
 )
+from coordinator.signin import Credentials, DisplayName, authenticate, end_session, register
+from coordinator.standing import provider_standing
+from coordinator.state import PoolState, pool_of
+from coordinator.statements import credit_figures, earnings_by_day, recent_requests, usage_by_day
+from coordinator.templating import usd
 from shared import errors
 
 DAYS = 14  # days in the usage and earnings charts
@@ -98,7 +98,7 @@ async def _who(request: Request[Any, Any, Any]) -> User | None:
     user_id = await page_user(request)
     if user_id is None:
         return None
-    async with _pool(request).sessions() as session:
+    async with _pool(request).db_sessions() as session:
         return await session.get(User, user_id)
 
 
@@ -223,8 +223,8 @@ async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
     pool = _pool(request)
     first, last, days = _days(datetime.now(UTC).date())
     usage = await usage_by_day(pool, user.id, first, last)
-    async with pool.sessions() as session:
-        keys = await accounts.list_credentials(session, ApiKey, user.id)
+    async with pool.db_sessions() as session:
+        keys = await users.list_credentials(session, ApiKey, user.id)
     return _page(
         request,
         "portal/home.html",
@@ -285,9 +285,9 @@ async def create(request: Request[Any, Any, Any], kind: str) -> Template | Redir
     except msgspec.ValidationError:
         return Redirect(f"{what.home}?done=bad-name", status_code=303)
     try:
-        async with _pool(request).sessions() as session, session.begin():
-            row, secret = await accounts.create_credential(session, what.model, user.id, name)
-    except accounts.LimitReached:
+        async with _pool(request).db_sessions() as session, session.begin():
+            row, secret = await users.create_credential(session, what.model, user.id, name)
+    except users.LimitReached:
         return Redirect(f"{what.home}?done=limit", status_code=303)
     return _page(request, "portal/secret.html", what.page, email=user.email, kind=what, row=row, secret=secret)
 
@@ -300,8 +300,8 @@ async def confirm_revoke(
     user = await _who(request)
     if user is None:
         return Redirect(LOGIN)
-    async with _pool(request).sessions() as session:
-        mine = {row.id: row for row in await accounts.list_credentials(session, what.model, user.id)}
+    async with _pool(request).db_sessions() as session:
+        mine = {row.id: row for row in await users.list_credentials(session, what.model, user.id)}
     row = mine.get(credential_id)
     if row is None:
         return _page(request, "portal/missing.html", what.page, status=404, email=user.email, kind=what)
@@ -316,8 +316,8 @@ async def revoke(request: Request[Any, Any, Any], kind: str, credential_id: Cred
         return Redirect(LOGIN, status_code=303)
     if not csrf_ok(request, await _form(request)):
         return Redirect(f"{what.home}?done=expired", status_code=303)
-    async with _pool(request).sessions() as session, session.begin():
-        revoked = await accounts.revoke_credential(session, what.model, user.id, credential_id)
+    async with _pool(request).db_sessions() as session, session.begin():
+        revoked = await users.revoke_credential(session, what.model, user.id, credential_id)
     if not revoked:
         return _page(request, "portal/missing.html", what.page, status=404, email=user.email, kind=what)
     return Redirect(f"{what.home}?done=revoked", status_code=303)

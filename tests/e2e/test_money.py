@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import billing, db
+from coordinator import db, ledger
 from scripts import localpool
 from tests.harness import CONSUMER, Pool
 from tests.ledger_checks import balance, ledger_problems, pending_holds
@@ -69,9 +69,9 @@ def user_id(url: str, email: str) -> int:
 def books(url: str, consumer: int, provider: int) -> tuple[int, int, int, list[str]]:
     async def read(engine: AsyncEngine) -> tuple[int, int, int, list[str]]:
         return (
-            await balance(engine, billing.wallet(consumer)),
-            await balance(engine, billing.held(consumer)),
-            await balance(engine, billing.earnings(provider)),
+            await balance(engine, ledger.wallet(consumer)),
+            await balance(engine, ledger.held(consumer)),
+            await balance(engine, ledger.earnings(provider)),
             await ledger_problems(engine),
         )
 
@@ -122,7 +122,7 @@ def test_exactly_the_covered_requests_are_served(db_url: str, llama: str, tmp_pa
         consumer, provider = user_id(db_url, CONSUMER), user_id(db_url, "provider@example.com")
         wallet, held, earned, problems = books(db_url, consumer, provider)
         assert (wallet, held, problems) == (0, 0, [])
-        assert earned == 10 * billing.provider_share(hold, FEE_BPS)
+        assert earned == 10 * ledger.provider_share(hold, FEE_BPS)
     finally:
         pool.stop()
 
@@ -210,7 +210,7 @@ def test_stream_cut_by_the_agent_bills_exactly_what_was_delivered(cut_pool: Pool
     assert record["costNano"] == received * PRICE_OUT_NANO
     consumer = user_id(pool.db_url, CONSUMER)
     earned = books(pool.db_url, consumer, provider)[2] - earned_before
-    assert earned == billing.provider_share(received * PRICE_OUT_NANO, FEE_BPS)
+    assert earned == ledger.provider_share(received * PRICE_OUT_NANO, FEE_BPS)
     assert run(with_engine(pool.db_url, ledger_problems)) == []
 
 

@@ -13,10 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import accounts, billing, db
-from coordinator.accounting import Accounting, Charge, Reservation
-from coordinator.billing import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
+from coordinator import db, ledger, users
 from coordinator.clawback import Clawback
+from coordinator.leases import Charge, CreditLeases, Reservation
+from coordinator.ledger import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
 from coordinator.ratelimit import KeyLimits
 from coordinator.requestlog import RequestLog, RequestRecord
 from tests.ledger_checks import balance, ledger_problems, pending_holds
@@ -35,8 +35,8 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 class Skip:
-    """Time skipped instead of slept: billing's wall clock (``billing.now``, patched by the ``skip``
-    fixture) and :meth:`monotonic` (an :class:`Accounting`'s clock) run ``seconds`` ahead of the real ones."""
+    """Time skipped instead of slept: billing's wall clock (``ledger.now``, patched by the ``skip``
+    fixture) and :meth:`monotonic` (an :class:`CreditLeases`'s clock) run ``seconds`` ahead of the real ones."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -51,16 +51,16 @@ class Skip:
 @pytest.fixture
 def skip(monkeypatch: pytest.MonkeyPatch) -> Skip:
     skipped = Skip()
-    real = billing.now
-    monkeypatch.setattr(billing, "now", lambda: real() + timedelta(seconds=skipped.seconds))
+    real = ledger.now
+    monkeypatch.setattr(ledger, "now", lambda: real() + timedelta(seconds=skipped.seconds))
     return skipped
 
 
 async def new_user(engine: AsyncEngine, credits: int = 0) -> int:
     async with db.sessionmaker(engine)() as session, session.begin():
-        user = await accounts.create_user(session, f"u{secrets.token_hex(4)}@example.com")
+        user = await users.create_user(session, f"u{secrets.token_hex(4)}@example.com")
         if credits:
-            await billing.grant(await session.connection(), user.id, credits)
+            await ledger.grant(await session.connection(), user.id, credits)
         return user.id
 
 
@@ -71,9 +71,9 @@ def hold_id() -> str:
 async def test_hold_then_settle_splits_the_charge(engine: AsyncEngine) -> None:
     consumer, provider = await new_user(engine, 10_000), await new_user(engine)
     h = hold_id()
-    await billing.hold(engine, h, consumer, None, 3_000, OWNER, 60)
+    await ledger.hold(engine, h, consumer, None, 3_000, OWNER, 60)
     assert (await balance(engine, wallet(consumer)), await balance(engine, held(consumer))) == (7_000, 3_000)
-    done = await billing.settle(engine, h, 1_001, provider_user_id=provider, fee_bps=1_000)
+    done = await ledger.settle(engine, h, 1_001, provider_user_id=provider, fee_bps=1_000)
     assert done is not None
     assert (done.charged, done.provider_share, done.platform_fee, done.capped) == (1_001, 900, 101, False)
     assert await balance(engine, wallet(consumer)) == 10_000 - 1_001
@@ -85,8 +85,8 @@ async def test_hold_then_settle_splits_the_charge(engine: AsyncEngine) -> None:
 async def test_settle_never_charges_above_the_hold(engine: AsyncEngine) -> None:
     consumer, provider = await new_user(engine, 5_000), await new_user(engine)
     h = hold_id()
-    await billing.hold(engine, h, consumer, None, 2_000, OWNER, 60)
-    done = await billing.settle(engine, h, 9_999, provider_user_id=provider, fee_bps=2_500)
+    await ledger.hold(engine, h, consumer, None, 2_000, OWNER, 60)
+    done = await ledger.settle(engine, h, 9_999, provider_user_id=provider, fee_bps=2_500)
     assert done is not None and done.charged == 2_000 and done.capped
     assert await balance(engine, wallet(consumer)) == 3_000
     assert await balance(engine, earnings(provider)) == 1_500
@@ -98,8 +98,8 @@ async def test_fallback_charges_the_pool_price_and_records_the_upstream_cost(eng
     fees_before = await balance(engine, PLATFORM_FEES)
     costs_before = await balance(engine, UPSTREAM_COSTS)
     h = hold_id()
-    await billing.hold(engine, h, consumer, None, 1_000, OWNER, 60)
-    done = await billing.settle(engine, h, 800, provider_user_id=None, fee_bps=1_000, upstream_cost=300)
+    await ledger.hold(engine, h, consumer, None, 1_000, OWNER, 60)
+    done = await ledger.settle(engine, h, 800, provider_user_id=None, fee_bps=1_000, upstream_cost=300)
     assert done is not None and (done.charged, done.provider_share, done.upstream_cost) == (800, 0, 300)
     assert await balance(engine, PLATFORM_FEES) - fees_before == 800 - 300
     assert await balance(engine, UPSTREAM_COSTS) - costs_before == 300
@@ -109,15 +109,15 @@ async def test_fallback_charges_the_pool_price_and_records_the_upstream_cost(eng
 async def test_a_hold_resolves_exactly_once(engine: AsyncEngine) -> None:
     consumer, provider = await new_user(engine, 10_000), await new_user(engine)
     first, second = hold_id(), hold_id()
-    await billing.hold(engine, first, consumer, None, 1_000, OWNER, 60)
-    assert await billing.release(engine, first, "cancelled")
-    assert await billing.settle(engine, first, 500, provider_user_id=provider, fee_bps=0) is None
-    assert not await billing.release(engine, first, "again")
-    await billing.hold(engine, second, consumer, None, 1_000, OWNER, 60)
+    await ledger.hold(engine, first, consumer, None, 1_000, OWNER, 60)
+    assert await ledger.release(engine, first, "cancelled")
+    assert await ledger.settle(engine, first, 500, provider_user_id=provider, fee_bps=0) is None
+    assert not await ledger.release(engine, first, "again")
+    await ledger.hold(engine, second, consumer, None, 1_000, OWNER, 60)
     outcomes = await asyncio.gather(
-        billing.settle(engine, second, 400, provider_user_id=provider, fee_bps=0),
-        billing.release(engine, second, "race"),
-        billing.settle(engine, second, 700, provider_user_id=provider, fee_bps=0),
+        ledger.settle(engine, second, 400, provider_user_id=provider, fee_bps=0),
+        ledger.release(engine, second, "race"),
+        ledger.settle(engine, second, 700, provider_user_id=provider, fee_bps=0),
         return_exceptions=True,
     )
     assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
@@ -130,11 +130,11 @@ async def test_a_hold_resolves_exactly_once(engine: AsyncEngine) -> None:
 async def test_concurrent_holds_never_overspend(engine: AsyncEngine) -> None:
     consumer = await new_user(engine, 10 * 777)
     results = await asyncio.gather(
-        *(billing.hold(engine, hold_id(), consumer, None, 777, OWNER, 60) for _ in range(100)),
+        *(ledger.hold(engine, hold_id(), consumer, None, 777, OWNER, 60) for _ in range(100)),
         return_exceptions=True,
     )
-    refused = [r for r in results if isinstance(r, billing.InsufficientCredits)]
-    others = [r for r in results if isinstance(r, BaseException) and not isinstance(r, billing.InsufficientCredits)]
+    refused = [r for r in results if isinstance(r, ledger.InsufficientCredits)]
+    others = [r for r in results if isinstance(r, BaseException) and not isinstance(r, ledger.InsufficientCredits)]
     assert others == []
     assert (len(results) - len(refused), len(refused)) == (10, 90)
     assert await balance(engine, wallet(consumer)) == 0
@@ -144,8 +144,8 @@ async def test_concurrent_holds_never_overspend(engine: AsyncEngine) -> None:
 
 async def test_insufficient_credits_changes_nothing(engine: AsyncEngine) -> None:
     consumer = await new_user(engine, 100)
-    with pytest.raises(billing.InsufficientCredits) as refused:
-        await billing.hold(engine, hold_id(), consumer, None, 101, OWNER, 60)
+    with pytest.raises(ledger.InsufficientCredits) as refused:
+        await ledger.hold(engine, hold_id(), consumer, None, 101, OWNER, 60)
     assert (refused.value.needed, refused.value.available) == (101, 100)
     assert await balance(engine, wallet(consumer)) == 100
     assert await balance(engine, held(consumer)) == 0
@@ -156,13 +156,13 @@ async def test_topup_is_idempotent(engine: AsyncEngine) -> None:
     consumer = await new_user(engine)
     funding_before = await balance(engine, FUNDING)
     key = "topup-" + secrets.token_hex(4)
-    results = await asyncio.gather(*(billing.topup(engine, key, consumer, 2_500) for _ in range(5)))
+    results = await asyncio.gather(*(ledger.topup(engine, key, consumer, 2_500) for _ in range(5)))
     assert len({r.tx_id for r in results}) == 1
     assert sum(not r.replayed for r in results) == 1
     assert await balance(engine, wallet(consumer)) == 2_500
     assert await balance(engine, FUNDING) == funding_before - 2_500
-    with pytest.raises(billing.IdempotencyConflict):
-        await billing.topup(engine, key, consumer, 2_501)
+    with pytest.raises(ledger.IdempotencyConflict):
+        await ledger.topup(engine, key, consumer, 2_501)
     assert await balance(engine, wallet(consumer)) == 2_500
     assert await ledger_problems(engine) == []
 
@@ -185,20 +185,20 @@ async def test_sweep_releases_holds_of_dead_and_forgotten_requests(engine: Async
     started = datetime.now(UTC)
     dead, alive, other = ("crd_" + name + secrets.token_hex(3) for name in ("dead_", "alive_", "other_"))
     for instance in (dead, alive, other):
-        await billing.renew_instance(engine, instance, started)
+        await ledger.renew_instance(engine, instance, started)
     crashed, running, forgotten, expired, overdue = (hold_id() for _ in range(5))
-    await billing.hold(engine, crashed, consumer, None, 1_000, dead, 600)
-    await billing.hold(engine, running, consumer, None, 1_000, alive, 600)
-    await billing.hold(engine, forgotten, consumer, None, 1_000, alive, 600)
-    await billing.hold(engine, expired, consumer, None, 1_000, other, 0.01)  # a live instance's hold past its TTL
-    await billing.hold(engine, overdue, consumer, None, 1_000, alive, 0.01)  # past its TTL, but still running here
+    await ledger.hold(engine, crashed, consumer, None, 1_000, dead, 600)
+    await ledger.hold(engine, running, consumer, None, 1_000, alive, 600)
+    await ledger.hold(engine, forgotten, consumer, None, 1_000, alive, 600)
+    await ledger.hold(engine, expired, consumer, None, 1_000, other, 0.01)  # a live instance's hold past its TTL
+    await ledger.hold(engine, overdue, consumer, None, 1_000, alive, 0.01)  # past its TTL, but still running here
     skip(2.2)  # the dead instance's lease (2 s) runs out; holds pass their 2 s grace
-    await billing.renew_instance(engine, alive, started)
-    await billing.renew_instance(engine, other, started)
-    orphans = await billing.orphaned_holds(engine, alive, live={running, overdue}, lease=2.0)
+    await ledger.renew_instance(engine, alive, started)
+    await ledger.renew_instance(engine, other, started)
+    orphans = await ledger.orphaned_holds(engine, alive, live={running, overdue}, lease=2.0)
     assert sorted(orphans) == sorted([crashed, forgotten, expired])
     for orphan in orphans:
-        assert await billing.release(engine, orphan, "orphaned")
+        assert await ledger.release(engine, orphan, "orphaned")
     assert await pending_holds(engine) == 2
     assert await balance(engine, wallet(consumer)) == 8_000
     assert await ledger_problems(engine) == []
@@ -208,24 +208,24 @@ async def test_a_lease_takes_batched_charges_then_returns_the_rest(engine: Async
     consumer, provider = await new_user(engine, 10_000), await new_user(engine)
     fees_before, costs_before = await balance(engine, PLATFORM_FEES), await balance(engine, UPSTREAM_COSTS)
     lease = hold_id()
-    await billing.hold(engine, lease, consumer, None, 5_000, OWNER, 60)
+    await ledger.hold(engine, lease, consumer, None, 5_000, OWNER, 60)
     batch = [
-        billing.Payout(1_000, provider, 900),
-        billing.Payout(500, provider, 450),
-        billing.Payout(800, None, 0, upstream_cost=300),
+        ledger.Payout(1_000, provider, 900),
+        ledger.Payout(500, provider, 450),
+        ledger.Payout(800, None, 0, upstream_cost=300),
     ]
-    assert await billing.charge(engine, lease, "b1", batch)
-    assert await billing.charge(engine, lease, "b1", batch)  # a retried batch is written once
+    assert await ledger.charge(engine, lease, "b1", batch)
+    assert await ledger.charge(engine, lease, "b1", batch)  # a retried batch is written once
     assert await balance(engine, held(consumer)) == 5_000 - 2_300
     assert await balance(engine, earnings(provider)) == 1_350
     assert await balance(engine, PLATFORM_FEES) - fees_before == 100 + 50 + 800 - 300
     assert await balance(engine, UPSTREAM_COSTS) - costs_before == 300
-    assert not await billing.charge(engine, lease, "b2", [billing.Payout(2_701, provider, 0)])  # more than is left
+    assert not await ledger.charge(engine, lease, "b2", [ledger.Payout(2_701, provider, 0)])  # more than is left
     with pytest.raises(ValueError):
-        await billing.charge(engine, lease, "b3", [billing.Payout(10, provider, 11)])
+        await ledger.charge(engine, lease, "b3", [ledger.Payout(10, provider, 11)])
     assert await ledger_problems(engine) == []
-    assert await billing.release(engine, lease, "lease closed")
-    assert not await billing.charge(engine, lease, "b4", [billing.Payout(1, provider, 0)])
+    assert await ledger.release(engine, lease, "lease closed")
+    assert not await ledger.charge(engine, lease, "b4", [ledger.Payout(1, provider, 0)])
     assert await balance(engine, wallet(consumer)) == 10_000 - 2_300
     assert await balance(engine, held(consumer)) == 0
     assert await ledger_problems(engine) == []
@@ -233,8 +233,8 @@ async def test_a_lease_takes_batched_charges_then_returns_the_rest(engine: Async
 
 def accounting(
     engine: AsyncEngine, chunk: int, hold_ttl: float = 600, clock: Callable[[], float] = time.monotonic
-) -> Accounting:
-    return Accounting(
+) -> CreditLeases:
+    return CreditLeases(
         engine,
         RequestLog(engine),
         KeyLimits(600, 1_000_000),
@@ -256,7 +256,7 @@ async def test_leases_serve_exactly_what_the_wallet_covers_and_strand_nothing(en
     records = [RequestRecord(id=hold_id(), user_id=consumer, key_id=None) for _ in range(11)]
     results = await asyncio.gather(*(books.reserve(r, 300) for r in records), return_exceptions=True)
     served = [(r, res) for r, res in zip(records, results, strict=True) if isinstance(res, Reservation)]
-    refused = [res for res in results if isinstance(res, billing.InsufficientCredits)]
+    refused = [res for res in results if isinstance(res, ledger.InsufficientCredits)]
     assert (len(served), len(refused)) == (10, 1)
     assert refused[0].available == 0
     assert len(books.live) == 1  # one lease, grown three times
@@ -283,7 +283,7 @@ async def test_a_retiring_lease_still_serves_when_the_wallet_is_empty(engine: As
     second = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
     late = await books.reserve(second, 600)
     assert late.lease is running.lease
-    with pytest.raises(billing.InsufficientCredits):
+    with pytest.raises(ledger.InsufficientCredits):
         await books.reserve(RequestRecord(id=hold_id(), user_id=consumer, key_id=None), 1)
     books.finish(first, None, running)  # failed before output: nothing charged
     books.finish(second, Charge(250, None), late)
@@ -300,7 +300,7 @@ async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine)
     books = accounting(engine, chunk=10_000)
     first = RequestRecord(id=hold_id(), user_id=consumer, key_id=None)
     running = await books.reserve(first, 1_000)
-    assert await billing.release(engine, running.lease.hold_id, "orphaned")  # another process's sweep
+    assert await ledger.release(engine, running.lease.hold_id, "orphaned")  # another process's sweep
     books.finish(first, Charge(500, provider), running)
     await books.flush()
     assert running.lease.lost and books.unspent(consumer) == 0
@@ -366,13 +366,13 @@ async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(e
     assert await balance(engine, wallet(consumer)) == 10_000 - 2 * 200
     assert await balance(engine, earnings(provider)) == 2 * 180
     assert await balance(engine, PLATFORM_FEES) - fees_before == 2 * 20
-    assert not await billing.refund(engine, records[1].id, consumer, provider, 200, 180)  # once per request
+    assert not await ledger.refund(engine, records[1].id, consumer, provider, 200, 180)  # once per request
     async with engine.connect() as conn:
         marked = dict((await conn.execute(text("SELECT id, refunded FROM request_log"))).all())
     assert [bool(marked[r.id]) for r in records] == [False, True, True, False]  # the log says which
     with pytest.raises(IntegrityError):  # and the database refuses a second refund of a request
         async with engine.begin() as conn:
-            await billing._post(conn, "refund", records[1].id, [(wallet(consumer), 1), (PLATFORM_FEES, -1)])
+            await ledger._post(conn, "refund", records[1].id, [(wallet(consumer), 1), (PLATFORM_FEES, -1)])
     assert await ledger_problems(engine) == []
 
 
@@ -380,13 +380,13 @@ async def test_a_refund_takes_from_the_platform_what_the_provider_no_longer_hold
     consumer, provider = await new_user(engine, 1_000), await new_user(engine)
     fees_before = await balance(engine, PLATFORM_FEES)
     h = hold_id()
-    await billing.hold(engine, h, consumer, None, 500, OWNER, 60)
-    await billing.settle(engine, h, 500, provider_user_id=provider, fee_bps=1_000)
-    assert await billing.refund(engine, h, consumer, provider, 500, 450)
-    assert await billing.refund(engine, "req_other", consumer, provider, 100, 90)  # earnings are empty now
+    await ledger.hold(engine, h, consumer, None, 500, OWNER, 60)
+    await ledger.settle(engine, h, 500, provider_user_id=provider, fee_bps=1_000)
+    assert await ledger.refund(engine, h, consumer, provider, 500, 450)
+    assert await ledger.refund(engine, "req_other", consumer, provider, 100, 90)  # earnings are empty now
     assert await balance(engine, earnings(provider)) == 0
     assert await balance(engine, wallet(consumer)) == 1_000 - 500 + 500 + 100
     assert await balance(engine, PLATFORM_FEES) - fees_before == 50 - 50 - 100
     with pytest.raises(ValueError):
-        await billing.refund(engine, "req_bad", consumer, provider, 100, 101)
+        await ledger.refund(engine, "req_bad", consumer, provider, 100, 101)
     assert await ledger_problems(engine) == []

@@ -36,8 +36,8 @@ from hypothesis.stateful import (
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import accounts, billing, db
-from coordinator.billing import FUNDING, PENDING, PLATFORM_FEES, RELEASED, SETTLED, UPSTREAM_COSTS
+from coordinator import db, ledger, users
+from coordinator.ledger import FUNDING, PENDING, PLATFORM_FEES, RELEASED, SETTLED, UPSTREAM_COSTS
 from coordinator.models import Account, Hold
 from tests.ledger_checks import ledger_problems
 
@@ -119,14 +119,14 @@ class BillingMachine(RuleBasedStateMachine):
 
     async def _new_user(self) -> int:
         async with db.sessionmaker(self.engine)() as session, session.begin():
-            user = await accounts.create_user(session, f"{new_id('m')}@example.com")
+            user = await users.create_user(session, f"{new_id('m')}@example.com")
             return user.id
 
     async def _fund(self, user: int, amount: int) -> None:
         """Credit exactly what the next hold needs (a grant, not a top-up: no key to remember)."""
         if amount:
             async with self.engine.begin() as conn:
-                await billing.grant(conn, user, amount)
+                await ledger.grant(conn, user, amount)
             self.platform[FUNDING] -= amount
 
     async def _platform_balances(self) -> dict[str, int]:
@@ -151,14 +151,14 @@ class BillingMachine(RuleBasedStateMachine):
         """The holds of requests still running in the current coordinator."""
         return {h for h in self.pending() if self.holds[h].owner == self.instance}
 
-    def settled(self, hold_id: str, args: SettleArgs, result: billing.Settlement | None) -> None:
+    def settled(self, hold_id: str, args: SettleArgs, result: ledger.Settlement | None) -> None:
         """Check a winning settlement against the arguments and apply it to the model."""
         model = self.holds[hold_id]
         assert model.charged == 0, "settle is only for holds without partial charges"
         asked = max(0, args.charge)
         charged = min(asked, model.amount)
         share = charged * (10_000 - args.fee_bps) // 10_000 if args.provider is not None else 0
-        expected = billing.Settlement(
+        expected = ledger.Settlement(
             hold_id, model.amount, charged, share, charged - share, args.upstream_cost, capped=charged < asked
         )
         assert result == expected
@@ -176,7 +176,7 @@ class BillingMachine(RuleBasedStateMachine):
 
     def settle_call(self, hold_id: str, args: SettleArgs, reason: str = "completed") -> Coroutine[Any, Any, Any]:
         provider = self.user(args.provider) if args.provider is not None else None
-        return billing.settle(
+        return ledger.settle(
             self.engine,
             hold_id,
             args.charge,
@@ -197,11 +197,11 @@ class BillingMachine(RuleBasedStateMachine):
         user, key = self.user(who), new_id("topup-")
         if amount <= 0:
             try:
-                self.run(billing.topup(self.engine, key, user, amount))
+                self.run(ledger.topup(self.engine, key, user, amount))
             except ValueError:
                 return
             raise AssertionError("a top-up of nothing was accepted")
-        result = self.run(billing.topup(self.engine, key, user, amount))
+        result = self.run(ledger.topup(self.engine, key, user, amount))
         assert (result.user_id, result.amount, result.replayed) == (user, amount, False)
         self.topups[key] = (user, amount, result.tx_id)
         self.available[user] += amount
@@ -220,12 +220,12 @@ class BillingMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="same body"):
             user, amount = first_user, first_amount
         if (user, amount) == (first_user, first_amount):
-            result = self.run(billing.topup(self.engine, key, user, amount))
+            result = self.run(ledger.topup(self.engine, key, user, amount))
             assert (result.tx_id, result.user_id, result.amount, result.replayed) == (tx_id, user, amount, True)
             return
         try:
-            self.run(billing.topup(self.engine, key, user, amount))
-        except billing.IdempotencyConflict:
+            self.run(ledger.topup(self.engine, key, user, amount))
+        except ledger.IdempotencyConflict:
             return
         raise AssertionError(f"key {key} reused for a different top-up was accepted")
 
@@ -235,7 +235,7 @@ class BillingMachine(RuleBasedStateMachine):
         user, key = self.user(who), new_id("topup-")
 
         async def race() -> list[Any]:
-            calls = (billing.topup(self.engine, key, user, amount) for _ in range(tries))
+            calls = (ledger.topup(self.engine, key, user, amount) for _ in range(tries))
             return await asyncio.gather(*calls, return_exceptions=True)
 
         results = self.run(race())
@@ -263,8 +263,8 @@ class BillingMachine(RuleBasedStateMachine):
             key_id = data.draw(st.none() | st.integers(1, 9), label="key id")
             ttl = 0.0 if expired else 600.0
             try:
-                self.run(billing.hold(self.engine, hold_id, user, key_id, amount, self.instance, ttl))
-            except billing.InsufficientCredits as refused:
+                self.run(ledger.hold(self.engine, hold_id, user, key_id, amount, self.instance, ttl))
+            except ledger.InsufficientCredits as refused:
                 assert self.available[user] < amount
                 assert (refused.needed, refused.available) == (amount, self.available[user])
                 self.refused.append(hold_id)
@@ -281,7 +281,7 @@ class BillingMachine(RuleBasedStateMachine):
 
         async def race() -> list[Any]:
             calls = (
-                billing.hold(self.engine, h, user, None, a, self.instance, 600.0)
+                ledger.hold(self.engine, h, user, None, a, self.instance, 600.0)
                 for h, a in zip(ids, amounts, strict=True)
             )
             return await asyncio.gather(*calls, return_exceptions=True)
@@ -290,7 +290,7 @@ class BillingMachine(RuleBasedStateMachine):
         wallet = self.available[user]
         won = [(h, a) for h, a, r in zip(ids, amounts, results, strict=True) if r is None]
         lost = [(h, a, r) for h, a, r in zip(ids, amounts, results, strict=True) if r is not None]
-        assert all(isinstance(r, billing.InsufficientCredits) for _, _, r in lost), results
+        assert all(isinstance(r, ledger.InsufficientCredits) for _, _, r in lost), results
         spent = sum(a for _, a in won)
         assert spent <= wallet
         for hold_id, amount, refused in lost:
@@ -299,7 +299,7 @@ class BillingMachine(RuleBasedStateMachine):
             self.refused.append(hold_id)
         # Which holds won depends on timing: give them back so no later step depends on it.
         for hold_id, _ in won:
-            assert self.run(billing.release(self.engine, hold_id, "failed")) is True
+            assert self.run(ledger.release(self.engine, hold_id, "failed")) is True
             self.raced.append(hold_id)
 
     # --- resolving holds ---------------------------------------------------------------------
@@ -315,7 +315,7 @@ class BillingMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
-        assert self.run(billing.release(self.engine, hold_id, "failed")) is True
+        assert self.run(ledger.release(self.engine, hold_id, "failed")) is True
         self.released(hold_id)
 
     @precondition(lambda self: self.settleable())
@@ -324,7 +324,7 @@ class BillingMachine(RuleBasedStateMachine):
         """A cancelled request costs nothing, whether it is settled at zero or released."""
         hold_id = data.draw(st.sampled_from(self.settleable()), label="hold")
         if how == "release":
-            assert self.run(billing.release(self.engine, hold_id, "cancelled")) is True
+            assert self.run(ledger.release(self.engine, hold_id, "cancelled")) is True
             self.released(hold_id)
             return
         args = SettleArgs(0, data.draw(st.sampled_from([None, PROVIDER]), label="provider"), 1_000, 0)
@@ -338,7 +338,7 @@ class BillingMachine(RuleBasedStateMachine):
         """A resolved hold stays resolved: settling or releasing it again is a no-op."""
         hold_id = data.draw(st.sampled_from(self.resolved()), label="hold")
         if how == "release":
-            assert self.run(billing.release(self.engine, hold_id, "again")) is False
+            assert self.run(ledger.release(self.engine, hold_id, "again")) is False
         else:
             args = data.draw(settle_args(self.holds[hold_id].amount), label="settle")
             assert self.run(self.settle_call(hold_id, args, "again")) is None
@@ -350,13 +350,13 @@ class BillingMachine(RuleBasedStateMachine):
         Who wins depends on timing, so the hold is the racer's, whose balances no later draw reads."""
         user, hold_id = self.user(RACER), new_id("req_")
         self.run(self._fund(user, amount))
-        self.run(billing.hold(self.engine, hold_id, user, None, amount, self.instance, 600.0))
+        self.run(ledger.hold(self.engine, hold_id, user, None, amount, self.instance, 600.0))
         self.holds[hold_id] = HoldModel(user, amount, self.instance, expired=False)
         args = [data.draw(settle_args(amount), label="settle") if how == "settle" else None for how in racers]
 
         async def race() -> list[Any]:
             calls = [
-                self.settle_call(hold_id, a, "race") if a else billing.release(self.engine, hold_id, "race")
+                self.settle_call(hold_id, a, "race") if a else ledger.release(self.engine, hold_id, "race")
                 for a in args
             ]
             return await asyncio.gather(*calls, return_exceptions=True)
@@ -387,7 +387,7 @@ class BillingMachine(RuleBasedStateMachine):
         ]
 
         async def together() -> list[Any]:
-            calls = [self.settle_call(h, a) if a else billing.release(self.engine, h, "failed") for h, a in plans]
+            calls = [self.settle_call(h, a) if a else ledger.release(self.engine, h, "failed") for h, a in plans]
             return await asyncio.gather(*calls, return_exceptions=True)
 
         results = self.run(together())
@@ -409,8 +409,8 @@ class BillingMachine(RuleBasedStateMachine):
         model = self.holds[hold_id]
         amount = data.draw(self._hold_amounts(model.user), label="amount")
         try:
-            assert self.run(billing.extend(self.engine, hold_id, model.user, amount)) is True
-        except billing.InsufficientCredits as refused:
+            assert self.run(ledger.extend(self.engine, hold_id, model.user, amount)) is True
+        except ledger.InsufficientCredits as refused:
             assert (refused.needed, refused.available) == (amount, self.available[model.user])
             assert self.available[model.user] < amount
             return
@@ -431,16 +431,16 @@ class BillingMachine(RuleBasedStateMachine):
         for plan in plans:
             amount = max(0, min(plan.charge, left))
             provider = self.user(plan.provider) if plan.provider is not None else None
-            share = billing.provider_share(amount, plan.fee_bps) if provider is not None else 0
-            payouts.append(billing.Payout(amount, provider, share, plan.upstream_cost))
+            share = ledger.provider_share(amount, plan.fee_bps) if provider is not None else 0
+            payouts.append(ledger.Payout(amount, provider, share, plan.upstream_cost))
         total = sum(p.amount for p in payouts)
         batch = new_id("b")
-        written = self.run(billing.charge(self.engine, hold_id, batch, payouts))
+        written = self.run(ledger.charge(self.engine, hold_id, batch, payouts))
         assert written is (total <= left), f"charging {total} with {left} left"
         if not written:
             return
         if data.draw(st.booleans(), label="retry the batch"):  # as after a commit in doubt
-            assert self.run(billing.charge(self.engine, hold_id, batch, payouts)) is True
+            assert self.run(ledger.charge(self.engine, hold_id, batch, payouts)) is True
         model.charged += total
         for plan, payout in zip(plans, payouts, strict=True):
             if plan.provider is not None:
@@ -464,7 +464,7 @@ class BillingMachine(RuleBasedStateMachine):
         """The coordinator dies (maybe just after renewing its lease): its pending holds lose their
         owner. A new process takes over, and maybe sweeps at once."""
         if heartbeat:
-            self.run(billing.renew_instance(self.engine, self.instance, self.started_at))
+            self.run(ledger.renew_instance(self.engine, self.instance, self.started_at))
             self.renewed.add(self.instance)
         self.instance = new_id("crd_")
         self.started_at = datetime.now(UTC)
@@ -479,12 +479,12 @@ class BillingMachine(RuleBasedStateMachine):
     def sweep_orphans(self, lease: float) -> None:
         """Renew, then release orphans: holds of instances whose lease ran out (or that never renewed),
         expired holds of other instances, never the holds of this instance's running requests."""
-        self.run(billing.renew_instance(self.engine, self.instance, self.started_at))
+        self.run(ledger.renew_instance(self.engine, self.instance, self.started_at))
         self.renewed.add(self.instance)
         short = lease == SHORT_LEASE
         if short:
             self.run(asyncio.sleep(SHORT_LEASE * 5))  # every instance's lease has run out (ours too)
-        orphans = self.run(billing.orphaned_holds(self.engine, self.instance, self.live(), lease))
+        orphans = self.run(ledger.orphaned_holds(self.engine, self.instance, self.live(), lease))
         assert len(orphans) == len(set(orphans))
         expected = {
             h
@@ -495,7 +495,7 @@ class BillingMachine(RuleBasedStateMachine):
         mine = {h for h in orphans if h in self.holds}
         assert mine == expected, f"orphans {sorted(mine)}, expected {sorted(expected)}"
         for hold_id in orphans:  # holds left pending by earlier examples may be among them
-            assert self.run(billing.release(self.engine, hold_id, "orphaned")) is True
+            assert self.run(ledger.release(self.engine, hold_id, "orphaned")) is True
             if hold_id in self.holds:
                 self.released(hold_id)
         if short:  # a crashed coordinator's holds are all back in their wallets
@@ -511,8 +511,8 @@ class BillingMachine(RuleBasedStateMachine):
         async with self.engine.connect() as conn:
             for user in self.users:
                 held = sum(m.amount - m.charged for m in self.holds.values() if m.user == user and m.status == PENDING)
-                expected = billing.Balances(self.available[user], held, self.earnings[user])
-                assert await billing.balances(conn, user) == expected, f"user {user}"
+                expected = ledger.Balances(self.available[user], held, self.earnings[user])
+                assert await ledger.balances(conn, user) == expected, f"user {user}"
             rows = (
                 await conn.execute(
                     select(Hold.id, Hold.user_id, Hold.amount, Hold.owner, Hold.status, Hold.charged).where(

@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text, update
 
-from coordinator import accounts, auth, catalog, db, keys, trust
+from coordinator import auth, catalog, db, keys, trust, users
 from coordinator.models import AgentToken, ApiKey, Base
 from scripts.localpool import ROOT
 
@@ -95,18 +95,16 @@ async def test_accounts_store_only_digests_and_resolve(db_url: str) -> None:
     sessions = db.sessionmaker(engine)
     try:
         async with sessions() as session, session.begin():
-            user = await accounts.create_user(session, "Dev@Example.com")
-            key = await accounts.create_api_key(session, "dev@example.com", "laptop")
-            token = await accounts.create_agent_token(session, "dev@example.com", "gpu")
+            user = await users.create_user(session, "Dev@Example.com")
+            key = await users.create_api_key(session, "dev@example.com", "laptop")
+            token = await users.create_agent_token(session, "dev@example.com", "gpu")
         async with sessions() as session:
             stored = (await session.get(ApiKey, 1)) or pytest.fail("key not stored")
             assert stored.digest == keys.digest(key) and key not in (stored.prefix, stored.digest)
             assert stored.prefix == key[:16] and stored.user_id == user.id
 
         now = [1000.0]
-        consumer = auth.SecretCache(
-            sessions, keys.CONSUMER_PREFIX, accounts.find_api_key, ttl=0.2, clock=lambda: now[0]
-        )
+        consumer = auth.SecretCache(sessions, keys.CONSUMER_PREFIX, users.find_api_key, ttl=0.2, clock=lambda: now[0])
         agents = auth.agent_tokens(sessions)
         principal = await consumer.resolve(f"Bearer {key}")
         assert principal is not None and principal.user_id == user.id
@@ -134,15 +132,15 @@ async def test_account_errors(db_url: str) -> None:
     await db.migrate(engine)
     try:
         async with db.sessionmaker(engine)() as session:
-            await accounts.create_user(session, "a@example.com")
+            await users.create_user(session, "a@example.com")
             await session.commit()
-            with pytest.raises(accounts.AccountError, match="already exists"):
-                await accounts.create_user(session, "A@example.com")
+            with pytest.raises(users.AccountError, match="already exists"):
+                await users.create_user(session, "A@example.com")
             await session.rollback()
-            with pytest.raises(accounts.AccountError, match="no user"):
-                await accounts.create_api_key(session, "nobody@example.com")
-            with pytest.raises(accounts.AccountError, match="not an email"):
-                await accounts.create_user(session, "not-an-email")
+            with pytest.raises(users.AccountError, match="no user"):
+                await users.create_api_key(session, "nobody@example.com")
+            with pytest.raises(users.AccountError, match="not an email"):
+                await users.create_user(session, "not-an-email")
     finally:
         await engine.dispose()
 
@@ -192,8 +190,8 @@ async def test_trust_evidence_is_stored_and_scores_follow_a_token_across_process
     try:
         await db.migrate(engine)
         async with db.sessionmaker(engine)() as session, session.begin():
-            user = await accounts.create_user(session, "p@example.com")
-            await accounts.create_agent_token(session, "p@example.com")
+            user = await users.create_user(session, "p@example.com")
+            await users.create_agent_token(session, "p@example.com")
         async with engine.connect() as conn:
             token_id = (await conn.execute(text("SELECT id FROM agent_tokens"))).scalar_one()
         book = trust.TrustBook(engine, half_life=3600.0, new_agent_concurrency=2)
@@ -222,10 +220,10 @@ async def test_a_providers_new_token_starts_from_the_providers_standing(db_url: 
     try:
         await db.migrate(engine)
         async with db.sessionmaker(engine)() as session, session.begin():
-            cheat = await accounts.create_user(session, "cheat@example.com")
-            await accounts.create_user(session, "other@example.com")
+            cheat = await users.create_user(session, "cheat@example.com")
+            await users.create_user(session, "other@example.com")
             for email in ("cheat@example.com", "cheat@example.com", "other@example.com"):
-                await accounts.create_agent_token(session, email)
+                await users.create_agent_token(session, email)
         async with engine.connect() as conn:
             caught, fresh, unrelated = (await conn.execute(text("SELECT id FROM agent_tokens ORDER BY id"))).scalars()
             (other,) = (await conn.execute(text("SELECT id FROM users WHERE email = 'other@example.com'"))).scalars()

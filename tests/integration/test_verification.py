@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from sqlalchemy import text
 
-from coordinator import accounts, canaries, db, references, trust
+from coordinator import canaries, db, references, trust, users
 from coordinator.canaries import Prompts, Shapes
 from coordinator.clawback import Clawback
 from coordinator.dispatch import Dispatcher
@@ -43,7 +43,7 @@ def _agent(token_id: int, user_id: int, link: object = None, label: str = "") ->
 
 async def _users(engine: Any, *emails: str) -> list[int]:
     async with db.sessionmaker(engine)() as session, session.begin():
-        return [(await accounts.create_user(session, email)).id for email in emails]
+        return [(await users.create_user(session, email)).id for email in emails]
 
 
 async def _vouch(engine: Any, email: str, vouched: bool = True) -> str:

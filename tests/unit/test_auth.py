@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from coordinator import keys
-from coordinator.accounts import Principal
 from coordinator.auth import SecretCache
+from coordinator.users import Principal
 from tests.waiting import eventually_async
 
 

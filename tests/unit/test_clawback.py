@@ -10,7 +10,7 @@ from coordinator.requestlog import RequestRecord
 
 
 def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_rest() -> None:
-    clawback = Clawback(engine=None, accounting=None)  # type: ignore[arg-type]
+    clawback = Clawback(engine=None, leases=None)  # type: ignore[arg-type]
     token = 7
     for n, agent in enumerate(["agt_a", "agt_a", "agt_b", "agt_a"]):  # agt_b: the token reconnected
         record = RequestRecord(id=f"req_{n}", user_id=1, key_id=None, provider_user_id=2, cost=100, provider_earned=90)
@@ -37,7 +37,7 @@ def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_res
 
 
 def test_a_disagreement_refunds_only_once_confirmed_on_distinct_prompts() -> None:
-    clawback = Clawback(engine=None, accounting=None, confirmations=2)  # type: ignore[arg-type]
+    clawback = Clawback(engine=None, leases=None, confirmations=2)  # type: ignore[arg-type]
 
     def serve(n: int) -> None:
         record = RequestRecord(id=f"req_{n}", user_id=1, key_id=None, provider_user_id=2, cost=100, provider_earned=90)

@@ -127,7 +127,7 @@ def _agent(token_id: int, user_id: int, link: object = None, label: str = "") ->
 
 def test_with_operator_prompts_only_a_pass_on_one_of_them_clears_strikes_and_vouches() -> None:
     """The shipped prompts are public: a cheater can answer those alone honestly."""
-    clawback = Clawback(engine=None, accounting=None, confirmations=2)  # type: ignore[arg-type]
+    clawback = Clawback(engine=None, leases=None, confirmations=2)  # type: ignore[arg-type]
     book = TrustBook(None, 3600.0, 2)  # type: ignore[arg-type]
     verifier = Verifier(
         Registry(),

@@ -10,7 +10,7 @@ from sqlalchemy import ColumnElement, delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator import billing, keys
+from coordinator import keys, ledger
 from coordinator.models import AgentToken, ApiKey, RevokedSession, User
 
 MAX_CREDENTIALS_PER_USER = 100
@@ -58,7 +58,7 @@ async def create_user(
         await session.flush()
     except IntegrityError:
         raise AccountError(f"a user with email {user.email} already exists") from None
-    await billing.open_accounts(await session.connection(), user.id)
+    await ledger.open_accounts(await session.connection(), user.id)
     return user
 
 

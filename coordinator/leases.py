@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import billing
+from coordinator import ledger
 from coordinator.ratelimit import KeyLimits
 from coordinator.requestlog import RequestLog, RequestRecord
 
@@ -59,8 +59,8 @@ class Lease:
     in_flight: int = 0
     retiring: bool = False  # a newer lease serves new requests; this one closes once idle
     lost: bool = False  # the hold was resolved under us (we were taken for dead): lend nothing more
-    booked: list[billing.Payout] = field(default_factory=list)
-    unsent: tuple[str, list[billing.Payout]] | None = None  # a batch whose write failed or is in doubt
+    booked: list[ledger.Payout] = field(default_factory=list)
+    unsent: tuple[str, list[ledger.Payout]] | None = None  # a batch whose write failed or is in doubt
 
 
 @dataclass(eq=False)
@@ -71,7 +71,7 @@ class Reservation:
     amount: int
 
 
-class Accounting:
+class CreditLeases:
     def __init__(
         self,
         engine: AsyncEngine,
@@ -123,7 +123,7 @@ class Accounting:
     # --- the request path ---------------------------------------------------------------------
 
     async def reserve(self, record: RequestRecord, amount: int) -> Reservation:
-        """Promise ``amount`` to the request; :class:`billing.InsufficientCredits` if the user's wallet
+        """Promise ``amount`` to the request; :class:`ledger.InsufficientCredits` if the user's wallet
         and leases cannot cover it. Touches the database only when the current lease is short."""
         assert record.user_id is not None
         user_id = record.user_id
@@ -136,12 +136,12 @@ class Accounting:
                 return reservation
             try:
                 lease = await self._grow(user_id, record.key_id, amount)
-            except billing.InsufficientCredits as short:
+            except ledger.InsufficientCredits as short:
                 # A retiring lease may still have room (its credit is not in the wallet).
                 for lease in list(self._leases.values()):
                     if lease.user_id == user_id and (reservation := self._take(lease, amount, retiring=True)):
                         return reservation
-                raise billing.InsufficientCredits(amount, short.available + self.unspent(user_id)) from None
+                raise ledger.InsufficientCredits(amount, short.available + self.unspent(user_id)) from None
             reservation = self._take(lease, amount, retiring=True)  # the flush may have retired it meanwhile
         if reservation is None:  # lost while it grew: another process took this one for dead
             raise RuntimeError("credit lease lost while reserving; the coordinator cannot reach its database")
@@ -165,7 +165,7 @@ class Accounting:
         if lease is not None and not lease.retiring and not lease.lost:
             hold_id = lease.hold_id
             size = await self._take_from_wallet(
-                amount - lease.free, lambda n: billing.extend(self.engine, hold_id, user_id, n)
+                amount - lease.free, lambda n: ledger.extend(self.engine, hold_id, user_id, n)
             )
             if size is not None:
                 lease.amount += size
@@ -176,7 +176,7 @@ class Accounting:
         new_id = "lease_" + secrets.token_hex(10)
 
         async def open_hold(n: int) -> bool:
-            await billing.hold(self.engine, new_id, user_id, key_id, n, self.instance_id, self.hold_ttl)
+            await ledger.hold(self.engine, new_id, user_id, key_id, n, self.instance_id, self.hold_ttl)
             return True
 
         self._opening.add(new_id)  # from now on the sweep must not take it for orphaned
@@ -197,11 +197,11 @@ class Accounting:
     async def _take_from_wallet(self, need: int, take: Callable[[int], Awaitable[bool]]) -> int | None:
         """Move a chunk (at least ``need``) from the wallet with ``take``; if the wallet has less
         than a chunk but at least ``need``, all of it. Returns the size moved, ``None`` if ``take``
-        found its hold gone; :class:`billing.InsufficientCredits` if the wallet has less than ``need``."""
+        found its hold gone; :class:`ledger.InsufficientCredits` if the wallet has less than ``need``."""
         size = max(need, self.chunk)
         try:
             return size if await take(size) else None
-        except billing.InsufficientCredits as short:
+        except ledger.InsufficientCredits as short:
             if short.available < need:
                 raise
             return short.available if await take(short.available) else None
@@ -230,9 +230,9 @@ class Accounting:
                 lease.free += reservation.amount - amount
             lease.last_used = self._clock()
             if charge is not None and (amount or charge.upstream_cost):
-                share = billing.provider_share(amount, self.fee_bps) if charge.provider_user_id is not None else 0
+                share = ledger.provider_share(amount, self.fee_bps) if charge.provider_user_id is not None else 0
                 lease.booked.append(
-                    billing.Payout(amount, charge.provider_user_id, share, charge.upstream_cost, record.id)
+                    ledger.Payout(amount, charge.provider_user_id, share, charge.upstream_cost, record.id)
                 )
                 record.cost, record.provider_earned = amount, share
                 record.platform_fee, record.upstream_cost = amount - share, charge.upstream_cost
@@ -274,7 +274,7 @@ class Accounting:
                 if (user_id is None or lease.user_id == user_id) and lease.expires - now < self.hold_ttl / 2
             ]
             if renew:
-                await billing.renew_holds(self.engine, [lease.hold_id for lease in renew], self.hold_ttl)
+                await ledger.renew_holds(self.engine, [lease.hold_id for lease in renew], self.hold_ttl)
                 for lease in renew:
                     lease.expires = now + self.hold_ttl
             if failure is not None:
@@ -286,7 +286,7 @@ class Accounting:
         if lease.unsent is not None:
             # Kept until written: a batch whose commit is in doubt is retried under the same id.
             batch_id, payouts = lease.unsent
-            written = await billing.charge(self.engine, lease.hold_id, batch_id, payouts)
+            written = await ledger.charge(self.engine, lease.hold_id, batch_id, payouts)
             lease.unsent = None
             if not written:
                 log.error("lease resolved under us, charges dropped", extra={"hold_id": lease.hold_id})
@@ -299,16 +299,16 @@ class Accounting:
             if self._current.get(lease.user_id) is lease:
                 del self._current[lease.user_id]
             del self._leases[lease.hold_id]  # if the release fails, our own sweep releases it
-            await billing.release(self.engine, lease.hold_id, "lease closed")
+            await ledger.release(self.engine, lease.hold_id, "lease closed")
         elif old:
             lease.retiring = True
 
     async def sweep(self) -> int:
         """Renew this process's lease on life and release holds whose process is gone; returns how many."""
-        await billing.renew_instance(self.engine, self.instance_id, self.started_at)
+        await ledger.renew_instance(self.engine, self.instance_id, self.started_at)
         released = 0
-        for hold_id in await billing.orphaned_holds(self.engine, self.instance_id, self.live, self.instance_lease):
-            if await billing.release(self.engine, hold_id, "orphaned"):
+        for hold_id in await ledger.orphaned_holds(self.engine, self.instance_id, self.live, self.instance_lease):
+            if await ledger.release(self.engine, hold_id, "orphaned"):
                 log.warning("released an orphaned hold", extra={"hold_id": hold_id})
                 released += 1
         return released
