@@ -3,7 +3,7 @@ usage and recent requests; the provider view with agent tokens, connected agents
 
 Every page reads through the same functions as the JSON API, scoped to the signed-in user, so a page
 shows exactly what the API would show that user and nobody else's data. Sessions and forms: see
-``coordinator/websession.py``. Secrets (a new key or token) are shown once, on a page nobody caches.
+``coordinator/portal_cookies.py``. Secrets (a new key or token) are shown once, on a page nobody caches.
 """
 
 from __future__ import annotations
