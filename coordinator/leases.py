@@ -72,6 +72,9 @@ class Reservation:
 
 
 class CreditLeases:
+    """This process's credit leases, one per user at a time: requests reserve from them in memory,
+    finished requests book their charges on them, and a background loop writes those to the ledger."""
+
     def __init__(
         self,
         engine: AsyncEngine,
