@@ -15,6 +15,7 @@ any output (its outcome is already recorded).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from shared import errors
 from shared.backend import Done, Failure
 from shared.money import format_usd, nano_to_usd
 from shared.openai import ChatCompletionRequest
+
+log = logging.getLogger(__name__)
 
 CONSUMER_GONE = "consumer_gone"
 
@@ -260,11 +263,13 @@ class Call:
                         shown = [self.show(payload, x_pool if i == last else None) for i, payload in enumerate(batch)]
                         yield Piece(shown, done=True)
                     else:
+                        log.warning("stream failed after first chunk", extra={"job_id": job.job_id, "code": end.code})
                         status, code, message = provider_error(end)
                         self.end(Ending(status, code, job, failure=end, first_at=first_at))
                         yield Piece([self.show(payload) for payload in batch], error=Refusal(status, code, message))
         finally:
             if not job.finished:
+                log.info("consumer went away, cancelling job", extra={"job_id": job.job_id})
                 job.cancel()
             self.end(Ending(499, CONSUMER_GONE, job, first_at=first_at))
 
