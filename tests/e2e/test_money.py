@@ -1,7 +1,7 @@
 """Money end to end with the real model (llama.cpp + SmolLM2), real coordinator and agent processes.
 
 Prices make the arithmetic exact: input is free and output costs 1 USD per 1M tokens (1000 nano-USD
-per token), and `ignore_eos` (passed through to llama.cpp untouched) makes every completion exactly
+per token), and a `logit_bias` that bans SmolLM2's end tokens makes every completion exactly
 `max_tokens` long, so a served request costs exactly its hold.
 """
 
@@ -29,13 +29,18 @@ PRICE_OUT_NANO = 1_000  # --price-out 1 (USD per 1M tokens)
 FEE_BPS = 1_000  # the default platform fee, 10%
 
 
+# SmolLM2's <|endoftext|>, <|im_start|> and <|im_end|>: banned, the model never ends before its limit.
+# (`ignore_eos` would too, but it is llama.cpp's own field, which the pool does not forward.)
+NO_END = {"0": -100, "1": -100, "2": -100}
+
+
 def body(max_tokens: int, stream: bool = False) -> bytes:
     return json.dumps(
         {
             "model": SLUG,
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
             "max_tokens": max_tokens,
-            "ignore_eos": True,
+            "logit_bias": NO_END,
             "stream": stream,
         }
     ).encode()
