@@ -206,9 +206,7 @@ class Call:
         if isinstance(attempt.first, Failure):
             attempt.job.cancel()
             self.attribute(attempt.job)
-            status, code, message = provider_error(attempt.first)
-            self.end(Ending(status, code, failure=attempt.first))
-            raise Refusal(status, code, message, None, self.limits)
+            raise self.failed(attempt.first)
         self.reader = JobReader(attempt.job, attempt.first, bound=self.meter.completion_bound)
         return attempt
 
@@ -236,9 +234,7 @@ class Call:
         reader = self._reader()
         body = await reader.whole(self.pool.dispatcher.silence(stream=False))
         if isinstance(body, Failure):
-            status, code, message = provider_error(body)
-            self.end(Ending(status, code, reader.job, failure=body))
-            raise Refusal(status, code, message, None, self.limits)
+            raise self.failed(body, reader.job)
         assert isinstance(reader.end, Done)
         self.meter.usage = reader.end.usage
         x_pool = self.end(Ending(200, job=reader.job, completed=True))
@@ -264,9 +260,8 @@ class Call:
                         yield Piece(shown, done=True)
                     else:
                         log.warning("stream failed after first chunk", extra={"job_id": job.job_id, "code": end.code})
-                        status, code, message = provider_error(end)
-                        self.end(Ending(status, code, job, failure=end, first_at=first_at))
-                        yield Piece([self.show(payload) for payload in batch], error=Refusal(status, code, message))
+                        error = self.failed(end, job, first_at)
+                        yield Piece([self.show(payload) for payload in batch], error=error)
         finally:
             if not job.finished:
                 log.info("consumer went away, cancelling job", extra={"job_id": job.job_id})
@@ -301,6 +296,13 @@ class Call:
         """End the call as refused; the :class:`Refusal` to raise."""
         self.end(Ending(status, code))
         return Refusal(status, code, message, param, {**self.limits, **headers})
+
+    def failed(self, failure: Failure, job: Job | None = None, first_at: float | None = None) -> Refusal:
+        """End the call as failed (``job``: the job that failed, judged by the audit); the
+        :class:`Refusal` to raise, or to send as a stream's last event."""
+        status, code, message = provider_error(failure)
+        self.end(Ending(status, code, job, failure=failure, first_at=first_at))
+        return Refusal(status, code, message, None, self.limits)
 
     def no_capacity(self) -> Refusal:
         retry_after = self.pool.settings.no_capacity_retry_after
