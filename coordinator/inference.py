@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import msgspec
 
 from coordinator import audit, placement, registry, trust
-from coordinator.dispatch import Attempt, Job, Route, output_budget, provider_error
+from coordinator.dispatch import Attempt, Route
 from coordinator.errors import PoolError
 from coordinator.forward import backend_body, content_problem
 from coordinator.jobreader import JobReader
+from coordinator.jobs import Job, output_budget
 from coordinator.leases import Charge, Reservation
 from coordinator.ledger import InsufficientCredits
 from coordinator.metering import Bill, Meter, Price, output_bound, prompt_bound, prompt_estimate
@@ -468,3 +469,11 @@ def _model_cap(pool: PoolState, slugs: list[str]) -> int:
         known = pool.directory.get(slug)
         caps.append(known.context_window if known is not None and known.context_window else None)
     return max(cap or pool.settings.default_output_tokens for cap in caps)
+
+
+def provider_error(failure: Failure) -> tuple[int, str, str]:
+    """HTTP status, code and message for a failure that reaches the consumer: a backend refusing
+    the request itself (400/413/422) is the consumer's error, anything else the provider's."""
+    if trust.is_rejection(failure):
+        return (413 if failure.status == 413 else 400), errors.INVALID_REQUEST, failure.message
+    return 502, errors.PROVIDER_ERROR, f"The provider failed: {failure.message}"

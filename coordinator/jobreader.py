@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from coordinator import audit
-from coordinator.dispatch import Job
+from coordinator.jobs import Job
 from coordinator.metering import Meter
 from shared import errors
 from shared.backend import Chunk, Done, Failure

@@ -237,6 +237,21 @@ class TrustBook:
             )
         self.apply(agent, score)
 
+    def witness_failure(
+        self, agent: ConnectedAgent, failure: Failure, *, started: bool, job_id: str, origin: str = ""
+    ) -> bool:
+        """Evidence from a job of ``agent``'s that failed (``started``: after output began), as
+        :func:`failure_evidence` judges it; whether the agent was at fault."""
+        kind = failure_evidence(failure, started=started)
+        if kind is None:
+            return False
+        self.witness(agent, kind, f"{origin}{failure.code}: {failure.message}", job_id)
+        return True
+
+    def witness_refusal(self, agent: ConnectedAgent, failure: Failure, job_id: str) -> None:
+        """``agent`` refused as a bad request what another provider then served: its failure."""
+        self.witness(agent, FAILED, f"refused a request another provider served: {failure.message}", job_id)
+
     def apply(self, agent: ConnectedAgent, score: float) -> None:
         agent.trust = score
         agent.concurrency_cap = concurrency_cap(score, self.new_agent_concurrency)

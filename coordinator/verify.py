@@ -31,9 +31,10 @@ from coordinator import audit, canaries, trust
 from coordinator.canaries import Canary, Prompts, Shapes
 from coordinator.catalog import Directory
 from coordinator.clawback import Clawback
-from coordinator.dispatch import Dispatcher, output_budget
+from coordinator.dispatch import Dispatcher
 from coordinator.forward import backend_body
 from coordinator.jobreader import JobReader
+from coordinator.jobs import output_budget
 from coordinator.metering import output_bound
 from coordinator.references import PLATFORM, UNLABELED, Answer, Comparison, ReferenceBook, agrees
 from coordinator.registry import ConnectedAgent, Registry
@@ -204,7 +205,7 @@ class Verifier:
             await reader.whole(self.dispatcher.silence(stream=False))
         if isinstance(reader.end, Failure):
             job.cancel()
-            self.dispatcher.witness_failure(agent, job, reader.end, started=reader.started, origin=CANARY)
+            self.book.witness_failure(agent, reader.end, started=reader.started, job_id=job.job_id, origin=CANARY)
             return None
         verdict = audit.judge(reader.audited(canary.stream, parameter_count))
         for kind, detail in verdict.findings:

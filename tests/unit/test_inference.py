@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from coordinator import audit, trust
-from coordinator.dispatch import Job
 from coordinator.inference import CONSUMER_GONE, Ending, conclude
 from coordinator.jobreader import OVERRUN_SLACK, JobReader
+from coordinator.jobs import Job
 from coordinator.metering import Meter, Price
 from shared import errors
 from shared.backend import Chunk, Done, Failure
