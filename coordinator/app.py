@@ -198,7 +198,7 @@ def build_state(settings: Settings) -> PoolState:
         price=Price(settings.upstream_price_in, settings.upstream_price_out),
         cost=Price(settings.upstream_cost_in, settings.upstream_cost_out),
     )
-    requests = RequestLog(engine, settings.request_log_interval)
+    requests = RequestLog(engine)
     trust_book = TrustBook(engine, settings.trust_half_life, settings.new_agent_concurrency)
     dispatcher = Dispatcher(
         registry,
@@ -219,7 +219,6 @@ def build_state(settings: Settings) -> PoolState:
         instance_lease=settings.instance_lease_seconds,
         chunk=settings.credit_lease,
         idle_seconds=settings.credit_lease_idle_seconds,
-        flush_interval=settings.ledger_flush_interval,
     )
     clawback = Clawback(engine, leases, confirmations=settings.canary_confirmations)
     verifier = Verifier(
@@ -268,8 +267,6 @@ def create_app(settings: Settings) -> Litestar:
         await ledger.renew_instance(pool.engine, leases.instance_id, leases.started_at)
         pool.directory = await catalog.load(pool.engine)
         await pool.verifier.refresh()
-        pool.requests.start()
-        leases.start()
         sched = periodic.scheduler(pool)
         sched.start()
         # Everything built so far lives as long as the process: keep it out of the collector's full

@@ -4,9 +4,10 @@ Each coordinator process reserves credit for a user in chunks: a *lease* is an o
 ledger (wallet → held, DESIGN §5), taken with the same atomic conditional update, so no process can
 ever promise more than the wallet holds. A request's worst case is then carved out of the user's
 lease in memory; when the request ends its real charge is booked against the lease and the rest goes
-back to it. A background loop writes the booked charges to the ledger in one transaction per lease
-every ``flush_interval`` seconds, and releases leases idle for ``idle_seconds``. Only a request that
-finds no lease with room takes the database round trip (and a 402 comes from there).
+back to it. :meth:`CreditLeases.flush` (a ``periodic`` sweep, every ``POOL_LEDGER_FLUSH_INTERVAL``
+seconds) writes the booked charges to the ledger in one transaction per lease, and releases leases
+idle for ``idle_seconds``. Only a request that finds no lease with room takes the database round
+trip (and a 402 comes from there).
 
 If the process dies, its leases are released by the sweep of another (or the restarted) process:
 the consumer gets back everything not yet written, so nobody is ever charged for more than was
@@ -86,7 +87,6 @@ class CreditLeases:
         instance_lease: float,
         chunk: int,
         idle_seconds: float,
-        flush_interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -98,14 +98,12 @@ class CreditLeases:
         self.instance_lease = instance_lease  # seconds a silent process keeps its holds
         self.chunk = chunk
         self.idle_seconds = idle_seconds
-        self.flush_interval = flush_interval
         self.instance_id = "crd_" + secrets.token_hex(8)
         self.started_at = datetime.now(UTC)
         self._current: dict[int, Lease] = {}  # user id -> the lease new requests draw on
         self._leases: dict[str, Lease] = {}  # every open lease, by hold id
         self._opening: set[str] = set()  # holds being written, not yet leases
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
-        self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._running = 0  # reservations not yet finished
         self._idle = asyncio.Event()
@@ -243,18 +241,7 @@ class CreditLeases:
                 record.cost = 0
         self.requests.add(record)
 
-    # --- in the background --------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="accounting")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval)
-            try:
-                await self.flush()
-            except Exception as exc:  # the database is away: charges stay booked for the next round
-                log.error("ledger flush failed", extra={"error": str(exc)})
+    # --- writing -----------------------------------------------------------------------------
 
     async def flush(self, close_all: bool = False, user_id: int | None = None) -> None:
         """Write booked charges; close leases that are idle, retiring or too old; renew the expiry
@@ -317,12 +304,8 @@ class CreditLeases:
         return released
 
     async def close(self, wait: float = 5.0) -> None:
-        """Stop the loop, let running requests book their charges (for up to ``wait`` seconds), then
-        write every charge and release every lease (on shutdown)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Let running requests book their charges (for up to ``wait`` seconds), then write every
+        charge and release every lease (on shutdown, after the sweeps stopped)."""
         if self._running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), wait)

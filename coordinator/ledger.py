@@ -1,10 +1,11 @@
-"""The only writer of money tables (DESIGN §5): accounts, grants, holds, settlements, releases.
+"""The only writer of money tables (DESIGN §5): accounts, grants, holds, charges, releases.
 
 Every movement is one ledger transaction whose entries sum to zero, written in the same database
 transaction as the balances it changes. Spending is a conditional update (``balance >= :amount``),
 never read-then-write. A hold resolves exactly once because resolving it is a conditional update of
-its status from ``pending``: whichever of settle, release or the sweep comes first wins, the rest
-are no-ops. Account rows are always updated in id order, so concurrent transactions cannot deadlock.
+its status from ``pending``: whichever release (a lease closing, the sweep) comes first wins, the
+rest are no-ops; a charge needs the hold pending, so none lands after its release. Account rows
+are always updated in id order, so concurrent transactions cannot deadlock.
 
 InsufficientCredits   a hold larger than the wallet
 IdempotencyConflict   a top-up key reused with a different body
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, case, delete, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -32,7 +33,7 @@ from coordinator.models import (
     Topup,
 )
 
-PENDING, SETTLED, RELEASED = "pending", "settled", "released"
+PENDING, RELEASED = "pending", "released"  # rows of older versions may say "settled"
 PLATFORM_FEES = "platform:fees"
 UPSTREAM_COSTS = "platform:upstream"
 FUNDING = "platform:funding"
@@ -70,19 +71,6 @@ class InsufficientCredits(Exception):
 
 class IdempotencyConflict(Exception):
     """The idempotency key was already used for a different request."""
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """How a hold was resolved (amounts in nano-USD)."""
-
-    hold_id: str
-    held: int
-    charged: int
-    provider_share: int
-    platform_fee: int
-    upstream_cost: int
-    capped: bool
 
 
 @dataclass(frozen=True)
@@ -286,7 +274,7 @@ async def extend(engine: AsyncEngine, hold_id: str, user_id: int, amount: int) -
 
 async def _move_to_held(conn: AsyncConnection, hold_id: str, user_id: int, amount: int) -> None:
     """The atomic conditional debit behind every hold: the wallet pays ``amount`` only if it has it."""
-    # Account rows in id order (held < wallet): the same order settle uses.
+    # Account rows in id order (held < wallet), as every posting takes them.
     await conn.execute(
         update(_accounts).where(_accounts.c.id == held(user_id)).values(balance=_accounts.c.balance + amount)
     )
@@ -305,49 +293,6 @@ async def _move_to_held(conn: AsyncConnection, hold_id: str, user_id: int, amoun
         [(wallet(user_id), -amount), (held(user_id), amount)],
         applied=(held(user_id), wallet(user_id)),
     )
-
-
-async def settle(
-    engine: AsyncEngine,
-    hold_id: str,
-    amount: int,
-    *,
-    provider_user_id: int | None,
-    fee_bps: int,
-    upstream_cost: int = 0,
-    reason: str = "completed",
-) -> Settlement | None:
-    """Charge ``amount`` (capped at the hold) and release the rest, once. ``None`` if the hold was
-    already resolved (or took partial charges: close those with :func:`release`). The provider gets
-    its share after the fee; without a provider (the platform upstream served it) the platform keeps
-    the charge and records ``upstream_cost``."""
-    amount = max(0, amount)
-    async with engine.begin() as conn:
-        row = (
-            await conn.execute(
-                update(_holds)
-                .where(_holds.c.id == hold_id, _holds.c.status == PENDING, _holds.c.charged == 0)
-                .values(
-                    status=SETTLED,
-                    resolved_at=now(),
-                    reason=reason,
-                    charged=case((_holds.c.amount < amount, _holds.c.amount), else_=amount),
-                )
-                .returning(_holds.c.amount, _holds.c.user_id, _holds.c.charged)
-            )
-        ).first()
-        if row is None:
-            return None
-        reserved, user_id, charged = int(row[0]), int(row[1]), int(row[2])
-        share = provider_share(charged, fee_bps) if provider_user_id is not None else 0
-        fee = charged - share
-        entries = [(held(user_id), -reserved), (wallet(user_id), reserved - charged), (PLATFORM_FEES, fee)]
-        if provider_user_id is not None:
-            entries.append((earnings(provider_user_id), share))
-        if upstream_cost:
-            entries += [(PLATFORM_FEES, -upstream_cost), (UPSTREAM_COSTS, upstream_cost)]
-        await _post(conn, "settle", hold_id, entries)
-    return Settlement(hold_id, reserved, charged, share, fee, upstream_cost, capped=charged < amount)
 
 
 async def charge(engine: AsyncEngine, hold_id: str, batch_id: str, payouts: list[Payout]) -> bool:

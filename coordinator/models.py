@@ -149,7 +149,8 @@ class LedgerEntry(Base):
 
 
 class Hold(Base):
-    """Credits reserved for one request; resolves exactly once (``pending`` → settled or released)."""
+    """Credits reserved for a process's credit lease: charged while ``pending``, released exactly
+    once (``pending`` → ``released``; rows of older versions may say ``settled``)."""
 
     __tablename__ = "holds"
     __table_args__ = (Index("ix_holds_status_owner", "status", "owner"),)

@@ -1,7 +1,8 @@
-"""Periodic sweeps (APScheduler): drop agents that stopped heartbeating or whose token was revoked,
-release holds whose request is gone, reload the model directory and the canary references (edited by
-any process), write trust evidence and decay scores, send verification jobs and refund what they
-discredit, write and prune the status history."""
+"""Background work, all of it on one APScheduler: write booked charges and the request log, drop
+agents that stopped heartbeating or whose token was revoked, release holds whose request is gone,
+reload the model directory and the canary references (edited by any process), write trust evidence
+and decay scores, send verification jobs and refund what they discredit, write and prune the status
+history."""
 
 from __future__ import annotations
 
@@ -38,6 +39,19 @@ async def drop_revoked_agents(pool: PoolState) -> int:
     return sum(
         remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED) for agent in agents if agent.token_id in revoked
     )
+
+
+async def write_charges(pool: PoolState) -> None:
+    """Write the charges booked on this process's credit leases; close idle leases."""
+    try:
+        await pool.leases.flush()
+    except Exception as exc:  # the database is away: charges stay booked for the next round
+        log.error("ledger flush failed", extra={"error": str(exc)})
+
+
+async def write_request_log(pool: PoolState) -> None:
+    """Write the request log rows waiting in memory (a failed write keeps them for the next round)."""
+    await pool.requests.flush()
 
 
 async def release_orphaned_holds(pool: PoolState) -> None:
@@ -94,6 +108,8 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     settings = pool.settings
     interval = max(0.2, settings.heartbeat_interval / 2)
     once = {"args": [pool], "max_instances": 1, "coalesce": True}
+    sched.add_job(write_charges, "interval", seconds=settings.ledger_flush_interval, **once)
+    sched.add_job(write_request_log, "interval", seconds=settings.request_log_interval, **once)
     sched.add_job(drop_stale_agents, "interval", seconds=interval, **once)
     sched.add_job(drop_revoked_agents, "interval", seconds=1.0, **once)
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)

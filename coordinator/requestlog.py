@@ -1,8 +1,9 @@
 """The request log: one row per consumer request, written in batches off the hot path.
 
-Rows wait in memory and a background task inserts them every ``interval`` seconds (or sooner when
-``batch`` rows wait); :meth:`RequestLog.close` flushes what is left on shutdown. A failed flush keeps
-its rows for the next attempt. Rows never hold prompts or keys, only ids, counts and amounts.
+Rows wait in memory until :meth:`RequestLog.flush` inserts them (the ``periodic`` sweeps call it
+every ``POOL_REQUEST_LOG_INTERVAL`` seconds); :meth:`RequestLog.close` flushes what is left on
+shutdown. A failed flush keeps its rows for the next attempt. Rows never hold prompts or keys, only
+ids, counts and amounts.
 
 The flush shares the event loop with the requests, so it writes at most ``batch`` rows at a time,
 and on PostgreSQL with ``COPY`` (about 40 µs of CPU a row through an ORM insert, a tenth of that
@@ -12,7 +13,6 @@ copied): a flush must not stall the requests around it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field, fields
@@ -97,16 +97,11 @@ async def _write(engine: AsyncEngine, records: list[RequestRecord]) -> None:
 
 
 class RequestLog:
-    def __init__(
-        self, engine: AsyncEngine, interval: float = 0.5, batch: int = 250, max_pending: int = 200_000
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, batch: int = 250, max_pending: int = 200_000) -> None:
         self._engine = engine
-        self._interval = interval
         self._batch = batch
         self._max_pending = max_pending
         self._pending: dict[str, RequestRecord] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     def add(self, record: RequestRecord) -> None:
@@ -114,22 +109,10 @@ class RequestLog:
             log.error("request log backlog full, dropping the oldest row")
             self._pending.pop(next(iter(self._pending)))
         self._pending[record.id] = record
-        if len(self._pending) >= self._batch:
-            self._wake.set()
 
     def unflushed(self, request_id: str) -> RequestRecord | None:
         """A row still waiting in memory (so readers see a request before its flush)."""
         return self._pending.get(request_id)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="request-log")
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            self._wake.clear()
-            await self.flush()
 
     async def flush(self) -> int:
         """Write every waiting row, ``batch`` at a time; returns how many were written."""
@@ -158,8 +141,4 @@ class RequestLog:
             return len(records)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         await self.flush()

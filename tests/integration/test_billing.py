@@ -1,4 +1,4 @@
-"""The money path on SQLite and PostgreSQL: holds, settlements, releases, top-ups, the orphan sweep."""
+"""The money path on SQLite and PostgreSQL: holds, charges, releases, top-ups, the orphan sweep."""
 
 from __future__ import annotations
 
@@ -68,26 +68,35 @@ def hold_id() -> str:
     return "req_" + secrets.token_hex(8)
 
 
-async def test_hold_then_settle_splits_the_charge(engine: AsyncEngine) -> None:
+async def test_a_charge_pays_the_provider_its_share_and_the_release_returns_the_rest(engine: AsyncEngine) -> None:
     consumer, provider = await new_user(engine, 10_000), await new_user(engine)
+    fees_before = await balance(engine, PLATFORM_FEES)
     h = hold_id()
     await ledger.hold(engine, h, consumer, None, 3_000, OWNER, 60)
     assert (await balance(engine, wallet(consumer)), await balance(engine, held(consumer))) == (7_000, 3_000)
-    done = await ledger.settle(engine, h, 1_001, provider_user_id=provider, fee_bps=1_000)
-    assert done is not None
-    assert (done.charged, done.provider_share, done.platform_fee, done.capped) == (1_001, 900, 101, False)
+    share = ledger.provider_share(1_001, 1_000)
+    assert share == 900
+    assert await ledger.charge(engine, h, "b1", [ledger.Payout(1_001, provider, share)])
+    assert await balance(engine, held(consumer)) == 3_000 - 1_001  # the lease stays open
+    assert await ledger.release(engine, h, "lease closed")
     assert await balance(engine, wallet(consumer)) == 10_000 - 1_001
     assert await balance(engine, held(consumer)) == 0
     assert await balance(engine, earnings(provider)) == 900
+    assert await balance(engine, PLATFORM_FEES) - fees_before == 101
     assert await ledger_problems(engine) == []
 
 
-async def test_settle_never_charges_above_the_hold(engine: AsyncEngine) -> None:
+async def test_charges_never_exceed_the_hold(engine: AsyncEngine) -> None:
     consumer, provider = await new_user(engine, 5_000), await new_user(engine)
     h = hold_id()
     await ledger.hold(engine, h, consumer, None, 2_000, OWNER, 60)
-    done = await ledger.settle(engine, h, 9_999, provider_user_id=provider, fee_bps=2_500)
-    assert done is not None and done.charged == 2_000 and done.capped
+    assert not await ledger.charge(engine, h, "b1", [ledger.Payout(2_001, provider, 1_500)])
+    split = [ledger.Payout(1_500, provider, 1_125), ledger.Payout(600, provider, 450)]
+    assert not await ledger.charge(engine, h, "b2", split)  # together more than the hold: none of it
+    assert await balance(engine, held(consumer)) == 2_000 and await balance(engine, earnings(provider)) == 0
+    assert await ledger.charge(engine, h, "b3", [ledger.Payout(2_000, provider, 1_500)])
+    assert not await ledger.charge(engine, h, "b4", [ledger.Payout(1, provider, 0)])
+    assert await ledger.release(engine, h, "lease closed")
     assert await balance(engine, wallet(consumer)) == 3_000
     assert await balance(engine, earnings(provider)) == 1_500
     assert await ledger_problems(engine) == []
@@ -99,8 +108,9 @@ async def test_fallback_charges_the_pool_price_and_records_the_upstream_cost(eng
     costs_before = await balance(engine, UPSTREAM_COSTS)
     h = hold_id()
     await ledger.hold(engine, h, consumer, None, 1_000, OWNER, 60)
-    done = await ledger.settle(engine, h, 800, provider_user_id=None, fee_bps=1_000, upstream_cost=300)
-    assert done is not None and (done.charged, done.provider_share, done.upstream_cost) == (800, 0, 300)
+    assert await ledger.charge(engine, h, "b1", [ledger.Payout(800, None, 0, upstream_cost=300)])
+    assert await ledger.release(engine, h, "lease closed")
+    assert await balance(engine, wallet(consumer)) == 5_000 - 800
     assert await balance(engine, PLATFORM_FEES) - fees_before == 800 - 300
     assert await balance(engine, UPSTREAM_COSTS) - costs_before == 300
     assert await ledger_problems(engine) == []
@@ -111,19 +121,22 @@ async def test_a_hold_resolves_exactly_once(engine: AsyncEngine) -> None:
     first, second = hold_id(), hold_id()
     await ledger.hold(engine, first, consumer, None, 1_000, OWNER, 60)
     assert await ledger.release(engine, first, "cancelled")
-    assert await ledger.settle(engine, first, 500, provider_user_id=provider, fee_bps=0) is None
+    assert not await ledger.charge(engine, first, "b1", [ledger.Payout(500, provider, 500)])
     assert not await ledger.release(engine, first, "again")
     await ledger.hold(engine, second, consumer, None, 1_000, OWNER, 60)
     outcomes = await asyncio.gather(
-        ledger.settle(engine, second, 400, provider_user_id=provider, fee_bps=0),
+        ledger.charge(engine, second, "b1", [ledger.Payout(400, provider, 400)]),
         ledger.release(engine, second, "race"),
-        ledger.settle(engine, second, 700, provider_user_id=provider, fee_bps=0),
+        ledger.release(engine, second, "race"),
+        ledger.charge(engine, second, "b2", [ledger.Payout(500, provider, 500)]),
         return_exceptions=True,
     )
     assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
-    winners = [o for o in outcomes if o not in (None, False)]
-    assert len(winners) == 1
+    assert [outcomes[1], outcomes[2]].count(True) == 1  # one release wins
+    charged = 400 * (outcomes[0] is True) + 500 * (outcomes[3] is True)  # charges that came first count
     assert await balance(engine, held(consumer)) == 0
+    assert await balance(engine, wallet(consumer)) == 10_000 - charged
+    assert await balance(engine, earnings(provider)) == charged
     assert await ledger_problems(engine) == []
 
 
@@ -243,7 +256,6 @@ def accounting(
         instance_lease=30,
         chunk=chunk,
         idle_seconds=60,
-        flush_interval=60,
         clock=clock,
     )
 
@@ -381,7 +393,8 @@ async def test_a_refund_takes_from_the_platform_what_the_provider_no_longer_hold
     fees_before = await balance(engine, PLATFORM_FEES)
     h = hold_id()
     await ledger.hold(engine, h, consumer, None, 500, OWNER, 60)
-    await ledger.settle(engine, h, 500, provider_user_id=provider, fee_bps=1_000)
+    assert await ledger.charge(engine, h, "b1", [ledger.Payout(500, provider, ledger.provider_share(500, 1_000))])
+    assert await ledger.release(engine, h, "lease closed")
     assert await ledger.refund(engine, h, consumer, provider, 500, 450)
     assert await ledger.refund(engine, "req_other", consumer, provider, 100, 90)  # earnings are empty now
     assert await balance(engine, earnings(provider)) == 0

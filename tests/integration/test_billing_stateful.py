@@ -1,9 +1,9 @@
 """A Hypothesis state machine over the money path, on SQLite and PostgreSQL.
 
 Random sequences of top-ups (new, replayed, conflicting, concurrent), holds (fitting, too large,
-concurrent), settlements (capped, with or without a provider, with an upstream cost), releases,
-cancellations, repeated and concurrent resolutions, credit leases (holds grown in place and charged
-in batches, as the coordinator's request path uses them), coordinator crashes and orphan sweeps. After
+concurrent), credit leases as the coordinator's request path uses them (holds grown in place, charged
+in batches: with or without a provider, with an upstream cost, retried), releases, repeated and
+concurrent resolutions (a charge racing a release), coordinator crashes and orphan sweeps. After
 every step the database must agree with a plain Python model of every wallet, holds and earnings
 balance, of the platform accounts and of every hold, and :func:`ledger_problems` must find nothing:
 no negative balance, every transaction sums to zero, stored balances equal the replay of the ledger,
@@ -37,7 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator import db, ledger, users
-from coordinator.ledger import FUNDING, PENDING, PLATFORM_FEES, RELEASED, SETTLED, UPSTREAM_COSTS
+from coordinator.ledger import FUNDING, PENDING, PLATFORM_FEES, RELEASED, UPSTREAM_COSTS
 from coordinator.models import Account, Hold
 from tests.ledger_checks import ledger_problems
 
@@ -56,7 +56,7 @@ AMOUNTS = st.one_of(st.integers(0, 120), BIG)
 TOPUPS = st.one_of(st.integers(0, 150), BIG)
 FEE_BPS = st.one_of(st.sampled_from([0, 1, 1_000, 9_999, 10_000]), st.integers(0, 10_000))
 UPSTREAM_COST = st.one_of(st.just(0), st.integers(0, 200), BIG)
-RESOLVERS = st.sampled_from(["settle", "release"])
+RESOLVERS = st.sampled_from(["charge", "release"])
 
 
 @dataclass
@@ -70,19 +70,22 @@ class HoldModel:
 
 
 @dataclass(frozen=True)
-class SettleArgs:
+class PayoutArgs:
+    """One finished request's charge, as drawn: ``charge`` may be out of range (the payout caps it)."""
+
     charge: int
     provider: int | None  # a user id, None for the platform upstream (fallback)
     fee_bps: int
     upstream_cost: int
 
 
-def settle_args(hold_amount: int) -> st.SearchStrategy[SettleArgs]:
-    """A charge around the hold (below zero, zero, within, just above, far above) and who served it."""
-    charges = st.one_of(st.integers(-3, hold_amount + 3), st.just(hold_amount), AMOUNTS)
+def payout_args(left: int) -> st.SearchStrategy[PayoutArgs]:
+    """A charge around what the lease has left (below zero, zero, within, just above, far above)
+    and who served it."""
+    charges = st.one_of(st.integers(-3, left + 3), st.just(left), AMOUNTS)
     served_by = st.sampled_from([None, PROVIDER, CONSUMERS[1]])  # a consumer can be a provider too
     return st.builds(
-        lambda charge, who, fee, cost: SettleArgs(charge, who, fee, cost if who is None else 0),
+        lambda charge, who, fee, cost: PayoutArgs(charge, who, fee, cost if who is None else 0),
         charges,
         served_by,
         FEE_BPS,
@@ -140,10 +143,6 @@ class BillingMachine(RuleBasedStateMachine):
     def pending(self) -> list[str]:
         return [h for h, model in self.holds.items() if model.status == PENDING]  # creation order
 
-    def settleable(self) -> list[str]:
-        """Pending holds with no partial charge (a charged lease is closed by release only)."""
-        return [h for h in self.pending() if self.holds[h].charged == 0]
-
     def resolved(self) -> list[str]:
         return [h for h, model in self.holds.items() if model.status != PENDING]
 
@@ -151,40 +150,30 @@ class BillingMachine(RuleBasedStateMachine):
         """The holds of requests still running in the current coordinator."""
         return {h for h in self.pending() if self.holds[h].owner == self.instance}
 
-    def settled(self, hold_id: str, args: SettleArgs, result: ledger.Settlement | None) -> None:
-        """Check a winning settlement against the arguments and apply it to the model."""
-        model = self.holds[hold_id]
-        assert model.charged == 0, "settle is only for holds without partial charges"
-        asked = max(0, args.charge)
-        charged = min(asked, model.amount)
-        share = charged * (10_000 - args.fee_bps) // 10_000 if args.provider is not None else 0
-        expected = ledger.Settlement(
-            hold_id, model.amount, charged, share, charged - share, args.upstream_cost, capped=charged < asked
-        )
-        assert result == expected
-        model.status, model.charged = SETTLED, charged
-        self.available[model.user] += model.amount - charged
-        if args.provider is not None:
-            self.earnings[self.user(args.provider)] += share
-        self.platform[FEES] += charged - share - args.upstream_cost
-        self.platform[UPSTREAM] += args.upstream_cost
+    def payouts(self, plans: list[PayoutArgs], left: int) -> list[ledger.Payout]:
+        """What the coordinator would write for these requests: each capped at what the lease has
+        left, the provider's share after the fee (none for the platform upstream)."""
+        payouts = []
+        for plan in plans:
+            amount = max(0, min(plan.charge, left))
+            provider = self.user(plan.provider) if plan.provider is not None else None
+            share = ledger.provider_share(amount, plan.fee_bps) if provider is not None else 0
+            payouts.append(ledger.Payout(amount, provider, share, plan.upstream_cost))
+        return payouts
+
+    def charged(self, hold_id: str, payouts: list[ledger.Payout]) -> None:
+        """Apply a written batch of charges to the model."""
+        self.holds[hold_id].charged += sum(p.amount for p in payouts)
+        for payout in payouts:
+            if payout.provider_user_id is not None:
+                self.earnings[payout.provider_user_id] += payout.provider_share
+            self.platform[FEES] += payout.amount - payout.provider_share - payout.upstream_cost
+            self.platform[UPSTREAM] += payout.upstream_cost
 
     def released(self, hold_id: str) -> None:
         model = self.holds[hold_id]
         model.status = RELEASED
         self.available[model.user] += model.amount - model.charged
-
-    def settle_call(self, hold_id: str, args: SettleArgs, reason: str = "completed") -> Coroutine[Any, Any, Any]:
-        provider = self.user(args.provider) if args.provider is not None else None
-        return ledger.settle(
-            self.engine,
-            hold_id,
-            args.charge,
-            provider_user_id=provider,
-            fee_bps=args.fee_bps,
-            upstream_cost=args.upstream_cost,
-            reason=reason,
-        )
 
     # --- credits in --------------------------------------------------------------------------
 
@@ -304,100 +293,96 @@ class BillingMachine(RuleBasedStateMachine):
 
     # --- resolving holds ---------------------------------------------------------------------
 
-    @precondition(lambda self: self.settleable())
-    @rule(data=st.data())
-    def settle(self, data: st.DataObject) -> None:
-        hold_id = data.draw(st.sampled_from(self.settleable()), label="hold")
-        args = data.draw(settle_args(self.holds[hold_id].amount), label="settle")
-        self.settled(hold_id, args, self.run(self.settle_call(hold_id, args)))
-
     @precondition(lambda self: self.pending())
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
+        """A lease closes (or a request fails): what it has not charged goes back to the wallet."""
         hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
-        assert self.run(ledger.release(self.engine, hold_id, "failed")) is True
+        assert self.run(ledger.release(self.engine, hold_id, "lease closed")) is True
         self.released(hold_id)
-
-    @precondition(lambda self: self.settleable())
-    @rule(data=st.data(), how=RESOLVERS)
-    def cancel(self, data: st.DataObject, how: str) -> None:
-        """A cancelled request costs nothing, whether it is settled at zero or released."""
-        hold_id = data.draw(st.sampled_from(self.settleable()), label="hold")
-        if how == "release":
-            assert self.run(ledger.release(self.engine, hold_id, "cancelled")) is True
-            self.released(hold_id)
-            return
-        args = SettleArgs(0, data.draw(st.sampled_from([None, PROVIDER]), label="provider"), 1_000, 0)
-        result = self.run(self.settle_call(hold_id, args, "cancelled"))
-        self.settled(hold_id, args, result)
-        assert result is not None and result.charged == 0
 
     @precondition(lambda self: self.resolved())
     @rule(data=st.data(), how=RESOLVERS)
     def resolve_again(self, data: st.DataObject, how: str) -> None:
-        """A resolved hold stays resolved: settling or releasing it again is a no-op."""
+        """A resolved hold stays resolved: releasing it again, or charging it, is a no-op."""
         hold_id = data.draw(st.sampled_from(self.resolved()), label="hold")
         if how == "release":
             assert self.run(ledger.release(self.engine, hold_id, "again")) is False
         else:
-            args = data.draw(settle_args(self.holds[hold_id].amount), label="settle")
-            assert self.run(self.settle_call(hold_id, args, "again")) is None
+            plans = data.draw(
+                st.lists(payout_args(self.holds[hold_id].amount), min_size=1, max_size=2), label="payouts"
+            )
+            payouts = self.payouts(plans, 0)
+            assert self.run(ledger.charge(self.engine, hold_id, new_id("b"), payouts)) is False
 
-    @rule(data=st.data(), racers=st.lists(RESOLVERS, min_size=2, max_size=3), amount=st.integers(0, 120))
+    @rule(data=st.data(), racers=st.lists(RESOLVERS, min_size=1, max_size=3), amount=st.integers(0, 120))
     def resolve_race(self, data: st.DataObject, racers: list[str], amount: int) -> None:
-        """Settle and release of the same hold at once (a result and a disconnect): exactly one wins.
+        """Charges and releases of one lease at once (a flush and a shutdown): exactly one release
+        wins; a charge is written if it came first, and then counts in full, or not at all.
 
         Who wins depends on timing, so the hold is the racer's, whose balances no later draw reads."""
         user, hold_id = self.user(RACER), new_id("req_")
         self.run(self._fund(user, amount))
         self.run(ledger.hold(self.engine, hold_id, user, None, amount, self.instance, 600.0))
         self.holds[hold_id] = HoldModel(user, amount, self.instance, expired=False)
-        args = [data.draw(settle_args(amount), label="settle") if how == "settle" else None for how in racers]
+        racers = ["release", *racers]
+        share = amount // len(racers)  # every charge fits, whatever the order
+        plans = [
+            data.draw(st.lists(payout_args(share), min_size=1, max_size=2), label="payouts")
+            if how == "charge"
+            else None
+            for how in racers
+        ]
+        batches = [self.payouts(p, share // len(p)) if p else None for p in plans]
 
         async def race() -> list[Any]:
             calls = [
-                self.settle_call(hold_id, a, "race") if a else ledger.release(self.engine, hold_id, "race")
-                for a in args
+                ledger.charge(self.engine, hold_id, new_id("b"), b)
+                if b
+                else ledger.release(self.engine, hold_id, "race")
+                for b in batches
             ]
             return await asyncio.gather(*calls, return_exceptions=True)
 
         results = self.run(race())
         assert not [r for r in results if isinstance(r, BaseException)], results
-        winners = [i for i, r in enumerate(results) if r not in (None, False)]
-        assert len(winners) == 1, results
-        (winner,) = winners
-        losers = [r for i, r in enumerate(results) if i != winner]
-        assert all(r is (None if args[i] else False) for i, r in enumerate(results) if i != winner), losers
-        winning_args = args[winner]
-        if winning_args is None:
-            assert results[winner] is True
-            self.released(hold_id)
-        else:
-            self.settled(hold_id, winning_args, results[winner])
+        releases = [r for r, b in zip(results, batches, strict=True) if b is None]
+        assert releases.count(True) == 1 and releases.count(False) == len(releases) - 1, results
+        for result, batch in zip(results, batches, strict=True):
+            if batch is not None and result:
+                self.charged(hold_id, batch)
+        self.released(hold_id)
 
-    @precondition(lambda self: len(self.settleable()) >= 2)
+    @precondition(lambda self: len(self.pending()) >= 2)
     @rule(data=st.data())
     def resolve_many_at_once(self, data: st.DataObject) -> None:
-        """Different holds resolved concurrently (shared provider and platform rows) all go through."""
+        """Different leases charged or released concurrently (shared provider and platform rows) all go through."""
         chosen = data.draw(
-            st.lists(st.sampled_from(self.settleable()), min_size=2, max_size=4, unique=True), label="holds"
+            st.lists(st.sampled_from(self.pending()), min_size=2, max_size=4, unique=True), label="holds"
         )
-        plans = [
-            (h, data.draw(st.none() | settle_args(self.holds[h].amount), label="settle or release")) for h in chosen
-        ]
+        plans = []
+        for hold_id in chosen:
+            left = self.holds[hold_id].amount - self.holds[hold_id].charged
+            drawn = data.draw(
+                st.none() | st.lists(payout_args(left), min_size=1, max_size=3), label="charge or release"
+            )
+            plans.append((hold_id, self.payouts(drawn, left // len(drawn)) if drawn else None))
 
         async def together() -> list[Any]:
-            calls = [self.settle_call(h, a) if a else ledger.release(self.engine, h, "failed") for h, a in plans]
+            calls = [
+                ledger.charge(self.engine, h, new_id("b"), b) if b else ledger.release(self.engine, h, "lease closed")
+                for h, b in plans
+            ]
             return await asyncio.gather(*calls, return_exceptions=True)
 
         results = self.run(together())
         assert not [r for r in results if isinstance(r, BaseException)], results
-        for (hold_id, args), result in zip(plans, results, strict=True):
-            if args is None:
-                assert result is True
+        assert all(r is True for r in results), results
+        for hold_id, batch in plans:
+            if batch is None:
                 self.released(hold_id)
             else:
-                self.settled(hold_id, args, result)
+                self.charged(hold_id, batch)
 
     # --- credit leases: holds grown in place and charged in batches ----------------------------
 
@@ -426,13 +411,8 @@ class BillingMachine(RuleBasedStateMachine):
         hold_id = data.draw(st.sampled_from(self.pending()), label="hold")
         model = self.holds[hold_id]
         left = model.amount - model.charged
-        plans = data.draw(st.lists(settle_args(left), min_size=1, max_size=4), label="payouts")
-        payouts = []
-        for plan in plans:
-            amount = max(0, min(plan.charge, left))
-            provider = self.user(plan.provider) if plan.provider is not None else None
-            share = ledger.provider_share(amount, plan.fee_bps) if provider is not None else 0
-            payouts.append(ledger.Payout(amount, provider, share, plan.upstream_cost))
+        plans = data.draw(st.lists(payout_args(left), min_size=1, max_size=4), label="payouts")
+        payouts = self.payouts(plans, left)
         total = sum(p.amount for p in payouts)
         batch = new_id("b")
         written = self.run(ledger.charge(self.engine, hold_id, batch, payouts))
@@ -441,20 +421,7 @@ class BillingMachine(RuleBasedStateMachine):
             return
         if data.draw(st.booleans(), label="retry the batch"):  # as after a commit in doubt
             assert self.run(ledger.charge(self.engine, hold_id, batch, payouts)) is True
-        model.charged += total
-        for plan, payout in zip(plans, payouts, strict=True):
-            if plan.provider is not None:
-                self.earnings[self.user(plan.provider)] += payout.provider_share
-            self.platform[FEES] += payout.amount - payout.provider_share - payout.upstream_cost
-            self.platform[UPSTREAM] += payout.upstream_cost
-
-    @precondition(lambda self: [h for h in self.pending() if self.holds[h].charged])
-    @rule(data=st.data())
-    def settle_charged_lease(self, data: st.DataObject) -> None:
-        """A lease that took charges cannot be settled (it would charge twice); release closes it."""
-        hold_id = data.draw(st.sampled_from([h for h in self.pending() if self.holds[h].charged]), label="hold")
-        args = data.draw(settle_args(self.holds[hold_id].amount), label="settle")
-        assert self.run(self.settle_call(hold_id, args)) is None
+        self.charged(hold_id, payouts)
 
     # --- coordinator crashes and the orphan sweep -----------------------------------------------
 
