@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import hmac
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from sqlalchemy import select
 
-from coordinator import keys, users
-from coordinator.errors import PoolError, invalid_api_key, too_many
-from coordinator.models import User
-from coordinator.portal_tokens import InvalidSession
+from coordinator import keys
+from coordinator.errors import PoolError, invalid_api_key
 from coordinator.requestlog import RequestRecord
+from coordinator.signin import check_not_blocked, portal_session
 from coordinator.state import PoolState, pool_of
 from shared import errors, logs
 
@@ -38,12 +35,6 @@ def _pool(connection: Connection) -> PoolState:
 def client_address(connection: Connection) -> str:
     client = connection.client
     return client.host if client is not None else "unknown"
-
-
-def check_not_blocked(pool: PoolState, client: str) -> None:
-    wait = pool.auth_failures.blocked(client)
-    if wait:
-        raise too_many("failed authentications", wait)
 
 
 def invalid_session() -> PoolError:
@@ -73,49 +64,6 @@ async def require_consumer_key(connection: Connection) -> None:
     connection.state.record = RequestRecord(
         id=logs.request_id.get() or "req_unknown", user_id=principal.user_id, key_id=principal.credential_id
     )
-
-
-@dataclass(frozen=True, slots=True)
-class PortalSession:
-    """A valid portal session: whose it is, and what names it (its ``jti``, else the token itself)."""
-
-    user_id: int
-    jti: str | None
-    expires: float  # the token's ``exp``
-    token: str
-
-
-async def portal_session(pool: PoolState, token: str) -> PortalSession | None:
-    """The portal session a token opens; ``None`` if it is invalid, logged out, or its user may not
-    log in (unknown, or waiting for approval)."""
-    if not token or token.startswith((keys.CONSUMER_PREFIX, keys.AGENT_PREFIX)):
-        return None
-    try:
-        claims = await pool.portal.verify(token)
-    except InvalidSession as exc:
-        log.info("portal session refused", extra={"reason": str(exc)})
-        return None
-    subject = str(claims["sub"])
-    jti = claims.get("jti")
-    jti = jti if isinstance(jti, str) and jti else None
-    expires = float(claims["exp"])
-    if pool.portal.external:
-        async with pool.db_sessions() as session, session.begin():
-            email = claims.get("email")
-            user = await users.user_for_subject(session, subject, email if isinstance(email, str) else None)
-            if jti is not None and await session.scalar(select(users.session_revoked(jti))):
-                return None
-            return PortalSession(user.id, jti, expires, token)
-    if not subject.isdigit() or len(subject) > 18:
-        return None
-    # One query, as before revocation existed: the user exists, may log in, and this session was not
-    # logged out (on any process: the row is there the moment logout answers).
-    query = select(User.id).where(User.id == int(subject), User.approved.is_(True))
-    if jti is not None:
-        query = query.where(~users.session_revoked(jti))
-    async with pool.db_sessions() as session:
-        exists = await session.scalar(query)
-    return PortalSession(int(subject), jti, expires, token) if exists is not None else None
 
 
 async def _require_user(connection: Connection, *, keys_too: bool) -> None:

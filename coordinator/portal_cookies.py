@@ -20,7 +20,7 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import Cookie, ResponseHeader
 
-from coordinator.guards import PortalSession, portal_session
+from coordinator.signin import PortalSession, portal_session
 from coordinator.state import pool_of
 
 SESSION_COOKIE = "pool_session"

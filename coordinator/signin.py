@@ -1,9 +1,12 @@
 """Accounts through the portal: signup (no enumeration, limited per address, optionally approved
-by an operator), login and logout. The JSON API and the portal pages both call these."""
+by an operator), login, the portal session a token opens, and logout. The JSON API, the portal
+pages and the guards call these."""
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -11,12 +14,14 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import select
 
-from coordinator import users
+from coordinator import keys, users
 from coordinator.errors import PoolError, too_many
-from coordinator.guards import PortalSession, check_not_blocked
 from coordinator.models import User
+from coordinator.portal_tokens import InvalidSession
 from coordinator.state import PoolState
 from shared import errors
+
+log = logging.getLogger(__name__)
 
 Email = Annotated[str, Meta(min_length=3, max_length=320)]
 
@@ -25,6 +30,55 @@ Password = Annotated[str, Meta(min_length=8, max_length=1024)]
 
 
 DisplayName = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def check_not_blocked(pool: PoolState, client: str) -> None:
+    wait = pool.auth_failures.blocked(client)
+    if wait:
+        raise too_many("failed authentications", wait)
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSession:
+    """A valid portal session: whose it is, and what names it (its ``jti``, else the token itself)."""
+
+    user_id: int
+    jti: str | None
+    expires: float  # the token's ``exp``
+    token: str
+
+
+async def portal_session(pool: PoolState, token: str) -> PortalSession | None:
+    """The portal session a token opens; ``None`` if it is invalid, logged out, or its user may not
+    log in (unknown, or waiting for approval)."""
+    if not token or token.startswith((keys.CONSUMER_PREFIX, keys.AGENT_PREFIX)):
+        return None
+    try:
+        claims = await pool.portal.verify(token)
+    except InvalidSession as exc:
+        log.info("portal session refused", extra={"reason": str(exc)})
+        return None
+    subject = str(claims["sub"])
+    jti = claims.get("jti")
+    jti = jti if isinstance(jti, str) and jti else None
+    expires = float(claims["exp"])
+    if pool.portal.external:
+        async with pool.db_sessions() as session, session.begin():
+            email = claims.get("email")
+            user = await users.user_for_subject(session, subject, email if isinstance(email, str) else None)
+            if jti is not None and await session.scalar(select(users.session_revoked(jti))):
+                return None
+            return PortalSession(user.id, jti, expires, token)
+    if not subject.isdigit() or len(subject) > 18:
+        return None
+    # One query, as before revocation existed: the user exists, may log in, and this session was not
+    # logged out (on any process: the row is there the moment logout answers).
+    query = select(User.id).where(User.id == int(subject), User.approved.is_(True))
+    if jti is not None:
+        query = query.where(~users.session_revoked(jti))
+    async with pool.db_sessions() as session:
+        exists = await session.scalar(query)
+    return PortalSession(int(subject), jti, expires, token) if exists is not None else None
 
 
 class Credentials(msgspec.Struct, forbid_unknown_fields=True):

@@ -18,9 +18,9 @@ from litestar.params import Parameter
 
 from coordinator import users
 from coordinator.errors import PoolError
-from coordinator.guards import PortalSession, client_address, require_session
+from coordinator.guards import client_address, require_session
 from coordinator.models import AgentToken, ApiKey, User
-from coordinator.signin import Credentials, DisplayName, authenticate, end_session, register
+from coordinator.signin import Credentials, DisplayName, PortalSession, authenticate, end_session, register
 from coordinator.state import PoolState, pool_of
 from shared import errors
 
