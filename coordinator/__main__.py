@@ -11,8 +11,12 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from coordinator import catalog, db, ledger, references, users
-from coordinator.settings import Settings, SettingsError
+from coordinator.core import db
+from coordinator.core.settings import Settings, SettingsError
+from coordinator.identity import users
+from coordinator.market import catalog
+from coordinator.money import ledger
+from coordinator.trust import references
 from shared import logs
 from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
 
@@ -183,8 +187,8 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
-    from coordinator import deadlines
     from coordinator.app import create_app
+    from coordinator.core import deadlines
 
     asyncio.run(_migrate(settings))
     uvicorn.run(

@@ -18,36 +18,42 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from coordinator import __version__, auth, canaries, catalog, db, ledger, periodic
-from coordinator.bodies import TOO_DEEP, PoolRequest
-from coordinator.clawback import Clawback
-from coordinator.dispatch import Dispatcher
-from coordinator.errors import PoolError, error_response
-from coordinator.formtokens import FormTokens
-from coordinator.history import History
-from coordinator.leases import CreditLeases
-from coordinator.metering import Price
-from coordinator.portal_tokens import Passwords, SessionTokens
-from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits
-from coordinator.references import ReferenceBook
-from coordinator.registry import Registry
-from coordinator.requestlog import RequestLog, RequestRecord
-from coordinator.routes.account import account_router
-from coordinator.routes.admin import grant_credits
-from coordinator.routes.agent_ws import agent_connect
-from coordinator.routes.chat import create_chat_completion
-from coordinator.routes.directory import list_models, pool_status
-from coordinator.routes.pages import root, status_live, status_page
-from coordinator.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
-from coordinator.routes.portal_pages import portal_pages
-from coordinator.routes.provider import provider_agents
-from coordinator.settings import Settings
-from coordinator.state import PoolState, pool_of, provide_pool
-from coordinator.stats import RequestStats
-from coordinator.templating import STATIC, template_config
-from coordinator.trust import TrustBook
-from coordinator.upstream import Upstream
-from coordinator.verify import Verifier
+from coordinator import __version__
+from coordinator.core import db
+from coordinator.core.bodies import TOO_DEEP, PoolRequest
+from coordinator.core.errors import PoolError, error_response
+from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits
+from coordinator.core.settings import Settings
+from coordinator.identity import auth
+from coordinator.identity.formtokens import FormTokens
+from coordinator.identity.portal_tokens import Passwords, SessionTokens
+from coordinator.market import catalog
+from coordinator.market.registry import Registry
+from coordinator.market.upstream import Upstream
+from coordinator.money import ledger
+from coordinator.money.clawback import Clawback
+from coordinator.money.leases import CreditLeases
+from coordinator.money.metering import Price
+from coordinator.money.requestlog import RequestLog, RequestRecord
+from coordinator.services import periodic
+from coordinator.services.state import PoolState, pool_of, provide_pool
+from coordinator.serving.dispatch import Dispatcher
+from coordinator.serving.verify import Verifier
+from coordinator.status.history import History
+from coordinator.status.stats import RequestStats
+from coordinator.trust import canaries
+from coordinator.trust.references import ReferenceBook
+from coordinator.trust.scores import TrustBook
+from coordinator.web.routes.account import account_router
+from coordinator.web.routes.admin import grant_credits
+from coordinator.web.routes.agent_ws import agent_connect
+from coordinator.web.routes.chat import create_chat_completion
+from coordinator.web.routes.directory import list_models, pool_status
+from coordinator.web.routes.pages import root, status_live, status_page
+from coordinator.web.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
+from coordinator.web.routes.portal_pages import portal_pages
+from coordinator.web.routes.provider import provider_agents
+from coordinator.web.templating import STATIC, template_config
 from shared import errors, logs
 
 log = logging.getLogger(__name__)

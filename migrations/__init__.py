@@ -1,1 +1,1 @@
-"""Alembic migrations for the coordinator's database (async env; see ``coordinator.db.migrate``)."""
+"""Alembic migrations for the coordinator's database (async env; see ``coordinator.core.db.migrate``)."""

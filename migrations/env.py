@@ -1,4 +1,4 @@
-"""Alembic environment: runs on a connection handed in by ``coordinator.db.migrate`` or, from the
+"""Alembic environment: runs on a connection handed in by ``coordinator.core.db.migrate`` or, from the
 ``alembic`` command line, on an async engine built from ``POOL_DATABASE_URL``."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from coordinator.models import Base
-from coordinator.settings import Settings
+from coordinator.core.models import Base
+from coordinator.core.settings import Settings
 
 target_metadata = Base.metadata
 

@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import uvicorn
 
-from coordinator import canaries
+from coordinator.trust import canaries
 
 OLD_ORDER = ["messages", "model", "max_tokens", "seed", "stream", "temperature"]
 SHIPPED = frozenset(canaries.shipped())

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 
-from coordinator import db, history
-from coordinator.history import Minute
+from coordinator.core import db
+from coordinator.status import history
+from coordinator.status.history import Minute
 from tests.bench.common import pct
 from tests.harness import Pool
 

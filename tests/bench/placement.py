@@ -11,9 +11,9 @@ import random
 import time
 from collections.abc import Callable
 
-from coordinator import placement
-from coordinator.placement import Routing
-from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.market import placement
+from coordinator.market.placement import Routing
+from coordinator.market.registry import ConnectedAgent, Performance, Registry
 from shared.openai import ProviderPreferences
 from shared.protocol import ModelOffer
 

@@ -18,7 +18,7 @@ import httpx
 import msgspec
 import pytest
 
-from coordinator import trust
+from coordinator.trust import scores as trust
 from scripts import localpool
 from shared import errors
 from shared.protocol import Draining, JobAssign, JobChunk, JobDone, JobFailed, Usage
@@ -119,7 +119,7 @@ def provider_of(pool: Pool, token: str) -> int:
 
 
 async def books_balance(pool: Pool) -> None:
-    from coordinator import db
+    from coordinator.core import db
 
     engine = db.create_engine(pool.db_url)
     try:

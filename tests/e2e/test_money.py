@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import db, ledger
+from coordinator.core import db
+from coordinator.money import ledger
 from scripts import localpool
 from tests.harness import CONSUMER, Pool
 from tests.ledger_checks import balance, ledger_problems, pending_holds

@@ -14,9 +14,10 @@ import httpx
 import msgspec
 import pytest
 
-from coordinator import canaries, trust
-from coordinator.trust import Reputation
-from coordinator.verify import CANARY
+from coordinator.serving.verify import CANARY
+from coordinator.trust import canaries
+from coordinator.trust import scores as trust
+from coordinator.trust.scores import Reputation
 from scripts import localpool
 from tests.harness import Pool
 from tests.waiting import eventually, eventually_async

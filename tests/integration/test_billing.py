@@ -13,12 +13,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import db, ledger, users
-from coordinator.clawback import Clawback
-from coordinator.leases import Charge, CreditLeases, Reservation
-from coordinator.ledger import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
-from coordinator.ratelimit import KeyLimits
-from coordinator.requestlog import RequestLog, RequestRecord
+from coordinator.core import db
+from coordinator.core.ratelimit import KeyLimits
+from coordinator.identity import users
+from coordinator.money import ledger
+from coordinator.money.clawback import Clawback
+from coordinator.money.leases import Charge, CreditLeases, Reservation
+from coordinator.money.ledger import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
+from coordinator.money.requestlog import RequestLog, RequestRecord
 from tests.ledger_checks import balance, ledger_problems, pending_holds
 
 OWNER = "crd_test"

@@ -36,9 +36,11 @@ from hypothesis.stateful import (
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator import db, ledger, users
-from coordinator.ledger import FUNDING, PENDING, PLATFORM_FEES, RELEASED, UPSTREAM_COSTS
-from coordinator.models import Account, Hold
+from coordinator.core import db
+from coordinator.core.models import Account, Hold
+from coordinator.identity import users
+from coordinator.money import ledger
+from coordinator.money.ledger import FUNDING, PENDING, PLATFORM_FEES, RELEASED, UPSTREAM_COSTS
 from tests.ledger_checks import ledger_problems
 
 T = TypeVar("T")

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy import insert, select
 
-from coordinator import db, history
-from coordinator.history import History, Minute
+from coordinator.core import db
+from coordinator.status import history
+from coordinator.status.history import History, Minute
 from tests.harness import Pool, with_upstream
 from tests.waiting import eventually
 

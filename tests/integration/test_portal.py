@@ -20,7 +20,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from coordinator import keys
+from coordinator.identity import keys
 from scripts import localpool
 from tests.harness import ADMIN_TOKEN, CONSUMER, Pool
 from tests.waiting import eventually

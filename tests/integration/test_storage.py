@@ -16,8 +16,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text, update
 
-from coordinator import auth, catalog, db, keys, trust, users
-from coordinator.models import AgentToken, ApiKey, Base
+from coordinator.core import db
+from coordinator.core.models import AgentToken, ApiKey, Base
+from coordinator.identity import auth, keys, users
+from coordinator.market import catalog
+from coordinator.trust import scores as trust
 from scripts.localpool import ROOT
 
 HEAD = ScriptDirectory(str(files("migrations"))).get_current_head()

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from coordinator import trust
+from coordinator.trust import scores as trust
 from shared import protocol
 from shared.protocol import Heartbeat, Hello, JobAssign, ModelOffer, Welcome
 from tests.harness import Pool

@@ -14,15 +14,18 @@ import msgspec
 import pytest
 from sqlalchemy import text
 
-from coordinator import canaries, db, references, trust, users
-from coordinator.canaries import Prompts, Shapes
-from coordinator.clawback import Clawback
-from coordinator.dispatch import Dispatcher
-from coordinator.references import PLATFORM, Answer, Reference, ReferenceBook
-from coordinator.registry import ConnectedAgent, Registry
-from coordinator.trust import TrustBook
-from coordinator.upstream import Upstream
-from coordinator.verify import CANARY, Verifier
+from coordinator.core import db
+from coordinator.identity import users
+from coordinator.market.registry import ConnectedAgent, Registry
+from coordinator.market.upstream import Upstream
+from coordinator.money.clawback import Clawback
+from coordinator.serving.dispatch import Dispatcher
+from coordinator.serving.verify import CANARY, Verifier
+from coordinator.trust import canaries, references
+from coordinator.trust import scores as trust
+from coordinator.trust.canaries import Prompts, Shapes
+from coordinator.trust.references import PLATFORM, Answer, Reference, ReferenceBook
+from coordinator.trust.scores import TrustBook
 from shared.protocol import JobAssign, JobChunk, JobDone, Message, ModelOffer
 
 PARIS = "Paris is the capital of France. It is known for the Eiffel Tower."

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import msgspec
 
-from coordinator import audit, trust
-from coordinator.audit import read_output
+from coordinator.trust import audit
+from coordinator.trust import scores as trust
+from coordinator.trust.audit import read_output
 from shared.protocol import Usage
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from coordinator import keys
-from coordinator.auth import SecretCache
-from coordinator.users import Principal
+from coordinator.identity import keys
+from coordinator.identity.auth import SecretCache
+from coordinator.identity.users import Principal
 from tests.waiting import eventually_async
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator import catalog
-from coordinator.catalog import precision
+from coordinator.market import catalog
+from coordinator.market.catalog import precision
 
 DIRECTORY = catalog.Directory(catalog.shipped())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator import charts
+from coordinator.web import charts
 
 
 def test_charts_stack_bars_by_series_and_break_lines_at_gaps() -> None:

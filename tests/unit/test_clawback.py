@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from coordinator.clawback import Clawback
-from coordinator.requestlog import RequestRecord
+from coordinator.money.clawback import Clawback
+from coordinator.money.requestlog import RequestRecord
 
 
 def test_a_canary_verdict_vouches_for_jobs_before_its_answer_and_refunds_the_rest() -> None:

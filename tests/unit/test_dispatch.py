@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator import jobs
-from coordinator.dispatch import Dispatcher
-from coordinator.jobs import Job
-from coordinator.registry import ConnectedAgent, Registry
-from coordinator.upstream import Upstream
+from coordinator.market.registry import ConnectedAgent, Registry
+from coordinator.market.upstream import Upstream
+from coordinator.serving import jobs
+from coordinator.serving.dispatch import Dispatcher
+from coordinator.serving.jobs import Job
 from shared import errors
 from shared.backend import Failure
 from shared.protocol import JobAssign, JobCancel, JobChunk, ModelOffer

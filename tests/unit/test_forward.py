@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator.forward import backend_body, content_problem
+from coordinator.market.forward import backend_body, content_problem
 from shared.openai import ChatCompletionRequest
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from coordinator import catalog
-from coordinator.metering import Price
-from coordinator.offers import HelloRefused, hello_offers
+from coordinator.market import catalog
+from coordinator.market.offers import HelloRefused, hello_offers
+from coordinator.money.metering import Price
 from shared import protocol
 from shared.protocol import Hello, ModelOffer
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from coordinator import history
-from coordinator.history import Minute
+from coordinator.status import history
+from coordinator.status.history import Minute
 
 
 def test_p95_from_the_histogram_is_within_a_bucket_of_the_exact_one() -> None:

@@ -8,11 +8,12 @@ import contextlib
 import msgspec
 import pytest
 
-from coordinator import audit, trust
-from coordinator.inference import CONSUMER_GONE, Ending, conclude
-from coordinator.jobreader import OVERRUN_SLACK, JobReader
-from coordinator.jobs import Job
-from coordinator.metering import Meter, Price
+from coordinator.money.metering import Meter, Price
+from coordinator.services.inference import CONSUMER_GONE, Ending, conclude
+from coordinator.serving.jobreader import OVERRUN_SLACK, JobReader
+from coordinator.serving.jobs import Job
+from coordinator.trust import audit
+from coordinator.trust import scores as trust
 from shared import errors
 from shared.backend import Chunk, Done, Failure
 from shared.protocol import Usage

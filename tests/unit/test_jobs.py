@@ -1,11 +1,11 @@
-"""The job table (``coordinator.jobs``) alone: frames and times in, messages and queued events out,
+"""The job table (``coordinator.serving.jobs``) alone: frames and times in, messages and queued events out,
 no sockets and no event loop."""
 
 from __future__ import annotations
 
-from coordinator import jobs
-from coordinator.jobs import Job, JobTable, output_budget
-from coordinator.registry import ConnectedAgent
+from coordinator.market.registry import ConnectedAgent
+from coordinator.serving import jobs
+from coordinator.serving.jobs import Job, JobTable, output_budget
 from shared import errors
 from shared.backend import Chunk, Done, Failure
 from shared.protocol import JobAssign, JobCancel, JobChunk, JobDone, JobFailed, ModelOffer, Usage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator import keys
+from coordinator.identity import keys
 
 
 def test_key_format_and_checksum() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from coordinator import audit
-from coordinator.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, prompt_estimate
+from coordinator.money.metering import TEMPLATE_ALLOWANCE, Meter, Price, output_bound, prompt_bound, prompt_estimate
+from coordinator.trust import audit
 from shared.openai import ChatCompletionRequest
 from shared.protocol import Usage
 

@@ -10,10 +10,10 @@ from collections import Counter
 
 import msgspec
 
-from coordinator import placement
-from coordinator.metering import Price
-from coordinator.placement import Routing
-from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.market import placement
+from coordinator.market.placement import Routing
+from coordinator.market.registry import ConnectedAgent, Performance, Registry
+from coordinator.money.metering import Price
 from shared.openai import ProviderPreferences
 from shared.protocol import ModelOffer
 

@@ -1,4 +1,4 @@
-"""However an agent is lost, :func:`coordinator.presence.remove_agent` takes the same steps (no
+"""However an agent is lost, :func:`coordinator.services.presence.remove_agent` takes the same steps (no
 sockets: the job table and the trust book in memory, a link that records what it was told)."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from coordinator import trust
-from coordinator.dispatch import Dispatcher
-from coordinator.presence import remove_agent
-from coordinator.registry import ConnectedAgent, Registry
-from coordinator.trust import Reputation, TrustBook
-from coordinator.upstream import Upstream
+from coordinator.market.registry import ConnectedAgent, Registry
+from coordinator.market.upstream import Upstream
+from coordinator.services.presence import remove_agent
+from coordinator.serving.dispatch import Dispatcher
+from coordinator.trust import scores as trust
+from coordinator.trust.scores import Reputation, TrustBook
 from shared import errors
 from shared.backend import Failure
 from shared.protocol import CLOSE_REVOKED, CLOSE_STALE, ModelOffer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from coordinator.inference import XPool
-from coordinator.present import Said, present
+from coordinator.market.present import Said, present
+from coordinator.services.inference import XPool
 
 
 def test_present_shows_the_pool_id_slug_and_api_fields_only() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.ratelimit import AddressLimits, FailureLimits, KeyLimits, address_key, duration
+from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits, address_key, duration
 
 
 def test_key_limits_refuse_with_openai_headers() -> None:

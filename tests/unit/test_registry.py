@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.registry import ConnectedAgent, Performance, Registry
+from coordinator.market.registry import ConnectedAgent, Performance, Registry
 
 
 def test_one_token_is_one_identity_for_concurrency_and_speed() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.settings import Settings, SettingsError
+from coordinator.core.settings import Settings, SettingsError
 
 
 def test_coordinator_settings_from_env() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import stats
+from coordinator.status import stats
 
 
 def test_request_stats_add_up_in_slots_and_forget_old_ones() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import trust
-from coordinator.trust import Evidence, Reputation, reputation_of
+from coordinator.trust import scores as trust
+from coordinator.trust.scores import Evidence, Reputation, reputation_of
 
 HOUR = 3600.0
 

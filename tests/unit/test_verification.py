@@ -13,15 +13,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from coordinator import canaries, trust
-from coordinator.canaries import Prompts, Shapes, build, shape_of
-from coordinator.clawback import Clawback
-from coordinator.references import PLATFORM, Answer, Comparison, Reference, agrees
-from coordinator.registry import ConnectedAgent, Registry
-from coordinator.requestlog import RequestRecord
-from coordinator.settings import SettingsError
-from coordinator.trust import TrustBook
-from coordinator.verify import Verifier
+from coordinator.core.settings import SettingsError
+from coordinator.market.registry import ConnectedAgent, Registry
+from coordinator.money.clawback import Clawback
+from coordinator.money.requestlog import RequestRecord
+from coordinator.serving.verify import Verifier
+from coordinator.trust import canaries
+from coordinator.trust import scores as trust
+from coordinator.trust.canaries import Prompts, Shapes, build, shape_of
+from coordinator.trust.references import PLATFORM, Answer, Comparison, Reference, agrees
+from coordinator.trust.scores import TrustBook
 from shared.protocol import ModelOffer
 
 PARIS = "Paris is the capital of France. It is known for the Eiffel Tower."

@@ -1,0 +1,264 @@
+"""Choose an agent for a request: a pure function of the registry and the consumer's preferences.
+
+First the agents that may serve the request: a free slot, trusted enough, no dearer than the hold
+covers, and allowed by the request's ``provider`` object. Then one of them: the first match of
+``order``, else the best by ``sort``, else the better of two drawn at random (power of two choices)
+by a cost that weighs price, observed speed, trust and load — so traffic leans to good agents
+without every request herding onto the single best one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+
+from coordinator.market.catalog import precision, quantization_label
+from coordinator.market.registry import ConnectedAgent, Performance, Registry
+from coordinator.market.upstream import Upstream
+from coordinator.money.metering import Price
+from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
+from shared.openai import ProviderPreferences
+
+PLATFORM = "platform"  # how consumers name the platform upstream in ``order``/``only``/``ignore``
+UNKNOWN_QUANTIZATION = "unknown"
+
+# Price differences below this many nano-USD per token ($0.01 per 1M) are noise, not a reason to move.
+PRICE_FLOOR = 10
+# Time to first token (ms) every agent pays anyway: differences well under it are noise.
+TTFT_FLOOR_MS = 50.0
+
+# Reasons in ``x_pool.route``.
+POWER_OF_TWO = "power_of_two"
+SOLE_CANDIDATE = "sole_candidate"
+ORDER = "order"
+FALLBACK = "fallback"
+
+
+def sorted_by(key: str) -> str:
+    return f"sort:{key}"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A request's routing preferences in the pool's terms (nano-USD, agent and provider ids)."""
+
+    sort: str | None = None
+    max_price: Price | None = None
+    min_trust: float = 0.0
+    order: tuple[str, ...] = ()
+    only: frozenset[str] | None = None
+    ignore: frozenset[str] = frozenset()
+    allow_fallbacks: bool = True
+    quantizations: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, prefs: ProviderPreferences | None) -> Routing:
+        if prefs is None:
+            return cls()
+        max_price = None
+        if prefs.max_price is not None:
+            max_price = Price(_nano(prefs.max_price.prompt), _nano(prefs.max_price.completion))
+        return cls(
+            sort=prefs.sort,
+            max_price=max_price,
+            min_trust=prefs.min_trust or 0.0,
+            order=tuple(str(name) for name in prefs.order or ()),
+            only=None if prefs.only is None else frozenset(str(name) for name in prefs.only),
+            ignore=frozenset(str(name) for name in prefs.ignore or ()),
+            allow_fallbacks=prefs.allow_fallbacks,
+            quantizations=(
+                None if prefs.quantizations is None else frozenset(quantization_label(q) for q in prefs.quantizations)
+            ),
+        )
+
+    def admits(self, agent: ConnectedAgent, slug: str) -> bool:
+        names = (agent.agent_id, agent.provider_id)
+        if self.only is not None and not any(name in self.only for name in names):
+            return False
+        if any(name in self.ignore for name in names):
+            return False
+        if self.order and not self.allow_fallbacks and not any(name in self.order for name in names):
+            return False
+        offer = agent.models[slug]
+        if self.max_price is not None and not self.max_price.covers(Price(offer.price_in, offer.price_out)):
+            return False
+        if self.quantizations is None:
+            return True
+        label = offer.quantization or UNKNOWN_QUANTIZATION
+        return label in self.quantizations or precision(label) in self.quantizations
+
+    def admits_upstream(self, price: Price) -> bool:
+        """Whether the platform upstream may serve this request (its quantisation is unknown)."""
+        return (
+            self.allow_fallbacks
+            and (self.only is None or PLATFORM in self.only)
+            and PLATFORM not in self.ignore
+            and (self.max_price is None or self.max_price.covers(price))
+            and (self.quantizations is None or UNKNOWN_QUANTIZATION in self.quantizations)
+        )
+
+    def rank_in_order(self, agent: ConnectedAgent) -> int:
+        """Position of the agent's first match in ``order`` (``len(order)`` if none)."""
+        for position, name in enumerate(self.order):
+            if name in (agent.agent_id, agent.provider_id):
+                return position
+        return len(self.order)
+
+
+DEFAULT_ROUTING = Routing()
+
+
+def _nano(usd_per_million: float | None) -> int:
+    """A price cap in nano-USD per token, rounded down (a cap is never exceeded by rounding)."""
+    if usd_per_million is None:
+        return 2**62
+    return int(Decimal(str(usd_per_million)) * NANO_PER_USD / TOKENS_PER_PRICE_UNIT)
+
+
+@dataclass(frozen=True)
+class Choice:
+    agent: ConnectedAgent
+    reason: str
+    candidates: int
+
+
+def offer_price(agent: ConnectedAgent, slug: str) -> Price:
+    offer = agent.models[slug]
+    return Price(offer.price_in, offer.price_out)
+
+
+def eligible(
+    registry: Registry,
+    slug: str,
+    routing: Routing,
+    *,
+    trust_floor: float,
+    exclude: Collection[str] = (),
+    max_price: Price | None = None,
+) -> list[ConnectedAgent]:
+    """Agents that may take the request now (one pass over the model's agents: the hot loop)."""
+    floor = max(trust_floor, routing.min_trust)
+    most_in, most_out = (max_price.input, max_price.output) if max_price is not None else (2**63, 2**63)
+    default = routing == DEFAULT_ROUTING
+    found = []
+    for agent in registry.serving(slug):
+        offer = agent.models[slug]
+        if (
+            agent.free_slots > 0
+            and agent.trust >= floor
+            and offer.price_in <= most_in
+            and offer.price_out <= most_out
+            and agent.agent_id not in exclude
+            and (default or routing.admits(agent, slug))
+        ):
+            found.append(agent)
+    return found
+
+
+def choose(
+    registry: Registry,
+    slug: str,
+    routing: Routing = DEFAULT_ROUTING,
+    *,
+    trust_floor: float = 0.0,
+    exclude: Collection[str] = (),
+    max_price: Price | None = None,
+    rng: random.Random | None = None,
+) -> Choice | None:
+    """The agent to try next for ``slug``, and why; ``None`` when no agent may take it."""
+    candidates = eligible(registry, slug, routing, trust_floor=trust_floor, exclude=exclude, max_price=max_price)
+    if not candidates:
+        return None
+    count = len(candidates)
+    if routing.order or routing.sort is not None:
+        typical = _typical(agent.performance.get(slug) for agent in candidates)
+        if routing.order:
+            first = min(routing.rank_in_order(agent) for agent in candidates)
+            if first < len(routing.order):
+                ordered = [agent for agent in candidates if routing.rank_in_order(agent) == first]
+                return Choice(min(ordered, key=lambda agent: _cost(agent, slug, typical)), ORDER, count)
+        if routing.sort is not None:
+            key = _SORT_KEYS[routing.sort]
+            best = min(
+                candidates, key=lambda agent: (key(agent, slug, typical), _load(agent), _cost(agent, slug, typical))
+            )
+            return Choice(best, sorted_by(routing.sort), count)
+    if count == 1:
+        return Choice(candidates[0], SOLE_CANDIDATE, 1)
+    # Power of two choices: only the pair is scored (an agent not yet measured is taken to do as
+    # well as the other), so placement costs one pass over the candidates.
+    pair = (rng or random).sample(candidates, 2)
+    typical = _typical(agent.performance.get(slug) for agent in pair)
+    best = min(pair, key=lambda agent: _cost(agent, slug, typical))
+    return Choice(best, POWER_OF_TWO, count)
+
+
+# --- the cost behind power of two choices ----------------------------------------------------------
+
+
+def _typical(performances: Iterable[Performance | None]) -> Performance:
+    """The median of the candidates' known averages: what an agent not yet measured is assumed to do."""
+    known = [p for p in performances if p is not None]
+    ttfts = [p.ttft_ms for p in known if p.ttft_ms is not None]
+    speeds = [p.tokens_per_s for p in known if p.tokens_per_s is not None]
+    return Performance(
+        ttft_ms=statistics.median(ttfts) if ttfts else TTFT_FLOOR_MS,
+        tokens_per_s=statistics.median(speeds) if speeds else 1.0,
+    )
+
+
+def _ttft(agent: ConnectedAgent, slug: str, typical: Performance) -> float:
+    known = agent.performance.get(slug)
+    value = known.ttft_ms if known is not None else None
+    return value if value is not None else typical.ttft_ms or TTFT_FLOOR_MS
+
+
+def _speed(agent: ConnectedAgent, slug: str, typical: Performance) -> float:
+    known = agent.performance.get(slug)
+    value = known.tokens_per_s if known is not None else None
+    return max(1e-3, value if value is not None else typical.tokens_per_s or 1.0)
+
+
+def _load(agent: ConnectedAgent) -> float:
+    return agent.in_flight / agent.max_concurrency
+
+
+def _cost(agent: ConnectedAgent, slug: str, typical: Performance) -> float:
+    """Lower is better: price x slowness x (1 + load) / trust. A twice dearer agent must be about
+    twice as fast (first token and generation speed together), or half as busy, to be preferred."""
+    price = _price(agent, slug, typical) + PRICE_FLOOR
+    slowness = math.sqrt((_ttft(agent, slug, typical) + TTFT_FLOOR_MS) / _speed(agent, slug, typical))
+    return price * slowness * (1.0 + _load(agent)) * 100.0 / max(agent.trust, 1.0)
+
+
+def _price(agent: ConnectedAgent, slug: str, typical: Performance) -> float:
+    offer = agent.models[slug]
+    return float(offer.price_in + offer.price_out)
+
+
+def _slowness(agent: ConnectedAgent, slug: str, typical: Performance) -> float:
+    return -_speed(agent, slug, typical)
+
+
+_SORT_KEYS: dict[str, Callable[[ConnectedAgent, str, Performance], float]] = {
+    "price": _price,
+    "latency": _ttft,
+    "throughput": _slowness,
+}
+
+
+def prices(
+    registry: Registry, upstream: Upstream, slugs: list[str], routing: Routing, *, trust_floor: float
+) -> list[Price]:
+    """The prices of everyone who may serve the request now (agents and the upstream): what a hold
+    must cover; empty when nobody can serve it."""
+    found = []
+    for slug in slugs:
+        found += [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
+        if upstream.serves(slug) and routing.admits_upstream(upstream.price):
+            found.append(upstream.price)
+    return found

@@ -1,0 +1,151 @@
+"""Refunds for consumer jobs that failed canaries discredit.
+
+The audit of each job catches what one job shows (inflated usage, impossible speed, garbage, stalls),
+and those jobs are billed as counted or not at all. A different model behind the claimed one shows
+only when a canary's answer differs from a trusted source's reference (``coordinator/trust/references.py``):
+until then the agent may have served consumers. So each process keeps the consumer jobs an agent
+token's agents served for a model since a canary vouched for them. A passed canary vouches for the
+jobs of the agent that answered it which ended before its answer (they leave). A failed one is a
+strike; ``confirmations`` strikes on distinct prompts without a pass between confirm the disagreement
+(one odd answer, a reference gone stale, never costs an honest provider its earnings) and refund
+every job kept for the token and model (reconnecting does not shed them), and the jobs that end after
+it, until a canary passes again: the consumer gets the charge back, the
+provider's share comes out of its earnings (the platform covers what those no longer hold) and the fee
+out of the platform's. Refunds are written in the background, after the charges they undo, and once
+per request. All of it is in memory: jobs served before a restart are not refunded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from coordinator.money import ledger
+from coordinator.money.leases import CreditLeases
+from coordinator.money.requestlog import RequestRecord
+
+log = logging.getLogger(__name__)
+
+KEPT = 10_000  # jobs kept per agent token and model; older ones leave unvouched (and unrefundable)
+TOKENS = 10_000  # (token, model) pairs kept; the least recently served leave first
+
+Key = tuple[int, str]  # (agent token id, model slug)
+
+
+class Served(NamedTuple):
+    """A consumer job that cost something: what to give back, and to whom. A tuple of plain values,
+    which the garbage collector stops tracking: tens of thousands wait here for a canary."""
+
+    request_id: str
+    agent_id: str
+    user_id: int
+    provider_user_id: int
+    cost: int
+    share: int
+    at: float  # time.monotonic() when it ended
+
+
+@dataclass
+class Clawback:
+    engine: AsyncEngine
+    leases: CreditLeases
+    unvouched: OrderedDict[Key, deque[Served]] = field(default_factory=OrderedDict)
+    confirmations: int = 2  # failed canaries, on distinct prompts, that confirm a disagreement
+    discredited_now: set[Key] = field(default_factory=set)  # confirmed failing: refund jobs as they end
+    strikes: OrderedDict[Key, set[str]] = field(default_factory=OrderedDict)  # prompts failed since a pass
+    due: list[Served] = field(default_factory=list)
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def served(self, token_id: int, agent_id: str, slug: str, record: RequestRecord) -> None:
+        """Keep a finished consumer job that an agent served (and the consumer paid for)."""
+        if record.cost <= 0 or record.user_id is None or record.provider_user_id is None:
+            return
+        paid = (record.user_id, record.provider_user_id, record.cost, record.provider_earned)
+        job = Served(record.id, agent_id, *paid, time.monotonic())
+        key = (token_id, slug)
+        if key in self.discredited_now:
+            self.due.append(job)
+            return
+        jobs = self.unvouched.get(key)
+        if jobs is None:
+            jobs = self.unvouched[key] = deque(maxlen=KEPT)
+            while len(self.unvouched) > TOKENS:
+                self.unvouched.popitem(last=False)
+        self.unvouched.move_to_end(key)
+        jobs.append(job)
+
+    def vouched(self, token_id: int, agent_id: str, slug: str, answered_at: float) -> None:
+        """A canary for ``slug`` passed, answered by ``agent_id`` at ``answered_at``: that agent's
+        jobs that ended before then stand."""
+        key = (token_id, slug)
+        self.discredited_now.discard(key)
+        self.strikes.pop(key, None)
+        jobs = self.unvouched.get(key)
+        if jobs:
+            kept = [job for job in jobs if job.agent_id != agent_id or job.at > answered_at]
+            self.unvouched[key] = deque(kept, maxlen=KEPT)
+
+    def disagreed(self, token_id: int, slug: str, prompt: str) -> bool:
+        """A canary for ``slug`` failed on ``prompt`` (its digest): a strike; refund the token's jobs
+        once the strikes confirm the disagreement. Whether they do."""
+        key = (token_id, slug)
+        prompts = self.strikes.pop(key, set())
+        prompts.add(prompt)
+        self.strikes[key] = prompts
+        while len(self.strikes) > TOKENS:
+            self.strikes.popitem(last=False)
+        if len(prompts) < self.confirmations:
+            return False
+        self.discredited(token_id, slug)
+        return True
+
+    def discredited(self, token_id: int, slug: str) -> None:
+        """Canaries for ``slug`` confirmed failing: refund the token's jobs for it that no canary
+        vouched for, and those still running, as they end."""
+        key = (token_id, slug)
+        if len(self.discredited_now) < TOKENS:
+            self.discredited_now.add(key)
+        jobs = self.unvouched.pop(key, None)
+        if jobs:
+            self.due.extend(jobs)
+            log.warning("refunding discredited jobs", extra={"token_id": token_id, "model": slug, "jobs": len(jobs)})
+
+    async def refund_due(self) -> int:
+        """Write the refunds that are due; returns how many were written. What fails stays due.
+        One call at a time, so a shutdown waits for the sweep that is running."""
+        async with self._writing:
+            return await self._refund()
+
+    async def _refund(self) -> int:
+        if not self.due:
+            return 0
+        due, self.due = self.due, []
+        written, failed = 0, []
+        flushed: set[int] = set()
+        for job in due:
+            try:
+                if not flushed:  # the request log rows, to be marked refunded
+                    await self.leases.requests.flush()
+                if job.user_id not in flushed:  # the charge goes to the ledger before its refund
+                    await self.leases.flush(user_id=job.user_id)
+                    flushed.add(job.user_id)
+                if job.request_id in self.leases.dropped:
+                    self.leases.dropped.discard(job.request_id)
+                    continue  # its charge never reached the ledger: nothing to give back
+                written += await ledger.refund(
+                    self.engine, job.request_id, job.user_id, job.provider_user_id, job.cost, job.share
+                )
+                pending = self.leases.requests.unflushed(job.request_id)
+                if pending is not None:  # its log row was not written yet: it will say refunded
+                    pending.refunded = True
+            except Exception as exc:  # the database is away: try again on the next sweep
+                log.error("refund failed, will retry", extra={"request_id": job.request_id, "error": str(exc)})
+                failed.append(job)
+        self.due = failed + self.due
+        return written

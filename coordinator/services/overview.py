@@ -1,0 +1,142 @@
+"""The pool's public overview: the model directory as consumers see it (``/v1/models``) and the
+pool's health (``/v1/pool/status``). The API routes and the status page both read these, so they
+agree."""
+
+from __future__ import annotations
+
+import msgspec
+
+from coordinator.services.state import PoolState
+from coordinator.status.history import MINUTE, StatusPoint
+from shared.money import nano_per_token_to_usd_per_million
+
+# ``created`` in the OpenAI model shape: when the model was made. The pool does not know, and a
+# process start time would differ between coordinators, so it is 0 (unknown) for every model.
+CREATED_UNKNOWN = 0
+
+
+class ModelEntry(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    slug: str
+    displayName: str
+    family: str
+    parameterCount: int | None
+    contextWindow: int | None
+    useCases: list[str]
+    quantizations: list[str]
+    aliases: list[str]
+    providerCount: int
+    minPricePer1mTokensUsd: float | None
+    avgTrustScore: float | None
+    fallbackAvailable: bool
+
+
+class ModelList(msgspec.Struct):
+    object: str
+    data: list[ModelEntry]
+
+
+class ModelStatus(msgspec.Struct):
+    modelSlug: str
+    providerCount: int
+    avgLatencyP95Ms: float | None
+
+
+class ModelHistory(msgspec.Struct):
+    modelSlug: str
+    points: list[StatusPoint]
+
+
+class PoolHistory(msgspec.Struct):
+    """Per-minute points, oldest first; a minute no coordinator recorded has no point."""
+
+    bucketSeconds: int
+    since: int  # unix seconds at the start of the first minute asked for
+    points: list[StatusPoint]  # the whole pool
+    byModel: list[ModelHistory]
+
+
+class PoolStatus(msgspec.Struct, omit_defaults=True):
+    """The pool over the last ``windowSeconds`` (10 s more at most). A p95 latency reads as the upper
+    edge of its 10 %-wide histogram bucket, capped by the largest latency, as in the history."""
+
+    activeProviders: int
+    modelsAvailable: int
+    avgLatencyP95Ms: float | None
+    fallbackRate: float
+    requestsInWindow: int
+    windowSeconds: int
+    byModel: list[ModelStatus]
+    history: PoolHistory | None = None
+
+
+def _available(pool: PoolState) -> list[str]:
+    return sorted(pool.registry.slugs() | set(pool.upstream.models))
+
+
+def model_list(pool: PoolState) -> ModelList:
+    """Every model the pool serves now, with its directory facts, providers, prices and trust."""
+    entries = []
+    for slug in _available(pool):
+        agents = pool.registry.able(slug, pool.settings.trust_threshold)  # who can serve: what consumers get
+        info = pool.directory.get(slug)
+        prices = [a.models[slug].price_in + a.models[slug].price_out for a in agents]
+        windows = [w for a in agents if (w := a.models[slug].context_window) is not None]
+        entries.append(
+            ModelEntry(
+                id=slug,
+                object="model",
+                created=CREATED_UNKNOWN,
+                owned_by="provider-pool",
+                slug=slug,
+                displayName=info.display_name if info else slug,
+                family=info.family if info else slug.split("-")[0],
+                parameterCount=info.parameter_count if info else None,
+                contextWindow=(info.context_window if info else None) or (min(windows) if windows else None),
+                useCases=list(info.use_cases) if info else [],
+                quantizations=list(info.quantizations) if info else [],
+                aliases=list(info.aliases) if info else [],
+                providerCount=len({a.user_id for a in agents}),
+                minPricePer1mTokensUsd=nano_per_token_to_usd_per_million(min(prices)) if prices else None,
+                avgTrustScore=round(sum(a.trust for a in agents) / len(agents), 1) if agents else None,
+                fallbackAvailable=pool.upstream.serves(slug),
+            )
+        )
+    return ModelList(object="list", data=entries)
+
+
+async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
+    """The pool's health over the recent window, and with ``span`` (seconds) its per-minute history."""
+    window = pool.stats.recent()
+    by_model = []
+    for slug in _available(pool):
+        model = window.models.get(slug)
+        by_model.append(
+            ModelStatus(
+                modelSlug=slug,
+                providerCount=len({a.user_id for a in pool.registry.able(slug, pool.settings.trust_threshold)}),
+                avgLatencyP95Ms=model.p95() if model is not None else None,
+            )
+        )
+    past = None
+    if span is not None:
+        series = await pool.history.read(span)
+        past = PoolHistory(
+            bucketSeconds=MINUTE,
+            since=series.since,
+            points=series.pool,
+            byModel=[ModelHistory(modelSlug=slug, points=points) for slug, points in series.models.items()],
+        )
+    return PoolStatus(
+        activeProviders=len({a.user_id for a in pool.registry.agents()}),
+        modelsAvailable=len(by_model),
+        avgLatencyP95Ms=window.pool.p95(),
+        fallbackRate=window.fallback_rate,
+        requestsInWindow=window.pool.requests,
+        windowSeconds=int(pool.stats.window),
+        byModel=by_model,
+        history=past,
+    )

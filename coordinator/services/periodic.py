@@ -1,0 +1,126 @@
+"""Background work, all of it on one APScheduler: write booked charges and the request log, drop
+agents that stopped heartbeating or whose token was revoked, release holds whose request is gone,
+reload the model directory and the canary references (edited by any process), write trust evidence
+and decay scores, send verification jobs and refund what they discredit, write and prune the status
+history."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from coordinator.identity import users
+from coordinator.market import catalog
+from coordinator.services.presence import remove_agent
+from coordinator.services.state import PoolState
+from coordinator.trust import scores as trust
+from shared.protocol import CLOSE_REVOKED, CLOSE_STALE
+
+log = logging.getLogger(__name__)
+TRUST_INTERVAL = 2.0  # seconds between writes of trust evidence
+
+
+async def drop_stale_agents(pool: PoolState) -> int:
+    """Remove agents silent for longer than the allowed heartbeat misses; fail over their jobs."""
+    horizon = time.monotonic() - pool.settings.stale_after
+    stale = pool.registry.stale(horizon)
+    for agent in stale:
+        remove_agent(pool, agent, "missed heartbeats", CLOSE_STALE, evidence=trust.HEARTBEAT_MISSED)
+    return len(stale)
+
+
+async def drop_revoked_agents(pool: PoolState) -> int:
+    """Disconnect agents whose token was revoked (on any coordinator process)."""
+    agents = pool.registry.agents()
+    if not agents:
+        return 0
+    async with pool.db_sessions() as session:
+        revoked = await users.revoked_agent_tokens(session, {a.token_id for a in agents})
+    return sum(
+        remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED) for agent in agents if agent.token_id in revoked
+    )
+
+
+async def write_charges(pool: PoolState) -> None:
+    """Write the charges booked on this process's credit leases; close idle leases."""
+    try:
+        await pool.leases.flush()
+    except Exception as exc:  # the database is away: charges stay booked for the next round
+        log.error("ledger flush failed", extra={"error": str(exc)})
+
+
+async def write_request_log(pool: PoolState) -> None:
+    """Write the request log rows waiting in memory (a failed write keeps them for the next round)."""
+    await pool.requests.flush()
+
+
+async def release_orphaned_holds(pool: PoolState) -> None:
+    try:
+        await pool.leases.sweep()
+    except Exception as exc:  # the database is away; try again next time
+        log.error("hold sweep failed", extra={"error": str(exc)})
+
+
+async def reload_directory(pool: PoolState) -> None:
+    try:
+        pool.directory = await catalog.load(pool.engine)
+    except Exception as exc:  # keep the directory we have
+        log.error("directory reload failed", extra={"error": str(exc)})
+
+
+async def keep_trust(pool: PoolState) -> None:
+    """Write new trust evidence, and let time act on the scores of connected agents."""
+    await pool.trust.flush(everything=False)
+    for agent in pool.registry.agents():
+        pool.trust.apply(agent, pool.trust.standing(agent.token_id, agent.user_id))
+
+
+async def keep_history(pool: PoolState) -> None:
+    """Note who is connected, and write this process's open minutes of status history."""
+    serving: dict[str, set[int]] = {}
+    for agent in pool.registry.agents():
+        for slug in agent.models:
+            serving.setdefault(slug, set()).add(agent.user_id)
+    pool.history.providers(serving)
+    await pool.history.flush()
+
+
+async def refund_discredited(pool: PoolState) -> None:
+    """Give consumers back what they paid for jobs a failed canary discredited."""
+    await pool.clawback.refund_due()
+
+
+async def reload_references(pool: PoolState) -> None:
+    """Read canary references and vouched providers again (other processes and the operator edit them)."""
+    try:
+        await pool.verifier.refresh()
+    except Exception as exc:  # keep the references we have
+        log.error("reference reload failed", extra={"error": str(exc)})
+
+
+async def verify_an_agent(pool: PoolState) -> None:
+    """Send one verification job (a canary) to the agent verified least so far."""
+    pool.verifier.start_one(pool.directory)
+
+
+def scheduler(pool: PoolState) -> AsyncIOScheduler:
+    sched = AsyncIOScheduler()
+    settings = pool.settings
+    interval = max(0.2, settings.heartbeat_interval / 2)
+    once = {"args": [pool], "max_instances": 1, "coalesce": True}
+    sched.add_job(write_charges, "interval", seconds=settings.ledger_flush_interval, **once)
+    sched.add_job(write_request_log, "interval", seconds=settings.request_log_interval, **once)
+    sched.add_job(drop_stale_agents, "interval", seconds=interval, **once)
+    sched.add_job(drop_revoked_agents, "interval", seconds=1.0, **once)
+    sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)
+    sched.add_job(release_orphaned_holds, "interval", seconds=sweep, **once)
+    sched.add_job(keep_trust, "interval", seconds=TRUST_INTERVAL, **once)
+    sched.add_job(refund_discredited, "interval", seconds=1.0, **once)
+    sched.add_job(keep_history, "interval", seconds=settings.status_flush_seconds, **once)
+    if settings.canary_interval_seconds > 0:
+        sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
+    sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
+    sched.add_job(reload_references, "interval", seconds=settings.directory_reload_seconds, **once)
+    return sched

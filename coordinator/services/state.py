@@ -1,0 +1,64 @@
+"""Everything a running coordinator holds in memory, built once by ``create_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits
+from coordinator.core.settings import Settings
+from coordinator.identity.auth import SecretCache
+from coordinator.identity.formtokens import FormTokens
+from coordinator.identity.portal_tokens import Passwords, SessionTokens
+from coordinator.market.catalog import Directory
+from coordinator.market.registry import Registry
+from coordinator.market.upstream import Upstream
+from coordinator.money.clawback import Clawback
+from coordinator.money.leases import CreditLeases
+from coordinator.money.requestlog import RequestLog
+from coordinator.serving.dispatch import Dispatcher
+from coordinator.serving.verify import Verifier
+from coordinator.status.history import History
+from coordinator.status.stats import RequestStats
+from coordinator.trust.scores import TrustBook
+
+
+@dataclass
+class PoolState:
+    settings: Settings
+    engine: AsyncEngine
+    db_sessions: async_sessionmaker[AsyncSession]
+    consumer_keys: SecretCache
+    agent_tokens: SecretCache
+    registry: Registry
+    upstream: Upstream
+    dispatcher: Dispatcher
+    stats: RequestStats
+    history: History
+    requests: RequestLog
+    key_limits: KeyLimits
+    auth_failures: FailureLimits
+    leases: CreditLeases
+    portal: SessionTokens
+    passwords: Passwords
+    signups: AddressLimits
+    forms: FormTokens
+    directory: Directory
+    trust: TrustBook
+    verifier: Verifier
+    clawback: Clawback
+
+
+def provide_pool(state: State) -> PoolState:
+    """The dependency handlers declare as ``pool: PoolState`` (registered by ``create_app``)."""
+    pool: PoolState = state.pool
+    return pool
+
+
+def pool_of(connection: ASGIConnection[Any, Any, Any, Any]) -> PoolState:
+    """The pool, for what runs outside a handler's dependencies (guards, hooks, cookie helpers)."""
+    return provide_pool(connection.app.state)

@@ -1,0 +1,194 @@
+"""A user's money, read-only: credits, usage and earnings per day and model, one generation.
+The account API and the portal pages both read these."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, cast
+
+import msgspec
+from sqlalchemy import Table, case, func, select
+
+from coordinator.core.models import RequestLogRow
+from coordinator.money import ledger
+from coordinator.money.requestlog import RequestRecord
+from coordinator.services.state import PoolState
+from shared.money import nano_to_usd
+
+log = logging.getLogger(__name__)
+
+
+_log = cast(Table, RequestLogRow.__table__)
+
+
+class Credits(msgspec.Struct):
+    balanceUsd: float
+    heldUsd: float
+    availableUsd: float
+    balanceNano: int
+    heldNano: int
+    availableNano: int
+
+
+class UsageRow(msgspec.Struct):
+    date: str
+    model: str
+    requests: int
+    failedRequests: int
+    promptTokens: int
+    completionTokens: int
+    costUsd: float
+    costNano: int
+
+
+class Usage(msgspec.Struct):
+    fromDate: str
+    toDate: str
+    data: list[UsageRow]
+
+
+class Generation(msgspec.Struct):
+    id: str
+    model: str
+    createdAt: datetime
+    status: int
+    errorCode: str | None
+    stream: bool
+    fallback: bool
+    provider: int | str | None
+    agentId: str | None
+    latencyMs: int
+    ttftMs: int | None
+    promptTokens: int
+    completionTokens: int
+    reportedPromptTokens: int | None
+    reportedCompletionTokens: int | None
+    usageCapped: bool
+    costUsd: float
+    costNano: int
+    refunded: bool  # a failed verification of the agent gave the cost back
+
+
+class EarningsRow(msgspec.Struct):
+    date: str
+    model: str
+    requests: int
+    promptTokens: int
+    completionTokens: int
+    earnedUsd: float
+    earnedNano: int
+
+
+class Earnings(msgspec.Struct):
+    balanceUsd: float
+    balanceNano: int
+    fromDate: str
+    toDate: str
+    data: list[EarningsRow]
+
+
+async def credit_figures(pool: PoolState, user_id: int) -> Credits:
+    """The user's balance, held and available credits, as of now."""
+    # Write this process's booked charges and hand back its idle credit lease first; what a lease
+    # still holds beyond its running requests counts as available, so "held" is what requests hold.
+    try:
+        await pool.leases.flush(close_all=True, user_id=user_id)
+    except Exception as exc:  # the figures are then as of the last flush
+        log.warning("ledger flush before a balance read failed", extra={"error": str(exc)})
+    async with pool.engine.connect() as conn:
+        money = await ledger.balances(conn, user_id)
+    unspent = pool.leases.unspent(user_id)
+    held, available = money.held - unspent, money.available + unspent
+    total = available + held
+    return Credits(nano_to_usd(total), nano_to_usd(held), nano_to_usd(available), total, held, available)
+
+
+def _unless_refunded(amount: Any) -> Any:
+    """An amount as it stands: a refunded request's cost (and earnings) went back."""
+    return case((_log.c.refunded.is_(True), 0), else_=amount)
+
+
+async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) -> list[tuple[Any, ...]]:
+    """Per day and model, for the rows ``who`` selects: requests, failures, tokens in/out, ``amount``.
+    Requests refused before a model was read (a body that isn't JSON, say) belong to no model and
+    cost nothing: they are in ``/v1/generation/{id}``, not here."""
+    await pool.requests.flush()
+    query = (
+        select(
+            _log.c.day,
+            _log.c.model,
+            func.count(),
+            func.sum(case((_log.c.status != 200, 1), else_=0)),
+            func.sum(_log.c.prompt_tokens),
+            func.sum(_log.c.completion_tokens),
+            func.sum(amount),
+        )
+        .where(who, _log.c.model != "", _log.c.day >= first, _log.c.day <= last)
+        .group_by(_log.c.day, _log.c.model)
+        .order_by(_log.c.day, _log.c.model)
+    )
+    async with pool.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [(day, model, *(int(v or 0) for v in sums)) for day, model, *sums in rows]
+
+
+async def usage_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Usage:
+    rows = await _daily(pool, _log.c.user_id == user_id, _unless_refunded(_log.c.cost), first, last)
+    data = [
+        UsageRow(day, model, n, failed, p, c, nano_to_usd(cost), cost) for day, model, n, failed, p, c, cost in rows
+    ]
+    return Usage(first, last, data)
+
+
+async def recent_requests(pool: PoolState, user_id: int, limit: int = 20) -> list[Generation]:
+    """The user's latest requests, newest first."""
+    await pool.requests.flush()
+    query = select(_log).where(_log.c.user_id == user_id).order_by(_log.c.created_at.desc()).limit(limit)
+    async with pool.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [_generation(row) for row in rows]
+
+
+def _generation(r: Any) -> Generation:
+    provider = r.provider_user_id if r.provider_user_id is not None else ("platform" if r.fallback else None)
+    return Generation(
+        id=r.id,
+        model=r.model,
+        createdAt=r.created_at,
+        status=r.status,
+        errorCode=r.error_code,
+        stream=r.stream,
+        fallback=r.fallback,
+        provider=provider,
+        agentId=r.agent_id,
+        latencyMs=r.latency_ms,
+        ttftMs=r.ttft_ms,
+        promptTokens=r.prompt_tokens,
+        completionTokens=r.completion_tokens,
+        reportedPromptTokens=r.reported_prompt_tokens,
+        reportedCompletionTokens=r.reported_completion_tokens,
+        usageCapped=r.usage_capped,
+        costUsd=nano_to_usd(r.cost),
+        costNano=r.cost,
+        refunded=r.refunded,
+    )
+
+
+async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Earnings:
+    rows = await _daily(pool, _log.c.provider_user_id == user_id, _unless_refunded(_log.c.provider_earned), first, last)
+    await pool.leases.flush()  # earnings booked in this process but not yet written
+    async with pool.engine.connect() as conn:
+        money = await ledger.balances(conn, user_id)
+    data = [EarningsRow(day, model, n, p, c, nano_to_usd(e), e) for day, model, n, _, p, c, e in rows]
+    return Earnings(nano_to_usd(money.earnings), money.earnings, first, last, data)
+
+
+async def generation_of(pool: PoolState, user_id: int, generation_id: str) -> Generation | None:
+    """One of the user's requests, logged or still waiting to be (``None``: not the user's, or none)."""
+    pending: RequestRecord | None = pool.requests.unflushed(generation_id)
+    if pending is not None and pending.user_id == user_id:
+        return _generation(pending)
+    async with pool.engine.connect() as conn:
+        row = (await conn.execute(select(_log).where(_log.c.id == generation_id, _log.c.user_id == user_id))).first()
+    return None if row is None else _generation(row)

@@ -1,0 +1,342 @@
+"""The developer portal's pages under ``/portal``: sign up, log in and out; consumer keys, credits,
+usage and recent requests; the provider view with agent tokens, connected agents, trust and earnings.
+
+Every page reads through the same functions as the JSON API, scoped to the signed-in user, so a page
+shows exactly what the API would show that user and nobody else's data. Sessions and forms: see
+``coordinator/web/portal_cookies.py``. Secrets (a new key or token) are shown once, on a page nobody caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Router, get, post
+from litestar.datastructures import Cookie
+from litestar.params import Parameter
+from litestar.response import Redirect, Template
+
+from coordinator.core.errors import PoolError
+from coordinator.core.models import AgentToken, ApiKey, User
+from coordinator.identity import users
+from coordinator.services.overview import model_list
+from coordinator.services.signin import Credentials, DisplayName, authenticate, end_session, register
+from coordinator.services.standing import provider_standing
+from coordinator.services.state import PoolState, pool_of
+from coordinator.services.statements import credit_figures, earnings_by_day, recent_requests, usage_by_day
+from coordinator.web.charts import Chart, columns
+from coordinator.web.guards import client_address
+from coordinator.web.portal_cookies import (
+    base_context,
+    csrf_ok,
+    csrf_token,
+    ended_session,
+    page_headers,
+    page_user,
+    session_cookie,
+    signed_in,
+)
+from coordinator.web.templating import usd
+from shared import errors
+
+DAYS = 14  # days in the usage and earnings charts
+CredentialId = Annotated[int, Parameter(ge=1, le=2**31 - 1)]
+LOGIN = "/portal/login"
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """One kind of credential the portal manages."""
+
+    path: str
+    model: type[ApiKey] | type[AgentToken]
+    what: str
+    home: str  # the page that lists them
+    page: str  # its name in the navigation
+
+
+KINDS = {
+    "keys": Kind("keys", ApiKey, "API key", "/portal", "portal"),
+    "agent-tokens": Kind("agent-tokens", AgentToken, "agent token", "/portal/provider", "provider"),
+}
+
+
+def _pool(request: Request[Any, Any, Any]) -> PoolState:
+    return pool_of(request)
+
+
+async def _form(request: Request[Any, Any, Any]) -> dict[str, str]:
+    form = await request.form()
+    return {key: value for key, value in form.items() if isinstance(value, str)}
+
+
+def _page(
+    request: Request[Any, Any, Any],
+    name: str,
+    page: str,
+    *,
+    status: int = 200,
+    cookies: list[Cookie] | None = None,
+    headers: dict[str, str] | None = None,
+    **context: Any,
+) -> Template:
+    """Render a page with the frame's context and its forms' token (and the cookie of a new nonce)."""
+    csrf, cookie = csrf_token(request)
+    frame = {**base_context(request, page), "csrf": csrf, "external": _pool(request).portal.external}
+    return Template(
+        name,
+        context={**frame, **context},
+        status_code=status,
+        cookies=[*([cookie] if cookie else []), *(cookies or [])],
+        headers=headers,
+    )
+
+
+async def _who(request: Request[Any, Any, Any]) -> User | None:
+    user_id = await page_user(request)
+    if user_id is None:
+        return None
+    async with _pool(request).db_sessions() as session:
+        return await session.get(User, user_id)
+
+
+def _days(today: date) -> tuple[str, str, list[str]]:
+    days = [(today - timedelta(days=n)).isoformat() for n in range(DAYS - 1, -1, -1)]
+    return days[0], days[-1], days
+
+
+def _per_day(what: str, days: list[str], amounts: list[tuple[str, str, int]]) -> Chart:
+    """A bar per day (``MM-DD``) of nano-USD amounts, stacked by model; days without any show 0."""
+    by_model: dict[str, dict[str, float]] = {}
+    for day, model, amount in amounts:
+        into = by_model.setdefault(model, {})
+        into[day[5:]] = into.get(day[5:], 0) + amount
+    labels = [day[5:] for day in days]
+    return columns(f"{what} per day and model, last {DAYS} days", labels, by_model, lambda v: usd(int(v)))
+
+
+# --- signing in and out -------------------------------------------------------------------------
+
+
+@get("/login", summary="The portal's login page")
+async def login_page(request: Request[Any, Any, Any]) -> Template | Redirect:
+    if await page_user(request) is not None:
+        return Redirect("/portal")
+    return _page(request, "portal/sign_in.html", "portal", mode="login")
+
+
+@get("/signup", summary="The portal's sign-up page")
+async def signup_page(request: Request[Any, Any, Any]) -> Template:
+    return _page(request, "portal/sign_in.html", "portal", mode="signup")
+
+
+async def _sign_in(request: Request[Any, Any, Any], mode: str) -> Template | Redirect:
+    """Log in, or sign up and then log in with the same credentials (signup itself says nothing of
+    whether the email had an account: if it had, only its own password opens it)."""
+    pool = _pool(request)
+    form = await _form(request)
+    if not csrf_ok(request, form):
+        return _page(request, "portal/sign_in.html", "portal", mode=mode, status=403, error=_STALE_FORM)
+    client = client_address(request)
+    try:
+        credentials = msgspec.convert(
+            {"email": form.get("email", ""), "password": form.get("password", "")}, Credentials
+        )
+        if mode == "signup":
+            await register(pool, credentials, client)
+        user = await authenticate(pool, credentials, client)
+    except msgspec.ValidationError as exc:
+        error = "Enter an email address and a password of at least 8 characters."
+        if "email" in str(exc):
+            error = "Enter a valid email address."
+        return _page(
+            request,
+            "portal/sign_in.html",
+            "portal",
+            mode=mode,
+            status=400,
+            error=error,
+            email_value=form.get("email", ""),
+        )
+    except PoolError as exc:
+        if mode == "signup" and exc.status == 403 and pool.settings.signup_approval:
+            return _page(request, "portal/sign_in.html", "portal", mode="login", notice=_AWAITING_APPROVAL)
+        message = _ALREADY_THERE if mode == "signup" and exc.code == errors.INVALID_CREDENTIALS else exc.message
+        return _page(
+            request,
+            "portal/sign_in.html",
+            "portal",
+            mode=mode,
+            status=exc.status,
+            headers=exc.headers or None,  # Retry-After when too many failures came from here
+            error=message,
+            email_value=form.get("email", ""),
+        )
+    token = pool.portal.issue(str(user.id))
+    return Redirect("/portal", status_code=303, cookies=[session_cookie(request, token, pool.portal.ttl)])
+
+
+_STALE_FORM = "This form has expired. Please try again."
+_ALREADY_THERE = (
+    "Could not sign you in with this password. If you already have an account with this email, "
+    "log in with that account's password."
+)
+_AWAITING_APPROVAL = (
+    "Thank you for signing up. New accounts on this pool wait for an operator's approval: "
+    "log in once your account is approved."
+)
+
+
+@post("/login", summary="Log in to the portal (form)", status_code=200)
+async def login_form(request: Request[Any, Any, Any]) -> Template | Redirect:
+    return await _sign_in(request, "login")
+
+
+@post("/signup", summary="Create a portal account and log in to it (form)", status_code=200)
+async def signup_form(request: Request[Any, Any, Any]) -> Template | Redirect:
+    return await _sign_in(request, "signup")
+
+
+@post("/logout", summary="Log out of the portal (form)", status_code=200)
+async def logout(request: Request[Any, Any, Any]) -> Redirect:
+    """End the session everywhere (a copy of its cookie stops working too) and drop the cookie."""
+    await page_user(request)
+    # Logging out needs no CSRF check to be safe, but a cross-site page must not sign people out.
+    if not csrf_ok(request, await _form(request)):
+        return Redirect("/portal", status_code=303)
+    session = signed_in(request)
+    if session is not None:
+        await end_session(_pool(request), session)
+    return Redirect(LOGIN, status_code=303, cookies=[ended_session(request)])
+
+
+# --- the consumer's pages -----------------------------------------------------------------------
+
+
+@get("/", summary="The developer portal: keys, credits, usage and recent requests")
+async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN)
+    pool = _pool(request)
+    first, last, days = _days(datetime.now(UTC).date())
+    usage = await usage_by_day(pool, user.id, first, last)
+    async with pool.db_sessions() as session:
+        keys = await users.list_credentials(session, ApiKey, user.id)
+    return _page(
+        request,
+        "portal/home.html",
+        "portal",
+        email=user.email,
+        credits=await credit_figures(pool, user.id),
+        keys=keys,
+        usage=list(reversed(usage.data)),
+        chart=_per_day("Spend", days, [(row.date, row.model, row.costNano) for row in usage.data]),
+        recent=await recent_requests(pool, user.id),
+        model=next((m.slug for m in model_list(pool).data), "smollm2-135m"),
+        done=request.query_params.get("done"),
+    )
+
+
+@get("/provider", summary="The provider view: agent tokens, connected agents, trust and earnings")
+async def provider(request: Request[Any, Any, Any]) -> Template | Redirect:
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN)
+    pool = _pool(request)
+    first, last, days = _days(datetime.now(UTC).date())
+    earnings = await earnings_by_day(pool, user.id, first, last)
+    return _page(
+        request,
+        "portal/provider.html",
+        "provider",
+        email=user.email,
+        standing=await provider_standing(pool, user.id),
+        earnings=earnings,
+        rows=list(reversed(earnings.data)),
+        chart=_per_day("Earnings", days, [(row.date, row.model, row.earnedNano) for row in earnings.data]),
+        done=request.query_params.get("done"),
+    )
+
+
+# --- keys and agent tokens ----------------------------------------------------------------------
+
+
+def _kind(path: str) -> Kind:
+    kind = KINDS.get(path)
+    if kind is None:
+        raise PoolError(404, errors.NOT_FOUND, "No such page.")
+    return kind
+
+
+@post("/{kind:str}", summary="Create an API key or agent token (form); the secret is shown once", status_code=200)
+async def create(request: Request[Any, Any, Any], kind: str) -> Template | Redirect:
+    what = _kind(kind)
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN, status_code=303)
+    form = await _form(request)
+    if not csrf_ok(request, form):
+        return Redirect(f"{what.home}?done=expired", status_code=303)
+    try:
+        name = msgspec.convert(form.get("name", "").strip(), DisplayName)
+    except msgspec.ValidationError:
+        return Redirect(f"{what.home}?done=bad-name", status_code=303)
+    try:
+        async with _pool(request).db_sessions() as session, session.begin():
+            row, secret = await users.create_credential(session, what.model, user.id, name)
+    except users.LimitReached:
+        return Redirect(f"{what.home}?done=limit", status_code=303)
+    return _page(request, "portal/secret.html", what.page, email=user.email, kind=what, row=row, secret=secret)
+
+
+@get("/{kind:str}/{credential_id:int}/revoke", summary="Confirm revoking an API key or agent token")
+async def confirm_revoke(
+    request: Request[Any, Any, Any], kind: str, credential_id: CredentialId
+) -> Template | Redirect:
+    what = _kind(kind)
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN)
+    async with _pool(request).db_sessions() as session:
+        mine = {row.id: row for row in await users.list_credentials(session, what.model, user.id)}
+    row = mine.get(credential_id)
+    if row is None:
+        return _page(request, "portal/missing.html", what.page, status=404, email=user.email, kind=what)
+    return _page(request, "portal/revoke.html", what.page, email=user.email, kind=what, row=row)
+
+
+@post("/{kind:str}/{credential_id:int}/revoke", summary="Revoke an API key or agent token (form)", status_code=200)
+async def revoke(request: Request[Any, Any, Any], kind: str, credential_id: CredentialId) -> Template | Redirect:
+    what = _kind(kind)
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN, status_code=303)
+    if not csrf_ok(request, await _form(request)):
+        return Redirect(f"{what.home}?done=expired", status_code=303)
+    async with _pool(request).db_sessions() as session, session.begin():
+        revoked = await users.revoke_credential(session, what.model, user.id, credential_id)
+    if not revoked:
+        return _page(request, "portal/missing.html", what.page, status=404, email=user.email, kind=what)
+    return Redirect(f"{what.home}?done=revoked", status_code=303)
+
+
+portal_pages = Router(
+    "/portal",
+    route_handlers=[
+        login_page,
+        signup_page,
+        login_form,
+        signup_form,
+        logout,
+        home,
+        provider,
+        create,
+        confirm_revoke,
+        revoke,
+    ],
+    response_headers=page_headers("no-store"),
+    tags=["pages"],
+)
