@@ -32,9 +32,7 @@ def _layer(dotted: str) -> str | None:
 
 
 def test_every_module_is_in_a_layer() -> None:
-    loose = sorted(
-        p.name for p in COORDINATOR.glob("*.py") if p.name not in ("__init__.py", "__main__.py", "app.py")
-    )
+    loose = sorted(p.name for p in COORDINATOR.glob("*.py") if p.name not in ("__init__.py", "__main__.py", "app.py"))
     assert loose == [], "coordinator/ holds only the app factory and the command line; put modules in a layer"
 
 
