@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -40,6 +40,7 @@ from coordinator.services.state import PoolState, pool_of, provide_pool
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
+from coordinator.status.metrics import Gauges, Metrics
 from coordinator.status.stats import RequestStats
 from coordinator.trust import canaries
 from coordinator.trust.references import ReferenceBook
@@ -49,6 +50,7 @@ from coordinator.web.routes.admin import grant_credits
 from coordinator.web.routes.agent_ws import agent_connect
 from coordinator.web.routes.chat import create_chat_completion
 from coordinator.web.routes.directory import list_models, pool_status
+from coordinator.web.routes.ops import healthz, prometheus_metrics, readyz
 from coordinator.web.routes.pages import root, status_live, status_page
 from coordinator.web.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
 from coordinator.web.routes.portal_pages import portal_pages
@@ -76,6 +78,7 @@ def _log_refused(request: Request[Any, Any, Any], status: int, code: str) -> Non
         record.status, record.error_code = status, code
         pool = pool_of(request)
         pool.leases.finish(record, None, None)
+        pool.metrics.request(record)
 
 
 def _pool_error(request: Request[Any, Any, Any], exc: PoolError) -> Response[bytes]:
@@ -165,11 +168,6 @@ async def _request_id_everywhere(message: Any, scope: Scope) -> None:
             message["headers"] = [*headers, (b"x-request-id", rid.encode())]
 
 
-@get("/healthz", summary="Liveness and agent count", tags=["ops"])
-async def healthz(pool: PoolState) -> dict[str, Any]:
-    return {"status": "ok", "version": __version__, "agents": len(pool.registry)}
-
-
 def portal_sessions(settings: Settings) -> SessionTokens:
     secret = settings.jwt_secret
     if secret is None and settings.jwt_jwks_url is None:
@@ -238,6 +236,16 @@ def build_state(settings: Settings) -> PoolState:
         prompts=canaries.Prompts(operator=canaries.read_prompts(settings.canary_prompts_file)),
         default_output_tokens=settings.default_output_tokens,
     )
+    metrics = Metrics(
+        Gauges(
+            agents=registry.__len__,
+            jobs=dispatcher.table.__len__,
+            open_leases=lambda: leases.open_leases,
+            flush_lag=leases.flush_lag,
+            request_backlog=lambda: requests.backlog,
+        )
+    )
+    metrics.watch(engine)
     return PoolState(
         settings=settings,
         engine=engine,
@@ -261,6 +269,8 @@ def build_state(settings: Settings) -> PoolState:
         signups=AddressLimits(settings.signups_per_hour, 3600.0),
         forms=FormTokens(settings.jwt_secret or secrets.token_urlsafe(32)),
         directory=catalog.Directory(catalog.shipped()),
+        metrics=metrics,
+        schema_head=db.head_revision(),
     )
 
 
@@ -282,6 +292,7 @@ def create_app(settings: Settings) -> Litestar:
         try:
             yield
         finally:
+            pool.draining = True
             sched.shutdown(wait=False)
             pool.verifier.close()
             await periodic.refund_discredited(pool)
@@ -300,6 +311,8 @@ def create_app(settings: Settings) -> Litestar:
             pool_status,
             agent_connect,
             healthz,
+            readyz,
+            prometheus_metrics,
             signup,
             login,
             logout,

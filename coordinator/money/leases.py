@@ -62,6 +62,7 @@ class Lease:
     lost: bool = False  # the hold was resolved under us (we were taken for dead): lend nothing more
     booked: list[ledger.Payout] = field(default_factory=list)
     unsent: tuple[str, list[ledger.Payout]] | None = None  # a batch whose write failed or is in doubt
+    unwritten_since: float | None = None  # when its oldest charge not yet in the ledger was booked
 
 
 @dataclass(eq=False)
@@ -117,6 +118,16 @@ class CreditLeases:
     def unspent(self, user_id: int) -> int:
         """Credit this process holds for the user in leases and has not promised to any request."""
         return sum(lease.free for lease in self._leases.values() if lease.user_id == user_id and not lease.lost)
+
+    @property
+    def open_leases(self) -> int:
+        return len(self._leases)
+
+    def flush_lag(self) -> float:
+        """Seconds since the oldest charge this process booked but has not yet written to the
+        ledger was booked (0 when everything is written): what a crash now would leave unbilled."""
+        waiting = [lease.unwritten_since for lease in self._leases.values() if lease.unwritten_since is not None]
+        return max(0.0, self._clock() - min(waiting)) if waiting else 0.0
 
     def _lock(self, user_id: int) -> asyncio.Lock:
         return self._locks[user_id % LOCK_STRIPES]
@@ -235,6 +246,8 @@ class CreditLeases:
                 lease.booked.append(
                     ledger.Payout(amount, charge.provider_user_id, share, charge.upstream_cost, record.id)
                 )
+                if lease.unwritten_since is None:
+                    lease.unwritten_since = lease.last_used
                 record.cost, record.provider_earned = amount, share
                 record.platform_fee, record.upstream_cost = amount - share, charge.upstream_cost
             else:
@@ -278,6 +291,7 @@ class CreditLeases:
             batch_id, payouts = lease.unsent
             written = await ledger.charge(self.engine, lease.hold_id, batch_id, payouts)
             lease.unsent = None
+            lease.unwritten_since = now if lease.booked else None  # booked while the batch was written
             if not written:
                 log.error("lease resolved under us, charges dropped", extra={"hold_id": lease.hold_id})
                 self.dropped.update(p.request_id for p in payouts if p.request_id is not None)

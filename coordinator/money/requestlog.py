@@ -110,6 +110,11 @@ class RequestLog:
             self._pending.pop(next(iter(self._pending)))
         self._pending[record.id] = record
 
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written."""
+        return len(self._pending)
+
     def unflushed(self, request_id: str) -> RequestRecord | None:
         """A row still waiting in memory (so readers see a request before its flush)."""
         return self._pending.get(request_id)

@@ -361,6 +361,7 @@ class Call:
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
             pool.history.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
         pool.leases.finish(record, charge, self.reservation, self.token_estimate)
+        pool.metrics.request(record)
         if agent is not None and job is not None:
             pool.clawback.served(agent.token_id, agent.agent_id, job.slug, record)  # until vouched for
         route = self.route

@@ -23,6 +23,7 @@ from coordinator.money.requestlog import RequestLog
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
+from coordinator.status.metrics import Metrics
 from coordinator.status.stats import RequestStats
 from coordinator.trust.scores import TrustBook
 
@@ -51,6 +52,9 @@ class PoolState:
     trust: TrustBook
     verifier: Verifier
     clawback: Clawback
+    metrics: Metrics
+    schema_head: str | None  # the newest migration this code ships (``/readyz`` compares)
+    draining: bool = False  # shutting down: ``/readyz`` fails so load balancers send nothing new
 
 
 def provide_pool(state: State) -> PoolState:

@@ -361,6 +361,23 @@ async def test_a_lease_in_use_keeps_its_hold_from_expiring(engine: AsyncEngine, 
     assert await pending_holds(engine) == 0
 
 
+async def test_flush_lag_is_the_age_of_the_oldest_charge_not_yet_written(engine: AsyncEngine, skip: Skip) -> None:
+    consumer, provider = await new_user(engine, 5_000), await new_user(engine)
+    books = accounting(engine, chunk=1_000, clock=skip.monotonic)
+    records = [RequestRecord(id=hold_id(), user_id=consumer, key_id=None) for _ in range(2)]
+    reservations = [await books.reserve(record, 100) for record in records]
+    assert books.flush_lag() == 0.0 and books.open_leases == 1
+    books.finish(records[0], Charge(50, provider), reservations[0])
+    skip(0.5)
+    books.finish(records[1], Charge(50, provider), reservations[1])  # a later charge leaves the age as it is
+    skip(0.25)
+    assert 0.75 <= books.flush_lag() < 0.75 + 5  # since the first charge (the clock also runs for real)
+    await books.flush()
+    assert books.flush_lag() == 0.0
+    await books.close()
+    assert await balance(engine, earnings(provider)) == 90
+
+
 async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(engine: AsyncEngine) -> None:
     consumer, provider = await new_user(engine, 10_000), await new_user(engine)
     fees_before = await balance(engine, PLATFORM_FEES)
