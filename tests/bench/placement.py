@@ -34,7 +34,7 @@ def registry_of(count: int, rng: random.Random) -> Registry:
             f"agt_{i}", i, i, {"m": ModelOffer("m", "m", price, price * 2)}, 8, _Link(), 0.0, trust=rng.uniform(40, 100)
         )
         agent.in_flight = rng.randint(0, 7)
-        agent.performance["m"] = Performance(rng.uniform(50, 500), rng.uniform(10, 200), jobs=10)
+        agent.performance["m"] = Performance(rng.uniform(50, 500), rng.uniform(10, 200))
         registry.add(agent)
     return registry
 

@@ -157,19 +157,35 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
             assert cost == pytest.approx((5 * 0.1 + 20 * 0.2) / 1e6), cost  # 20 tokens, not the 40 reported
     assert any(name_of.get(str(agent), "").startswith("honest") and cost > 0 for agent, cost in served)
     honest_work = sum(cost for agent, cost in [*served, *late] if name_of.get(str(agent)) != "wrong-model")
+    # The wrong model's jobs are refunded once two failed canaries confirm it, all but those a canary
+    # it passed vouched for first: Gemma gives SmolLM2's answer to some short questions, and then the
+    # jobs before that answer stand (clawback.py). Without such a pass, every one is refunded.
+    wrong_agent, wrong_token = agent_of["wrong-model"], standings["wrong-model"]["tokenId"]
+
+    def settled() -> bool:
+        """The books agree with the request log, and with no pass to vouch for them, every paid job
+        of the wrong model has been refunded."""
+        if abs(_spent(pool) - spent_before - honest_work - _kept(pool, wrong_agent)[0]) > 1e-9:
+            return False
+        passed = trust.CANARY_PASSED in {kind for kind, _ in _token_evidence(pool, wrong_token)}
+        return passed or all(refund for *_, refund in _paid_jobs(pool, wrong_agent))
+
     eventually(  # refunds are written in the background, once a second
-        lambda: abs(_spent(pool) - spent_before - honest_work) <= 1e-9,
+        settled,
         timeout=15,
         interval=0.5,
-        explain=lambda: f"spent {_spent(pool) - spent_before}, honest work {honest_work}",
+        explain=lambda: f"spent {_spent(pool) - spent_before}, honest {honest_work}, {_paid_jobs(pool, wrong_agent)}",
     )
-    assert _spent(pool) - spent_before == pytest.approx(honest_work, abs=1e-9)
+    wrong = _paid_jobs(pool, wrong_agent)
+    (kept, share), refunded = _kept(pool, wrong_agent), sum(1 for *_, refund in wrong if refund)
+    print(f"wrong model: {refunded} of {len(wrong)} paid jobs refunded, ${kept:.9f} vouched for by a canary it passed")
+    assert len(wrong) >= len(forced)
     earned = httpx.get(
         f"{pool.url}/v1/provider/earnings", headers={"authorization": f"Bearer {keys['wrong-model']}"}, timeout=10
     )
-    assert earned.json()["balanceUsd"] == 0, earned.text  # its share came back out of its earnings
+    assert earned.json()["balanceUsd"] == pytest.approx(share, abs=1e-9), earned.text  # the rest came back out
     usage = httpx.get(f"{pool.url}/v1/usage", headers={"authorization": f"Bearer {pool.key}"}, timeout=10).json()
-    assert sum(row["costUsd"] for row in usage["data"]) == pytest.approx(honest_work, abs=1e-9)  # reports agree
+    assert sum(row["costUsd"] for row in usage["data"]) == pytest.approx(honest_work + kept, abs=1e-9)  # reports agree
     # The directory publishes the trust of those that can serve: caught cheaters below the threshold
     # get no traffic, so they neither lower the average nor count as providers.
     standings = [pool.standing(key) for key in [*keys.values(), *honest.values()]]
@@ -204,6 +220,18 @@ def _served_by(pool: Pool, agent: str, jobs: int) -> list[tuple[str | None, floa
         return served
 
     return asyncio.run(run())
+
+
+def _paid_jobs(pool: Pool, agent: str) -> list[tuple[int, int, bool]]:
+    """The agent's consumer jobs that cost something: (cost, provider's share, refunded), nano-USD."""
+    rows = pool.query("SELECT cost, provider_earned, refunded FROM request_log WHERE agent_id = ? AND cost > 0", agent)
+    return [(int(cost), int(earned), bool(refunded)) for cost, earned, refunded in rows]
+
+
+def _kept(pool: Pool, agent: str) -> tuple[float, float]:
+    """USD the agent's consumers paid and were not given back, and the provider's share of it."""
+    jobs = [(cost, earned) for cost, earned, refunded in _paid_jobs(pool, agent) if not refunded]
+    return sum(cost for cost, _ in jobs) / 1e9, sum(earned for _, earned in jobs) / 1e9
 
 
 def _spent(pool: Pool) -> float:
@@ -341,15 +369,19 @@ def test_a_model_swapper_that_detects_canaries_is_caught(
                 httpx.get(earnings, headers={"authorization": f"Bearer {key}"}, timeout=10).json()["balanceUsd"]
             )
 
-        # two failures on the operator's prompts confirm it; then refunds
-        eventually(lambda: balance() == 0, timeout=60, interval=0.5, explain=lambda: "the swapper kept its earnings")
-        with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
-            refunded, charged = db.execute(
-                "SELECT coalesce(sum(refunded), 0), count(*) FROM request_log WHERE agent_id = ? AND cost > 0",
-                (agent,),
-            ).fetchone()
-        assert refunded == charged
-        # Paid before it was caught, all of it came back; on a busy machine canaries may catch it first.
+        # Two failures on the operator's prompts confirm it; then its jobs are refunded, all but those
+        # a passed operator canary vouched for first (Gemma gives SmolLM2's answer to some short
+        # questions; clawback.py), and its share of those alone stays in its earnings.
+        eventually(
+            lambda: abs(balance() - _kept(pool, agent)[1]) <= 1e-9 and (paid == 0 or _kept(pool, agent)[0] < paid),
+            timeout=60,
+            interval=0.5,
+            explain=lambda: f"earnings {balance()}, paid {paid}, jobs {_paid_jobs(pool, agent)}",
+        )
+        jobs_paid = _paid_jobs(pool, agent)
+        charged, refunded = len(jobs_paid), sum(1 for *_, refund in jobs_paid if refund)
+        # Paid before it was caught, and at least the last of it came back; on a busy machine canaries
+        # may catch it first.
         assert (charged > 0) == (paid > 0)
 
         def sample() -> list[dict[str, Any]] | None:  # canaries go on: a sample large enough to count what it flags
