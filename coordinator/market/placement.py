@@ -9,6 +9,7 @@ without every request herding onto the single best one.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from coordinator.market.catalog import precision, quantization_label
+from coordinator.market.index import ModelIndex, Ranked
 from coordinator.market.registry import ConnectedAgent, Performance, Registry
 from coordinator.market.upstream import Upstream
 from coordinator.money.metering import Price
@@ -169,7 +171,30 @@ def choose(
     max_price: Price | None = None,
     rng: random.Random | None = None,
 ) -> Choice | None:
-    """The agent to try next for ``slug``, and why; ``None`` when no agent may take it."""
+    """The agent to try next for ``slug``, and why; ``None`` when no agent may take it. Found in the
+    model's index (:mod:`coordinator.market.index`) when the routing allows; else, or when the index
+    can't settle a tie, by reading every agent (:func:`choose_by_scan`): the same rules either way."""
+    index = registry.index(slug)
+    if index is not None and _indexed(routing):
+        found = _choose_indexed(index, slug, routing, trust_floor, exclude, max_price, rng or _RANDOM)
+        if found is not SCAN:
+            return found  # type: ignore[return-value]
+    return choose_by_scan(
+        registry, slug, routing, trust_floor=trust_floor, exclude=exclude, max_price=max_price, rng=rng
+    )
+
+
+def choose_by_scan(
+    registry: Registry,
+    slug: str,
+    routing: Routing = DEFAULT_ROUTING,
+    *,
+    trust_floor: float = 0.0,
+    exclude: Collection[str] = (),
+    max_price: Price | None = None,
+    rng: random.Random | None = None,
+) -> Choice | None:
+    """:func:`choose` by reading every agent of the model: the rules, written plainly."""
     candidates = eligible(registry, slug, routing, trust_floor=trust_floor, exclude=exclude, max_price=max_price)
     if not candidates:
         return None
@@ -191,10 +216,148 @@ def choose(
         return Choice(candidates[0], SOLE_CANDIDATE, 1)
     # Power of two choices: only the pair is scored (an agent not yet measured is taken to do as
     # well as the other), so placement costs one pass over the candidates.
-    pair = (rng or random).sample(candidates, 2)
+    pair = (rng or _RANDOM).sample(candidates, 2)
+    return Choice(_better(pair, slug), POWER_OF_TWO, count)
+
+
+def _better(pair: list[ConnectedAgent], slug: str) -> ConnectedAgent:
     typical = _typical(agent.performance.get(slug) for agent in pair)
-    best = min(pair, key=lambda agent: _cost(agent, slug, typical))
-    return Choice(best, POWER_OF_TWO, count)
+    return min(pair, key=lambda agent: _cost(agent, slug, typical))
+
+
+# --- the same choice from the model's index ------------------------------------------------------
+
+SCAN = object()  # what the index can't settle: read every agent instead
+DRAWS = 64  # draws for power of two choices before reading every agent (most draws hit)
+_RANDOM = random.Random()
+
+
+def _indexed(routing: Routing) -> bool:
+    """Whether the index answers this routing: everything but ``sort`` and ``min_trust`` at its default."""
+    return (
+        not routing.order
+        and routing.only is None
+        and not routing.ignore
+        and routing.max_price is None
+        and routing.quantizations is None
+    )
+
+
+def _choose_indexed(
+    index: ModelIndex,
+    slug: str,
+    routing: Routing,
+    trust_floor: float,
+    exclude: Collection[str],
+    max_price: Price | None,
+    rng: random.Random,
+) -> Choice | object | None:
+    floor = max(trust_floor, routing.min_trust)
+    most_in, most_out = (max_price.input, max_price.output) if max_price is not None else (2**63, 2**63)
+
+    def admits(agent: ConnectedAgent) -> bool:  # the index holds only agents with a free slot
+        offer = agent.models[slug]
+        return (
+            agent.trust >= floor
+            and offer.price_in <= most_in
+            and offer.price_out <= most_out
+            and agent.agent_id not in exclude
+        )
+
+    count = _count(index, floor, exclude, most_in, most_out)
+    if count == 0:
+        return None
+    if routing.sort is not None:
+        best = _best_sorted(index, slug, routing.sort, admits)
+        return best if best is SCAN else Choice(best, sorted_by(routing.sort), count)  # type: ignore[arg-type]
+    first = _draw(index, floor, admits, rng)
+    if count == 1:
+        return SCAN if first is None else Choice(first, SOLE_CANDIDATE, 1)
+    second = _draw(index, floor, lambda agent: agent is not first and admits(agent), rng)
+    if first is None or second is None:
+        return SCAN
+    return Choice(_better([first, second], slug), POWER_OF_TWO, count)
+
+
+def _count(index: ModelIndex, floor: float, exclude: Collection[str], most_in: int, most_out: int) -> int:
+    """How many agents may take the request: those trusted enough, less those dearer than the cap
+    (found from the dear end, so a cap that leaves everyone in costs nothing) and the excluded."""
+    trusted = index.trusted(floor)
+    if not trusted:
+        return 0
+    out: set[int] = set()
+    for ranked, most in ((index.price_in, most_in), (index.price_out, most_out)):
+        for key, agent in ranked.descending():
+            if key <= most:
+                break
+            if agent.trust >= floor:
+                out.add(agent.seq)
+    for agent_id in exclude:
+        tried = index.open.get(agent_id)
+        if tried is not None and tried.trust >= floor:
+            out.add(tried.seq)
+    return trusted - len(out)
+
+
+def _draw(
+    index: ModelIndex, floor: float, admits: Callable[[ConnectedAgent], bool], rng: random.Random
+) -> ConnectedAgent | None:
+    """An agent ``admits`` takes, each as likely: drawn among those trusted enough until one is
+    admitted (uniform among the admitted, as a draw from their list would be); ``None`` after
+    ``DRAWS`` misses."""
+    for _ in range(DRAWS):
+        agent = index.draw_trusted(floor, rng)
+        if admits(agent):
+            return agent
+    return None
+
+
+def _best_sorted(
+    index: ModelIndex, slug: str, sort: str, admits: Callable[[ConnectedAgent], bool]
+) -> ConnectedAgent | object:
+    """The best admitted agent by ``sort``, ties broken by load then cost, as :func:`choose_by_scan`
+    does. An agent not yet measured counts as the median of the measured candidates; the index
+    settles that without the median unless the median could tie with the best (:data:`SCAN`)."""
+    if sort == "price":
+        ranked, unmeasured = index.price, None
+    elif sort == "latency":
+        ranked, unmeasured = index.ttft, index.no_ttft
+    else:
+        ranked, unmeasured = index.slowness, index.no_speed
+    walk = ranked.ascending()
+    group: list[ConnectedAgent] = []
+    best_key: float | None = None
+    past: list[tuple[float, ConnectedAgent]] = []  # the first entry after the best group
+    for key, agent in walk:
+        if best_key is not None and key != best_key:
+            past.append((key, agent))
+            break
+        if admits(agent):
+            group.append(agent)
+            best_key = key
+    if not group:
+        return SCAN  # no candidate measured: all count as the same typical value
+    if unmeasured and any(admits(agent) for agent in unmeasured.values()):
+        # Those count as the median of the measured candidates, which lies above the best key once
+        # more than twice the best group's size are measured at all: look for |group| + 1 worse.
+        worse = 0
+        for _, agent in itertools.chain(past, walk):
+            worse += admits(agent)
+            if worse > len(group):
+                break
+        if worse <= len(group):
+            return SCAN
+    if len(group) == 1:
+        return group[0]
+    if any(_unmeasured(agent, slug) for agent in group):
+        return SCAN  # their cost needs the median of every candidate
+    typical = Performance(TTFT_FLOOR_MS, 1.0)  # unused: every agent of the group is measured
+    return min(group, key=lambda agent: (_load(agent), _cost(agent, slug, typical)))
+
+
+def _unmeasured(agent: ConnectedAgent, slug: str) -> bool:
+    known = agent.performance.get(slug)
+    return known is None or known.ttft_ms is None or known.tokens_per_s is None
 
 
 # --- the cost behind power of two choices ----------------------------------------------------------
@@ -251,14 +414,55 @@ _SORT_KEYS: dict[str, Callable[[ConnectedAgent, str, Performance], float]] = {
 }
 
 
-def prices(
-    registry: Registry, upstream: Upstream, slugs: list[str], routing: Routing, *, trust_floor: float
-) -> list[Price]:
-    """The prices of everyone who may serve the request now (agents and the upstream): what a hold
-    must cover; empty when nobody can serve it."""
-    found = []
+@dataclass(frozen=True)
+class Offers:
+    """The prices of everyone who may serve a request now (agents and the upstream), as a hold
+    needs them: the highest input and output prices, and the cheapest offer (read only when the
+    highest are out of the consumer's reach)."""
+
+    ceiling: Price | None  # None: nobody can serve the request
+    everyone: Callable[[], list[Price]]
+
+    def __bool__(self) -> bool:
+        return self.ceiling is not None
+
+    def cheapest(self, cost: Callable[[Price], int]) -> Price:
+        return min(self.everyone(), key=cost)
+
+
+NO_OFFERS = Offers(None, list)
+
+
+def prices(registry: Registry, upstream: Upstream, slugs: list[str], routing: Routing, *, trust_floor: float) -> Offers:
+    """What a hold must cover for a request of ``slugs``; empty when nobody can serve it."""
+
+    def everyone() -> list[Price]:
+        found = []
+        for slug in slugs:
+            found += [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
+            if upstream.serves(slug) and routing.admits_upstream(upstream.price):
+                found.append(upstream.price)
+        return found
+
+    if not _indexed(routing):
+        listed = everyone()
+        ceiling = Price(max(p.input for p in listed), max(p.output for p in listed)) if listed else None
+        return Offers(ceiling, lambda: listed)
+    floor = max(trust_floor, routing.min_trust)
+    most_in = most_out = -1
     for slug in slugs:
-        found += [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
+        index = registry.index(slug)
+        if index is not None:
+            most_in = max(most_in, _dearest(index.price_in, floor))
+            most_out = max(most_out, _dearest(index.price_out, floor))
         if upstream.serves(slug) and routing.admits_upstream(upstream.price):
-            found.append(upstream.price)
-    return found
+            most_in, most_out = max(most_in, upstream.price.input), max(most_out, upstream.price.output)
+    return Offers(Price(most_in, most_out) if most_in >= 0 else None, everyone)
+
+
+def _dearest(ranked: Ranked, floor: float) -> int:
+    """The highest price among agents trusted enough (-1: none)."""
+    for key, agent in ranked.descending():
+        if agent.trust >= floor:
+            return int(key)
+    return -1

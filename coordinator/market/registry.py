@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from coordinator.market.index import ModelIndex
 from shared.protocol import Message, ModelOffer
 
 
@@ -53,10 +56,18 @@ def observe(
     else:
         total = now - assigned_at
         performance.observe(None, completion_tokens / total if completion_tokens > 0 and total > 0 else None)
+    agent.share.changed()
 
 
 def _ema(average: float | None, value: float) -> float:
     return value if average is None else average + EMA_WEIGHT * (value - average)
+
+
+Watcher = Callable[[], None]
+
+# What decides whether an agent can take a job, and where placement's indexes put it: setting one
+# of these tells the registry (``watcher``), which moves the agent in its model indexes.
+_PLACED = frozenset({"in_flight", "draining", "trust", "concurrency_cap"})
 
 
 @dataclass(eq=False)
@@ -67,6 +78,17 @@ class TokenShare:
 
     in_flight: int = 0
     performance: dict[str, Performance] = field(default_factory=dict)
+    watcher: Watcher | None = None  # the registry, for the token's agents
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "in_flight" and (watcher := self.__dict__.get("watcher")) is not None:
+            watcher()
+
+    def changed(self) -> None:
+        """Its averages moved (a job's timings arrived): the token's agents move in placement's orders."""
+        if self.watcher is not None:
+            self.watcher()
 
 
 @dataclass(eq=False)
@@ -84,6 +106,13 @@ class ConnectedAgent:
     trust: float = 100.0
     concurrency_cap: int | None = None  # fewer consumer jobs at once (all its token's agents) while new
     share: TokenShare = field(default_factory=TokenShare)
+    seq: int = 0  # the order it was registered in (the registry's)
+    watcher: Watcher | None = None  # the registry, while registered
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _PLACED and (watcher := self.__dict__.get("watcher")) is not None:
+            watcher()
 
     @property
     def performance(self) -> dict[str, Performance]:
@@ -109,6 +138,8 @@ class Registry:
     def __init__(self) -> None:
         self._agents: dict[str, ConnectedAgent] = {}
         self._tokens: dict[int, list[ConnectedAgent]] = {}  # agent token id -> its connected agents
+        self._models: dict[str, ModelIndex] = {}  # slug -> its agents with a free slot, ordered
+        self._seq = itertools.count(1)
 
     def add(self, agent: ConnectedAgent) -> None:
         """Register ``agent``; it shares a :class:`TokenShare` with its token's other agents."""
@@ -117,6 +148,11 @@ class Registry:
             agent.share = siblings[0].share
         siblings.append(agent)
         self._agents[agent.agent_id] = agent
+        agent.seq = next(self._seq)
+        agent.watcher = functools.partial(self._place, agent)
+        token_id = agent.token_id
+        agent.share.watcher = lambda: self._place_token(token_id)
+        self._place(agent)
 
     def of_token(self, token_id: int) -> int:
         """How many agents of this agent token are connected."""
@@ -125,11 +161,31 @@ class Registry:
     def remove(self, agent_id: str) -> ConnectedAgent | None:
         agent = self._agents.pop(agent_id, None)
         if agent is not None:
+            agent.watcher = None
+            for slug in agent.models:
+                if (index := self._models.get(slug)) is not None:
+                    index.remove(agent)
             siblings = self._tokens[agent.token_id]
             siblings.remove(agent)
             if not siblings:
                 del self._tokens[agent.token_id]
+                agent.share.watcher = None
         return agent
+
+    def _place(self, agent: ConnectedAgent) -> None:
+        for slug in agent.models:
+            index = self._models.get(slug)
+            if index is None:
+                index = self._models[slug] = ModelIndex(slug)
+            index.update(agent)
+
+    def _place_token(self, token_id: int) -> None:
+        for agent in self._tokens.get(token_id, ()):
+            self._place(agent)
+
+    def index(self, slug: str) -> ModelIndex | None:
+        """``slug``'s agents with a free slot, in placement's orders."""
+        return self._models.get(slug)
 
     def get(self, agent_id: str) -> ConnectedAgent | None:
         return self._agents.get(agent_id)

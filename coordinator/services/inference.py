@@ -26,7 +26,7 @@ from coordinator.core.errors import PoolError
 from coordinator.identity.users import Principal
 from coordinator.market import placement, registry
 from coordinator.market.forward import backend_body, content_problem
-from coordinator.market.placement import DEFAULT_ROUTING, Routing, offer_price
+from coordinator.market.placement import DEFAULT_ROUTING, Offers, Routing, offer_price
 from coordinator.market.present import present
 from coordinator.money.leases import Charge, Reservation
 from coordinator.money.ledger import InsufficientCredits
@@ -168,7 +168,7 @@ class Call:
     body: bytes  # what reaches the backend (:func:`coordinator.market.forward.backend_body`)
     meter: Meter
     routing: Routing
-    prices: list[Price]
+    offers: Offers  # what the hold must cover
     limits: dict[str, str]  # rate-limit headers for every response
     started: float = field(default_factory=time.perf_counter)
     token_estimate: int = 0
@@ -218,13 +218,14 @@ class Call:
         cover that, at the cheapest offer's (the request then goes only to offers that cheap): one
         dear agent cannot price a consumer out of the cheap ones. Returns the prices the hold covers;
         :class:`InsufficientCredits` if even the cheapest is out of reach."""
-        meter, leases, prices = self.meter, self.pool.leases, self.prices
-        ceiling = Price(max(p.input for p in prices), max(p.output for p in prices))
+        meter, leases, offers = self.meter, self.pool.leases, self.offers
+        ceiling = offers.ceiling
+        assert ceiling is not None  # admission refused the request when nobody could serve it
         try:
             self.reservation = await leases.reserve(self.record, meter.hold_amount(ceiling))
             return ceiling
         except InsufficientCredits:
-            cheapest = min(prices, key=meter.hold_amount)
+            cheapest = offers.cheapest(meter.hold_amount)
             if meter.hold_amount(cheapest) >= meter.hold_amount(ceiling):
                 raise
         self.reservation = await leases.reserve(self.record, meter.hold_amount(cheapest))
@@ -427,7 +428,7 @@ def admit(
     bound = output_bound(data, _model_cap(pool, models))
     meter = Meter(prompt_bound(raw), bound, prompt_estimate(data))
     routing = Routing.of(data.provider)
-    call = Call(pool, record, data, b"", meter, routing, [], {})
+    call = Call(pool, record, data, b"", meter, routing, placement.NO_OFFERS, {})
     for slug in models:
         if not _known_model(pool, slug):
             raise call.refuse(
@@ -451,10 +452,10 @@ def admit(
         )
     call.token_estimate, call.limits = estimate, decision.headers
     pool.verifier.observe(raw)  # canaries copy the shapes of admitted requests
-    call.prices = placement.prices(
+    call.offers = placement.prices(
         pool.registry, pool.upstream, models, routing, trust_floor=pool.settings.trust_threshold
     )
-    if not call.prices:
+    if not call.offers:
         raise call.no_capacity()
     return call
 

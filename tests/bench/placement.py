@@ -1,7 +1,10 @@
-"""Placement cost per request: ``placement.choose`` over registries of N agents serving one model,
-beside a plain ``random.choice`` over the same agents in the same run (the floor any placement pays).
+"""Placement cost per request over registries of N agents serving one model: ``placement.choose``
+(the model's index) beside ``placement.choose_by_scan`` (every agent read, as before the index) for
+the default routing (power of two choices) and ``sort`` + ``min_trust``, the hold's prices
+(``placement.prices``), and a plain ``random.choice`` over the same agents in the same run (the floor
+any placement pays).
 
-``python -m tests.bench.placement [--agents 1,10,100,1000] [--rounds 2000]``
+``python -m tests.bench.placement [--agents 1,100,1000,10000] [--rounds 2000]``
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from coordinator.market import placement
 from coordinator.market.placement import Routing
 from coordinator.market.registry import ConnectedAgent, Performance, Registry
+from coordinator.market.upstream import Upstream
 from shared.openai import ProviderPreferences
 from shared.protocol import ModelOffer
 
@@ -48,20 +52,39 @@ def per_call_us(call: Callable[[], object], rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--agents", default="1,10,100,1000")
+    parser.add_argument("--agents", default="1,100,1000,10000")
     parser.add_argument("--rounds", type=int, default=2000)
     args = parser.parse_args()
     rng = random.Random(1)
-    sorted_routing = Routing.of(ProviderPreferences(sort="latency", min_trust=50))
-    header = ("agents", "random.choice", "choose (p2c)", "choose sort+min_trust", "ratio p2c/random")
-    print(f"{header[0]:>6} | {header[1]:>13} | {header[2]:>12} | {header[3]:>21} | {header[4]}")
+    ranked = Routing.of(ProviderPreferences(sort="latency", min_trust=50))
+    upstream = Upstream(None, None, {}, 5.0)
+    columns = (
+        "agents",
+        "random.choice",
+        "p2c scan",
+        "p2c index",
+        "sort scan",
+        "sort index",
+        "prices",
+        "p2c scan/index",
+    )
+    print(" | ".join(f"{c:>14}" for c in columns))
     for count in (int(n) for n in args.agents.split(",")):
         registry = registry_of(count, rng)
         agents = registry.agents()
-        floor = per_call_us(lambda agents=agents: rng.choice(agents), args.rounds)
-        p2c = per_call_us(lambda r=registry: placement.choose(r, "m", rng=rng), args.rounds)
-        ranked = per_call_us(lambda r=registry: placement.choose(r, "m", sorted_routing, rng=rng), args.rounds)
-        print(f"{count:>6} | {floor:>10.2f} us | {p2c:>9.2f} us | {ranked:>18.2f} us | {p2c / floor:>8.0f}x")
+        scan_rounds = max(20, args.rounds * 100 // max(count, 100))  # the scan at 10,000 takes ms
+        figures = [
+            per_call_us(lambda agents=agents: rng.choice(agents), args.rounds),
+            per_call_us(lambda r=registry: placement.choose_by_scan(r, "m", rng=rng), scan_rounds),
+            per_call_us(lambda r=registry: placement.choose(r, "m", rng=rng), args.rounds),
+            per_call_us(lambda r=registry: placement.choose_by_scan(r, "m", ranked, rng=rng), scan_rounds),
+            per_call_us(lambda r=registry: placement.choose(r, "m", ranked, rng=rng), args.rounds),
+            per_call_us(
+                lambda r=registry: placement.prices(r, upstream, ["m"], Routing(), trust_floor=40), args.rounds
+            ),
+        ]
+        cells = [f"{count:>14}", *(f"{figure:>11.2f} us" for figure in figures), f"{figures[1] / figures[2]:>13.0f}x"]
+        print(" | ".join(cells))
 
 
 if __name__ == "__main__":
