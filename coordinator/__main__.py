@@ -189,10 +189,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
 
     from coordinator.app import create_app
     from coordinator.core import deadlines
+    from coordinator.web.server import DrainingServer
 
     asyncio.run(_migrate(settings))
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=args.host,
         port=args.port,
         http=deadlines.protocol(settings.header_timeout, settings.body_timeout),
@@ -203,6 +205,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    DrainingServer(config, app.state.pool).run()
 
 
 def main(argv: list[str] | None = None) -> int:

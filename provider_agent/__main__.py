@@ -19,7 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="connect to the coordinator and serve jobs")
     run.add_argument("--config", type=Path, help="TOML file with any of the settings below")
-    run.add_argument("--coordinator", help="coordinator URL, e.g. http://pool.example:8080")
+    run.add_argument(
+        "--coordinator",
+        help="coordinator URL, e.g. http://pool.example:8080; several, comma-separated, are tried in turn",
+    )
     run.add_argument("--token", help="agent token (pool_agent_…); better via POOL_AGENT_TOKEN")
     run.add_argument("--backend", help="local OpenAI-compatible server, e.g. http://127.0.0.1:8081")
     run.add_argument("--backend-api-key", help="API key the backend expects, if any")

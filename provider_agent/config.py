@@ -52,6 +52,11 @@ class AgentConfig:
     reconnect_max: float = 30.0
     drain_timeout: float = 600.0
     log_level: str = "INFO"
+    other_coordinators: tuple[str, ...] = ()  # tried in turn after the first (``--coordinator A,B``)
+
+    @property
+    def coordinator_urls(self) -> tuple[str, ...]:
+        return (self.coordinator_url, *self.other_coordinators)
 
 
 # name -> (environment variable, kind)
@@ -81,6 +86,15 @@ def coordinator_url(text: str) -> str:
     if not path.endswith("/v1/agent/connect"):
         path += "/v1/agent/connect"
     return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _coordinators(value: Any) -> tuple[str, ...]:
+    """One coordinator URL or several (``A,B``, or a list in the config file), in the order to try."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    urls = tuple(coordinator_url(str(item)) for item in items if str(item).strip())
+    if not urls:
+        raise ConfigError("--coordinator: no URL given")
+    return urls
 
 
 def backend_url(text: str) -> str:
@@ -155,11 +169,13 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str], config_file: Path | N
     missing = [f"--{n.replace('_', '-')}" for n in ("coordinator", "token", "backend", "model") if not merged.get(n)]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (flag, POOL_AGENT_* variable or config file)")
+    coordinators = _coordinators(merged["coordinator"])
     models = tuple(ModelSpec.parse(str(m)) for m in merged["model"])
     if len({m.name for m in models}) != len(models):
         raise ConfigError("a model slug is given twice")
     return AgentConfig(
-        coordinator_url=coordinator_url(str(merged["coordinator"])),
+        coordinator_url=coordinators[0],
+        other_coordinators=coordinators[1:],
         token=str(merged["token"]),
         backend_url=backend_url(str(merged["backend"])),
         models=models,

@@ -21,6 +21,7 @@ from provider_agent.config import AgentConfig
 from provider_agent.runner import Runner
 from shared import protocol
 from shared.protocol import (
+    CLOSE_DRAINING,
     Draining,
     Heartbeat,
     Hello,
@@ -56,6 +57,7 @@ class Agent:
         self.runner = Runner(backend, config.max_concurrency)
         self.stopping = asyncio.Event()
         self._ws: ClientConnection | None = None
+        self.drained = False  # the last connection ended because its coordinator is shutting down
         self._send_lock = asyncio.Lock()
 
     def hello(self) -> Hello:
@@ -89,30 +91,43 @@ class Agent:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def run(self) -> None:
-        """Stay connected until stopped; raises :class:`Rejected` when the coordinator refuses us."""
-        attempt = 0
+        """Stay connected until stopped; raises :class:`Rejected` when the coordinator refuses us.
+        Each reconnection tries the next coordinator URL; one that closes with ``CLOSE_DRAINING``
+        (it is shutting down) is left at once, without backoff."""
+        attempt, urls = 0, self.config.coordinator_urls
+        turn = 0
         while not self.stopping.is_set():
+            url = urls[turn % len(urls)]
+            self.drained = False
             try:
-                welcomed = await self._session()
+                welcomed = await self._session(url)
             except Rejected:
                 raise
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
-                log.warning("coordinator connection lost", extra={"error": f"{type(exc).__name__}: {exc}"})
+                if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == CLOSE_DRAINING:
+                    self.drained = True
+                else:
+                    log.warning("coordinator connection lost", extra={"error": f"{type(exc).__name__}: {exc}"})
                 welcomed = False
             if self.stopping.is_set():
                 break
+            turn += 1
+            if self.drained:
+                log.info("the coordinator is draining: reconnecting at once", extra={"to": urls[turn % len(urls)]})
+                attempt = 0
+                continue
             attempt = 0 if welcomed else attempt + 1
             delay = backoff_delay(attempt, self.config.reconnect_min, self.config.reconnect_max)
             log.info("reconnecting", extra={"in_seconds": round(delay, 2)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
 
-    async def _session(self) -> bool:
+    async def _session(self, url: str) -> bool:
         """One connection's life; returns whether the coordinator welcomed us."""
         headers = {"Authorization": f"Bearer {self.config.token}"}
         try:
             ws = await connect(
-                self.config.coordinator_url,
+                url,
                 additional_headers=headers,
                 max_size=None,
                 compression=None,
@@ -128,6 +143,8 @@ class Agent:
         try:
             return await self._converse(ws)
         finally:
+            if ws.close_code == CLOSE_DRAINING:
+                self.drained = True
             self._ws = None
             self.runner.cancel_all()  # results could not be delivered on a new connection
             await ws.close()

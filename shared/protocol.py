@@ -19,6 +19,7 @@ CLOSE_STALE = 4408  # heartbeats missed
 CLOSE_RATE = 4429  # too many messages, or too many failed authentications
 CLOSE_TOO_BIG = 1009  # a frame over the limit
 CLOSE_UNSUPPORTED_DATA = 1003  # a text frame
+CLOSE_DRAINING = 1012  # the coordinator is shutting down: reconnect at once, to another ("service restart")
 
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):

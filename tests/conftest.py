@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,30 @@ def pg_url() -> str:
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         pytest.fail(f"PostgreSQL is required at {url} (set POOL_TEST_POSTGRES_URL): {exc}")
     return url
+
+
+async def run_sql(statement: str, dsn: str | None = None) -> None:
+    """One statement on PostgreSQL (default: the test server's database)."""
+    conn = await asyncpg.connect(dsn or postgres_url().replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def own_database() -> Iterator[str]:
+    """A PostgreSQL database for one module alone (its URL), which its tests may even drop;
+    dropped at the end. Several coordinators can share it, as replicas do."""
+    name = f"pool_{secrets.token_hex(4)}"
+    try:
+        asyncio.run(run_sql(f"CREATE DATABASE {name}"))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.fail(f"PostgreSQL is required at {postgres_url()} (set POOL_TEST_POSTGRES_URL): {exc}")
+    try:
+        yield f"{postgres_url().rsplit('/', 1)[0]}/{name}"
+    finally:
+        asyncio.run(run_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -40,6 +40,8 @@ class Pool:
             "canary_interval_seconds": "0",
             # Tests sign many users up from 127.0.0.1; tests/integration/test_identity.py checks the limit.
             "signups_per_hour": "10000",
+            # A stopped coordinator drains (SIGTERM): requests a test left open get 5 s, not 30.
+            "drain_timeout": "5",
             **settings,
         }
         self.env = localpool.coordinator_env(self.db_url, **self.settings)
@@ -90,10 +92,19 @@ class Pool:
         self.backends.append(localpool.start_standin(port, self.dir, name=self._name("standin"), **options))  # type: ignore[arg-type]
         return f"http://127.0.0.1:{port}"
 
-    def agent(self, backend: str, models: list[str], wait: bool = True, token: str | None = None, **kw: object) -> Proc:
+    def agent(
+        self,
+        backend: str,
+        models: list[str],
+        wait: bool = True,
+        token: str | None = None,
+        coordinator: str | None = None,
+        **kw: object,
+    ) -> Proc:
+        """An agent of ``backend``, on this pool's coordinator (or the ``coordinator`` URLs given)."""
         before = self.agent_count()
         proc = localpool.start_agent(
-            self.url,
+            coordinator or self.url,
             token or self.token,
             backend,
             models,

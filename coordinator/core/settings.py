@@ -95,6 +95,9 @@ class Settings:
     body_timeout: float = 30.0  # seconds a client has to send a request's body
     canary_prompts_file: str | None = None  # extra canary prompts, one per line
     canary_confirmations: int = 2  # failed canaries (distinct prompts) before a provider is refunded against
+    # shutting down (SIGTERM)
+    drain_notice_seconds: float = 0.0  # /readyz fails this long before new requests are refused
+    drain_timeout: float = 30.0  # seconds open requests and jobs may take to finish
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -264,4 +267,6 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "body_timeout": _positive_float,
     "canary_prompts_file": str,
     "canary_confirmations": _positive_int,
+    "drain_notice_seconds": _non_negative_float,
+    "drain_timeout": _positive_float,
 }

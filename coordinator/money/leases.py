@@ -120,6 +120,11 @@ class CreditLeases:
         return sum(lease.free for lease in self._leases.values() if lease.user_id == user_id and not lease.lost)
 
     @property
+    def running(self) -> int:
+        """Requests holding credit that have not finished."""
+        return self._running
+
+    @property
     def open_leases(self) -> int:
         return len(self._leases)
 

@@ -429,6 +429,13 @@ def admit(
     meter = Meter(prompt_bound(raw), bound, prompt_estimate(data))
     routing = Routing.of(data.provider)
     call = Call(pool, record, data, b"", meter, routing, placement.NO_OFFERS, {})
+    if pool.refusing:
+        raise call.refuse(
+            503,
+            errors.SHUTTING_DOWN,
+            "This coordinator is shutting down; retry the request (another one will take it).",
+            **{"retry-after": "1"},
+        )
     for slug in models:
         if not _known_model(pool, slug):
             raise call.refuse(

@@ -101,8 +101,9 @@ async def reload_references(pool: PoolState) -> None:
 
 
 async def verify_an_agent(pool: PoolState) -> None:
-    """Send one verification job (a canary) to the agent verified least so far."""
-    pool.verifier.start_one(pool.directory)
+    """Send one verification job (a canary) to the agent verified least so far (none while draining)."""
+    if not pool.draining:
+        pool.verifier.start_one(pool.directory)
 
 
 def scheduler(pool: PoolState) -> AsyncIOScheduler:

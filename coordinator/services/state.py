@@ -55,6 +55,7 @@ class PoolState:
     metrics: Metrics
     schema_head: str | None  # the newest migration this code ships (``/readyz`` compares)
     draining: bool = False  # shutting down: ``/readyz`` fails so load balancers send nothing new
+    refusing: bool = False  # draining, past the notice: new chat requests and agents are turned away
 
 
 def provide_pool(state: State) -> PoolState:

@@ -1,13 +1,12 @@
 """What operators and load balancers read from a real coordinator process on PostgreSQL:
 ``/healthz``, ``/readyz`` (database, migrations, draining) and ``/metrics`` (Prometheus text).
 
-The pool gets a database of its own, so the last test can take it away (``DROP DATABASE … FORCE``
+The pool gets a database of its own (``own_database``), so the last test can take it away (``DROP DATABASE … FORCE``
 ends every connection) and see readiness fail while the process stays alive."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Iterator
 
 import asyncpg
@@ -15,37 +14,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import postgres_url
+from tests.conftest import run_sql
 from tests.harness import Pool
 
 MSG = [{"role": "user", "content": "hi"}]
-
-
-def _admin_dsn() -> str:
-    return postgres_url().replace("postgresql+asyncpg://", "postgresql://")
-
-
-async def _sql(statement: str, dsn: str | None = None) -> None:
-    conn = await asyncpg.connect(dsn or _admin_dsn(), timeout=5)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-def own_database() -> Iterator[str]:
-    """A PostgreSQL database for this module alone (its URL); dropped at the end."""
-    name = f"ops_{secrets.token_hex(4)}"
-    try:
-        asyncio.run(_sql(f"CREATE DATABASE {name}"))
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        pytest.fail(f"PostgreSQL is required at {postgres_url()} (set POOL_TEST_POSTGRES_URL): {exc}")
-    base = postgres_url().rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        asyncio.run(_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +85,20 @@ def test_metrics_count_requests_by_model_status_and_fallback(pool: Pool) -> None
 def test_readyz_fails_while_the_schema_is_behind_the_code(pool: Pool, own_database: str) -> None:
     dsn = own_database.replace("postgresql+asyncpg://", "postgresql://")
     head = asyncio.run(_fetch("SELECT version_num FROM alembic_version", dsn))
-    asyncio.run(_sql("UPDATE alembic_version SET version_num = '0001'", dsn))
+    asyncio.run(run_sql("UPDATE alembic_version SET version_num = '0001'", dsn))
     try:
         ready = httpx.get(f"{pool.url}/readyz", timeout=10)
         assert ready.status_code == 503
         assert ready.json()["checks"]["migrations"] == f"at 0001, this code needs {head}"
     finally:
-        asyncio.run(_sql(f"UPDATE alembic_version SET version_num = '{head}'", dsn))
+        asyncio.run(run_sql(f"UPDATE alembic_version SET version_num = '{head}'", dsn))
     assert httpx.get(f"{pool.url}/readyz", timeout=10).status_code == 200
 
 
 def test_readyz_fails_when_the_database_is_gone_and_metrics_count_the_errors(pool: Pool, own_database: str) -> None:
     errors_before = scrape(pool).get(("pool_database_errors_total", ()), 0.0)
     name = own_database.rsplit("/", 1)[1]
-    asyncio.run(_sql(f"DROP DATABASE {name} WITH (FORCE)"))
+    asyncio.run(run_sql(f"DROP DATABASE {name} WITH (FORCE)"))
     ready = httpx.get(f"{pool.url}/readyz", timeout=10)
     assert ready.status_code == 503
     checks = ready.json()["checks"]

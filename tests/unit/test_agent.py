@@ -24,6 +24,19 @@ def test_agent_config_precedence(tmp_path: Path) -> None:
     assert (config.price_in, config.price_out, config.max_concurrency) == (1000, 2000, 7)
 
 
+def test_several_coordinators_are_tried_in_the_order_given(tmp_path: Path) -> None:
+    base = {"token": "t", "backend": "http://b", "model": ["m"]}
+    config = load({**base, "coordinator": "http://a:1, https://b:2/"}, {})
+    assert config.coordinator_urls == ("ws://a:1/v1/agent/connect", "wss://b:2/v1/agent/connect")
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        'coordinator = ["http://a:1", "http://c:3"]\ntoken = "t"\nbackend = "http://b"\nmodel = "m"\n'
+    )
+    assert load({}, {}, config_file).coordinator_urls == ("ws://a:1/v1/agent/connect", "ws://c:3/v1/agent/connect")
+    with pytest.raises(ConfigError, match="coordinator URL"):
+        load({**base, "coordinator": "http://a:1,ftp://b"}, {})
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

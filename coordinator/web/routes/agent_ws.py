@@ -22,6 +22,7 @@ from coordinator.services.state import PoolState
 from coordinator.web.guards import client_address
 from shared import errors, protocol
 from shared.protocol import (
+    CLOSE_DRAINING,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE,
     CLOSE_TOO_BIG,
@@ -164,6 +165,9 @@ async def agent_connect(socket: WebSocket[Any, Any, Any], pool: PoolState) -> No
         return
     await socket.accept()
     link = SocketLink(socket)
+    if pool.refusing:  # shutting down: it should serve from another coordinator
+        await link.close(CLOSE_DRAINING, "coordinator draining: reconnect now")
+        return
     settings = pool.settings
     try:
         frame = await asyncio.wait_for(_receive_frame(socket), settings.hello_timeout)
