@@ -21,8 +21,9 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from coordinator import __version__
 from coordinator.core import db
 from coordinator.core.bodies import TOO_DEEP, PoolRequest
+from coordinator.core.cluster import Cluster
 from coordinator.core.errors import PoolError, error_response
-from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits
+from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits, PoolKeyLimits
 from coordinator.core.settings import Settings
 from coordinator.identity import auth
 from coordinator.identity.formtokens import FormTokens
@@ -35,7 +36,7 @@ from coordinator.money.clawback import Clawback
 from coordinator.money.leases import CreditLeases
 from coordinator.money.metering import Price
 from coordinator.money.requestlog import RequestLog, RequestRecord
-from coordinator.services import periodic
+from coordinator.services import periodic, revocation
 from coordinator.services.state import PoolState, pool_of, provide_pool
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.verify import Verifier
@@ -213,7 +214,8 @@ def build_state(settings: Settings) -> PoolState:
         trust=trust_book,
         whole_reply_silence=settings.whole_reply_silence,
     )
-    key_limits = KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    cluster = Cluster(settings.redis_url, settings.redis_prefix)
+    key_limits = PoolKeyLimits(KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm), cluster)
     leases = CreditLeases(
         engine,
         requests,
@@ -243,6 +245,7 @@ def build_state(settings: Settings) -> PoolState:
             open_leases=lambda: leases.open_leases,
             flush_lag=leases.flush_lag,
             request_backlog=lambda: requests.backlog,
+            redis_errors=lambda: cluster.errors,
         )
     )
     metrics.watch(engine)
@@ -270,6 +273,7 @@ def build_state(settings: Settings) -> PoolState:
         forms=FormTokens(settings.jwt_secret or secrets.token_urlsafe(32)),
         directory=catalog.Directory(catalog.shipped()),
         metrics=metrics,
+        cluster=cluster,
         schema_head=db.head_revision(),
     )
 
@@ -283,6 +287,8 @@ def create_app(settings: Settings) -> Litestar:
         await ledger.renew_instance(pool.engine, leases.instance_id, leases.started_at)
         pool.directory = await catalog.load(pool.engine)
         await pool.verifier.refresh()
+        pool.cluster.on_push(lambda push: revocation.on_push(pool, push))
+        pool.cluster.start()
         sched = periodic.scheduler(pool)
         sched.start()
         # Everything built so far lives as long as the process: keep it out of the collector's full
@@ -302,6 +308,7 @@ def create_app(settings: Settings) -> Litestar:
             await pool.requests.close()
             await pool.upstream.aclose()
             pool.passwords.close()
+            await pool.cluster.close()
             await pool.engine.dispose()
 
     app = Litestar(

@@ -4,17 +4,24 @@ signups). In memory.
 Token buckets that refill continuously (``limit`` per minute), as OpenAI's limits behave. The token
 bucket may go into debt: a request is admitted while the bucket is not empty, charged its estimate,
 and corrected to the real usage when it ends, so one large request cannot starve forever.
-Each coordinator process keeps its own buckets; with N processes a key can reach N times its limits.
+Alone, a coordinator keeps the buckets in memory (:class:`KeyLimits`); replicas keep them in Redis
+(:class:`PoolKeyLimits`: the same buckets, updated by one script call per request, so they hold
+pool-wide), and fall back to their own while Redis is away.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from redis.exceptions import RedisError
+
+from coordinator.core.cluster import Cluster
 
 V = TypeVar("V")
 
@@ -111,18 +118,7 @@ class KeyLimits:
         if allowed:
             requests.level -= 1
             tokens.level -= estimate
-        retry = 0 if allowed else max(requests.wait_for(1), tokens.wait_for(1))
-        headers = {
-            "x-ratelimit-limit-requests": str(int(requests.capacity)),
-            "x-ratelimit-remaining-requests": str(max(0, int(requests.level))),
-            "x-ratelimit-reset-requests": duration(requests.until_full()),
-            "x-ratelimit-limit-tokens": str(int(tokens.capacity)),
-            "x-ratelimit-remaining-tokens": str(max(0, int(tokens.level))),
-            "x-ratelimit-reset-tokens": duration(tokens.until_full()),
-        }
-        if not allowed:
-            headers["retry-after"] = str(max(1, math.ceil(retry)))
-        return Decision(allowed, headers, max(1, math.ceil(retry)) if not allowed else 0)
+        return decision(allowed, requests, tokens)
 
     def correct(self, key_id: int, tokens_delta: int) -> None:
         """Charge (or refund, if negative) the difference between a request's estimate and its usage."""
@@ -131,6 +127,99 @@ class KeyLimits:
             bucket = pair[1]
             bucket.refill(time.monotonic())
             bucket.level = min(bucket.capacity, bucket.level - tokens_delta)
+
+
+def decision(allowed: bool, requests: Bucket, tokens: Bucket) -> Decision:
+    """The answer and OpenAI's rate-limit headers, from the key's two buckets after the request."""
+    retry = 0 if allowed else max(requests.wait_for(1), tokens.wait_for(1))
+    headers = {
+        "x-ratelimit-limit-requests": str(int(requests.capacity)),
+        "x-ratelimit-remaining-requests": str(max(0, int(requests.level))),
+        "x-ratelimit-reset-requests": duration(requests.until_full()),
+        "x-ratelimit-limit-tokens": str(int(tokens.capacity)),
+        "x-ratelimit-remaining-tokens": str(max(0, int(tokens.level))),
+        "x-ratelimit-reset-tokens": duration(tokens.until_full()),
+    }
+    if not allowed:
+        headers["retry-after"] = str(max(1, math.ceil(retry)))
+    return Decision(allowed, headers, max(1, math.ceil(retry)) if not allowed else 0)
+
+
+# KEYS[1]: the key's buckets (a hash). ARGV: requests per minute, tokens per minute, "admit" or
+# "correct", and the tokens to take (an estimate to admit; a correction, which may be negative).
+# The same arithmetic as Bucket, on Redis's clock, in one atomic step; the hash expires once idle.
+_LIMITS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rpm, tpm, mode, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local v = redis.call('HMGET', KEYS[1], 'r', 't', 's', 'rc', 'tc')
+local r, tk, s = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+if mode == 'correct' then
+  if r == nil then return {0, '0', '0'} end
+  rpm, tpm = tonumber(v[4]), tonumber(v[5])
+elseif r == nil or tonumber(v[4]) ~= rpm or tonumber(v[5]) ~= tpm then
+  r, tk, s = rpm, tpm, now
+end
+local dt = math.max(0, now - s)
+r = math.min(rpm, r + dt * rpm / 60)
+tk = math.min(tpm, tk + dt * tpm / 60)
+local allowed = 0
+if mode == 'correct' then
+  tk = math.min(tpm, tk - amount)
+elseif r >= 1 and tk > 0 then
+  r = r - 1
+  tk = tk - amount
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(tk), 's', tostring(now), 'rc', rpm, 'tc', tpm)
+redis.call('EXPIRE', KEYS[1], 120)
+return {allowed, tostring(r), tostring(tk)}
+"""
+
+
+class PoolKeyLimits:
+    """:class:`KeyLimits` for the whole pool: in Redis when replicas share one (a script call per
+    request), else, and while Redis is away, in this process."""
+
+    def __init__(self, local: KeyLimits, cluster: Cluster) -> None:
+        self.local = local
+        self.cluster = cluster
+        self._script = cluster.client.register_script(_LIMITS) if cluster.client is not None else None
+        self._corrections: set[asyncio.Task[None]] = set()
+
+    async def admit(self, key_id: int, estimate: int, rpm: int | None = None, tpm: int | None = None) -> Decision:
+        if self._script is None:
+            return self.local.admit(key_id, estimate, rpm, tpm)
+        rpm, tpm = rpm or self.local.default_rpm, tpm or self.local.default_tpm
+        try:
+            allowed, requests, tokens = await self._script(
+                keys=[self.cluster.key("limits", key_id)], args=[rpm, tpm, "admit", estimate]
+            )
+        except (RedisError, OSError) as exc:
+            self.cluster.failed(exc)
+            return self.local.admit(key_id, estimate, rpm, tpm)
+        now = time.monotonic()
+        request_bucket, token_bucket = Bucket(rpm, now), Bucket(tpm, now)
+        request_bucket.level, token_bucket.level = float(requests), float(tokens)
+        return decision(bool(allowed), request_bucket, token_bucket)
+
+    def correct(self, key_id: int, tokens_delta: int) -> None:
+        """As :meth:`KeyLimits.correct`; in Redis, written in the background (off the request's path)."""
+        if self._script is None:
+            self.local.correct(key_id, tokens_delta)
+            return
+        if tokens_delta:
+            task = asyncio.ensure_future(self._correct(key_id, tokens_delta))
+            self._corrections.add(task)
+            task.add_done_callback(self._corrections.discard)
+
+    async def _correct(self, key_id: int, tokens_delta: int) -> None:
+        assert self._script is not None
+        try:
+            await self._script(keys=[self.cluster.key("limits", key_id)], args=[0, 0, "correct", tokens_delta])
+        except (RedisError, OSError) as exc:
+            self.cluster.failed(exc)
+        self.local.correct(key_id, tokens_delta)
 
 
 class FailureLimits:

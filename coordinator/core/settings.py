@@ -34,6 +34,8 @@ def _parse_models(value: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None  # replicas: what they share (limits, pushes); PostgreSQL required then
+    redis_prefix: str = "pool:"  # the start of every Redis key and channel of this pool
     heartbeat_interval: float = 5.0
     heartbeat_misses: int = 3
     max_body_bytes: int = 4 * 1024 * 1024
@@ -113,7 +115,13 @@ class Settings:
                 values[name] = kind(raw)
             except ValueError as exc:
                 raise SettingsError(f"{variable}={raw!r}: {exc}") from None
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        if settings.redis_url and not settings.database_url.startswith("postgresql"):
+            raise SettingsError(
+                "POOL_REDIS_URL runs this coordinator as one replica of several, which must share one "
+                "PostgreSQL database: set POOL_DATABASE_URL=postgresql+asyncpg://… (SQLite is one process's)"
+            )
+        return settings
 
     @property
     def fee_bps(self) -> int:
@@ -129,6 +137,12 @@ class Settings:
     def stale_after(self) -> float:
         """Seconds without a heartbeat after which an agent is dropped."""
         return self.heartbeat_interval * self.heartbeat_misses
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
 
 
 def _positive_float(raw: str) -> float:
@@ -210,6 +224,8 @@ _ENV_NAMES = {
 
 _FIELDS: dict[str, Callable[[str], object]] = {
     "database_url": str,
+    "redis_url": _redis_url,
+    "redis_prefix": str,
     "heartbeat_interval": _positive_float,
     "heartbeat_misses": _positive_int,
     "max_body_bytes": _positive_int,

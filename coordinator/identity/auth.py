@@ -72,6 +72,12 @@ class SecretCache:
         self._entries[secret_digest] = (now + self._ttl, principal)
         return principal
 
+    def forget(self, credential_id: int) -> None:
+        """Drop the cached answer for a credential (it was revoked): its next use is looked up."""
+        for secret_digest, (_, principal) in list(self._entries.items()):
+            if principal is not None and principal.credential_id == credential_id:
+                del self._entries[secret_digest]
+
     async def _refresh(self, secret_digest: str) -> None:
         try:
             await self._load(secret_digest)

@@ -24,10 +24,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator.core.ratelimit import KeyLimits
 from coordinator.money import ledger
 from coordinator.money.requestlog import RequestLog, RequestRecord
 
@@ -41,6 +41,12 @@ class Charge:
     amount: int
     provider_user_id: int | None
     upstream_cost: int = 0
+
+
+class TokenLimits(Protocol):
+    """Where a finished request's real token count corrects its estimate (the key's rate limits)."""
+
+    def correct(self, key_id: int, tokens_delta: int) -> None: ...
 
 
 LOCK_STRIPES = 64  # users share these locks (by id), so there is nothing per user to clean up
@@ -81,7 +87,7 @@ class CreditLeases:
         self,
         engine: AsyncEngine,
         requests: RequestLog,
-        limits: KeyLimits,
+        limits: TokenLimits,
         *,
         fee_bps: int,
         hold_ttl: float,

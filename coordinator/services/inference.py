@@ -418,7 +418,7 @@ class Call:
             record.usage_capped, record.cost = outcome.capped, outcome.cost
 
 
-def admit(
+async def admit(
     pool: PoolState, principal: Principal, record: RequestRecord, data: ChatCompletionRequest, raw: bytes
 ) -> Call:
     """Check what costs nothing, in order of cost: the model, the content, the key's rate limits,
@@ -449,7 +449,7 @@ def admit(
         raise call.refuse(400, errors.INVALID_REQUEST, problem[1], problem[0])
     call.body = backend_body(raw, bound)
     estimate = len(raw) // 4 + (data.max_completion_tokens or data.max_tokens or 0)
-    decision = pool.key_limits.admit(principal.credential_id, estimate, principal.rpm, principal.tpm)
+    decision = await pool.key_limits.admit(principal.credential_id, estimate, principal.rpm, principal.tpm)
     if not decision.allowed:
         raise call.refuse(
             429,

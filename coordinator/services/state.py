@@ -9,7 +9,8 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits
+from coordinator.core.cluster import Cluster
+from coordinator.core.ratelimit import AddressLimits, FailureLimits, PoolKeyLimits
 from coordinator.core.settings import Settings
 from coordinator.identity.auth import SecretCache
 from coordinator.identity.formtokens import FormTokens
@@ -41,7 +42,7 @@ class PoolState:
     stats: RequestStats
     history: History
     requests: RequestLog
-    key_limits: KeyLimits
+    key_limits: PoolKeyLimits
     auth_failures: FailureLimits
     leases: CreditLeases
     portal: SessionTokens
@@ -53,6 +54,7 @@ class PoolState:
     verifier: Verifier
     clawback: Clawback
     metrics: Metrics
+    cluster: Cluster  # what replicas share through Redis (nothing without POOL_REDIS_URL)
     schema_head: str | None  # the newest migration this code ships (``/readyz`` compares)
     draining: bool = False  # shutting down: ``/readyz`` fails so load balancers send nothing new
     refusing: bool = False  # draining, past the notice: new chat requests and agents are turned away

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,9 +38,10 @@ class Gauges:
     open_leases: Callable[[], int]
     flush_lag: Callable[[], float]
     request_backlog: Callable[[], int]
+    redis_errors: Callable[[], int]
 
 
-class _GaugeCollector(Collector):
+class _StateCollector(Collector):
     def __init__(self, gauges: Gauges) -> None:
         self.gauges = gauges
 
@@ -57,6 +58,7 @@ class _GaugeCollector(Collector):
         yield GaugeMetricFamily(
             "pool_request_log_backlog", "Request-log rows waiting to be written.", g.request_backlog()
         )
+        yield CounterMetricFamily("pool_redis_errors", "Redis calls that failed (replicas).", g.redis_errors())
 
 
 class Metrics:
@@ -86,7 +88,7 @@ class Metrics:
             "pool_database_errors", "Errors raised by the database driver.", registry=self.registry
         )
         self._models: set[str] = set()
-        self.registry.register(_GaugeCollector(gauges))
+        self.registry.register(_StateCollector(gauges))
         ProcessCollector(registry=self.registry)  # CPU seconds, memory, open files of this process
 
     def request(self, record: RequestRecord) -> None:

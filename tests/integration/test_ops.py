@@ -47,7 +47,8 @@ def test_healthz_and_readyz_on_a_healthy_pool(pool: Pool) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
     ready = httpx.get(f"{pool.url}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
-    assert ready.json() == {"ready": True, "checks": {"database": "ok", "migrations": "ok", "draining": "no"}}
+    checks = {"database": "ok", "migrations": "ok", "draining": "no", "redis": "off"}
+    assert ready.json() == {"ready": True, "checks": checks}
     paths = httpx.get(f"{pool.url}/schema/openapi.json", timeout=10).json()["paths"]
     assert {"/healthz", "/readyz", "/metrics"} <= set(paths)
 

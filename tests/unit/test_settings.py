@@ -30,3 +30,14 @@ def test_money_settings() -> None:
     ):
         with pytest.raises(SettingsError):
             Settings.from_env({f"POOL_{name}": raw})
+
+
+def test_replica_mode_needs_postgresql() -> None:
+    pg = "postgresql+asyncpg://pool@db/pool"
+    settings = Settings.from_env({"POOL_REDIS_URL": "redis://cache:6379/0", "POOL_DATABASE_URL": pg})
+    assert (settings.redis_url, settings.redis_prefix) == ("redis://cache:6379/0", "pool:")
+    with pytest.raises(SettingsError, match="POOL_REDIS_URL runs this coordinator as one replica"):
+        Settings.from_env({"POOL_REDIS_URL": "redis://cache:6379/0"})  # the SQLite default
+    with pytest.raises(SettingsError, match="POOL_REDIS_URL"):
+        Settings.from_env({"POOL_REDIS_URL": "cache:6379", "POOL_DATABASE_URL": pg})
+    assert Settings.from_env({}).redis_url is None  # alone, with no Redis: the embedded default

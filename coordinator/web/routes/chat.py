@@ -51,7 +51,7 @@ async def create_chat_completion(
     record: RequestRecord = request.state.record
     call: Call | None = None
     try:
-        call = inference.admit(pool, principal, record, data, await request.body())
+        call = await inference.admit(pool, principal, record, data, await request.body())
         await call.start()
         if data.stream:
             return Stream(

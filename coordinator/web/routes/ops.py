@@ -34,13 +34,14 @@ async def healthz(pool: PoolState) -> dict[str, Any]:
 
 @get(
     "/readyz",
-    summary="Whether this process should get traffic (database, migrations, draining)",
+    summary="Whether this process should get traffic (database, migrations, draining, Redis)",
     description="200 when every check is `ok`, else 503; a load balancer's health check.",
     tags=["ops"],
     responses={503: ResponseSpec(Readiness, description="Not ready: the failing checks are named")},
 )
 async def readyz(pool: PoolState) -> Response[Readiness]:
     checks = {"database": "ok", "migrations": "ok", "draining": "no" if not pool.draining else "yes"}
+    checks["redis"] = await pool.cluster.ping()  # degraded is still ready: a replica serves its own agents
     try:
         checks["migrations"] = await asyncio.wait_for(_schema(pool), CHECK_TIMEOUT)
     except TimeoutError:

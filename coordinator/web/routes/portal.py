@@ -19,6 +19,7 @@ from litestar.params import Parameter
 from coordinator.core.errors import PoolError
 from coordinator.core.models import AgentToken, ApiKey, User
 from coordinator.identity import users
+from coordinator.services import revocation
 from coordinator.services.signin import Credentials, DisplayName, PortalSession, authenticate, end_session, register
 from coordinator.services.state import PoolState, pool_of
 from coordinator.web.guards import client_address, require_session
@@ -147,9 +148,7 @@ def _credential_router(path: str, model: type[ApiKey] | type[AgentToken], what: 
     async def revoke(
         request: Request[Any, Any, Any], credential_id: Annotated[int, Parameter(ge=1, le=2**31 - 1)]
     ) -> Response[None]:
-        pool = _pool(request)
-        async with pool.db_sessions() as session, session.begin():
-            revoked = await users.revoke_credential(session, model, request.state.user_id, credential_id)
+        revoked = await revocation.revoke(_pool(request), model, request.state.user_id, credential_id)
         if not revoked:
             raise PoolError(404, errors.NOT_FOUND, f"No such {what}.", param="id")
         return Response(None, status_code=204)

@@ -21,6 +21,7 @@ from litestar.response import Redirect, Template
 from coordinator.core.errors import PoolError
 from coordinator.core.models import AgentToken, ApiKey, User
 from coordinator.identity import users
+from coordinator.services import revocation
 from coordinator.services.overview import model_list
 from coordinator.services.signin import Credentials, DisplayName, authenticate, end_session, register
 from coordinator.services.standing import provider_standing
@@ -316,8 +317,7 @@ async def revoke(request: Request[Any, Any, Any], kind: str, credential_id: Cred
         return Redirect(LOGIN, status_code=303)
     if not csrf_ok(request, await _form(request)):
         return Redirect(f"{what.home}?done=expired", status_code=303)
-    async with _pool(request).db_sessions() as session, session.begin():
-        revoked = await users.revoke_credential(session, what.model, user.id, credential_id)
+    revoked = await revocation.revoke(_pool(request), what.model, user.id, credential_id)
     if not revoked:
         return _page(request, "portal/missing.html", what.page, status=404, email=user.email, kind=what)
     return Redirect(f"{what.home}?done=revoked", status_code=303)

@@ -1,0 +1,35 @@
+"""Revoking a consumer key or an agent token takes effect on every replica at once: the revocation
+is written, then pushed (:class:`coordinator.core.cluster.Revoked`); each replica forgets the cached
+credential and drops the token's agents. Without Redis the push reaches this process alone, and
+other processes see it within their cache's second, and their revocation sweep's."""
+
+from __future__ import annotations
+
+from coordinator.core.cluster import AGENT_TOKEN, KEY, Push, Revoked
+from coordinator.core.models import ApiKey
+from coordinator.identity import users
+from coordinator.services.presence import remove_agent
+from coordinator.services.state import PoolState
+from shared.protocol import CLOSE_REVOKED
+
+
+async def revoke(pool: PoolState, model: users.Credential, user_id: int, credential_id: int) -> bool:
+    """Revoke one of the user's own keys or tokens; ``False`` if it is not theirs or already revoked."""
+    async with pool.db_sessions() as session, session.begin():
+        revoked = await users.revoke_credential(session, model, user_id, credential_id)
+    if revoked:
+        await pool.cluster.push(Revoked(KEY if model is ApiKey else AGENT_TOKEN, credential_id))
+    return revoked
+
+
+def on_push(pool: PoolState, push: Push) -> None:
+    """What a replica does with a push."""
+    if not isinstance(push, Revoked):
+        return
+    if push.credential == KEY:
+        pool.consumer_keys.forget(push.credential_id)
+        return
+    pool.agent_tokens.forget(push.credential_id)
+    for agent in pool.registry.agents():
+        if agent.token_id == push.credential_id:
+            remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED)

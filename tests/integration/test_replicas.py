@@ -1,0 +1,189 @@
+"""Coordinator replicas on one PostgreSQL database and one Redis (real processes, real Redis):
+a key's rate limit holds for the whole pool, a revocation on one replica is refused by the others
+within a second (pushed, not waited out), and a replica whose Redis goes away keeps serving on its
+own limits, says it is degraded, and uses Redis again once it is back.
+
+Each module run has a Redis key prefix of its own, so it shares the server with nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import redis
+
+from coordinator.identity import keys
+from scripts import localpool
+from scripts.localpool import Proc
+from tests.harness import Pool
+from tests.waiting import eventually
+
+MSG = [{"role": "user", "content": "hi"}]
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def redis_url() -> str:
+    return os.environ.get("POOL_TEST_REDIS_URL", DEFAULT_REDIS)
+
+
+@pytest.fixture(scope="module")
+def prefix() -> Iterator[str]:
+    """A key prefix of this module's own on the test Redis (mandatory: a missing server fails)."""
+    client = redis.Redis.from_url(redis_url())
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {redis_url()} (set POOL_TEST_REDIS_URL): {exc}")
+    name = f"pool-test-{secrets.token_hex(4)}:"
+    try:
+        yield name
+    finally:
+        for key in client.scan_iter(f"{name}*"):
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    tmp_path_factory: pytest.TempPathFactory, own_database: str, prefix: str
+) -> Iterator[tuple[Pool, Proc, str]]:
+    """Replica A (the harness's coordinator, with one agent) and replica B (with one agent)."""
+    workdir = tmp_path_factory.mktemp("replicas")
+    a = Pool(workdir, db_url=own_database, redis_url=redis_url(), redis_prefix=prefix)
+    a.start()
+    port = localpool.free_port()
+    b = localpool.start_coordinator(port, a.env, workdir, name="coordinator-b")
+    b_url = f"http://127.0.0.1:{port}"
+    try:
+        a.agent(a.standin(), ["smollm2-135m"], max_concurrency=32)
+        a.agent(a.standin(), ["smollm2-135m"], coordinator=b_url, wait=False, max_concurrency=32)
+        eventually(lambda: _agents(b_url) == 1, timeout=15)
+        yield a, b, b_url
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _agents(url: str) -> int:
+    return int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])
+
+
+async def _key_id(database: str, key: str) -> int:
+    conn = await asyncpg.connect(database.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        return int(await conn.fetchval("SELECT id FROM api_keys WHERE digest = $1", keys.digest(key)) or 0)
+    finally:
+        await conn.close()
+
+
+def test_a_keys_rate_limit_holds_across_replicas(replicas: tuple[Pool, Proc, str], own_database: str) -> None:
+    a, _, b_url = replicas
+    key = localpool.admin(a.env, "create-key", "--email", "consumer@example.com")
+    key_id = asyncio.run(_key_id(own_database, key))
+    assert key_id, "the new key's id"
+    localpool.admin(a.env, "set-key-limits", "--key-id", str(key_id), "--rpm", "20")
+
+    async def spread(count: int) -> list[int]:
+        """``count`` requests at once, every other one to each replica."""
+        async with httpx.AsyncClient(timeout=30, headers={"authorization": f"Bearer {key}"}) as client:
+            body = {"model": "smollm2-135m", "messages": MSG}
+            responses = await asyncio.gather(
+                *(client.post(f"{(a.url, b_url)[i % 2]}/v1/chat/completions", json=body) for i in range(count))
+            )
+        return [response.status_code for response in responses]
+
+    started = time.monotonic()
+    statuses = asyncio.run(spread(40))
+    elapsed = time.monotonic() - started
+    admitted = statuses.count(200)
+    # 20 a minute is one more every 3 s: a run this short may see one refill
+    assert 20 <= admitted <= 20 + int(elapsed / 3) + 1, (statuses, elapsed)
+    assert statuses.count(429) == 40 - admitted, statuses  # the rest refused by the limit, none failed
+    print(f"\n40 requests over 2 replicas in {elapsed:.2f} s against 20 RPM: {admitted} admitted")
+
+
+def test_a_revoked_key_is_refused_by_every_replica_within_a_second(replicas: tuple[Pool, Proc, str]) -> None:
+    a, _, b_url = replicas
+    session = a.sign_up(f"revoker-{secrets.token_hex(3)}@example.com", "correct horse battery staple")
+    portal = {"authorization": f"Bearer {session['token']}"}
+    created = httpx.post(f"{a.url}/v1/tokens", json={"displayName": "soon gone"}, headers=portal, timeout=10).json()
+    key = created["token"]
+    consumer = {"authorization": f"Bearer {key}"}
+    assert httpx.get(f"{b_url}/v1/credits", headers=consumer, timeout=10).status_code == 200  # B has it cached
+    revoked = httpx.delete(f"{a.url}/v1/tokens/{created['id']}", headers=portal, timeout=10)
+    assert revoked.status_code == 204
+    at = time.monotonic()
+    eventually(
+        lambda: httpx.get(f"{b_url}/v1/credits", headers=consumer, timeout=10).status_code == 401,
+        timeout=1.0,
+        interval=0.01,
+    )
+    print(f"\nrevoked on A, refused by B {1000 * (time.monotonic() - at):.0f} ms later")
+
+
+def test_a_revoked_agent_token_is_dropped_by_the_replica_holding_its_agent(replicas: tuple[Pool, Proc, str]) -> None:
+    a, _, b_url = replicas
+    session = a.sign_up(f"provider-{secrets.token_hex(3)}@example.com", "correct horse battery staple")
+    portal = {"authorization": f"Bearer {session['token']}"}
+    created = httpx.post(f"{a.url}/v1/agent-tokens", json={"displayName": "rig"}, headers=portal, timeout=10).json()
+    before = _agents(b_url)
+    agent = a.agent(a.standin(), ["smollm2-135m"], token=created["token"], coordinator=b_url, wait=False)
+    eventually(lambda: _agents(b_url) == before + 1, timeout=15)
+    assert httpx.delete(f"{a.url}/v1/agent-tokens/{created['id']}", headers=portal, timeout=10).status_code == 204
+    at = time.monotonic()
+    eventually(lambda: _agents(b_url) == before, timeout=1.0, interval=0.01)
+    print(f"\nagent token revoked on A, its agent dropped by B {1000 * (time.monotonic() - at):.0f} ms later")
+    eventually(lambda: not agent.alive(), timeout=15)  # it was told why, and gave up
+
+
+def test_a_replica_without_its_redis_keeps_serving_and_says_so(tmp_path: Path, pg_url: str) -> None:
+    """A Redis of its own (Debian's redis-server on a free port), stopped and started again."""
+    port = localpool.free_port()
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+        )
+        eventually(lambda: _pings(port), timeout=10)
+        return server
+
+    server = start_redis()
+    pool = Pool(tmp_path, db_url=pg_url, redis_url=f"redis://127.0.0.1:{port}/0", redis_prefix="solo:")
+    try:
+        pool.start()
+        pool.agent(pool.standin(), ["smollm2-135m"])
+        assert httpx.get(f"{pool.url}/readyz", timeout=5).json()["checks"]["redis"] == "ok"
+        server.terminate()
+        server.wait(10)
+        ready = httpx.get(f"{pool.url}/readyz", timeout=5)
+        assert ready.status_code == 200 and ready.json()["checks"]["redis"].startswith("degraded"), ready.text
+        served = pool.post({"model": "smollm2-135m", "messages": MSG})
+        assert served.status_code == 200, served.text  # its own agent, its own rate limits
+        assert "x-ratelimit-remaining-requests" in served.headers
+        server = start_redis()
+        eventually(lambda: httpx.get(f"{pool.url}/readyz", timeout=5).json()["checks"]["redis"] == "ok", timeout=10)
+        assert pool.post({"model": "smollm2-135m", "messages": MSG}).status_code == 200
+        assert _keys(port, "solo:limits:*"), "the limits are in Redis again"
+    finally:
+        pool.stop()
+        server.terminate()
+        server.wait(10)
+
+
+def _pings(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def _keys(port: int, pattern: str) -> list[bytes]:
+    return list(redis.Redis(port=port, socket_timeout=0.5).scan_iter(pattern))
