@@ -23,7 +23,7 @@ from coordinator.core import db
 from coordinator.core.bodies import TOO_DEEP, PoolRequest
 from coordinator.core.cluster import Cluster
 from coordinator.core.errors import PoolError, error_response
-from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits, PoolKeyLimits
+from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits, PoolFailureLimits, PoolKeyLimits
 from coordinator.core.settings import Settings
 from coordinator.identity import auth
 from coordinator.identity.formtokens import FormTokens
@@ -265,7 +265,7 @@ def build_state(settings: Settings) -> PoolState:
         history=History(engine, leases.instance_id, settings.status_history, settings.status_flush_seconds),
         requests=requests,
         key_limits=key_limits,
-        auth_failures=FailureLimits(settings.auth_failures_per_minute),
+        auth_failures=PoolFailureLimits(FailureLimits(settings.auth_failures_per_minute), cluster),
         leases=leases,
         portal=portal_sessions(settings),
         passwords=Passwords(),
@@ -288,6 +288,7 @@ def create_app(settings: Settings) -> Litestar:
         pool.directory = await catalog.load(pool.engine)
         await pool.verifier.refresh()
         pool.cluster.on_push(lambda push: revocation.on_push(pool, push))
+        pool.cluster.on_push(pool.auth_failures.on_push)
         pool.cluster.start()
         sched = periodic.scheduler(pool)
         sched.start()

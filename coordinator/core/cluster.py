@@ -1,6 +1,6 @@
 """What coordinator replicas share through Redis (``POOL_REDIS_URL``): one client, whether Redis is
-answering, and a pub/sub channel for pushes (a revoked key or agent token) that every replica
-acts on at once.
+answering, and a pub/sub channel for pushes (a revoked key or agent token, an address blocked for
+failed authentications) that every replica acts on at once.
 
 Without ``POOL_REDIS_URL`` a coordinator is alone: :attr:`Cluster.enabled` is false and nothing here
 touches the network. With it, Redis trouble never stops a replica: callers fall back to what the
@@ -41,7 +41,14 @@ class Revoked(Push, tag="revoked"):
     credential_id: int
 
 
-_decoder = msgspec.json.Decoder(Revoked)
+class Blocked(Push, tag="blocked"):
+    """An address failed authentication too often, counted over the pool: refuse it for ``seconds``."""
+
+    client: str
+    seconds: float
+
+
+_decoder = msgspec.json.Decoder(Revoked | Blocked)
 Handler = Callable[[Push], None]
 
 

@@ -1,12 +1,14 @@
 """Per-key request and token limits, and limits per client address (failed authentications,
-signups). In memory.
+signups).
 
 Token buckets that refill continuously (``limit`` per minute), as OpenAI's limits behave. The token
 bucket may go into debt: a request is admitted while the bucket is not empty, charged its estimate,
 and corrected to the real usage when it ends, so one large request cannot starve forever.
 Alone, a coordinator keeps the buckets in memory (:class:`KeyLimits`); replicas keep them in Redis
 (:class:`PoolKeyLimits`: the same buckets, updated by one script call per request, so they hold
-pool-wide), and fall back to their own while Redis is away.
+pool-wide), and fall back to their own while Redis is away. Failed authentications are counted in
+Redis too (:class:`PoolFailureLimits`), off the request's path; signups per address are counted per
+process.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Generic, TypeVar
 
 from redis.exceptions import RedisError
 
-from coordinator.core.cluster import Cluster
+from coordinator.core.cluster import Blocked, Cluster, Push
 
 V = TypeVar("V")
 
@@ -245,6 +247,65 @@ class FailureLimits:
             self._buckets.put(client, bucket)
         bucket.refill(now)
         bucket.level = max(0.0, bucket.level - 1)
+
+
+# KEYS[1]: an address's failed authentications (a hash); ARGV[1]: how many a minute it may have.
+# Counts one and returns the seconds until the address may try again ("0": it may now).
+_FAILURES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local per = tonumber(ARGV[1])
+local v = redis.call('HMGET', KEYS[1], 'l', 's')
+local l, s = tonumber(v[1]), tonumber(v[2])
+if l == nil then l, s = per, now end
+l = math.min(per, l + math.max(0, now - s) * per / 60)
+l = math.max(0, l - 1)
+redis.call('HSET', KEYS[1], 'l', tostring(l), 's', tostring(now))
+redis.call('EXPIRE', KEYS[1], 120)
+if l >= 1 then return '0' end
+return tostring((1 - l) * 60 / per)
+"""
+
+
+class PoolFailureLimits:
+    """:class:`FailureLimits` counted over the pool: each failure is also counted in Redis (in the
+    background: a failure is not a request to serve), and an address that runs out there is
+    blocked on every replica by a push. Whether an address is blocked is always answered from this
+    process's memory, so checking costs a request nothing."""
+
+    def __init__(self, local: FailureLimits, cluster: Cluster, max_clients: int = 100_000) -> None:
+        self.local = local
+        self.cluster = cluster
+        self._script = cluster.client.register_script(_FAILURES) if cluster.client is not None else None
+        self._blocked: _LRU[float] = _LRU(max_clients)  # address -> monotonic time its block ends
+        self._counting: set[asyncio.Task[None]] = set()
+
+    def blocked(self, client: str) -> int:
+        """Seconds the client must wait, or 0."""
+        until = self._blocked.get(client)
+        pushed = max(0, math.ceil(until - time.monotonic())) if until is not None else 0
+        return max(self.local.blocked(client), pushed)
+
+    def failed(self, client: str) -> None:
+        self.local.failed(client)
+        if self._script is not None:
+            task = asyncio.ensure_future(self._count(client))
+            self._counting.add(task)
+            task.add_done_callback(self._counting.discard)
+
+    async def _count(self, client: str) -> None:
+        assert self._script is not None
+        try:
+            wait = float(await self._script(keys=[self.cluster.key("authfail", client)], args=[self.local.per_minute]))
+        except (RedisError, OSError) as exc:
+            self.cluster.failed(exc)
+            return
+        if wait > 0:
+            await self.cluster.push(Blocked(client, wait))
+
+    def on_push(self, push: Push) -> None:
+        if isinstance(push, Blocked):
+            self._blocked.put(push.client, time.monotonic() + push.seconds)
 
 
 def address_key(client: str) -> str:

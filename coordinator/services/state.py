@@ -10,7 +10,7 @@ from litestar.datastructures import State
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from coordinator.core.cluster import Cluster
-from coordinator.core.ratelimit import AddressLimits, FailureLimits, PoolKeyLimits
+from coordinator.core.ratelimit import AddressLimits, PoolFailureLimits, PoolKeyLimits
 from coordinator.core.settings import Settings
 from coordinator.identity.auth import SecretCache
 from coordinator.identity.formtokens import FormTokens
@@ -43,7 +43,7 @@ class PoolState:
     history: History
     requests: RequestLog
     key_limits: PoolKeyLimits
-    auth_failures: FailureLimits
+    auth_failures: PoolFailureLimits
     leases: CreditLeases
     portal: SessionTokens
     passwords: Passwords

@@ -144,6 +144,35 @@ def test_a_revoked_agent_token_is_dropped_by_the_replica_holding_its_agent(repli
     eventually(lambda: not agent.alive(), timeout=15)  # it was told why, and gave up
 
 
+def test_failed_authentications_are_counted_over_the_pool(tmp_path: Path, pg_url: str, prefix: str) -> None:
+    """10 a minute per address: 6 wrong keys on each of two replicas block the address on both
+    (alone, each would have seen 6, and let it go on)."""
+    a = Pool(
+        tmp_path, db_url=pg_url, redis_url=redis_url(), redis_prefix=f"{prefix}auth:", auth_failures_per_minute="10"
+    )
+    a.start()
+    port = localpool.free_port()
+    b = localpool.start_coordinator(port, a.env, tmp_path, name="coordinator-b")
+    urls = (a.url, f"http://127.0.0.1:{port}")
+    try:
+        wrong = {"authorization": "Bearer pool_live_" + "x" * 49}
+        statuses = [httpx.get(f"{urls[i % 2]}/v1/credits", headers=wrong, timeout=10).status_code for i in range(12)]
+        assert statuses.count(401) >= 10 and set(statuses) <= {401, 429}, statuses
+        right = {"authorization": f"Bearer {a.key}"}
+        for url in urls:  # the address is blocked everywhere, whatever key it brings now
+            refused = eventually(
+                lambda url=url: (
+                    (r := httpx.get(f"{url}/v1/credits", headers=right, timeout=10)).status_code == 429 and r
+                ),
+                timeout=1.0,
+                interval=0.02,
+            )
+            assert int(refused.headers["retry-after"]) >= 1
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_a_replica_without_its_redis_keeps_serving_and_says_so(tmp_path: Path, pg_url: str) -> None:
     """A Redis of its own (Debian's redis-server on a free port), stopped and started again."""
     port = localpool.free_port()
