@@ -170,31 +170,29 @@ def choose(
     exclude: Collection[str] = (),
     max_price: Price | None = None,
     rng: random.Random | None = None,
+    scan: bool = False,
 ) -> Choice | None:
     """The agent to try next for ``slug``, and why; ``None`` when no agent may take it. Found in the
-    model's index (:mod:`coordinator.market.index`) when the routing allows; else, or when the index
-    can't settle a tie, by reading every agent (:func:`choose_by_scan`): the same rules either way."""
+    model's index (:mod:`coordinator.market.index`) when the routing allows; else, when the index
+    can't settle a tie, or with ``scan`` (tests and benchmarks compare), by reading every agent of
+    the model (:func:`_scanned`, the rules written plainly): the same choice either way."""
     index = registry.index(slug)
-    if index is not None and _indexed(routing):
+    if index is not None and not scan and _indexed(routing):
         found = _choose_indexed(index, slug, routing, trust_floor, exclude, max_price, rng or _RANDOM)
         if found is not SCAN:
             return found  # type: ignore[return-value]
-    return choose_by_scan(
-        registry, slug, routing, trust_floor=trust_floor, exclude=exclude, max_price=max_price, rng=rng
-    )
+    return _scanned(registry, slug, routing, trust_floor, exclude, max_price, rng)
 
 
-def choose_by_scan(
+def _scanned(
     registry: Registry,
     slug: str,
-    routing: Routing = DEFAULT_ROUTING,
-    *,
-    trust_floor: float = 0.0,
-    exclude: Collection[str] = (),
-    max_price: Price | None = None,
-    rng: random.Random | None = None,
+    routing: Routing,
+    trust_floor: float,
+    exclude: Collection[str],
+    max_price: Price | None,
+    rng: random.Random | None,
 ) -> Choice | None:
-    """:func:`choose` by reading every agent of the model: the rules, written plainly."""
     candidates = eligible(registry, slug, routing, trust_floor=trust_floor, exclude=exclude, max_price=max_price)
     if not candidates:
         return None
@@ -315,7 +313,7 @@ def _draw(
 def _best_sorted(
     index: ModelIndex, slug: str, sort: str, admits: Callable[[ConnectedAgent], bool]
 ) -> ConnectedAgent | object:
-    """The best admitted agent by ``sort``, ties broken by load then cost, as :func:`choose_by_scan`
+    """The best admitted agent by ``sort``, ties broken by load then cost, as :func:`_scanned`
     does. An agent not yet measured counts as the median of the measured candidates; the index
     settles that without the median unless the median could tie with the best (:data:`SCAN`)."""
     if sort == "price":

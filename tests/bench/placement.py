@@ -1,5 +1,5 @@
 """Placement cost per request over registries of N agents serving one model: ``placement.choose``
-(the model's index) beside ``placement.choose_by_scan`` (every agent read, as before the index) for
+(the model's index) beside ``placement.choose(…, scan=True)`` (every agent read, as before the index) for
 the default routing (power of two choices) and ``sort`` + ``min_trust``, the hold's prices
 (``placement.prices``), and a plain ``random.choice`` over the same agents in the same run (the floor
 any placement pays).
@@ -75,9 +75,9 @@ def main() -> None:
         scan_rounds = max(20, args.rounds * 100 // max(count, 100))  # the scan at 10,000 takes ms
         figures = [
             per_call_us(lambda agents=agents: rng.choice(agents), args.rounds),
-            per_call_us(lambda r=registry: placement.choose_by_scan(r, "m", rng=rng), scan_rounds),
+            per_call_us(lambda r=registry: placement.choose(r, "m", rng=rng, scan=True), scan_rounds),
             per_call_us(lambda r=registry: placement.choose(r, "m", rng=rng), args.rounds),
-            per_call_us(lambda r=registry: placement.choose_by_scan(r, "m", ranked, rng=rng), scan_rounds),
+            per_call_us(lambda r=registry: placement.choose(r, "m", ranked, rng=rng, scan=True), scan_rounds),
             per_call_us(lambda r=registry: placement.choose(r, "m", ranked, rng=rng), args.rounds),
             per_call_us(
                 lambda r=registry: placement.prices(r, upstream, ["m"], Routing(), trust_floor=40), args.rounds

@@ -13,17 +13,22 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 import redis
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from coordinator.identity import keys
+from coordinator.money.metering import Price, prompt_bound
 from scripts import localpool
 from scripts.localpool import Proc
 from tests.harness import Pool
+from tests.ledger_checks import ledger_problems, pending_holds
 from tests.waiting import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -110,11 +115,19 @@ def test_a_keys_rate_limit_holds_across_replicas(replicas: tuple[Pool, Proc, str
     print(f"\n40 requests over 2 replicas in {elapsed:.2f} s against 20 RPM: {admitted} admitted")
 
 
+def _new_credential(pool: Pool, kind: str) -> tuple[dict[str, str], dict[str, object]]:
+    """A new user's portal session headers, and a new credential of theirs (``tokens``: a consumer
+    key, ``agent-tokens``: an agent token) as the portal returns it."""
+    session = pool.sign_up(f"user-{secrets.token_hex(3)}@example.com", "correct horse battery staple")
+    portal = {"authorization": f"Bearer {session['token']}"}
+    created = httpx.post(f"{pool.url}/v1/{kind}", json={"displayName": "soon gone"}, headers=portal, timeout=10)
+    assert created.status_code == 201, created.text
+    return portal, dict(created.json())
+
+
 def test_a_revoked_key_is_refused_by_every_replica_within_a_second(replicas: tuple[Pool, Proc, str]) -> None:
     a, _, b_url = replicas
-    session = a.sign_up(f"revoker-{secrets.token_hex(3)}@example.com", "correct horse battery staple")
-    portal = {"authorization": f"Bearer {session['token']}"}
-    created = httpx.post(f"{a.url}/v1/tokens", json={"displayName": "soon gone"}, headers=portal, timeout=10).json()
+    portal, created = _new_credential(a, "tokens")
     key = created["token"]
     consumer = {"authorization": f"Bearer {key}"}
     assert httpx.get(f"{b_url}/v1/credits", headers=consumer, timeout=10).status_code == 200  # B has it cached
@@ -131,11 +144,9 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(replicas: tup
 
 def test_a_revoked_agent_token_is_dropped_by_the_replica_holding_its_agent(replicas: tuple[Pool, Proc, str]) -> None:
     a, _, b_url = replicas
-    session = a.sign_up(f"provider-{secrets.token_hex(3)}@example.com", "correct horse battery staple")
-    portal = {"authorization": f"Bearer {session['token']}"}
-    created = httpx.post(f"{a.url}/v1/agent-tokens", json={"displayName": "rig"}, headers=portal, timeout=10).json()
+    portal, created = _new_credential(a, "agent-tokens")
     before = _agents(b_url)
-    agent = a.agent(a.standin(), ["smollm2-135m"], token=created["token"], coordinator=b_url, wait=False)
+    agent = a.agent(a.standin(), ["smollm2-135m"], token=str(created["token"]), coordinator=b_url, wait=False)
     eventually(lambda: _agents(b_url) == before + 1, timeout=15)
     assert httpx.delete(f"{a.url}/v1/agent-tokens/{created['id']}", headers=portal, timeout=10).status_code == 204
     at = time.monotonic()
@@ -216,3 +227,128 @@ def _pings(port: int) -> bool:
 
 def _keys(port: int, pattern: str) -> list[bytes]:
     return list(redis.Redis(port=port, socket_timeout=0.5).scan_iter(pattern))
+
+
+def _hold(body: bytes, price_in: int, price_out: int, max_tokens: int) -> int:
+    """What a request with ``body`` holds, by the pool's own formula (nano-USD)."""
+    return Price(price_in, price_out).cost(prompt_bound(body), max_tokens)
+
+
+def test_credit_for_exactly_ten_requests_serves_ten_over_three_replicas(
+    tmp_path: Path, pg_url: str, prefix: str
+) -> None:
+    """100 requests at once, spread over 3 replicas (each with its own agent, streams slow enough
+    to overlap), from a consumer whose balance covers exactly 10 holds: exactly 10 are served, the
+    rest get 402, and the books balance once every lease is closed."""
+    body = msgspec.json.encode({"model": "smollm2-135m", "messages": MSG, "max_tokens": 10, "stream": True})
+    hold = _hold(body, 100, 200, 10)  # the agents ask 0.1 / 0.2 USD per 1M tokens: 100 / 200 nano
+    a = Pool(
+        tmp_path,
+        db_url=pg_url,
+        credits_usd=str(Decimal(10 * hold) / 10**9),
+        redis_url=redis_url(),
+        redis_prefix=f"{prefix}money:",
+    )
+    a.start()
+    others = []
+    try:
+        urls = [a.url]
+        for name in ("b", "c"):
+            port = localpool.free_port()
+            others.append(localpool.start_coordinator(port, a.env, tmp_path, name=f"coordinator-{name}"))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            a.agent(
+                a.standin(chunks=10, interval_ms=100), ["smollm2-135m"], coordinator=url, wait=False, max_concurrency=40
+            )
+        for url in urls:
+            eventually(lambda url=url: _agents(url) == 1, timeout=15)
+
+        async def spread() -> list[httpx.Response]:
+            headers = {"authorization": f"Bearer {a.key}", "content-type": "application/json"}
+            async with httpx.AsyncClient(timeout=60, headers=headers) as client:
+                return list(
+                    await asyncio.gather(
+                        *(client.post(f"{urls[i % 3]}/v1/chat/completions", content=body) for i in range(100))
+                    )
+                )
+
+        responses = asyncio.run(spread())
+        statuses = [response.status_code for response in responses]
+        assert statuses.count(200) == 10, statuses
+        by_replica = [sum(1 for i, status in enumerate(statuses) if status == 200 and i % 3 == r) for r in range(3)]
+        print(f"\n100 requests over 3 replicas, credit for 10: served {by_replica} (by replica)")
+        refused = [response.json()["error"]["code"] for response in responses if response.status_code != 200]
+        assert set(refused) == {"insufficient_credits"}, refused
+        spent = sum(_stream_cost(response.text) for response in responses if response.status_code == 200)
+        assert 0 < spent <= 10 * hold
+        eventually(lambda: asyncio.run(_books(pg_url))[0] == 0, timeout=20, interval=0.5)  # every lease closed
+        assert asyncio.run(_books(pg_url))[1] == []
+        left = httpx.get(f"{a.url}/v1/credits", headers={"authorization": f"Bearer {a.key}"}, timeout=10).json()
+        assert round(left["balanceUsd"] * 10**9) == 10 * hold - spent  # charged what was served, once
+    finally:
+        a.stop()
+        for proc in others:
+            proc.stop()
+
+
+def _stream_cost(text: str) -> int:
+    """The nano-USD a stream's ``x_pool`` says it cost."""
+    lines = [line for line in text.splitlines() if '"x_pool"' in line]
+    return round(float(msgspec.json.decode(lines[-1][6:])["x_pool"]["cost_usd"]) * 10**9)
+
+
+async def _books(url: str) -> tuple[int, list[str]]:
+    """Holds still pending, and every broken ledger invariant (tests/ledger_checks.py)."""
+    engine = create_async_engine(url)
+    try:
+        return await pending_holds(engine), await ledger_problems(engine)
+    finally:
+        await engine.dispose()
+
+
+def test_a_replica_killed_mid_stream_leaves_the_books_whole(tmp_path: Path, pg_url: str, prefix: str) -> None:
+    """SIGKILL on replica B while it streams: the consumer's stream ends (it does not hang), B's
+    credit lease is released by A's sweep, nothing is charged for the cut stream, the agent moves
+    to A and serves there, and the books balance."""
+    a = Pool(
+        tmp_path,
+        db_url=pg_url,
+        redis_url=redis_url(),
+        redis_prefix=f"{prefix}kill:",
+        instance_lease_seconds="2",  # a silent process's holds go after 2 s
+        hold_sweep_interval="0.5",
+    )
+    a.start()
+    port = localpool.free_port()
+    b = localpool.start_coordinator(port, a.env, tmp_path, name="coordinator-b")
+    b_url = f"http://127.0.0.1:{port}"
+    try:
+        slow = a.standin(chunks=50, interval_ms=100)  # a 5 s stream
+        agent = a.agent(slow, ["smollm2-135m"], coordinator=f"{b_url},{a.url}", wait=False)
+        eventually(lambda: _agents(b_url) == 1, timeout=15)
+        credits = {"authorization": f"Bearer {a.key}"}
+        before = httpx.get(f"{a.url}/v1/credits", headers=credits, timeout=10).json()["balanceUsd"]
+        body = {"model": "smollm2-135m", "messages": MSG, "stream": True}
+        received: list[str] = []
+        started = time.monotonic()
+        url = f"{b_url}/v1/chat/completions"
+        with (
+            pytest.raises(httpx.HTTPError),  # the connection goes with the process
+            httpx.stream("POST", url, json=body, headers=credits, timeout=10) as reply,
+        ):
+            for line in reply.iter_lines():
+                received.append(line)
+                if len(received) == 6:  # a few chunks in: kill B
+                    b.popen.kill()
+        assert len(received) >= 6 and time.monotonic() - started < 10  # it ended, it did not hang
+        eventually(lambda: _agents(a.url) == 1, timeout=10, explain=lambda: agent.output()[-1500:])
+        eventually(lambda: asyncio.run(_books(pg_url))[0] == 0, timeout=15, interval=0.5)  # B's lease released
+        after = httpx.get(f"{a.url}/v1/credits", headers=credits, timeout=10).json()["balanceUsd"]
+        assert after == before  # the cut stream was never charged, and nothing was lost
+        served = a.post({"model": "smollm2-135m", "messages": MSG})
+        assert served.status_code == 200, served.text
+        assert asyncio.run(_books(pg_url))[1] == []
+    finally:
+        a.stop()
+        b.stop()

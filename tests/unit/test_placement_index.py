@@ -1,5 +1,5 @@
 """Placement from the model indexes (coordinator/market/index.py) against the plain full scan
-(``placement.choose_by_scan``): the same winner and candidate count for the sorted modes, the same
+(``placement.choose(…, scan=True)``): the same winner and candidate count for the sorted modes, the same
 candidate count and the same distribution for power of two choices, and the same hold ceiling, on
 registries whose agents keep changing (jobs start and end, trust moves, timings arrive, agents
 drain, connect and leave)."""
@@ -100,7 +100,7 @@ def _same_sorted(registry: Registry, rng: random.Random) -> None:
         for floor in (0.0, 40.0):
             kw = {"trust_floor": floor, "exclude": exclude, "max_price": cap}
             indexed = placement.choose(registry, "m", routing, **kw)  # type: ignore[arg-type]
-            scanned = placement.choose_by_scan(registry, "m", routing, **kw)  # type: ignore[arg-type]
+            scanned = placement.choose(registry, "m", routing, scan=True, **kw)  # type: ignore[arg-type]
             assert (indexed is None) == (scanned is None), (routing, kw)
             if indexed is not None and scanned is not None:
                 assert indexed.agent is scanned.agent, (routing, kw)
@@ -130,7 +130,7 @@ def test_power_of_two_counts_the_same_candidates_and_ceiling(seed: int) -> None:
         exclude = {rng.choice(registry.agents()).agent_id} if rng.random() < 0.3 else set()
         for floor in (0.0, 40.0):
             indexed = placement.choose(registry, "m", trust_floor=floor, exclude=exclude, rng=rng)
-            scanned = placement.choose_by_scan(registry, "m", trust_floor=floor, exclude=exclude, rng=rng)
+            scanned = placement.choose(registry, "m", trust_floor=floor, exclude=exclude, rng=rng, scan=True)
             assert (indexed is None) == (scanned is None)
             if indexed is not None and scanned is not None:
                 assert (indexed.reason, indexed.candidates) == (scanned.reason, scanned.candidates)
@@ -156,7 +156,7 @@ def test_power_of_two_draws_pairs_as_the_scan_does() -> None:
     draws = 30_000
     indexed = Counter(placement.choose(registry, "m", trust_floor=40, rng=rng).agent.agent_id for _ in range(draws))  # type: ignore[union-attr]
     scanned = Counter(
-        placement.choose_by_scan(registry, "m", trust_floor=40, rng=rng).agent.agent_id  # type: ignore[union-attr]
+        placement.choose(registry, "m", trust_floor=40, rng=rng, scan=True).agent.agent_id  # type: ignore[union-attr]
         for _ in range(draws)
     )
     assert set(indexed) == set(scanned) and len(indexed) >= 5
