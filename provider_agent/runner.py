@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from provider_agent.backends import Backend
-from shared import errors
+from shared import errors, logs
 from shared.backend import Chunk, Done
 from shared.protocol import JobAssign, JobChunk, JobDone, JobFailed, JobProgress, Message
 
@@ -77,6 +77,7 @@ class Runner:
             log.debug("progress not sent", extra={"job_id": job_id, "error": type(exc).__name__})
 
     async def _run(self, assign: JobAssign, send: Send) -> None:
+        logs.request_id.set(assign.request_id or None)  # this job's task: its logs name the request
         ticker = None
         if not assign.stream and self.progress_interval > 0:
             ticker = asyncio.create_task(self._progress(assign.job_id, send))

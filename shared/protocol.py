@@ -131,6 +131,7 @@ class JobAssign(Message, tag="job.assign"):
     stream: bool
     want_usage: bool
     deadline: float
+    request_id: str = ""  # the consumer request's id, for the agent's logs (empty for a canary)
 
 
 class JobCancel(Message, tag="job.cancel"):

@@ -18,7 +18,7 @@ from coordinator.market.upstream import Upstream
 from coordinator.money.metering import Price
 from coordinator.serving.jobs import DEFAULT_BUDGET, Job, JobTable, Reply, new_job_id
 from coordinator.trust.scores import TrustBook, is_rejection
-from shared import errors
+from shared import errors, logs
 from shared.backend import Event, Failure
 from shared.protocol import JobCancel, JobChunk, JobDone, JobFailed
 
@@ -107,6 +107,7 @@ class Dispatcher:
             now=time.time(),
             loop_now=asyncio.get_running_loop().time(),
             stop=self.cancel,
+            request_id=logs.request_id.get() or "",  # the agent logs it with the job
         )
         try:
             await agent.link.send(message)

@@ -160,6 +160,7 @@ class JobTable:
         now: float,
         loop_now: float,
         stop: Callable[[Job], None] | None = None,
+        request_id: str = "",
     ) -> tuple[Job, JobAssign]:
         """A new job of ``agent``'s, counted against its capacity, and the message that assigns it
         (``now``: wall time, for the agent's deadline; ``loop_now``: the loop's, for the reader's)."""
@@ -176,6 +177,7 @@ class JobTable:
             stream=stream,
             want_usage=want_usage,
             deadline=now + self.job_deadline,
+            request_id=request_id,
         )
         return job, message
 

@@ -22,7 +22,7 @@ from shared import protocol
 from shared.protocol import Hello, ModelOffer, Reject, Welcome
 from tests.harness import Pool
 from tests.hostile import HostileAgent
-from tests.waiting import eventually_async
+from tests.waiting import eventually, eventually_async
 
 MSG = [{"role": "user", "content": "hi"}]
 BODY = {"model": "smollm2-135m", "messages": MSG}
@@ -137,6 +137,22 @@ def test_no_agent_and_no_upstream_gives_503(pool: Pool) -> None:
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
     assert response.json()["error"]["code"] == "no_capacity"
+
+
+def test_the_agent_logs_a_jobs_request_id(pool: Pool) -> None:
+    """A backend that fails: the agent's warning about the job names the consumer's request, so
+    one id follows a request from the coordinator's logs into the provider's."""
+    agent = pool.agent(pool.standin(mode="fail"), ["smollm2-135m"])
+    try:
+        response = pool.post(BODY)
+        assert response.status_code >= 500
+        request_id = response.headers["x-request-id"]
+        line = eventually(
+            lambda: next((line for line in agent.output().splitlines() if '"job failed"' in line), None), timeout=5
+        )
+        assert msgspec.json.decode(line)["request_id"] == request_id
+    finally:
+        pool.stop_agents()
 
 
 def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
