@@ -4,8 +4,9 @@ failed authentications) that every replica acts on at once.
 
 Without ``POOL_REDIS_URL`` a coordinator is alone: :attr:`Cluster.enabled` is false and nothing here
 touches the network. With it, Redis trouble never stops a replica: callers fall back to what the
-process knows by itself, :attr:`Cluster.healthy` turns false (``/readyz`` says ``degraded``) and the
-listener reconnects until Redis answers again.
+process knows by itself, :attr:`Cluster.healthy` turns false (``/readyz`` says ``degraded``, and
+callers stop asking Redis, so no request waits on a connection timeout), and the listener
+reconnects until Redis answers again, which makes it healthy.
 """
 
 from __future__ import annotations
@@ -96,7 +97,17 @@ class Cluster:
         except (RedisError, OSError) as exc:
             self.failed(exc)
             return f"degraded: {type(exc).__name__}"
-        return "ok" if self.healthy else "degraded: reconnecting"
+        return "ok" if self.healthy else "degraded: reconnecting"  # answers again: the listener's probe decides
+
+    async def _probe(self) -> None:
+        """Healthy again once Redis answers the client the callers use."""
+        assert self.client is not None
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            self.failed(exc)
+            return
+        self.healthy = True
 
     def on_push(self, handler: Handler) -> None:
         self._handlers.append(handler)
@@ -128,9 +139,11 @@ class Cluster:
             pubsub = self._subscriber.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
-                self.healthy = True
+                await self._probe()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if not self.healthy:  # a call failed meanwhile: ask again, once a second at most
+                        await self._probe()
                     if message is not None and message["type"] == "message":
                         try:
                             self._deliver(_decoder.decode(message["data"]))

@@ -190,7 +190,7 @@ class PoolKeyLimits:
         self._corrections: set[asyncio.Task[None]] = set()
 
     async def admit(self, key_id: int, estimate: int, rpm: int | None = None, tpm: int | None = None) -> Decision:
-        if self._script is None:
+        if self._script is None or not self.cluster.healthy:  # while Redis is away, no request waits on it
             return self.local.admit(key_id, estimate, rpm, tpm)
         rpm, tpm = rpm or self.local.default_rpm, tpm or self.local.default_tpm
         try:
@@ -207,7 +207,7 @@ class PoolKeyLimits:
 
     def correct(self, key_id: int, tokens_delta: int) -> None:
         """As :meth:`KeyLimits.correct`; in Redis, written in the background (off the request's path)."""
-        if self._script is None:
+        if self._script is None or not self.cluster.healthy:
             self.local.correct(key_id, tokens_delta)
             return
         if tokens_delta:
@@ -288,7 +288,7 @@ class PoolFailureLimits:
 
     def failed(self, client: str) -> None:
         self.local.failed(client)
-        if self._script is not None:
+        if self._script is not None and self.cluster.healthy:
             task = asyncio.ensure_future(self._count(client))
             self._counting.add(task)
             task.add_done_callback(self._counting.discard)
