@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from coordinator import __version__
 from coordinator.core import db
@@ -129,6 +130,26 @@ def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[
     log.warning("request refused: nested too deeply", extra={"path": request.url.path})
     _log_refused(request, 400, errors.INVALID_REQUEST)
     return error_response(400, errors.INVALID_REQUEST, TOO_DEEP)
+
+
+def _database_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The database is down or unreachable (refused, dropped, gone): a 503 the client can retry,
+    not a 500; nothing was charged, and the request's row waits in memory for the database. Other
+    driver errors (a broken constraint) are bugs: 500."""
+    unreachable = isinstance(exc, (ConnectionError, OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and (exc.connection_invalidated or type(exc) is DBAPIError)
+    )
+    if not unreachable:
+        return _internal_error(request, exc)
+    log.warning("database unavailable", extra={"error": type(exc).__name__})
+    _log_refused(request, 503, errors.DATABASE_UNAVAILABLE)
+    return error_response(
+        503,
+        errors.DATABASE_UNAVAILABLE,
+        "The pool cannot reach its database right now; retry in a few seconds.",
+        None,
+        {"retry-after": "2"},
+    )
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -345,6 +366,8 @@ def create_app(settings: Settings) -> Litestar:
             ValidationException: _validation_error,
             HTTPException: _http_error,
             RecursionError: _too_deep,
+            DBAPIError: _database_error,
+            ConnectionError: _database_error,
             Exception: _internal_error,
         },
         request_max_body_size=settings.max_body_bytes,

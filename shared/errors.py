@@ -21,6 +21,7 @@ RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 PROVIDER_ERROR = "provider_error"
 NO_CAPACITY = "no_capacity"
 INTERNAL_ERROR = "internal_error"
+DATABASE_UNAVAILABLE = "database_unavailable"  # the coordinator cannot reach its database: retry shortly
 SHUTTING_DOWN = "shutting_down"  # this coordinator is draining: a retry reaches another
 
 # Job failure codes an agent reports in ``JobFailed``.

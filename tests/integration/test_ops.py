@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts import localpool
 from tests.conftest import run_sql
 from tests.harness import Pool
 
@@ -97,7 +98,9 @@ def test_readyz_fails_while_the_schema_is_behind_the_code(pool: Pool, own_databa
 
 
 def test_readyz_fails_when_the_database_is_gone_and_metrics_count_the_errors(pool: Pool, own_database: str) -> None:
+    """Requests that need the database get a 503 to retry, not a 500."""
     errors_before = scrape(pool).get(("pool_database_errors_total", ()), 0.0)
+    unseen = localpool.admin(pool.env, "create-key", "--email", "consumer@example.com")  # never cached
     name = own_database.rsplit("/", 1)[1]
     asyncio.run(run_sql(f"DROP DATABASE {name} WITH (FORCE)"))
     ready = httpx.get(f"{pool.url}/readyz", timeout=10)
@@ -106,6 +109,9 @@ def test_readyz_fails_when_the_database_is_gone_and_metrics_count_the_errors(poo
     assert checks["database"] not in ("ok", "") and checks["migrations"] == "unknown", checks
     assert "postgres" not in ready.text.lower()  # the driver's message stays in the log
     assert httpx.get(f"{pool.url}/healthz", timeout=10).status_code == 200  # alive, just not ready
+    refused = pool.post({"model": "smollm2-135m", "messages": MSG}, key=unseen)  # a key to look up
+    assert refused.status_code == 503, refused.text  # one the client may retry, not a 500
+    assert refused.json()["error"]["code"] == "database_unavailable" and refused.headers["retry-after"] == "2"
     assert scrape(pool)[("pool_database_errors_total", ())] > errors_before
 
 
