@@ -2,8 +2,8 @@
 answering, and a pub/sub channel for pushes (a revoked key or agent token, an address blocked for
 failed authentications) that every replica acts on at once.
 
-Without ``POOL_REDIS_URL`` a coordinator is alone: :attr:`Cluster.enabled` is false and nothing here
-touches the network. With it, Redis trouble never stops a replica: callers fall back to what the
+Without ``POOL_REDIS_URL`` a coordinator is alone: :attr:`Cluster.client` is ``None`` and nothing
+here touches the network. With it, Redis trouble never stops a replica: callers fall back to what the
 process knows by itself, :attr:`Cluster.healthy` turns false (``/readyz`` says ``degraded``, and
 callers stop asking Redis, so no request waits on a connection timeout), and the listener
 reconnects until Redis answers again, which makes it healthy.
@@ -54,23 +54,18 @@ Handler = Callable[[Push], None]
 
 
 class Cluster:
-    def __init__(self, url: str | None, prefix: str = "pool:", instance_id: str = "") -> None:
+    def __init__(self, url: str | None, prefix: str = "pool:") -> None:
         self.client: redis.Redis | None = (
             redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT) if url else None
         )
         # pushes arrive on a connection of their own, which waits without a timeout
         self._subscriber = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT) if url else None
         self.prefix = prefix
-        self.instance_id = instance_id
         self.healthy = True
         self.errors = 0  # Redis calls that failed (``/metrics``)
         self._handlers: list[Handler] = []
         self._listener: asyncio.Task[None] | None = None
         self._last_warning = 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.client is not None
 
     @property
     def channel(self) -> str:

@@ -296,7 +296,9 @@ class PoolFailureLimits:
     async def _count(self, client: str) -> None:
         assert self._script is not None
         try:
-            wait = float(await self._script(keys=[self.cluster.key("authfail", client)], args=[self.local.per_minute]))
+            # by address_key: one IPv6 client rotating through its /64 counts, and costs Redis, as one
+            key = self.cluster.key("authfail", address_key(client))
+            wait = float(await self._script(keys=[key], args=[self.local.per_minute]))
         except (RedisError, OSError) as exc:
             self.cluster.failed(exc)
             return

@@ -19,13 +19,15 @@ class DrainingServer(uvicorn.Server):
         self.pool = pool
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._drain_asked = False  # set in the signal handler itself: a second SIGTERM stops at once
 
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self._drain is None and not self.should_exit and self._loop is not None:
+        if sig == signal.SIGTERM and not self._drain_asked and not self.should_exit and self._loop is not None:
+            self._drain_asked = True
             self._captured_signals.append(sig)  # uvicorn raises it again once shut down, as it would have
             self._loop.call_soon_threadsafe(self._start_drain)
             return
