@@ -6,6 +6,7 @@ import gc
 import logging
 import re
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,16 +31,18 @@ from coordinator.identity import auth
 from coordinator.identity.formtokens import FormTokens
 from coordinator.identity.portal_tokens import Passwords, SessionTokens
 from coordinator.market import catalog
+from coordinator.market.mirror import Mirror
 from coordinator.market.registry import Registry
 from coordinator.market.upstream import Upstream
 from coordinator.money import ledger
-from coordinator.money.clawback import Clawback
+from coordinator.money.clawback import Clawback, SharedVerdicts, apply_verdict
 from coordinator.money.leases import CreditLeases
 from coordinator.money.metering import Price
 from coordinator.money.requestlog import RequestLog, RequestRecord
 from coordinator.services import periodic, revocation
 from coordinator.services.state import PoolState, pool_of, provide_pool
 from coordinator.serving.dispatch import Dispatcher
+from coordinator.serving.relay import Relay
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
 from coordinator.status.metrics import Gauges, Metrics
@@ -236,6 +239,12 @@ def build_state(settings: Settings) -> PoolState:
         whole_reply_silence=settings.whole_reply_silence,
     )
     cluster = Cluster(settings.redis_url, settings.redis_prefix)
+    replica = mirror = relay = None
+    if settings.redis_url:
+        # unique per process: a restarted replica is a new one (its old agents leave the mirrors)
+        replica = f"{settings.replica_name or socket.gethostname()}-{secrets.token_hex(2)}"
+        relay = Relay(cluster, replica, registry, dispatcher, trust_book)
+        mirror = Mirror(cluster, registry, replica, relay.link, dispatcher.agent_lost)
     key_limits = PoolKeyLimits(KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm), cluster)
     leases = CreditLeases(
         engine,
@@ -252,7 +261,7 @@ def build_state(settings: Settings) -> PoolState:
         registry,
         dispatcher,
         trust_book,
-        clawback,
+        SharedVerdicts(cluster) if settings.redis_url else clawback,
         settings.first_chunk_timeout,
         settings.idle_timeout,
         ReferenceBook(engine),
@@ -261,7 +270,7 @@ def build_state(settings: Settings) -> PoolState:
     )
     metrics = Metrics(
         Gauges(
-            agents=registry.__len__,
+            agents=lambda: len(registry.local()),
             jobs=dispatcher.table.__len__,
             open_leases=lambda: leases.open_leases,
             flush_lag=leases.flush_lag,
@@ -296,6 +305,9 @@ def build_state(settings: Settings) -> PoolState:
         metrics=metrics,
         cluster=cluster,
         schema_head=db.head_revision(),
+        replica=replica,
+        mirror=mirror,
+        relay=relay,
     )
 
 
@@ -310,6 +322,10 @@ def create_app(settings: Settings) -> Litestar:
         await pool.verifier.refresh()
         pool.cluster.on_push(lambda push: revocation.on_push(pool, push))
         pool.cluster.on_push(pool.auth_failures.on_push)
+        pool.cluster.on_push(lambda push: apply_verdict(pool.clawback, push))
+        if pool.relay is not None and pool.mirror is not None:
+            pool.relay.start()
+            pool.mirror.start()
         pool.cluster.start()
         sched = periodic.scheduler(pool)
         sched.start()
@@ -330,6 +346,8 @@ def create_app(settings: Settings) -> Litestar:
             await pool.requests.close()
             await pool.upstream.aclose()
             pool.passwords.close()
+            if pool.mirror is not None:
+                await pool.mirror.close()
             await pool.cluster.close()
             await pool.engine.dispose()
 

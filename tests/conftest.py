@@ -11,11 +11,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 from scripts import localpool
 from tests.harness import Pool
 
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 E2E = Path(__file__).parent / "e2e"
 
 
@@ -25,6 +27,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if E2E in item.path.parents:
             item.add_marker(pytest.mark.slow)
+
+
+def redis_url() -> str:
+    return os.environ.get("POOL_TEST_REDIS_URL", DEFAULT_REDIS)
+
+
+@pytest.fixture(scope="module")
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of the module's own on the test Redis (mandatory: a missing server fails)."""
+    client = redis.Redis.from_url(redis_url())
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {redis_url()} (set POOL_TEST_REDIS_URL): {exc}")
+    name = f"pool-test-{secrets.token_hex(4)}:"
+    try:
+        yield name
+    finally:
+        for key in client.scan_iter(f"{name}*"):
+            client.delete(key)
+        client.close()
 
 
 def postgres_url() -> str:

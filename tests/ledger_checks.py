@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 async def ledger_problems(engine: AsyncEngine) -> list[str]:
@@ -65,3 +65,12 @@ async def pending_holds(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         value = await conn.scalar(text("SELECT COUNT(*) FROM holds WHERE status = 'pending'"))
     return int(value or 0)
+
+
+async def books_of(url: str) -> tuple[int, list[str]]:
+    """For a database URL: holds still pending, and every broken ledger invariant."""
+    engine = create_async_engine(url)
+    try:
+        return await pending_holds(engine), await ledger_problems(engine)
+    finally:
+        await engine.dispose()

@@ -1,6 +1,7 @@
 """What coordinator replicas share through Redis (``POOL_REDIS_URL``): one client, whether Redis is
-answering, and a pub/sub channel for pushes (a revoked key or agent token, an address blocked for
-failed authentications) that every replica acts on at once.
+answering, a pub/sub channel for pushes (a revoked key or agent token, an address blocked for
+failed authentications) that every replica acts on at once, and the channels other parts listen on
+(the agent mirror's, a replica's own for the job relay) with one ordered sender for them.
 
 Without ``POOL_REDIS_URL`` a coordinator is alone: :attr:`Cluster.client` is ``None`` and nothing
 here touches the network. With it, Redis trouble never stops a replica: callers fall back to what the
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import redis.asyncio as redis
@@ -49,8 +50,30 @@ class Blocked(Push, tag="blocked"):
     seconds: float
 
 
-_decoder = msgspec.json.Decoder(Revoked | Blocked)
+class Vouched(Push, tag="vouched"):
+    """A canary for ``slug`` passed, answered by ``agent_id`` ``ago`` seconds before it was sent:
+    that agent's jobs which ended before then stand, on every replica that served them."""
+
+    token_id: int
+    agent_id: str
+    slug: str
+    ago: float
+
+
+class Disagreed(Push, tag="disagreed"):
+    """A canary for ``slug`` failed on a prompt (its digest): a strike on every replica."""
+
+    token_id: int
+    slug: str
+    prompt: str
+
+
+_decoder = msgspec.json.Decoder(Revoked | Blocked | Vouched | Disagreed)
 Handler = Callable[[Push], None]
+Listener = Callable[[bytes], None]  # what arrived on a channel, raw
+Connected = Callable[[], Awaitable[None]]
+
+OUTBOX = 100_000  # messages waiting for the sender at most; past it Redis is too slow and they are dropped
 
 
 class Cluster:
@@ -64,8 +87,14 @@ class Cluster:
         self.healthy = True
         self.errors = 0  # Redis calls that failed (``/metrics``)
         self._handlers: list[Handler] = []
+        self._channels: dict[str, Listener] = {}
+        self._connected: list[Connected] = []
         self._listener: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOX)
         self._last_warning = 0.0
+        self.subscribed = asyncio.Event()  # set while the listener is subscribed to every channel
+        self.dropped = 0  # messages the sender dropped (Redis away or too slow)
 
     @property
     def channel(self) -> str:
@@ -107,6 +136,47 @@ class Cluster:
     def on_push(self, handler: Handler) -> None:
         self._handlers.append(handler)
 
+    def listen(self, channel: str, listener: Listener) -> None:
+        """Call ``listener`` with each message on ``channel`` (a full name: :meth:`key` makes one)."""
+        self._channels[channel] = listener
+
+    def on_connected(self, callback: Connected) -> None:
+        """Call ``callback`` each time the listener has (re)subscribed: what was published while it
+        was away is lost, so whoever keeps a copy of shared state reads it again then."""
+        self._connected.append(callback)
+
+    def send(self, channel: str, payload: bytes) -> bool:
+        """Publish ``payload`` on ``channel`` in the background, in the order of the calls (one
+        sender, one connection); ``False`` when it is dropped (no Redis, or Redis away)."""
+        if self.client is None or not self.healthy:
+            self.dropped += 1
+            return False
+        try:
+            self._outbox.put_nowait((channel, payload))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            return False
+        return True
+
+    async def _send_all(self) -> None:
+        """Publish the outbox in order; what waits together goes in one pipeline (one round trip)."""
+        assert self.client is not None
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty() and len(batch) < 512:
+                batch.append(self._outbox.get_nowait())
+            try:
+                if len(batch) == 1:
+                    await self.client.publish(*batch[0])
+                else:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for channel, payload in batch:
+                            pipe.publish(channel, payload)
+                        await pipe.execute()
+            except (RedisError, OSError) as exc:
+                self.dropped += len(batch)
+                self.failed(exc)
+
     async def push(self, message: Push) -> None:
         """Tell every replica (this one too, through the channel); without Redis, just this one."""
         if self.client is not None:
@@ -116,6 +186,12 @@ class Cluster:
             except (RedisError, OSError) as exc:
                 self.failed(exc)
         self._deliver(message)
+
+    def tell(self, message: Push) -> None:
+        """:meth:`push` without waiting: in order, in the background (this replica hears it through
+        the channel too); without Redis, or while it is away, this replica acts on it at once."""
+        if not self.send(self.channel, msgspec.json.encode(message)):
+            self._deliver(message)
 
     def _deliver(self, message: Push) -> None:
         for handler in self._handlers:
@@ -127,35 +203,56 @@ class Cluster:
     def start(self) -> None:
         if self.client is not None and self._listener is None:
             self._listener = asyncio.create_task(self._listen())
+            self._sender = asyncio.create_task(self._send_all())
 
     async def _listen(self) -> None:
         assert self._subscriber is not None
         while True:
             pubsub = self._subscriber.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, *self._channels)
                 await self._probe()
+                await self._resync()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if not self.healthy:  # a call failed meanwhile: ask again, once a second at most
                         await self._probe()
+                        await self._resync()
                     if message is not None and message["type"] == "message":
-                        try:
-                            self._deliver(_decoder.decode(message["data"]))
-                        except msgspec.ValidationError as exc:
-                            log.warning("unreadable push skipped", extra={"error": str(exc)})
+                        self._received(message["channel"].decode(), message["data"])
             except (RedisError, OSError) as exc:
                 self.failed(exc)
             finally:
+                self.subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(RETRY)
 
+    async def _resync(self) -> None:
+        """Healthy and subscribed: those who keep shared state read it again (messages were lost)."""
+        if self.healthy:
+            for callback in self._connected:
+                await callback()
+            self.subscribed.set()
+
+    def _received(self, channel: str, data: bytes) -> None:
+        listener = self._channels.get(channel)
+        try:
+            if listener is not None:
+                listener(data)
+            else:
+                self._deliver(_decoder.decode(data))
+        except msgspec.ValidationError as exc:
+            log.warning("unreadable message skipped", extra={"channel": channel, "error": str(exc)})
+        except Exception:
+            log.exception("message handler failed", extra={"channel": channel})
+
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._sender):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for client in (self.client, self._subscriber):
             if client is not None:
                 await client.aclose()

@@ -36,6 +36,7 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None  # replicas: what they share (limits, pushes); PostgreSQL required then
     redis_prefix: str = "pool:"  # the start of every Redis key and channel of this pool
+    replica_name: str = ""  # how this replica is named in ``x_pool`` and logs (default: the host's name)
     heartbeat_interval: float = 5.0
     heartbeat_misses: int = 3
     max_body_bytes: int = 4 * 1024 * 1024
@@ -139,6 +140,12 @@ class Settings:
         return self.heartbeat_interval * self.heartbeat_misses
 
 
+def _replica_name(raw: str) -> str:
+    if len(raw) > 40 or not all(c.isalnum() or c in "-_." for c in raw):
+        raise ValueError("at most 40 letters, digits, '-', '_' or '.'")
+    return raw
+
+
 def _redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
@@ -226,6 +233,7 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "database_url": str,
     "redis_url": _redis_url,
     "redis_prefix": str,
+    "replica_name": _replica_name,
     "heartbeat_interval": _positive_float,
     "heartbeat_misses": _positive_int,
     "max_body_bytes": _positive_int,

@@ -1,4 +1,8 @@
-"""Connected agents, their models and free slots. Pure state: no I/O."""
+"""Connected agents, their models and free slots. Pure state: no I/O.
+
+With replicas the registry also holds the agents connected to other replicas (``replica`` set),
+as the mirror (:mod:`coordinator.market.mirror`) copies them from Redis: placement, ``/v1/models``
+and the status page see the whole pool. This process is the authority on its own agents only."""
 
 from __future__ import annotations
 
@@ -43,20 +47,22 @@ class Performance:
 
 def observe(
     agent: ConnectedAgent, slug: str, completion_tokens: int, *, assigned_at: float, first_at: float, stream: bool
-) -> None:
+) -> tuple[float | None, float | None]:
     """Feed a completed job's timings (``perf_counter`` times) into its agent token's moving
     averages for the model: time to first token (streams only: a non-stream reply arrives whole)
-    and generation speed."""
+    and generation speed. Returns what was observed (ms, tokens/s)."""
     now = time.perf_counter()
-    performance = agent.performance.setdefault(slug, Performance())
+    ttft_ms: float | None = None
     if stream:
         generating = now - first_at
         speed = (completion_tokens - 1) / generating if completion_tokens > 1 and generating > 0 else None
-        performance.observe((first_at - assigned_at) * 1000, speed)
+        ttft_ms = (first_at - assigned_at) * 1000
     else:
         total = now - assigned_at
-        performance.observe(None, completion_tokens / total if completion_tokens > 0 and total > 0 else None)
+        speed = completion_tokens / total if completion_tokens > 0 and total > 0 else None
+    agent.performance.setdefault(slug, Performance()).observe(ttft_ms, speed)
     agent.share.changed()
+    return ttft_ms, speed
 
 
 def _ema(average: float | None, value: float) -> float:
@@ -64,6 +70,7 @@ def _ema(average: float | None, value: float) -> float:
 
 
 Watcher = Callable[[], None]
+Listener = Callable[["ConnectedAgent", bool], None]  # a local agent changed (``True``: it left)
 
 # What decides whether an agent can take a job, and where placement's indexes put it: setting one
 # of these tells the registry (``watcher``), which moves the agent in its model indexes.
@@ -108,6 +115,7 @@ class ConnectedAgent:
     share: TokenShare = field(default_factory=TokenShare)
     seq: int = 0  # the order it was registered in (the registry's)
     watcher: Watcher | None = None  # the registry, while registered
+    replica: str | None = None  # the replica it is connected to, when that is another one (a mirror copy)
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -118,6 +126,11 @@ class ConnectedAgent:
     def performance(self) -> dict[str, Performance]:
         """Moving averages per model, shared by the token's agents."""
         return self.share.performance
+
+    @property
+    def local(self) -> bool:
+        """Connected to this process (not a mirror copy of another replica's agent)."""
+        return self.replica is None
 
     @property
     def provider_id(self) -> str:
@@ -140,22 +153,26 @@ class Registry:
         self._tokens: dict[int, list[ConnectedAgent]] = {}  # agent token id -> its connected agents
         self._models: dict[str, ModelIndex] = {}  # slug -> its agents with a free slot, ordered
         self._seq = itertools.count(1)
+        self.listener: Listener | None = None  # told when a local agent comes, changes or leaves
 
     def add(self, agent: ConnectedAgent) -> None:
-        """Register ``agent``; it shares a :class:`TokenShare` with its token's other agents."""
+        """Register ``agent``; it shares a :class:`TokenShare` with its token's other agents on the
+        same replica (the replica that holds them counts their jobs together)."""
         siblings = self._tokens.setdefault(agent.token_id, [])
-        if siblings:
-            agent.share = siblings[0].share
+        for sibling in siblings:
+            if sibling.replica == agent.replica:
+                agent.share = sibling.share
+                break
         siblings.append(agent)
         self._agents[agent.agent_id] = agent
         agent.seq = next(self._seq)
         agent.watcher = functools.partial(self._place, agent)
-        token_id = agent.token_id
-        agent.share.watcher = lambda: self._place_token(token_id)
+        token_id, replica = agent.token_id, agent.replica
+        agent.share.watcher = lambda: self._place_token(token_id, replica)
         self._place(agent)
 
     def of_token(self, token_id: int) -> int:
-        """How many agents of this agent token are connected."""
+        """How many agents of this agent token are connected, to any replica."""
         return len(self._tokens.get(token_id, ()))
 
     def remove(self, agent_id: str) -> ConnectedAgent | None:
@@ -169,7 +186,10 @@ class Registry:
             siblings.remove(agent)
             if not siblings:
                 del self._tokens[agent.token_id]
+            if not any(sibling.share is agent.share for sibling in siblings):
                 agent.share.watcher = None
+            if agent.replica is None and self.listener is not None:
+                self.listener(agent, True)
         return agent
 
     def _place(self, agent: ConnectedAgent) -> None:
@@ -178,10 +198,13 @@ class Registry:
             if index is None:
                 index = self._models[slug] = ModelIndex(slug)
             index.update(agent)
+        if agent.replica is None and self.listener is not None:
+            self.listener(agent, False)
 
-    def _place_token(self, token_id: int) -> None:
+    def _place_token(self, token_id: int, replica: str | None) -> None:
         for agent in self._tokens.get(token_id, ()):
-            self._place(agent)
+            if agent.replica == replica:
+                self._place(agent)
 
     def index(self, slug: str) -> ModelIndex | None:
         """``slug``'s agents with a free slot, in placement's orders."""
@@ -191,7 +214,12 @@ class Registry:
         return self._agents.get(agent_id)
 
     def agents(self) -> list[ConnectedAgent]:
+        """Every agent in the pool: this process's and, with replicas, the others'."""
         return list(self._agents.values())
+
+    def local(self) -> list[ConnectedAgent]:
+        """The agents connected to this process: the ones it serves, verifies, sweeps and closes."""
+        return [agent for agent in self._agents.values() if agent.replica is None]
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -213,5 +241,5 @@ class Registry:
         return {slug for agent in self._agents.values() for slug in agent.models}
 
     def stale(self, older_than: float) -> list[ConnectedAgent]:
-        """Agents whose last message is older than ``older_than`` (a monotonic time)."""
-        return [agent for agent in self._agents.values() if agent.last_seen < older_than]
+        """Local agents whose last message is older than ``older_than`` (a monotonic time)."""
+        return [agent for agent in self._agents.values() if agent.replica is None and agent.last_seen < older_than]

@@ -13,6 +13,10 @@ it, until a canary passes again: the consumer gets the charge back, the
 provider's share comes out of its earnings (the platform covers what those no longer hold) and the fee
 out of the platform's. Refunds are written in the background, after the charges they undo, and once
 per request. All of it is in memory: jobs served before a restart are not refunded.
+
+With replicas, every replica keeps the jobs it served, whichever replica holds the agent; the
+replica that runs a canary tells every replica its verdict (:class:`SharedVerdicts`, a push), so a
+failed canary refunds the jobs of the whole pool.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from coordinator.core.cluster import Cluster, Disagreed, Push, Vouched
 from coordinator.money import ledger
 from coordinator.money.leases import CreditLeases
 from coordinator.money.requestlog import RequestRecord
@@ -49,6 +54,14 @@ class Served(NamedTuple):
     cost: int
     share: int
     at: float  # time.monotonic() when it ended
+
+
+class Verdicts(Protocol):
+    """Where canary verdicts go: a :class:`Clawback`, or every replica's (:class:`SharedVerdicts`)."""
+
+    def vouched(self, token_id: int, agent_id: str, slug: str, answered_at: float) -> None: ...
+
+    def disagreed(self, token_id: int, slug: str, prompt: str) -> bool: ...
 
 
 @dataclass
@@ -149,3 +162,26 @@ class Clawback:
                 failed.append(job)
         self.due = failed + self.due
         return written
+
+
+@dataclass
+class SharedVerdicts:
+    """Canary verdicts told to every replica's clawback through Redis (each applies them with
+    :func:`apply_verdict`), this replica's included."""
+
+    cluster: Cluster
+
+    def vouched(self, token_id: int, agent_id: str, slug: str, answered_at: float) -> None:
+        self.cluster.tell(Vouched(token_id, agent_id, slug, max(0.0, time.monotonic() - answered_at)))
+
+    def disagreed(self, token_id: int, slug: str, prompt: str) -> bool:
+        self.cluster.tell(Disagreed(token_id, slug, prompt))
+        return False  # each replica's clawback decides when the strikes confirm it
+
+
+def apply_verdict(clawback: Clawback, push: Push) -> None:
+    """A verdict another replica (or this one) told every replica."""
+    if isinstance(push, Vouched):
+        clawback.vouched(push.token_id, push.agent_id, push.slug, time.monotonic() - push.ago)
+    elif isinstance(push, Disagreed):
+        clawback.disagreed(push.token_id, push.slug, push.prompt)

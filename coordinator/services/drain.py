@@ -33,6 +33,8 @@ async def drain(pool: PoolState) -> bool:
     log.info("draining", extra={"notice_s": settings.drain_notice_seconds, "open": busy(pool)})
     await asyncio.sleep(settings.drain_notice_seconds)
     pool.refusing = True
+    for agent in pool.registry.local():  # no new jobs for them from other replicas either (the mirror tells them)
+        agent.draining = True
     for _ in range(math.ceil(settings.drain_timeout / POLL)):  # what runs is spread over many parts: look
         if not busy(pool):
             break
@@ -40,7 +42,7 @@ async def drain(pool: PoolState) -> bool:
     left = busy(pool)
     if left:
         log.warning("drain timeout: requests still open", extra={"open": left})
-    agents = pool.registry.agents()
+    agents = pool.registry.local()
     await asyncio.gather(
         *(agent.link.close(CLOSE_DRAINING, "coordinator draining: reconnect now") for agent in agents),
         return_exceptions=True,

@@ -66,6 +66,8 @@ class XPool(msgspec.Struct, omit_defaults=True):
     route: str | None = None  # why this agent: power_of_two, sort:price, order, fallback …
     candidates: int | None = None  # agents that could have taken the request
     attempts: int | None = None  # agents (and upstream) tried, failovers included
+    replica: str | None = None  # with replicas: the coordinator that served the consumer
+    agent_replica: str | None = None  # … and the one the agent is connected to
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,7 @@ class Call:
         if job is not None and self.reservation is not None:
             charge = Charge(outcome.cost, record.provider_user_id, outcome.upstream_cost)
         if agent is not None and job is not None and job.first_at is not None and ending.completed and outcome.billable:
-            registry.observe(
+            ttft_ms, speed = registry.observe(
                 agent,
                 job.slug,
                 record.completion_tokens,
@@ -357,6 +359,8 @@ class Call:
                 first_at=job.first_at,
                 stream=record.stream,
             )
+            if pool.relay is not None and not agent.local:  # its replica keeps its averages
+                pool.relay.report_timings(agent, job.slug, ttft_ms, speed)
         if job is not None or ending.status in (502, 503):
             ok = ending.status == 200
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
@@ -378,6 +382,8 @@ class Call:
             route=route.reason if route else None,
             candidates=route.candidates if route else None,
             attempts=route.attempts if route else None,
+            replica=pool.replica,
+            agent_replica=(agent.replica or pool.replica) if agent is not None else None,
         )
 
     def _conclude(self, ending: Ending) -> Outcome:

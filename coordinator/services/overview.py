@@ -5,14 +5,17 @@ agree."""
 from __future__ import annotations
 
 import msgspec
+from redis.exceptions import RedisError
 
 from coordinator.services.state import PoolState
 from coordinator.status.history import MINUTE, StatusPoint
+from coordinator.status.stats import Window, merged, window_bytes
 from shared.money import nano_per_token_to_usd_per_million
 
 # ``created`` in the OpenAI model shape: when the model was made. The pool does not know, and a
 # process start time would differ between coordinators, so it is 0 (unknown) for every model.
 CREATED_UNKNOWN = 0
+STATS_TTL = 5.0  # seconds a replica's published window counts after its last publication
 
 
 class ModelEntry(msgspec.Struct):
@@ -110,7 +113,7 @@ def model_list(pool: PoolState) -> ModelList:
 
 async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
     """The pool's health over the recent window, and with ``span`` (seconds) its per-minute history."""
-    window = pool.stats.recent()
+    window = await pool_window(pool)
     by_model = []
     for slug in _available(pool):
         model = window.models.get(slug)
@@ -140,3 +143,33 @@ async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
         byModel=by_model,
         history=past,
     )
+
+
+async def publish_window(pool: PoolState) -> None:
+    """With replicas: put this replica's recent window where every replica's status reads it."""
+    client = pool.cluster.client
+    if client is None or pool.replica is None or not pool.cluster.healthy:
+        return
+    try:
+        await client.set(
+            pool.cluster.key("stats", pool.replica), window_bytes(pool.stats.recent()), px=int(STATS_TTL * 1000)
+        )
+    except (RedisError, OSError) as exc:
+        pool.cluster.failed(exc)
+
+
+async def pool_window(pool: PoolState) -> Window:
+    """The recent window of the whole pool: every live replica's published one (so every replica
+    answers the same), or this process's own without replicas or while Redis is away."""
+    client = pool.cluster.client
+    if client is None or pool.mirror is None or not pool.cluster.healthy:
+        return pool.stats.recent()
+    alive = await pool.mirror.alive(STATS_TTL)
+    if not alive:
+        return pool.stats.recent()
+    try:
+        published = await client.mget([pool.cluster.key("stats", name) for name in alive])
+    except (RedisError, OSError) as exc:
+        pool.cluster.failed(exc)
+        return pool.stats.recent()
+    return merged(raw for raw in published if isinstance(raw, bytes))

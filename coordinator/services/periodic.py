@@ -2,7 +2,7 @@
 agents that stopped heartbeating or whose token was revoked, release holds whose request is gone,
 reload the model directory and the canary references (edited by any process), write trust evidence
 and decay scores, send verification jobs and refund what they discredit, write and prune the status
-history."""
+history, and with replicas publish this one's status window."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from coordinator.identity import users
 from coordinator.market import catalog
+from coordinator.services import overview
 from coordinator.services.presence import remove_agent
 from coordinator.services.state import PoolState
 from coordinator.trust import scores as trust
@@ -33,7 +34,7 @@ async def drop_stale_agents(pool: PoolState) -> int:
 
 async def drop_revoked_agents(pool: PoolState) -> int:
     """Disconnect agents whose token was revoked (on any coordinator process)."""
-    agents = pool.registry.agents()
+    agents = pool.registry.local()
     if not agents:
         return 0
     async with pool.db_sessions() as session:
@@ -73,14 +74,14 @@ async def reload_directory(pool: PoolState) -> None:
 async def keep_trust(pool: PoolState) -> None:
     """Write new trust evidence, and let time act on the scores of connected agents."""
     await pool.trust.flush(everything=False)
-    for agent in pool.registry.agents():
+    for agent in pool.registry.local():  # another replica's agents come with the score it keeps
         pool.trust.apply(agent, pool.trust.standing(agent.token_id, agent.user_id))
 
 
 async def keep_history(pool: PoolState) -> None:
     """Note who is connected, and write this process's open minutes of status history."""
     serving: dict[str, set[int]] = {}
-    for agent in pool.registry.agents():
+    for agent in pool.registry.local():  # each replica notes its own: the minutes are merged
         for slug in agent.models:
             serving.setdefault(slug, set()).add(agent.user_id)
     pool.history.providers(serving)
@@ -106,6 +107,10 @@ async def verify_an_agent(pool: PoolState) -> None:
         pool.verifier.start_one(pool.directory)
 
 
+async def publish_window(pool: PoolState) -> None:
+    await overview.publish_window(pool)
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
     settings = pool.settings
@@ -120,6 +125,8 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched.add_job(keep_trust, "interval", seconds=TRUST_INTERVAL, **once)
     sched.add_job(refund_discredited, "interval", seconds=1.0, **once)
     sched.add_job(keep_history, "interval", seconds=settings.status_flush_seconds, **once)
+    if pool.replica is not None:
+        sched.add_job(publish_window, "interval", seconds=1.0, **once)
     if settings.canary_interval_seconds > 0:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)

@@ -30,6 +30,6 @@ def on_push(pool: PoolState, push: Push) -> None:
         pool.consumer_keys.forget(push.credential_id)
         return
     pool.agent_tokens.forget(push.credential_id)
-    for agent in pool.registry.agents():
+    for agent in pool.registry.local():
         if agent.token_id == push.credential_id:
             remove_agent(pool, agent, "agent token revoked", CLOSE_REVOKED)

@@ -16,12 +16,14 @@ from coordinator.identity.auth import SecretCache
 from coordinator.identity.formtokens import FormTokens
 from coordinator.identity.portal_tokens import Passwords, SessionTokens
 from coordinator.market.catalog import Directory
+from coordinator.market.mirror import Mirror
 from coordinator.market.registry import Registry
 from coordinator.market.upstream import Upstream
 from coordinator.money.clawback import Clawback
 from coordinator.money.leases import CreditLeases
 from coordinator.money.requestlog import RequestLog
 from coordinator.serving.dispatch import Dispatcher
+from coordinator.serving.relay import Relay
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
 from coordinator.status.metrics import Metrics
@@ -56,6 +58,9 @@ class PoolState:
     metrics: Metrics
     cluster: Cluster  # what replicas share through Redis (nothing without POOL_REDIS_URL)
     schema_head: str | None  # the newest migration this code ships (``/readyz`` compares)
+    replica: str | None = None  # this replica's name (``None``: no replicas, no Redis)
+    mirror: Mirror | None = None  # the other replicas' agents in the registry, ours published
+    relay: Relay | None = None  # jobs between replicas
     draining: bool = False  # shutting down: ``/readyz`` fails so load balancers send nothing new
     refusing: bool = False  # draining, past the notice: new chat requests and agents are turned away
 

@@ -20,7 +20,7 @@ from coordinator.serving.jobs import DEFAULT_BUDGET, Job, JobTable, Reply, new_j
 from coordinator.trust.scores import TrustBook, is_rejection
 from shared import errors, logs
 from shared.backend import Event, Failure
-from shared.protocol import JobCancel, JobChunk, JobDone, JobFailed
+from shared.protocol import JobAssign, JobCancel, JobChunk, JobDone, JobFailed, JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,52 @@ class Dispatcher:
         try:
             await agent.link.send(message)
         except Exception as exc:  # the socket died under us: same as losing the agent
-            self.table.finish(job, Failure(errors.AGENT_LOST, f"agent unreachable: {exc}", True))
+            if agent.local:
+                self.table.finish(job, Failure(errors.AGENT_LOST, f"agent unreachable: {exc}", True))
+            else:  # the replica holding it is out of reach: not the agent's doing
+                self.table.finish(job, Failure(errors.AGENT_BUSY, f"agent's coordinator unreachable: {exc}", True))
         return job
+
+    def adopt(
+        self, agent: ConnectedAgent, assign: JobAssign, budget: int, forward: Callable[[Event | None], None]
+    ) -> bool:
+        """Run a job another replica placed on ``agent`` (connected here), sending its events to
+        ``forward``; ``False`` if the agent has no free slot for it: this replica decides that."""
+        if not agent.local or agent.free_slots <= 0 or assign.model not in agent.models:
+            return False
+        loop_now = asyncio.get_running_loop().time()
+        job = self.table.adopt(agent, assign, forward, budget=budget, loop_now=loop_now, stop=self.cancel)
+        if job is None:
+            return False
+        assign.backend_model = agent.models[assign.model].backend_model
+        task = asyncio.create_task(self._hand_over(job, assign))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def _hand_over(self, job: Job, assign: JobAssign) -> None:
+        assert job.agent is not None
+        try:
+            await job.agent.link.send(assign)
+        except Exception as exc:
+            self.table.finish(job, Failure(errors.AGENT_LOST, f"agent unreachable: {exc}", True))
+
+    def relayed(self, frame: JobChunk | JobDone | JobFailed | JobProgress) -> None:
+        """A frame the replica holding a remote agent relayed for one of this replica's jobs on it.
+        Backpressure stops at the relay: what a slow consumer has not read waits here, within the
+        job's output budget."""
+        job = self.table.get(frame.job_id)
+        if job is None or job.agent is None or job.agent.local:
+            return
+        agent = job.agent
+        if isinstance(frame, JobChunk):
+            self._carry_out(agent, self.table.chunk(agent, frame))
+        elif isinstance(frame, JobDone):
+            self._carry_out(agent, self.table.done(agent, frame))
+        elif isinstance(frame, JobFailed):
+            self._carry_out(agent, self.table.failed(agent, frame))
+        else:
+            self.table.progress(agent, frame.job_id)
 
     def run_upstream(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> Job:
         events = self.upstream.run(slug, raw, stream=stream, want_usage=want_usage)

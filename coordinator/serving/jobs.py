@@ -76,6 +76,9 @@ class Job:
         self._silence = 0.0
         self._deadline = deadline  # loop time past which no sign of life extends a wait (0: none)
         self._stop = stop  # how the job is stopped (the dispatcher's cancel, or its upstream pump's)
+        # A job another replica's consumer reads (the job relay): its events go there as they come,
+        # ``None`` for a sign of life, instead of into the queue.
+        self.forward: Callable[[Event | None], None] | None = None
 
     @property
     def fallback(self) -> bool:
@@ -165,10 +168,7 @@ class JobTable:
         """A new job of ``agent``'s, counted against its capacity, and the message that assigns it
         (``now``: wall time, for the agent's deadline; ``loop_now``: the loop's, for the reader's)."""
         job = Job(new_job_id(), agent, slug, budget, deadline=loop_now + self.job_deadline, stop=stop)
-        self._jobs[job.job_id] = job
-        agent.jobs.add(job.job_id)
-        agent.in_flight += 1
-        agent.share.in_flight += 1
+        self._count(job)
         message = JobAssign(
             job_id=job.job_id,
             model=slug,
@@ -180,6 +180,35 @@ class JobTable:
             request_id=request_id,
         )
         return job, message
+
+    def adopt(
+        self,
+        agent: ConnectedAgent,
+        assign: JobAssign,
+        forward: Callable[[Event | None], None],
+        *,
+        budget: int,
+        loop_now: float,
+        stop: Callable[[Job], None] | None = None,
+    ) -> Job | None:
+        """A job another replica placed on ``agent`` (the job relay), counted here, where the
+        agent's slots are decided; its events go to ``forward``. ``None`` if the id is taken."""
+        if assign.job_id in self._jobs:
+            return None
+        job = Job(assign.job_id, agent, assign.model, budget, deadline=loop_now + self.job_deadline, stop=stop)
+        job.forward = forward
+        self._count(job)
+        return job
+
+    def _count(self, job: Job) -> None:
+        assert job.agent is not None
+        self._jobs[job.job_id] = job
+        job.agent.jobs.add(job.job_id)
+        job.agent.in_flight += 1
+        job.agent.share.in_flight += 1
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
 
     def _job_of(self, agent: ConnectedAgent, job_id: str) -> Job | None:
         """The running job ``job_id`` if ``agent`` runs it: nobody speaks for another's job."""
@@ -196,6 +225,9 @@ class JobTable:
         job.received += size
         if job.received > job.budget:
             return self._overrun(job)
+        if job.forward is not None:
+            job.forward(Chunk(message.data))
+            return TAKEN
         job.queued += size
         job.queue.put_nowait(Chunk(message.data))
         return Reply(True, backlog=job) if job.queued > QUEUE_HIGH else TAKEN
@@ -223,6 +255,8 @@ class JobTable:
         if job is None:
             return IGNORED
         job.alive()
+        if job.forward is not None:
+            job.forward(None)
         return TAKEN
 
     def _overrun(self, job: Job) -> Reply:
@@ -265,6 +299,9 @@ class JobTable:
             job.agent.in_flight = max(0, job.agent.in_flight - 1)
             job.agent.share.in_flight = max(0, job.agent.share.in_flight - 1)
         if last is not None:
-            job.queue.put_nowait(last)
+            if job.forward is not None:
+                job.forward(last)
+            else:
+                job.queue.put_nowait(last)
         if job.drained is not None:
             job.drained.set()

@@ -30,7 +30,7 @@ import msgspec
 from coordinator.market.catalog import Directory
 from coordinator.market.forward import backend_body
 from coordinator.market.registry import ConnectedAgent, Registry
-from coordinator.money.clawback import Clawback
+from coordinator.money.clawback import Verdicts
 from coordinator.money.metering import output_bound
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.jobreader import JobReader
@@ -53,7 +53,7 @@ class Verifier:
     registry: Registry
     dispatcher: Dispatcher
     book: trust.TrustBook
-    clawback: Clawback
+    clawback: Verdicts  # the clawback, or with replicas every replica's
     first_chunk_timeout: float
     idle_timeout: float
     references: ReferenceBook
@@ -74,7 +74,7 @@ class Verifier:
 
     def pick(self) -> tuple[ConnectedAgent, str] | None:
         """The agent to verify next: the one with the fewest canaries, ties at random; and a model."""
-        free = [a for a in self.registry.agents() if not a.draining and a.in_flight < a.max_concurrency]
+        free = [a for a in self.registry.local() if not a.draining and a.in_flight < a.max_concurrency]
         if not free:
             return None
         self.rng.shuffle(free)

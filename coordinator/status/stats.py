@@ -11,9 +11,11 @@ therefore reaches back between ``window_seconds`` and one slot more.
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from coordinator.status.history import Minute
 
@@ -66,3 +68,34 @@ class RequestStats:
         for _, window in self._slots:
             total.merge(window)
         return total
+
+
+# With replicas each publishes its window (``services/periodic.py``) and the status merges them all.
+_Figures = tuple[int, int, int, dict[int, int], float]  # a Minute without its providers
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(tuple[_Figures, dict[str, _Figures]])
+
+
+def _figures(minute: Minute) -> _Figures:
+    return (minute.requests, minute.served, minute.fallbacks, dict(minute.latency), minute.max_ms)
+
+
+def _minute(figures: _Figures) -> Minute:
+    requests, served, fallbacks, latency, max_ms = figures
+    return Minute(requests, served, fallbacks, Counter(latency), max_ms)
+
+
+def window_bytes(window: Window) -> bytes:
+    return _encoder.encode((_figures(window.pool), {slug: _figures(m) for slug, m in window.models.items()}))
+
+
+def merged(published: Iterable[bytes]) -> Window:
+    """The pool's window from the replicas' published ones (unreadable ones are skipped)."""
+    total = Window()
+    for raw in published:
+        try:
+            pool, models = _decoder.decode(raw)
+        except msgspec.ValidationError:
+            continue
+        total.merge(Window(_minute(pool), {slug: _minute(m) for slug, m in models.items()}))
+    return total

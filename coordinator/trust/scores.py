@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -174,6 +174,8 @@ class TrustBook:
     providers: dict[int, Reputation] = field(default_factory=dict)  # provider user id -> all its tokens' evidence
     pending: list[Evidence] = field(default_factory=list)
     _owners: dict[int, int] = field(default_factory=dict)  # loaded token -> its provider
+    # With replicas: evidence about another replica's agent goes there (it holds the standing).
+    forward: Callable[[ConnectedAgent, str, str, str | None], None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def load(self, token_id: int, provider_user_id: int | None = None) -> Reputation:
@@ -226,7 +228,11 @@ class TrustBook:
         return min(reputation.score(), provider.score() if provider is not None else 100.0)
 
     def witness(self, agent: ConnectedAgent, kind: str, detail: str = "", job_id: str | None = None) -> None:
-        """Count evidence about ``agent`` now and apply its new standing to it."""
+        """Count evidence about ``agent`` now and apply its new standing to it (another replica's
+        agent: that replica does, told through ``forward``)."""
+        if agent.replica is not None and self.forward is not None:
+            self.forward(agent, kind, detail, job_id)
+            return
         score = self.record(Evidence(agent.token_id, agent.user_id, kind, time.time(), detail=detail, job_id=job_id))
         if agent.token_id not in self.reputations:
             return

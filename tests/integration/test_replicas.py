@@ -8,7 +8,6 @@ Each module run has a Redis key prefix of its own, so it shares the server with 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import subprocess
 import time
@@ -21,39 +20,17 @@ import httpx
 import msgspec
 import pytest
 import redis
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from coordinator.identity import keys
 from coordinator.money.metering import Price, prompt_bound
 from scripts import localpool
 from scripts.localpool import Proc
+from tests.conftest import redis_url
 from tests.harness import Pool
-from tests.ledger_checks import ledger_problems, pending_holds
+from tests.ledger_checks import books_of
 from tests.waiting import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-
-
-def redis_url() -> str:
-    return os.environ.get("POOL_TEST_REDIS_URL", DEFAULT_REDIS)
-
-
-@pytest.fixture(scope="module")
-def prefix() -> Iterator[str]:
-    """A key prefix of this module's own on the test Redis (mandatory: a missing server fails)."""
-    client = redis.Redis.from_url(redis_url())
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis is required at {redis_url()} (set POOL_TEST_REDIS_URL): {exc}")
-    name = f"pool-test-{secrets.token_hex(4)}:"
-    try:
-        yield name
-    finally:
-        for key in client.scan_iter(f"{name}*"):
-            client.delete(key)
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +259,8 @@ def test_credit_for_exactly_ten_requests_serves_ten_over_three_replicas(
         assert set(refused) == {"insufficient_credits"}, refused
         spent = sum(_stream_cost(response.text) for response in responses if response.status_code == 200)
         assert 0 < spent <= 10 * hold
-        eventually(lambda: asyncio.run(_books(pg_url))[0] == 0, timeout=20, interval=0.5)  # every lease closed
-        assert asyncio.run(_books(pg_url))[1] == []
+        eventually(lambda: asyncio.run(books_of(pg_url))[0] == 0, timeout=20, interval=0.5)  # every lease closed
+        assert asyncio.run(books_of(pg_url))[1] == []
         left = httpx.get(f"{a.url}/v1/credits", headers={"authorization": f"Bearer {a.key}"}, timeout=10).json()
         assert round(left["balanceUsd"] * 10**9) == 10 * hold - spent  # charged what was served, once
     finally:
@@ -296,15 +273,6 @@ def _stream_cost(text: str) -> int:
     """The nano-USD a stream's ``x_pool`` says it cost."""
     lines = [line for line in text.splitlines() if '"x_pool"' in line]
     return round(float(msgspec.json.decode(lines[-1][6:])["x_pool"]["cost_usd"]) * 10**9)
-
-
-async def _books(url: str) -> tuple[int, list[str]]:
-    """Holds still pending, and every broken ledger invariant (tests/ledger_checks.py)."""
-    engine = create_async_engine(url)
-    try:
-        return await pending_holds(engine), await ledger_problems(engine)
-    finally:
-        await engine.dispose()
 
 
 def test_a_replica_killed_mid_stream_leaves_the_books_whole(tmp_path: Path, pg_url: str, prefix: str) -> None:
@@ -343,12 +311,12 @@ def test_a_replica_killed_mid_stream_leaves_the_books_whole(tmp_path: Path, pg_u
                     b.popen.kill()
         assert len(received) >= 6 and time.monotonic() - started < 10  # it ended, it did not hang
         eventually(lambda: _agents(a.url) == 1, timeout=10, explain=lambda: agent.output()[-1500:])
-        eventually(lambda: asyncio.run(_books(pg_url))[0] == 0, timeout=15, interval=0.5)  # B's lease released
+        eventually(lambda: asyncio.run(books_of(pg_url))[0] == 0, timeout=15, interval=0.5)  # B's lease released
         after = httpx.get(f"{a.url}/v1/credits", headers=credits, timeout=10).json()["balanceUsd"]
         assert after == before  # the cut stream was never charged, and nothing was lost
         served = a.post({"model": "smollm2-135m", "messages": MSG})
         assert served.status_code == 200, served.text
-        assert asyncio.run(_books(pg_url))[1] == []
+        assert asyncio.run(books_of(pg_url))[1] == []
     finally:
         a.stop()
         b.stop()

@@ -131,3 +131,22 @@ def test_an_agents_failure_is_relayed_shortened() -> None:
     assert table.failed(agent, message).known
     (event,) = job.ready()
     assert event == Failure("c" * 64, "m" * jobs.FAILURE_MESSAGE_CHARS, True, 503)
+
+
+def test_an_adopted_job_counts_here_and_sends_its_events_to_the_replica_reading_it() -> None:
+    """The job relay: another replica placed this job on our agent; its events go there, not to a queue."""
+    table, agent = JobTable(60.0), _agent()
+    sent: list[object] = []
+    assign = JobAssign(
+        job_id="job_remote", model="m", backend_model="?", request=b"{}", stream=True, want_usage=True, deadline=1.0
+    )
+    job = table.adopt(agent, assign, sent.append, budget=10, loop_now=50.0)
+    assert job is not None and job.job_id == "job_remote" and agent.in_flight == 1 and table.get("job_remote") is job
+    assert table.adopt(agent, assign, sent.append, budget=10, loop_now=50.0) is None  # one job per id
+    assert table.chunk(agent, JobChunk(job_id="job_remote", seq=0, data=b"abcd")) == jobs.TAKEN
+    assert table.progress(agent, "job_remote").known
+    assert not table.chunk(_agent("agt_other"), JobChunk(job_id="job_remote", seq=1, data=b"x")).known
+    reply = table.chunk(agent, JobChunk(job_id="job_remote", seq=2, data=b"0123456789"))  # past its budget
+    assert reply.cut is not None and reply.send == (JobCancel(job_id="job_remote"),)
+    assert sent[:2] == [Chunk(b"abcd"), None] and isinstance(sent[2], Failure)
+    assert sent[2].code == errors.OUTPUT_OVERRUN and job.queue.empty() and agent.in_flight == 0

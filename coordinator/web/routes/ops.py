@@ -29,7 +29,7 @@ class Readiness(msgspec.Struct):
 
 @get("/healthz", summary="Liveness and agent count", tags=["ops"])
 async def healthz(pool: PoolState) -> dict[str, Any]:
-    return {"status": "ok", "version": __version__, "agents": len(pool.registry)}
+    return {"status": "ok", "version": __version__, "agents": len(pool.registry.local())}
 
 
 @get(

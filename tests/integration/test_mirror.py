@@ -1,0 +1,164 @@
+"""The agent mirror on a real Redis: two replicas' mirrors in one event loop, each with its own
+registry and Redis connections, as two processes would have them. An agent connected to A appears
+in B's registry (and placement's index) with what places it, follows A's changes, leaves when it
+disconnects, comes back after a lost message, and leaves with its replica (killed: after the TTL;
+shut down: at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+import pytest
+
+from coordinator.core.cluster import Cluster
+from coordinator.market import mirror as mirror_module
+from coordinator.market.mirror import Mirror
+from coordinator.market.registry import ConnectedAgent, Registry
+from shared.protocol import Message, ModelOffer
+from tests.conftest import redis_url
+
+SLUG = "smollm2-135m"
+
+
+class NoSocket:
+    """A local agent's link: the mirror never talks to local agents, so any use is a failure."""
+
+    def send(self, message: Message) -> Awaitable[None]:
+        raise AssertionError("the mirror sent to an agent")
+
+    def close(self, code: int, reason: str) -> Awaitable[None]:
+        raise AssertionError("the mirror closed an agent")
+
+    def close_soon(self, code: int, reason: str) -> None:
+        raise AssertionError("the mirror closed an agent")
+
+
+@dataclass
+class Replica:
+    name: str
+    cluster: Cluster
+    registry: Registry
+    mirror: Mirror
+    lost: list[tuple[str, str]] = field(default_factory=list)
+
+
+async def _replica(name: str, prefix: str, ttl: float) -> Replica:
+    cluster = Cluster(redis_url(), prefix)
+    registry = Registry()
+    lost: list[tuple[str, str]] = []
+    mirror = Mirror(
+        cluster,
+        registry,
+        name,
+        lambda replica, agent_id: NoSocket(),
+        lambda agent, reason: lost.append((agent.agent_id, reason)),
+        ttl=ttl,
+    )
+    mirror.start()
+    cluster.start()
+    await asyncio.wait_for(cluster.subscribed.wait(), 5)
+    return Replica(name, cluster, registry, mirror, lost)
+
+
+@pytest.fixture
+async def pair(prefix: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Replica, Replica]]:
+    monkeypatch.setattr(mirror_module, "BEAT", 0.2)
+    own = f"{prefix}{time.monotonic_ns()}:"
+    a = await _replica("a", own, ttl=1.0)
+    b = await _replica("b", own, ttl=1.0)
+    try:
+        yield a, b
+    finally:
+        for replica in (a, b):
+            await replica.mirror.close()
+            await replica.cluster.close()
+
+
+def _agent(agent_id: str, *, max_concurrency: int = 2, price_in: int = 100) -> ConnectedAgent:
+    return ConnectedAgent(
+        agent_id=agent_id,
+        user_id=7,
+        token_id=11,
+        models={SLUG: ModelOffer(SLUG, "smol.gguf", price_in, 200, 8192, "Q4_K_M")},
+        max_concurrency=max_concurrency,
+        link=NoSocket(),
+        last_seen=time.monotonic(),
+    )
+
+
+async def _until(condition: object, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("not within the time")
+        await asyncio.sleep(0.01)
+
+
+async def test_an_agent_on_a_is_in_bs_registry_and_follows_its_changes(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    a.registry.add(_agent("ag_1"))
+    await _until(lambda: b.registry.get("ag_1") is not None)
+    copy = b.registry.get("ag_1")
+    assert copy is not None and copy.replica == "a" and not copy.local
+    assert copy.models[SLUG].price_in == 100 and copy.models[SLUG].quantization == "Q4_K_M"
+    assert copy.free_slots == 2 and copy.trust == 100.0
+    index = b.registry.index(SLUG)
+    assert index is not None and "ag_1" in index.open  # placement sees it
+    assert b.registry.local() == [] and a.registry.get("ag_1") is not None
+
+    agent = a.registry.get("ag_1")
+    assert agent is not None
+    agent.in_flight = 2  # full now
+    agent.trust = 42.0
+    await _until(lambda: copy.in_flight == 2 and copy.trust == 42.0)
+    assert "ag_1" not in index.open  # no free slot: out of placement's index
+    agent.in_flight = 1
+    await _until(lambda: "ag_1" in index.open)
+
+    a.registry.remove("ag_1")
+    await _until(lambda: b.registry.get("ag_1") is None)
+    assert b.lost == [("ag_1", "disconnected")]  # its jobs on B fail over
+
+
+async def test_a_lost_message_is_made_good_by_the_next_beat(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    a.registry.add(_agent("ag_2"))
+    await _until(lambda: b.registry.get("ag_2") is not None)
+    b.registry.remove("ag_2")  # as if B never got the update
+    await _until(lambda: b.registry.get("ag_2") is not None, timeout=2.0)  # the count differed: B read A's hash
+
+
+async def test_a_silent_replica_leaves_the_mirrors_after_the_ttl(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    a.registry.add(_agent("ag_3"))
+    await _until(lambda: b.registry.get("ag_3") is not None)
+    for task in a.mirror._tasks:  # A stops beating, as a killed process does (no goodbye)
+        task.cancel()
+    a.registry.listener = None
+    stopped = time.monotonic()
+    await _until(lambda: b.registry.get("ag_3") is None, timeout=3.0)
+    assert 0.8 <= time.monotonic() - stopped <= 2.5  # the TTL (1 s) and a beat, no sooner
+    assert b.lost and b.lost[-1][0] == "ag_3"
+
+
+async def test_a_replica_shutting_down_leaves_at_once(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    a.registry.add(_agent("ag_4"))
+    await _until(lambda: b.registry.get("ag_4") is not None)
+    await a.mirror.close()
+    await _until(lambda: b.registry.get("ag_4") is None, timeout=0.5)
+
+
+async def test_a_replica_starting_late_reads_the_pool(pair: tuple[Replica, Replica], prefix: str) -> None:
+    a, b = pair
+    a.registry.add(_agent("ag_5"))
+    await _until(lambda: b.registry.get("ag_5") is not None)
+    late = await _replica("late", a.cluster.prefix, ttl=1.0)
+    try:
+        assert late.registry.get("ag_5") is not None  # read when it subscribed, before any message
+    finally:
+        await late.mirror.close()
+        await late.cluster.close()
