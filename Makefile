@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast lint typecheck bench clean
+.PHONY: install tools demo cluster test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) scripts/install.sh $(VENV)
@@ -14,11 +14,17 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 install: $(STAMP)
 
-browser:
-	scripts/apt-install.sh chromium
+# Debian packages the tests drive: Chromium (pages), HAProxy (the cluster tests' load balancer)
+tools:
+	scripts/apt-install.sh chromium haproxy
 
 demo: install
 	$(BIN)/python -m scripts.demo
+
+# Several coordinators as one pool: PostgreSQL, Redis, REPLICAS=3 replicas, HAProxy, llama.cpp, two agents
+cluster: install
+	scripts/apt-install.sh haproxy
+	$(BIN)/python -m scripts.cluster
 
 lint: install
 	$(BIN)/ruff check .
@@ -27,15 +33,17 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck browser
+test: lint typecheck tools
 	$(BIN)/pytest
 
 test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 bench: install
-	scripts/apt-install.sh chromium wrk
+	scripts/apt-install.sh chromium haproxy wrk
 	$(BIN)/python -m tests.bench.gateways
+	$(BIN)/python -m tests.bench.replicas
+	$(BIN)/python -m tests.bench.placement
 
 clean:
 	rm -rf $(VENV) .pool .pytest_cache .mypy_cache .ruff_cache
