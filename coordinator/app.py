@@ -245,6 +245,7 @@ def build_state(settings: Settings) -> PoolState:
         replica = f"{settings.replica_name or socket.gethostname()}-{secrets.token_hex(2)}"
         relay = Relay(cluster, replica, registry, dispatcher, trust_book)
         mirror = Mirror(cluster, registry, replica, relay.link, dispatcher.agent_lost)
+        mirror.on_gone(relay.origin_gone)
     key_limits = PoolKeyLimits(KeyLimits(settings.rate_limit_rpm, settings.rate_limit_tpm), cluster)
     leases = CreditLeases(
         engine,

@@ -35,6 +35,7 @@ OUTPUT_OVERRUN = "output_overrun"  # the coordinator cut a job that sent more th
 CONSUMER_TOO_SLOW = "consumer_too_slow"  # the coordinator cut a job whose consumer stopped reading
 TIMED_OUT = "timed_out"  # the coordinator waited for a job's next output in vain
 AGENT_LOST = "agent_lost"  # the agent running the job went away
+RELAY_LOST = "relay_lost"  # the replica holding the agent, or Redis between the two, went away
 
 _TYPES = {
     400: "invalid_request_error",

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 0.5  # seconds a Redis call may take before the replica goes on without it
 RETRY = 0.5  # seconds between attempts to listen again after Redis went away
+HEALTH_CHECK = 2.0  # seconds of silence after which the listening connection is pinged
 
 
 class Push(msgspec.Struct, tag_field="kind"):
@@ -71,6 +72,7 @@ class Disagreed(Push, tag="disagreed"):
 _decoder = msgspec.json.Decoder(Revoked | Blocked | Vouched | Disagreed)
 Handler = Callable[[Push], None]
 Listener = Callable[[bytes], None]  # what arrived on a channel, raw
+Dropped = Callable[[], None]  # a message that will never be published (Redis away, or too slow)
 Connected = Callable[[], Awaitable[None]]
 
 OUTBOX = 100_000  # messages waiting for the sender at most; past it Redis is too slow and they are dropped
@@ -81,8 +83,13 @@ class Cluster:
         self.client: redis.Redis | None = (
             redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT) if url else None
         )
-        # pushes arrive on a connection of their own, which waits without a timeout
-        self._subscriber = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT) if url else None
+        # pushes arrive on a connection of their own, which waits without a timeout (and pings now
+        # and then, so a connection that died without a word is noticed)
+        self._subscriber = (
+            redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT, health_check_interval=HEALTH_CHECK)
+            if url
+            else None
+        )
         self.prefix = prefix
         self.healthy = True
         self.errors = 0  # Redis calls that failed (``/metrics``)
@@ -91,10 +98,11 @@ class Cluster:
         self._connected: list[Connected] = []
         self._listener: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOX)
+        self._outbox: asyncio.Queue[tuple[str, bytes, Dropped | None]] = asyncio.Queue(OUTBOX)
         self._last_warning = 0.0
         self.subscribed = asyncio.Event()  # set while the listener is subscribed to every channel
         self.dropped = 0  # messages the sender dropped (Redis away or too slow)
+        self.subscriptions = 0  # times the listener subscribed: what was published between two was lost
 
     @property
     def channel(self) -> str:
@@ -145,14 +153,15 @@ class Cluster:
         was away is lost, so whoever keeps a copy of shared state reads it again then."""
         self._connected.append(callback)
 
-    def send(self, channel: str, payload: bytes) -> bool:
+    def send(self, channel: str, payload: bytes, dropped: Dropped | None = None) -> bool:
         """Publish ``payload`` on ``channel`` in the background, in the order of the calls (one
-        sender, one connection); ``False`` when it is dropped (no Redis, or Redis away)."""
+        sender, one connection); ``False`` when it is dropped at once (no Redis, or Redis away).
+        ``dropped`` is called if it is dropped later (the publication failed)."""
         if self.client is None or not self.healthy:
             self.dropped += 1
             return False
         try:
-            self._outbox.put_nowait((channel, payload))
+            self._outbox.put_nowait((channel, payload, dropped))
         except asyncio.QueueFull:
             self.dropped += 1
             return False
@@ -167,15 +176,21 @@ class Cluster:
                 batch.append(self._outbox.get_nowait())
             try:
                 if len(batch) == 1:
-                    await self.client.publish(*batch[0])
+                    await self.client.publish(batch[0][0], batch[0][1])
                 else:
                     async with self.client.pipeline(transaction=False) as pipe:
-                        for channel, payload in batch:
+                        for channel, payload, _ in batch:
                             pipe.publish(channel, payload)
                         await pipe.execute()
             except (RedisError, OSError) as exc:
                 self.dropped += len(batch)
                 self.failed(exc)
+                for _, _, dropped in batch:
+                    if dropped is not None:
+                        try:
+                            dropped()
+                        except Exception:
+                            log.exception("dropped-message handler failed")
 
     async def push(self, message: Push) -> None:
         """Tell every replica (this one too, through the channel); without Redis, just this one."""
@@ -211,6 +226,7 @@ class Cluster:
             pubsub = self._subscriber.pubsub()
             try:
                 await pubsub.subscribe(self.channel, *self._channels)
+                self.subscriptions += 1
                 await self._probe()
                 await self._resync()
                 while True:
@@ -232,7 +248,12 @@ class Cluster:
         """Healthy and subscribed: those who keep shared state read it again (messages were lost)."""
         if self.healthy:
             for callback in self._connected:
-                await callback()
+                try:
+                    await callback()
+                except (RedisError, OSError):
+                    raise
+                except Exception:  # a bug in one must not stop the listener (revocations, the relay)
+                    log.exception("resync failed")
             self.subscribed.set()
 
     def _received(self, channel: str, data: bytes) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FLUSH = 0.05  # seconds changes wait to be sent together
 BEAT = 1.0  # seconds between a replica's beats
 TTL = 5.0  # seconds without a beat after which a replica's agents leave the mirrors
+FORGOTTEN = 3600.0  # seconds a replica that stopped beating stays listed in Redis before it is pruned
 
 
 class Card(msgspec.Struct, array_like=True):
@@ -73,6 +74,26 @@ _encoder = msgspec.msgpack.Encoder()
 
 LinkFactory = Callable[[str, str], AgentLink]  # (replica, agent id) -> how to reach it through its replica
 Lost = Callable[[ConnectedAgent, str], None]  # a remote agent left: fail what runs on it here
+Gone = Callable[[str], None]  # a replica left every mirror (killed, cut off, or shut down)
+
+
+def _gist(card: Card) -> tuple[object, ...]:
+    """What other replicas need to know changed: a card differing only in trust's second decimal
+    (scores decay continuously) or in the speed's noise is not worth a message."""
+    performance = tuple(
+        sorted(
+            (slug, None if t is None else round(t), None if s is None else round(s, 1))
+            for slug, (t, s) in card.performance.items()
+        )
+    )
+    return (
+        card.in_flight,
+        card.token_in_flight,
+        card.draining,
+        round(card.trust, 1),
+        card.concurrency_cap,
+        performance,
+    )
 
 
 def card_of(agent: ConnectedAgent, version: int) -> Card:
@@ -106,12 +127,17 @@ class Mirror:
         self._lost = lost
         self._version = 0
         self._dirty: set[str] = set()
-        self._gone: set[str] = set()
+        self._left: set[str] = set()  # local agents gone since the last write
         self._wake = asyncio.Event()
+        self._published: dict[str, tuple[object, ...]] = {}  # this replica's agents in its hash: their gist
         self._beats: dict[str, float] = {}  # replica -> monotonic time of its last message
         self._versions: dict[str, int] = {}  # remote agent id -> version of the card applied
+        self._by_replica: dict[str, set[str]] = {}  # replica -> the ids of its agents mirrored here
+        self._removed: dict[str, float] = {}  # agents gone (ids are never reused): an older read won't bring them back
+        self._unhealthy_since: float | None = None
         self._reloading: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._gone: list[Gone] = []
         self.messages = 0  # updates published (the bench reads it)
 
     @property
@@ -125,6 +151,9 @@ class Mirror:
     def replicas_key(self) -> str:
         return self.cluster.key("replicas")
 
+    def on_gone(self, callback: Gone) -> None:
+        self._gone.append(callback)
+
     def start(self) -> None:
         self.registry.listener = self._changed
         self.cluster.listen(self.channel, self._received)
@@ -133,7 +162,7 @@ class Mirror:
 
     async def close(self) -> None:
         """Leave every mirror now (a drained replica), rather than after the TTL."""
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -153,7 +182,7 @@ class Mirror:
     def _changed(self, agent: ConnectedAgent, left: bool) -> None:
         if left:
             self._dirty.discard(agent.agent_id)
-            self._gone.add(agent.agent_id)
+            self._left.add(agent.agent_id)
         else:
             self._dirty.add(agent.agent_id)
         self._wake.set()
@@ -163,19 +192,19 @@ class Mirror:
             await self._wake.wait()
             await asyncio.sleep(FLUSH)
             self._wake.clear()
-            dirty, gone = self._dirty, self._gone
-            self._dirty, self._gone = set(), set()
+            dirty, left = self._dirty, self._left
+            self._dirty, self._left = set(), set()
             cards = [card_of(a, self._next()) for i in dirty if (a := self.registry.get(i)) is not None and a.local]
-            if not await self._write(cards, sorted(gone)):
+            cards = [card for card in cards if self._published.get(card.agent_id) != _gist(card)]
+            if not (cards or left):
+                continue
+            if not await self._write(cards, sorted(left)):
                 self._dirty |= {card.agent_id for card in cards}  # sent again with the resync
-                self._gone |= gone
+                self._left |= left
 
     def _next(self) -> int:
         self._version += 1
         return self._version
-
-    def _count(self) -> int:
-        return len(self.registry.local())
 
     async def _write(self, cards: list[Card], gone: list[str], *, fresh: bool = False) -> bool:
         """Store ``cards`` in this replica's hash, drop ``gone``, and announce both (``fresh``:
@@ -184,6 +213,11 @@ class Mirror:
         if client is None or not self.cluster.healthy:
             return False
         key = self.hash_of(self.replica)
+        published = {} if fresh else dict(self._published)
+        published.update((card.agent_id, _gist(card)) for card in cards)
+        for agent_id in gone:
+            published.pop(agent_id, None)
+        now = time.time()
         try:
             async with client.pipeline(transaction=False) as pipe:
                 if fresh:
@@ -193,19 +227,22 @@ class Mirror:
                 if gone:
                     pipe.hdel(key, *gone)
                 pipe.pexpire(key, int(self.ttl * 1000))
-                pipe.zadd(self.replicas_key, {self.replica: time.time()})
-                pipe.publish(self.channel, _encoder.encode(Update(self.replica, cards, gone, self._count())))
+                pipe.zadd(self.replicas_key, {self.replica: now})
+                pipe.zremrangebyscore(self.replicas_key, "-inf", now - FORGOTTEN)
+                pipe.publish(self.channel, _encoder.encode(Update(self.replica, cards, gone, len(published))))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.cluster.failed(exc)
             return False
+        self._published = published
         self.messages += 1
         return True
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(BEAT)
-            await self._write([], [])
+            if self.cluster.subscribed.is_set():  # a replica that cannot hear its jobs does not say it is there
+                await self._write([], [])
             self._expire()
 
     async def resync(self) -> None:
@@ -250,7 +287,7 @@ class Mirror:
             task.add_done_callback(self._tasks.remove)
 
     def mirrored(self, replica: str) -> int:
-        return sum(1 for agent in self.registry.agents() if agent.replica == replica)
+        return len(self._by_replica.get(replica, ()))
 
     async def _reload(self, replica: str) -> None:
         client = self.cluster.client
@@ -268,10 +305,9 @@ class Mirror:
         for card in cards:
             self._apply(replica, card)
         present = {card.agent_id for card in cards}
-        for agent in self.registry.agents():
-            announced = self._versions.get(agent.agent_id, 0)
-            if agent.replica == replica and agent.agent_id not in present and announced <= newest:
-                self._remove(agent.agent_id, replica, "disconnected")  # (not announced after the read)
+        for agent_id in list(self._by_replica.get(replica, ())):
+            if agent_id not in present and self._versions.get(agent_id, 0) <= newest:  # not announced after the read
+                self._remove(agent_id, replica, "disconnected")
         if cards:
             self._beats.setdefault(replica, time.monotonic())
 
@@ -279,9 +315,10 @@ class Mirror:
         agent = self.registry.get(card.agent_id)
         if agent is not None and agent.replica != replica:
             return  # not that replica's to speak for (an id it does not hold)
-        if card.version < self._versions.get(card.agent_id, 0):
+        if card.version < self._versions.get(card.agent_id, 0) or card.agent_id in self._removed:
             return
         self._versions[card.agent_id] = card.version
+        self._by_replica.setdefault(replica, set()).add(card.agent_id)
         if agent is None:
             agent = ConnectedAgent(
                 agent_id=card.agent_id,
@@ -309,26 +346,40 @@ class Mirror:
             return
         self.registry.remove(agent_id)
         self._versions.pop(agent_id, None)
+        self._removed[agent_id] = time.monotonic()
+        if (mirrored := self._by_replica.get(replica)) is not None:
+            mirrored.discard(agent_id)
+            if not mirrored:
+                del self._by_replica[replica]
         self._lost(agent, reason)
 
     def _forget(self, replica: str, reason: str) -> None:
         self._beats.pop(replica, None)
-        for agent in self.registry.agents():
-            if agent.replica == replica:
-                self._remove(agent.agent_id, replica, reason)
+        for agent_id in list(self._by_replica.get(replica, ())):
+            self._remove(agent_id, replica, reason)
+        for callback in self._gone:
+            callback(replica)
 
     def _expire(self) -> None:
         """Drop the agents of replicas silent for longer than the TTL (killed, or cut off)."""
-        horizon = time.monotonic() - self.ttl
+        now = time.monotonic()
+        horizon = now - self.ttl
         for replica, at in list(self._beats.items()):
             if at < horizon:
                 log.warning("replica silent, its agents leave the mirror", extra={"replica": replica})
                 self._forget(replica, "its coordinator stopped answering")
-        if not self.cluster.healthy:  # Redis away: nobody's copy can be kept true, nor a job relayed
-            for agent in self.registry.agents():
-                if not agent.local:
-                    self._remove(agent.agent_id, agent.replica or "", "redis unavailable")
-            self._beats.clear()
+        for agent_id, at in list(self._removed.items()):
+            if at < now - 2 * self.ttl:  # no read begun before it left is still on its way
+                del self._removed[agent_id]
+        # Redis away for longer than the TTL: nobody's copy can be kept true, nor a job relayed (a
+        # shorter trouble, a slow call, leaves the pool as it is)
+        if self.cluster.healthy:
+            self._unhealthy_since = None
+        elif self._unhealthy_since is None:
+            self._unhealthy_since = now
+        elif now - self._unhealthy_since > self.ttl:
+            for replica in list(self._by_replica):
+                self._forget(replica, "redis unavailable")
 
 
 def _copy(agent: ConnectedAgent, card: Card) -> None:

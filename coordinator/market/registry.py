@@ -88,8 +88,9 @@ class TokenShare:
     watcher: Watcher | None = None  # the registry, for the token's agents
 
     def __setattr__(self, name: str, value: object) -> None:
+        old = self.__dict__.get(name, value)
         object.__setattr__(self, name, value)
-        if name == "in_flight" and (watcher := self.__dict__.get("watcher")) is not None:
+        if name == "in_flight" and old != value and (watcher := self.__dict__.get("watcher")) is not None:
             watcher()
 
     def changed(self) -> None:
@@ -118,9 +119,10 @@ class ConnectedAgent:
     replica: str | None = None  # the replica it is connected to, when that is another one (a mirror copy)
 
     def __setattr__(self, name: str, value: object) -> None:
+        old = self.__dict__.get(name, value)
         object.__setattr__(self, name, value)
-        if name in _PLACED and (watcher := self.__dict__.get("watcher")) is not None:
-            watcher()
+        if name in _PLACED and old != value and (watcher := self.__dict__.get("watcher")) is not None:
+            watcher()  # (an unchanged value moves nothing: the trust sweep sets every agent's often)
 
     @property
     def performance(self) -> dict[str, Performance]:
@@ -171,9 +173,15 @@ class Registry:
         agent.share.watcher = lambda: self._place_token(token_id, replica)
         self._place(agent)
 
-    def of_token(self, token_id: int) -> int:
-        """How many agents of this agent token are connected, to any replica."""
-        return len(self._tokens.get(token_id, ()))
+    def of_token(self, token_id: int, *, local: bool = False) -> int:
+        """How many agents of this agent token are connected, to any replica (``local``: to this one)."""
+        siblings = self._tokens.get(token_id, ())
+        return sum(1 for agent in siblings if agent.local) if local else len(siblings)
+
+    def changed(self, agent: ConnectedAgent) -> None:
+        """Tell the listener about a local agent as it is now (the mirror publishes it again)."""
+        if agent.replica is None and self.listener is not None:
+            self.listener(agent, False)
 
     def remove(self, agent_id: str) -> ConnectedAgent | None:
         agent = self._agents.pop(agent_id, None)

@@ -33,8 +33,9 @@ async def drain(pool: PoolState) -> bool:
     log.info("draining", extra={"notice_s": settings.drain_notice_seconds, "open": busy(pool)})
     await asyncio.sleep(settings.drain_notice_seconds)
     pool.refusing = True
-    for agent in pool.registry.local():  # no new jobs for them from other replicas either (the mirror tells them)
-        agent.draining = True
+    if pool.mirror is not None:  # no new jobs for them from other replicas either (the mirror tells them)
+        for agent in pool.registry.local():
+            agent.draining = True
     for _ in range(math.ceil(settings.drain_timeout / POLL)):  # what runs is spread over many parts: look
         if not busy(pool):
             break

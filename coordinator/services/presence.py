@@ -32,7 +32,7 @@ def remove_agent(
     if evidence is not None:
         pool.trust.witness(agent, evidence, reason)
     pool.dispatcher.agent_lost(agent, reason)
-    if not pool.registry.of_token(agent.token_id):
+    if not pool.registry.of_token(agent.token_id, local=True):  # another replica's copy keeps no standing here
         pool.trust.forget(agent.token_id)
     if close_code is not None:
         agent.link.close_soon(close_code, reason)

@@ -151,6 +151,10 @@ class Dispatcher:
             return
         agent = job.agent
         if isinstance(frame, JobChunk):
+            if frame.seq != job.relayed:  # one went missing between the replicas: the output has a hole
+                self.relay_lost(job.job_id, f"chunk {job.relayed} of the job was lost between coordinators")
+                return
+            job.relayed += 1
             self._carry_out(agent, self.table.chunk(agent, frame))
         elif isinstance(frame, JobDone):
             self._carry_out(agent, self.table.done(agent, frame))
@@ -268,8 +272,15 @@ class Dispatcher:
         return self.table.progress(agent, job_id).known
 
     def agent_lost(self, agent: ConnectedAgent, reason: str) -> None:
-        """Fail every job of a lost agent; callers waiting for a first event fail over."""
-        self.table.lost(agent, reason)
+        """Fail every job of a lost agent; callers waiting for a first event fail over. Another
+        replica's agent that leaves this one's mirror may be well: its replica or Redis went away."""
+        self.table.lost(agent, reason, errors.AGENT_LOST if agent.local else errors.RELAY_LOST)
+
+    def relay_lost(self, job_id: str, why: str) -> None:
+        """A relayed job's messages were lost between replicas: it ends here, blaming nobody."""
+        job = self.table.get(job_id)
+        if job is not None:
+            self._send_soon(job.agent, self.table.cut(job, Failure(errors.RELAY_LOST, why, True)))
 
     def cancel(self, job: Job) -> None:
         """Tell the agent to stop ``job`` and free its slot (fire and forget)."""

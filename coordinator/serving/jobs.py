@@ -79,6 +79,7 @@ class Job:
         # A job another replica's consumer reads (the job relay): its events go there as they come,
         # ``None`` for a sign of life, instead of into the queue.
         self.forward: Callable[[Event | None], None] | None = None
+        self.relayed = 0  # chunks relayed from the replica holding its agent (the next one's number)
 
     @property
     def fallback(self) -> bool:
@@ -281,12 +282,12 @@ class JobTable:
         self.finish(job, None)
         return (JobCancel(job_id=job.job_id),) if running and job.agent is not None else ()
 
-    def lost(self, agent: ConnectedAgent, reason: str) -> None:
+    def lost(self, agent: ConnectedAgent, reason: str, code: str = errors.AGENT_LOST) -> None:
         """Fail every job of a lost agent; readers waiting for a first event fail over."""
         for job_id in list(agent.jobs):
             job = self._jobs.get(job_id)
             if job is not None:
-                self.finish(job, Failure(errors.AGENT_LOST, f"provider agent lost: {reason}", True))
+                self.finish(job, Failure(code, f"provider agent lost: {reason}", True))
 
     def finish(self, job: Job, last: Event | None) -> None:
         """End ``job`` once: free the agent's slot, queue ``last`` for the reader, wake a waiting agent."""

@@ -12,8 +12,13 @@ had sent it. B's ``job.cancel`` (the consumer left, an overrun) goes to A the sa
 Trust evidence and timings B observes about A's agent go to A as a :class:`Report`: A holds the
 agent's standing, and publishes the new score with the agent's card.
 
-Messages to one replica go out in order on one connection (:meth:`Cluster.send`); a message lost
-with Redis shows as a job that fails over (before output) or ends with an error (after).
+Messages to one replica go out in order on one connection (:meth:`Cluster.send`). A message lost
+with Redis ends its job with ``relay_lost``, which blames nobody: an ``Assign`` that could not be
+sent fails over at once; a frame the holder could not send cancels the job there and the placing
+replica is told once Redis answers; chunks are numbered, so a hole ends the job; and after the
+listener had to subscribe again (what was published meanwhile is lost) every relayed job ends. A
+replica that leaves the mirror (killed) takes the jobs relayed through it: its consumers' jobs on
+agents here are cancelled, and jobs here on its agents fail over or end.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ _decoder = msgspec.msgpack.Decoder(RelayMessage)
 _encoder = msgspec.msgpack.Encoder()
 
 
+MAX_UNDELIVERED = 10_000  # jobs whose end waits for Redis to be told; past it the origin's timeouts tell
+
+
 class Unreachable(ConnectionError):
     """The replica holding the agent cannot be told (Redis is away)."""
 
@@ -108,26 +116,56 @@ class Relay:
         self.dispatcher = dispatcher
         self.trust = trust
         self._origins: dict[str, str] = {}  # job id -> replica reading it, for jobs run here for others
+        self._undelivered: dict[str, str] = {}  # job id -> its replica, which must be told the job ended
+        self._subscriptions = 0  # the listener's subscriptions seen so far
 
     def channel(self, replica: str) -> str:
         return self.cluster.key("relay", replica)
 
     def start(self) -> None:
         self.cluster.listen(self.channel(self.replica), self._received)
+        self.cluster.on_connected(self._reconnected)
         self.trust.forward = self.report_evidence
+
+    async def _reconnected(self) -> None:
+        """Redis answers again: tell the replicas whose jobs ended unheard; if the listener had to
+        subscribe again, frames for the jobs relayed to this replica may be lost: end them."""
+        undelivered, self._undelivered = self._undelivered, {}
+        for job_id, origin in undelivered.items():
+            why = "the coordinator holding the agent lost touch with yours"
+            self._send(origin, Frame(JobFailed(job_id, errors.RELAY_LOST, why, True)))
+        resubscribed = self._subscriptions and self.cluster.subscriptions != self._subscriptions
+        self._subscriptions = self.cluster.subscriptions
+        if resubscribed:
+            for agent in self.registry.agents():
+                for job_id in list(agent.jobs) if not agent.local else ():
+                    self.dispatcher.relay_lost(job_id, "lost touch with the coordinator holding the agent")
+
+    def origin_gone(self, replica: str) -> None:
+        """A replica left the mirror (killed, or cut off): nobody reads its jobs on our agents."""
+        for job_id, origin in list(self._origins.items()):
+            if origin == replica:
+                del self._origins[job_id]
+                if (job := self.dispatcher.table.get(job_id)) is not None:
+                    self.dispatcher.cancel(job)
 
     def link(self, replica: str, agent_id: str) -> RemoteLink:
         return RemoteLink(self, replica, agent_id)
 
-    def _send(self, replica: str, message: RelayMessage) -> bool:
-        return self.cluster.send(self.channel(replica), _encoder.encode(message))
+    def _send(self, replica: str, message: RelayMessage, dropped: Callable[[], None] | None = None) -> bool:
+        return self.cluster.send(self.channel(replica), _encoder.encode(message), dropped)
 
     # --- this replica's consumers, another replica's agents ---------------------------------
 
     def assign(self, replica: str, agent_id: str, message: JobAssign) -> None:
         job = self.dispatcher.table.get(message.job_id)  # opened here before it is sent
         budget = job.budget if job is not None else 0
-        if not self._send(replica, Assign(self.replica, agent_id, budget, message)):
+        job_id = message.job_id
+
+        def dropped() -> None:
+            self.dispatcher.relay_lost(job_id, "the job could not be sent to the coordinator holding the agent")
+
+        if not self._send(replica, Assign(self.replica, agent_id, budget, message), dropped):
             raise Unreachable(f"replica {replica} unreachable")
 
     def cancel(self, replica: str, job_id: str) -> None:
@@ -182,6 +220,8 @@ class Relay:
             if agent is None or not self.dispatcher.adopt(agent, message.job, message.budget, forward):
                 why = "the agent left" if agent is None else "the agent has no free slot"
                 log.info("relayed job refused", extra={"job_id": job_id, "origin": origin, "why": why})
+                if agent is not None:  # the origin's copy thought it free: publish it as it is
+                    self.registry.changed(agent)
                 failed = JobFailed(job_id=job_id, code=errors.AGENT_BUSY, message=why, retryable=True)
                 self._send(origin, Frame(failed))
                 return
@@ -191,7 +231,17 @@ class Relay:
             logs.request_id.reset(context)
 
     def _forwarder(self, job_id: str, origin: str, request_id: str) -> Callable[[Event | None], None]:
+        chunks = 0
+
+        def undelivered() -> None:
+            """A frame could not be sent: stop the job here, tell the origin when Redis answers."""
+            if self._origins.pop(job_id, None) is not None and (job := self.dispatcher.table.get(job_id)) is not None:
+                self.dispatcher.cancel(job)
+            if len(self._undelivered) < MAX_UNDELIVERED:
+                self._undelivered[job_id] = origin
+
         def forward(event: Event | None) -> None:
+            nonlocal chunks
             if isinstance(event, Failure):
                 context = logs.request_id.set(request_id or None)
                 log.info("relayed job failed", extra={"job_id": job_id, "origin": origin, "code": event.code})
@@ -200,7 +250,8 @@ class Relay:
             if event is None:
                 frame = JobProgress(job_id=job_id)
             elif isinstance(event, Chunk):
-                frame = JobChunk(job_id=job_id, seq=0, data=event.data)
+                frame = JobChunk(job_id=job_id, seq=chunks, data=event.data)
+                chunks += 1
             elif isinstance(event, Done):
                 frame = JobDone(job_id=job_id, usage=event.usage, finish_reason=event.finish_reason, tail=event.tail)
             else:
@@ -208,7 +259,8 @@ class Relay:
                 frame = JobFailed(job_id, event.code, event.message, event.retryable, event.status)
             if not isinstance(frame, (JobChunk, JobProgress)):
                 self._origins.pop(job_id, None)
-            self._send(origin, Frame(frame))
+            if not self._send(origin, Frame(frame), undelivered):
+                undelivered()
 
         return forward
 

@@ -54,13 +54,18 @@ def is_rejection(failure: Failure) -> bool:
     return failure.code == errors.BACKEND_REJECTED and failure.status in (400, 413, 422)
 
 
+# Failures that say nothing of the agent: it was full or draining, the consumer stopped reading, or
+# the replicas between the consumer and the agent lost touch (the job relay).
+NOT_THE_AGENTS = frozenset({errors.AGENT_BUSY, errors.AGENT_DRAINING, errors.CONSUMER_TOO_SLOW, errors.RELAY_LOST})
+
+
 def failure_evidence(failure: Failure, *, started: bool) -> str | None:
     """The evidence kind a failed job is against its agent (``started``: after output began), or
     ``None`` when the agent was not at fault: a full or draining agent, a consumer too slow to
-    read, or a backend refusing the request (judged against a second opinion by the dispatcher).
-    Output beyond the request's bound is an overrun; a silence after output began is a stall, any
-    other failure then an abort."""
-    if failure.code in (errors.AGENT_BUSY, errors.AGENT_DRAINING, errors.CONSUMER_TOO_SLOW) or is_rejection(failure):
+    read, a relay between replicas that lost touch, or a backend refusing the request (judged
+    against a second opinion by the dispatcher). Output beyond the request's bound is an overrun;
+    a silence after output began is a stall, any other failure then an abort."""
+    if failure.code in NOT_THE_AGENTS or is_rejection(failure):
         return None
     if failure.code == errors.OUTPUT_OVERRUN:
         return OVERRAN

@@ -42,5 +42,6 @@ def pool_under_load(workdir: Path, db_url: str | None = None, **settings: str) -
         rate_limit_tpm="1000000000",
         credit_lease_idle_seconds="5",
         new_agent_concurrency="1024",  # the agents stand for trusted providers, not newcomers held to 64
+        max_connections_per_agent_token="20000",  # the idle-agent figures connect 10,000 on one token
         **settings,
     )

@@ -11,6 +11,7 @@ from coordinator.core.cluster import Cluster
 from coordinator.money.clawback import Clawback, SharedVerdicts, apply_verdict
 from coordinator.money.requestlog import RequestRecord
 from tests.conftest import redis_url
+from tests.waiting import eventually_async
 
 
 async def _replica(prefix: str) -> tuple[Cluster, Clawback]:
@@ -27,13 +28,6 @@ def _serve(clawback: Clawback, request_id: str, agent_id: str = "agt_a") -> None
     clawback.served(7, agent_id, "m", record)
 
 
-async def _until(condition: object, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "not within the time"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_canary_on_one_replica_settles_the_jobs_of_every_replica(prefix: str) -> None:
     own = f"{prefix}verdicts-{time.monotonic_ns()}:"
     (a, a_clawback), (b, b_clawback) = await _replica(own), await _replica(own)
@@ -42,12 +36,18 @@ async def test_a_canary_on_one_replica_settles_the_jobs_of_every_replica(prefix:
         _serve(a_clawback, "req_on_a_1")
         verdicts = SharedVerdicts(a)  # A runs the canaries on its agent
         verdicts.vouched(7, "agt_a", "m", answered_at=time.monotonic())
-        await _until(lambda: not b_clawback.unvouched.get((7, "m")) and not a_clawback.unvouched.get((7, "m")))
+        await eventually_async(
+            lambda: not b_clawback.unvouched.get((7, "m")) and not a_clawback.unvouched.get((7, "m")),
+            timeout=3.0,
+            interval=0.01,
+        )
 
         _serve(b_clawback, "req_on_b_2")
         verdicts.disagreed(7, "m", "digest-1")
         verdicts.disagreed(7, "m", "digest-2")  # confirmed on distinct prompts: refund everywhere
-        await _until(lambda: [job.request_id for job in b_clawback.due] == ["req_on_b_2"])
+        await eventually_async(
+            lambda: [job.request_id for job in b_clawback.due] == ["req_on_b_2"], timeout=3.0, interval=0.01
+        )
         assert a_clawback.due == [] and (7, "m") in a_clawback.discredited_now
     finally:
         await a.close()
