@@ -277,6 +277,9 @@ def build_state(settings: Settings) -> PoolState:
             flush_lag=leases.flush_lag,
             request_backlog=lambda: requests.backlog,
             redis_errors=lambda: cluster.errors,
+            redis_dropped=lambda: cluster.dropped,
+            agents_elsewhere=lambda: len(registry) - len(registry.local()),
+            jobs_relayed=lambda: relay.relayed if relay is not None else 0,
         )
     )
     metrics.watch(engine)

@@ -75,7 +75,10 @@ Listener = Callable[[bytes], None]  # what arrived on a channel, raw
 Dropped = Callable[[], None]  # a message that will never be published (Redis away, or too slow)
 Connected = Callable[[], Awaitable[None]]
 
-OUTBOX = 100_000  # messages waiting for the sender at most; past it Redis is too slow and they are dropped
+# Messages, and bytes (a relayed job carries its request), waiting for the sender at most: past
+# either, Redis is too slow and what more comes is dropped (its senders are told).
+OUTBOX = 100_000
+OUTBOX_BYTES = 64 * 1024 * 1024
 
 
 class Cluster:
@@ -103,6 +106,7 @@ class Cluster:
         self.subscribed = asyncio.Event()  # set while the listener is subscribed to every channel
         self.dropped = 0  # messages the sender dropped (Redis away or too slow)
         self.subscriptions = 0  # times the listener subscribed: what was published between two was lost
+        self._outbox_bytes = 0
 
     @property
     def channel(self) -> str:
@@ -157,7 +161,7 @@ class Cluster:
         """Publish ``payload`` on ``channel`` in the background, in the order of the calls (one
         sender, one connection); ``False`` when it is dropped at once (no Redis, or Redis away).
         ``dropped`` is called if it is dropped later (the publication failed)."""
-        if self.client is None or not self.healthy:
+        if self.client is None or not self.healthy or self._outbox_bytes + len(payload) > OUTBOX_BYTES:
             self.dropped += 1
             return False
         try:
@@ -165,6 +169,7 @@ class Cluster:
         except asyncio.QueueFull:
             self.dropped += 1
             return False
+        self._outbox_bytes += len(payload)
         return True
 
     async def _send_all(self) -> None:
@@ -174,6 +179,7 @@ class Cluster:
             batch = [await self._outbox.get()]
             while not self._outbox.empty() and len(batch) < 512:
                 batch.append(self._outbox.get_nowait())
+            self._outbox_bytes -= sum(len(payload) for _, payload, _ in batch)
             try:
                 if len(batch) == 1:
                     await self.client.publish(batch[0][0], batch[0][1])
@@ -205,7 +211,7 @@ class Cluster:
     def tell(self, message: Push) -> None:
         """:meth:`push` without waiting: in order, in the background (this replica hears it through
         the channel too); without Redis, or while it is away, this replica acts on it at once."""
-        if not self.send(self.channel, msgspec.json.encode(message)):
+        if not self.send(self.channel, msgspec.json.encode(message), lambda: self._deliver(message)):
             self._deliver(message)
 
     def _deliver(self, message: Push) -> None:

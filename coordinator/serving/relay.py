@@ -141,6 +141,11 @@ class Relay:
                 for job_id in list(agent.jobs) if not agent.local else ():
                     self.dispatcher.relay_lost(job_id, "lost touch with the coordinator holding the agent")
 
+    @property
+    def relayed(self) -> int:
+        """Jobs running here for other replicas' consumers."""
+        return len(self._origins)
+
     def origin_gone(self, replica: str) -> None:
         """A replica left the mirror (killed, or cut off): nobody reads its jobs on our agents."""
         for job_id, origin in list(self._origins.items()):

@@ -39,6 +39,9 @@ class Gauges:
     flush_lag: Callable[[], float]
     request_backlog: Callable[[], int]
     redis_errors: Callable[[], int]
+    redis_dropped: Callable[[], int] = lambda: 0  # messages to other replicas that never went out
+    agents_elsewhere: Callable[[], int] = lambda: 0  # other replicas' agents in this one's mirror
+    jobs_relayed: Callable[[], int] = lambda: 0  # jobs this process runs for other replicas' consumers
 
 
 class _StateCollector(Collector):
@@ -59,6 +62,15 @@ class _StateCollector(Collector):
             "pool_request_log_backlog", "Request-log rows waiting to be written.", g.request_backlog()
         )
         yield CounterMetricFamily("pool_redis_errors", "Redis calls that failed (replicas).", g.redis_errors())
+        yield CounterMetricFamily(
+            "pool_redis_dropped_messages", "Messages to other replicas that were never published.", g.redis_dropped()
+        )
+        yield GaugeMetricFamily(
+            "pool_agents_elsewhere", "Agents connected to other replicas, in this one's mirror.", g.agents_elsewhere()
+        )
+        yield GaugeMetricFamily(
+            "pool_jobs_relayed", "Jobs this process runs on its agents for other replicas' consumers.", g.jobs_relayed()
+        )
 
 
 class Metrics:

@@ -97,6 +97,8 @@ def test_every_replica_shows_the_same_pool(trio: Trio) -> None:
         return statuses[0] == statuses[1] == statuses[2] and statuses[0]["modelsAvailable"] >= 3
 
     eventually(same_status, timeout=5, explain=lambda: "replicas disagree on /v1/pool/status")
+    metrics = httpx.get(f"{trio.b_url}/metrics", timeout=5).text  # B holds one agent, mirrors A's two and C's one
+    assert "pool_agents_connected 1.0" in metrics and "pool_agents_elsewhere 3.0" in metrics
 
 
 def test_a_consumer_on_b_is_served_by_an_agent_on_a(trio: Trio) -> None:
