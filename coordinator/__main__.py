@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from coordinator.core import db
 from coordinator.core.settings import Settings, SettingsError
 from coordinator.identity import users
+from coordinator.identity.policies import KeyPolicy, PolicyError
 from coordinator.market import catalog
 from coordinator.money import ledger
 from coordinator.trust import references
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--key-id", type=int, required=True)
     limits.add_argument("--rpm", type=int, help="requests per minute (omit: the default)")
     limits.add_argument("--tpm", type=int, help="tokens per minute (omit: the default)")
+    policy = admin_commands.add_parser(
+        "set-key-policy", help="replace a consumer key's policy (JSON, as PUT /v1/tokens/{id}/policy takes)"
+    )
+    policy.add_argument("--key-id", type=int, required=True)
+    policy.add_argument("--policy", required=True, help='e.g. \'{"models": ["smollm2"], "privacy": "trusted"}\'')
     for name, what in (
         ("vouch", "vouch for a provider: its agents' canary answers become reference answers"),
         ("unvouch", "stop vouching for a provider and remove its reference answers"),
@@ -166,6 +172,15 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
             raise users.AccountError(str(exc)) from None
         return f"saved {info.slug}"
 
+    async def set_policy(session: AsyncSession) -> str:
+        try:
+            policy = msgspec.json.decode(args.policy, type=KeyPolicy).check()
+        except (msgspec.ValidationError, msgspec.DecodeError, PolicyError) as exc:
+            raise users.AccountError(f"--policy: {exc}") from None
+        if not await users.set_key_policy(session, args.key_id, policy):
+            raise users.AccountError(f"no live key with id {args.key_id}")
+        return f"policy of key {args.key_id}: {msgspec.json.encode(policy).decode()} (coordinators read it within 1 s)"
+
     async def vouch(session: AsyncSession) -> str:
         return await references.vouch(session, args.email, args.admin_command == "vouch")
 
@@ -180,6 +195,7 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
         "create-agent-token": create_token,
         "grant-credits": grant_credits,
         "set-key-limits": set_limits,
+        "set-key-policy": set_policy,
     }
     return asyncio.run(_with_session(settings, actions[args.admin_command]))
 

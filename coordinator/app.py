@@ -57,6 +57,7 @@ from coordinator.web.routes.chat import create_chat_completion
 from coordinator.web.routes.directory import list_models, pool_status
 from coordinator.web.routes.ops import healthz, prometheus_metrics, readyz
 from coordinator.web.routes.pages import root, status_live, status_page
+from coordinator.web.routes.policies import policy_router
 from coordinator.web.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
 from coordinator.web.routes.portal_pages import portal_pages
 from coordinator.web.routes.provider import provider_agents
@@ -368,6 +369,7 @@ def create_app(settings: Settings) -> Litestar:
             login,
             logout,
             tokens_router,
+            policy_router,
             agent_tokens_router,
             account_router,
             grant_credits,

@@ -14,6 +14,7 @@ CONFLICT = "conflict"
 IDEMPOTENCY_CONFLICT = "idempotency_key_reused"
 INSUFFICIENT_CREDITS = "insufficient_credits"
 POLICY_BLOCKED = "policy_blocked"
+API_DISABLED = "api_disabled"  # the key is paused by its owner
 MODEL_NOT_FOUND = "model_not_found"
 NOT_FOUND = "not_found"
 REQUEST_TOO_LARGE = "request_too_large"

@@ -44,6 +44,12 @@ class Revoked(Push, tag="revoked"):
     credential_id: int
 
 
+class KeyChanged(Push, tag="key_changed"):
+    """A consumer key's policy changed: read it again on its next request, not when the cache expires."""
+
+    key_id: int
+
+
 class Blocked(Push, tag="blocked"):
     """An address failed authentication too often, counted over the pool: refuse it for ``seconds``."""
 
@@ -69,7 +75,7 @@ class Disagreed(Push, tag="disagreed"):
     prompt: str
 
 
-_decoder = msgspec.json.Decoder(Revoked | Blocked | Vouched | Disagreed)
+_decoder = msgspec.json.Decoder(Revoked | KeyChanged | Blocked | Vouched | Disagreed)
 Handler = Callable[[Push], None]
 Listener = Callable[[bytes], None]  # what arrived on a channel, raw
 Dropped = Callable[[], None]  # a message that will never be published (Redis away, or too slow)

@@ -79,6 +79,7 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     rpm_limit: Mapped[int | None] = mapped_column(Integer, default=None)
     tpm_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    policy: Mapped[str | None] = mapped_column(Text(), default=None)  # identity/policies.py, as JSON
 
 
 class AgentToken(Base):
@@ -226,6 +227,7 @@ class RequestLogRow(Base):
     refunded: Mapped[bool] = mapped_column(Boolean, default=False)  # a failed canary gave the cost back
     backend_id: Mapped[str | None] = mapped_column(String(200))  # what the backend called the reply
     backend_model: Mapped[str | None] = mapped_column(String(200))  # and itself; consumers see the slug
+    project: Mapped[str | None] = mapped_column(String(100))  # the key's policy's project label
 
 
 class DirectoryModel(Base):

@@ -69,6 +69,7 @@ class Settings:
     instance_lease_seconds: float = 30.0
     directory_reload_seconds: float = 10.0
     trust_threshold: float = 40.0  # agents scoring below get no consumer traffic (0-100)
+    trusted_tier_trust: float = 80.0  # a key with privacy `trusted` reaches agents scoring this or more
     trust_half_life: float = 86_400.0  # seconds over which evidence loses half its weight (POOL_TRUST_HALF_LIFE_HOURS)
     new_agent_concurrency: int = 2  # consumer jobs at once for agents not yet trusted
     canary_interval_seconds: float = 30.0  # one verification job this often (0: none)
@@ -265,6 +266,7 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "instance_lease_seconds": _positive_float,
     "directory_reload_seconds": _positive_float,
     "trust_threshold": _trust_score,
+    "trusted_tier_trust": _trust_score,
     "trust_half_life": lambda raw: _positive_float(raw) * 3600,
     "new_agent_concurrency": _positive_int,
     "canary_interval_seconds": _non_negative_float,

@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from coordinator.core.models import AgentToken, ApiKey, RevokedSession, User
-from coordinator.identity import keys
+from coordinator.identity import keys, policies
+from coordinator.identity.policies import KeyPolicy
 from coordinator.money import ledger
 
 MAX_CREDENTIALS_PER_USER = 100
@@ -28,12 +29,14 @@ class LimitReached(AccountError):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a valid secret belongs to, with the key's own rate limits (``None``: the defaults)."""
+    """Who a valid secret belongs to, with the key's own rate limits (``None``: the defaults) and
+    policy (``None``: everything allowed)."""
 
     user_id: int
     credential_id: int
     rpm: int | None = None
     tpm: int | None = None
+    policy: KeyPolicy | None = None
 
 
 def normalize_email(email: str) -> str:
@@ -152,12 +155,31 @@ async def set_key_limits(session: AsyncSession, key_id: int, rpm: int | None, tp
 async def find_api_key(session: AsyncSession, secret_digest: str) -> Principal | None:
     row = (
         await session.execute(
-            select(ApiKey.user_id, ApiKey.id, ApiKey.rpm_limit, ApiKey.tpm_limit).where(
+            select(ApiKey.user_id, ApiKey.id, ApiKey.rpm_limit, ApiKey.tpm_limit, ApiKey.policy).where(
                 ApiKey.digest == secret_digest, ApiKey.revoked_at.is_(None)
             )
         )
     ).first()
-    return Principal(row[0], row[1], row[2], row[3]) if row else None
+    return Principal(row[0], row[1], row[2], row[3], policies.decode(row[4])) if row else None
+
+
+async def key_policy(session: AsyncSession, key_id: int, user_id: int | None = None) -> KeyPolicy | None:
+    """A live key's policy (``KeyPolicy()`` if it has none); ``None`` if there is no such key
+    (of ``user_id``'s, when given)."""
+    query = select(ApiKey.policy).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+    if user_id is not None:
+        query = query.where(ApiKey.user_id == user_id)
+    row = (await session.execute(query)).first()
+    return None if row is None else policies.decode(row[0]) or KeyPolicy()
+
+
+async def set_key_policy(session: AsyncSession, key_id: int, policy: KeyPolicy, user_id: int | None = None) -> bool:
+    """Replace a live key's policy; ``False`` if there is no such key (of ``user_id``'s, when given)."""
+    query = update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+    if user_id is not None:
+        query = query.where(ApiKey.user_id == user_id)
+    result = await session.execute(query.values(policy=policies.encode(policy.check())))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def find_agent_token(session: AsyncSession, secret_digest: str) -> Principal | None:

@@ -63,7 +63,7 @@ class Routing:
             return cls()
         max_price = None
         if prefs.max_price is not None:
-            max_price = Price(_nano(prefs.max_price.prompt), _nano(prefs.max_price.completion))
+            max_price = Price(nano_cap(prefs.max_price.prompt), nano_cap(prefs.max_price.completion))
         return cls(
             sort=prefs.sort,
             max_price=max_price,
@@ -114,7 +114,7 @@ class Routing:
 DEFAULT_ROUTING = Routing()
 
 
-def _nano(usd_per_million: float | None) -> int:
+def nano_cap(usd_per_million: float | None) -> int:
     """A price cap in nano-USD per token, rounded down (a cap is never exceeded by rounding)."""
     if usd_per_million is None:
         return 2**62

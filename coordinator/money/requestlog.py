@@ -58,6 +58,7 @@ class RequestRecord:
     refunded: bool = False
     backend_id: str | None = None  # what the backend said; the consumer saw the pool's id and slug
     backend_model: str | None = None
+    project: str | None = None  # the key's policy's label
 
     def values(self) -> tuple[object, ...]:
         """The row, in the order of :data:`COLUMNS`."""

@@ -15,6 +15,7 @@ any output (its outcome is already recorded).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from coordinator.core.errors import PoolError
+from coordinator.identity import policies
+from coordinator.identity.policies import KeyPolicy
 from coordinator.identity.users import Principal
 from coordinator.market import placement, registry
 from coordinator.market.forward import backend_body, content_problem
@@ -66,6 +69,7 @@ class XPool(msgspec.Struct, omit_defaults=True):
     route: str | None = None  # why this agent: power_of_two, sort:price, order, fallback …
     candidates: int | None = None  # agents that could have taken the request
     attempts: int | None = None  # agents (and upstream) tried, failovers included
+    tier: str | None = None  # the key's privacy tier, when its policy sets one: any, trusted, platform
     replica: str | None = None  # with replicas: the coordinator that served the consumer
     agent_replica: str | None = None  # … and the one the agent is connected to
 
@@ -178,6 +182,7 @@ class Call:
     route: Route | None = None
     reader: JobReader | None = None
     ended: bool = False
+    tier: str | None = None  # the key policy's privacy tier (``x_pool.tier``)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -382,6 +387,7 @@ class Call:
             route=route.reason if route else None,
             candidates=route.candidates if route else None,
             attempts=route.attempts if route else None,
+            tier=self.tier,
             replica=pool.replica,
             agent_replica=(agent.replica or pool.replica) if agent is not None else None,
         )
@@ -442,6 +448,11 @@ async def admit(
             "This coordinator is shutting down; retry the request (another one will take it).",
             **{"retry-after": "1"},
         )
+    policy = principal.policy
+    if policy is not None:
+        record.project = policy.project or None
+        if policy.paused:
+            raise call.refuse(403, errors.API_DISABLED, "This key is paused by its owner; resume it to use it again.")
     for slug in models:
         if not _known_model(pool, slug):
             raise call.refuse(
@@ -450,6 +461,17 @@ async def admit(
                 f"The model `{slug}` does not exist in this pool. GET /v1/models lists the available models.",
                 "model",
             )
+        info = pool.directory.get(slug)
+        if policy is not None and not policy.allows(slug, info.family if info else None):
+            raise call.refuse(
+                403,
+                errors.POLICY_BLOCKED,
+                f"This key's policy does not allow the model `{slug}` (rule: models).",
+                "model",
+            )
+    if policy is not None:
+        call.routing = routing = _under_policy(pool, routing, policy)
+        call.tier = policy.privacy
     problem = content_problem(data)
     if problem is not None:
         raise call.refuse(400, errors.INVALID_REQUEST, problem[1], problem[0])
@@ -471,6 +493,22 @@ async def admit(
     if not call.offers:
         raise call.no_capacity()
     return call
+
+
+def _under_policy(pool: PoolState, routing: Routing, policy: KeyPolicy) -> Routing:
+    """The request's routing narrowed by its key's policy: the lower price cap of the two, and
+    only the agents (or the upstream) the privacy tier lets see the prompt."""
+    if policy.max_price is not None:
+        capped = Price(placement.nano_cap(policy.max_price.prompt), placement.nano_cap(policy.max_price.completion))
+        if routing.max_price is not None:
+            capped = Price(min(capped.input, routing.max_price.input), min(capped.output, routing.max_price.output))
+        routing = dataclasses.replace(routing, max_price=capped)
+    if policy.privacy == policies.TRUSTED:
+        routing = dataclasses.replace(routing, min_trust=max(routing.min_trust, pool.settings.trusted_tier_trust))
+    elif policy.privacy == policies.PLATFORM:
+        only = frozenset({placement.PLATFORM})
+        routing = dataclasses.replace(routing, only=only, order=())  # the request's allow_fallbacks still holds
+    return routing
 
 
 def _known_model(pool: PoolState, slug: str) -> bool:

@@ -1,0 +1,180 @@
+"""Key policies through real coordinator and agent processes and the OpenAI SDK (stand-in backends
+for the agent and the platform upstream): a key's owner sets its policy in the portal API, and every
+request is checked before anything is held or dispatched: paused (403 ``api_disabled``), allowed
+models and price cap (403 ``policy_blocked``, or only agents the cap admits), and the privacy tier
+(``trusted``: no agent below the operator's trust level sees the prompt; ``platform``: only the
+upstream). The project label lands in the request log. Storage of a policy runs on both databases."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from coordinator.core import db
+from coordinator.identity import keys, users
+from coordinator.identity.policies import KeyPolicy, MaxPrice, PolicyError
+from scripts import localpool
+from tests.harness import Pool, last_request, with_upstream
+from tests.waiting import eventually
+
+SLUG = "smollm2-135m"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def policed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """A coordinator whose upstream (a stand-in) serves ``smollm2-135m`` too, and one new agent
+    (trust 50: above the pool's threshold, below the trusted tier's 80). Not named ``pool``: that
+    fixture's agents are stopped after every test."""
+    harness = with_upstream(tmp_path_factory.mktemp("policies"), f"{SLUG}=upstream-smol", trusted_tier_trust="80")
+    harness.start()
+    try:
+        harness.extra["agent_backend"] = backend = harness.standin()
+        harness.agent(backend, [SLUG], max_concurrency=8)
+        yield harness
+    finally:
+        harness.stop()
+
+
+class Owner:
+    """A signed-up user with credits, one consumer key, and a portal session to set its policy."""
+
+    def __init__(self, pool: Pool) -> None:
+        email = f"owner-{secrets.token_hex(3)}@example.com"
+        session = pool.sign_up(email, "correct horse battery staple")
+        localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", "5")
+        self.pool, self.portal = pool, {"authorization": f"Bearer {session['token']}"}
+        created = httpx.post(f"{pool.url}/v1/tokens", json={"displayName": "k"}, headers=self.portal, timeout=10)
+        assert created.status_code == 201, created.text
+        self.key_id, self.key = created.json()["id"], created.json()["token"]
+
+    def put(self, policy: dict[str, Any], key_id: int | None = None) -> httpx.Response:
+        url = f"{self.pool.url}/v1/tokens/{key_id or self.key_id}/policy"
+        return httpx.put(url, json=policy, headers=self.portal, timeout=10)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.pool.url}/v1", api_key=self.key, max_retries=0)
+
+    def balance(self) -> str:
+        body = httpx.get(f"{self.pool.url}/v1/credits", headers={"authorization": f"Bearer {self.key}"}, timeout=10)
+        return str(body.json())
+
+
+def _x_pool(reply: Any) -> dict[str, Any]:
+    return dict((reply.model_extra or {})["x_pool"])
+
+
+def test_a_policy_is_set_and_read_by_the_keys_owner_only(policed: Pool) -> None:
+    pool = policed
+    owner, other = Owner(pool), Owner(pool)
+    read = httpx.get(f"{pool.url}/v1/tokens/{owner.key_id}/policy", headers=owner.portal, timeout=10)
+    assert read.status_code == 200 and read.json() == {}  # no policy: everything allowed
+    policy = {"models": ["smollm2"], "maxPrice": {"prompt": 1.0, "completion": 2.0}, "privacy": "trusted"}
+    set_ = owner.put({**policy, "project": "web"})
+    assert set_.status_code == 200, set_.text
+    read = httpx.get(f"{pool.url}/v1/tokens/{owner.key_id}/policy", headers=owner.portal, timeout=10)
+    assert read.json() == {**policy, "project": "web"}
+    for bad, param in (({"privacy": "secret"}, None), ({"colour": "red"}, None), ({"models": [""]}, "models")):
+        refused = owner.put(bad)
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error", refused.text
+        if param:
+            assert refused.json()["error"]["param"] == param
+    assert other.put({"paused": True}, key_id=owner.key_id).status_code == 404  # not theirs: no such key
+    assert httpx.get(f"{pool.url}/v1/tokens/{owner.key_id}/policy", timeout=10).status_code == 401
+
+
+def test_a_paused_key_is_refused_before_anything_is_held_and_resumes_at_once(policed: Pool) -> None:
+    pool = policed
+    owner = Owner(pool)
+    assert owner.client().chat.completions.create(model=SLUG, messages=MSG).choices  # type: ignore[arg-type]
+    before = owner.balance()
+    assert owner.put({"paused": True}).status_code == 200
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        owner.client().chat.completions.create(model=SLUG, messages=MSG)  # type: ignore[arg-type]
+    assert refused.value.code == "api_disabled"
+    assert owner.balance() == before  # nothing held, nothing charged
+    assert owner.put({}).status_code == 200  # resumed: the cached key was forgotten, no wait
+    assert owner.client().chat.completions.create(model=SLUG, messages=MSG).choices  # type: ignore[arg-type]
+
+
+def test_a_model_outside_the_policy_is_refused_naming_the_rule(policed: Pool) -> None:
+    pool = policed
+    owner = Owner(pool)
+    assert owner.put({"models": ["gemma"]}).status_code == 200  # a family
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        owner.client().chat.completions.create(model=SLUG, messages=MSG)  # type: ignore[arg-type]
+    assert refused.value.code == "policy_blocked" and "models" in str(refused.value.message)
+    assert owner.put({"models": ["gemma", SLUG]}).status_code == 200  # a slug
+    assert owner.client().chat.completions.create(model=SLUG, messages=MSG).choices  # type: ignore[arg-type]
+
+
+def test_the_price_cap_leaves_out_dearer_agents(policed: Pool) -> None:
+    pool = policed
+    """The agent asks $0.1 / $0.2 per 1M tokens; the upstream's price is 0. A cap under the agent's
+    price sends the request to the upstream; a cap over it lets the agent serve."""
+    owner = Owner(pool)
+    assert owner.put({"maxPrice": {"prompt": 0.05, "completion": 0.05}}).status_code == 200
+    reply = owner.client().chat.completions.create(model=SLUG, messages=MSG)  # type: ignore[arg-type]
+    assert _x_pool(reply)["fallback"] is True
+    assert owner.put({"maxPrice": {"prompt": 1, "completion": 1}, "project": "billing"}).status_code == 200
+    reply = owner.client().chat.completions.create(model=SLUG, messages=MSG)  # type: ignore[arg-type]
+    x_pool = _x_pool(reply)
+    assert x_pool["fallback"] is False and x_pool["tier"] == "any"
+    query = "SELECT project FROM request_log WHERE id = ?"
+    assert eventually(lambda: pool.query(query, x_pool["request_id"])) == [("billing",)]  # once written
+
+
+def test_privacy_tiers_decide_who_sees_the_prompt(policed: Pool) -> None:
+    pool = policed
+    owner = Owner(pool)
+    agent_backend = pool.extra["agent_backend"]
+    for tier in ("trusted", "platform"):  # the agent (trust 50) is below the trusted tier (80)
+        assert owner.put({"privacy": tier}).status_code == 200
+        marker = f"secret-{tier}-{secrets.token_hex(4)}"
+        reply = owner.client().chat.completions.create(
+            model=SLUG,
+            messages=[{"role": "user", "content": marker}],  # type: ignore[list-item]
+        )
+        x_pool = _x_pool(reply)
+        assert x_pool["fallback"] is True and x_pool["tier"] == tier
+        assert marker not in str(last_request(agent_backend))  # the agent never saw it
+        assert marker in str(last_request(pool.extra["upstream"]))
+    assert owner.put({"privacy": "platform"}).status_code == 200
+    with pytest.raises(openai.APIStatusError) as refused:  # the request asks for agents only: nobody may serve
+        owner.client().chat.completions.create(
+            model=SLUG,
+            messages=MSG,  # type: ignore[arg-type]
+            extra_body={"provider": {"allow_fallbacks": False}},
+        )
+    assert refused.value.status_code == 503
+
+
+async def test_a_policy_is_stored_with_its_key(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        await db.migrate(engine)
+        async with db.sessionmaker(engine)() as session, session.begin():
+            user = await users.create_user(session, "policy@example.com")
+            row, secret = await users.create_credential(session, users.ApiKey, user.id, "k")
+        policy = KeyPolicy(models=["smollm2"], max_price=MaxPrice(0.5, None), privacy="platform", project="p")
+        async with db.sessionmaker(engine)() as session, session.begin():
+            assert await users.set_key_policy(session, row.id, policy, user.id)
+            assert not await users.set_key_policy(session, row.id, policy, user.id + 1)  # not theirs
+        async with db.sessionmaker(engine)() as session:
+            principal = await users.find_api_key(session, keys.digest(secret))
+            assert principal is not None and principal.policy == policy
+            assert await users.key_policy(session, row.id) == policy
+        with pytest.raises(PolicyError):
+            KeyPolicy(project="x" * 101).check()
+        async with db.sessionmaker(engine)() as session, session.begin():
+            assert await users.set_key_policy(session, row.id, KeyPolicy(), user.id)  # allows everything again
+        async with db.sessionmaker(engine)() as session:
+            principal = await users.find_api_key(session, keys.digest(secret))
+            assert principal is not None and principal.policy is None
+    finally:
+        await engine.dispose()
