@@ -35,6 +35,7 @@ from coordinator.market.mirror import Mirror
 from coordinator.market.registry import Registry
 from coordinator.market.upstream import Upstream
 from coordinator.money import ledger
+from coordinator.money.budgets import KeyBudgets
 from coordinator.money.clawback import Clawback, SharedVerdicts, apply_verdict
 from coordinator.money.leases import CreditLeases
 from coordinator.money.metering import Price
@@ -302,6 +303,7 @@ def build_state(settings: Settings) -> PoolState:
         key_limits=key_limits,
         auth_failures=PoolFailureLimits(FailureLimits(settings.auth_failures_per_minute), cluster),
         leases=leases,
+        budgets=KeyBudgets(engine),
         portal=portal_sessions(settings),
         passwords=Passwords(),
         signups=AddressLimits(settings.signups_per_hour, 3600.0),
@@ -346,6 +348,7 @@ def create_app(settings: Settings) -> Litestar:
             pool.verifier.close()
             await periodic.refund_discredited(pool)
             await leases.close()
+            await pool.budgets.flush(everything=True)
             await pool.trust.close()
             await periodic.keep_history(pool)
             await pool.requests.close()

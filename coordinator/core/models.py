@@ -82,6 +82,17 @@ class ApiKey(Base):
     policy: Mapped[str | None] = mapped_column(Text(), default=None)  # identity/policies.py, as JSON
 
 
+class KeyBudgetRow(Base):
+    """Per consumer key and period (``YYYY-MM-DD`` or ``YYYY-MM``, UTC), the nano-USD of its spend
+    cap handed out to coordinator processes (``money/budgets.py``); never more than the cap."""
+
+    __tablename__ = "key_budgets"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(10), primary_key=True)
+    leased: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class AgentToken(Base):
     """A provider's agent token (``pool_agent_…``), stored as its SHA-256 digest."""
 

@@ -7,7 +7,10 @@ before anything is held or dispatched (``services/inference.admit``).
   and the upstream are left out, as with a request's own ``provider.max_price``;
 - ``privacy``: who may see the key's prompts: ``any`` agent above the pool's trust threshold,
   only ``trusted`` ones (at or above ``POOL_TRUSTED_TIER_TRUST``) or the ``platform`` upstream alone;
-- ``project``: a label the request log keeps with each request.
+- ``project``: a label the request log keeps with each request;
+- ``spendCap``: the most the key spends per UTC day and per UTC month (USD), over every coordinator
+  (``money/budgets.py``); a request whose worst case no longer fits is refused with 403
+  ``policy_blocked``.
 
 Stored as JSON on the key (``api_keys.policy``); an absent policy allows everything.
 """
@@ -18,10 +21,13 @@ from typing import Literal
 
 import msgspec
 
+from shared.money import usd_to_nano
+
 ANY, TRUSTED, PLATFORM = "any", "trusted", "platform"
 Privacy = Literal["any", "trusted", "platform"]
 MAX_MODELS = 100
 MAX_NAME = 100
+MAX_CAP_USD = 1_000_000
 
 
 class PolicyError(ValueError):
@@ -33,12 +39,18 @@ class MaxPrice(msgspec.Struct, forbid_unknown_fields=True):
     completion: float | None = None
 
 
+class SpendCap(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    day: float | None = None  # USD per UTC day
+    month: float | None = None  # USD per UTC month
+
+
 class KeyPolicy(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, rename="camel"):
     paused: bool = False
     models: list[str] | None = None
     max_price: MaxPrice | None = None
     privacy: Privacy = "any"
     project: str = ""
+    spend_cap: SpendCap | None = None
 
     def check(self) -> KeyPolicy:
         """The policy itself if every field holds; :class:`PolicyError` naming the first that does not."""
@@ -52,9 +64,26 @@ class KeyPolicy(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, 
                 value = getattr(self.max_price, side)
                 if value is not None and not 0 <= value < 1e9:
                     raise PolicyError(f"maxPrice.{side}: USD per 1M tokens, 0 or more")
+        if self.spend_cap is not None:
+            for period in ("day", "month"):
+                value = getattr(self.spend_cap, period)
+                try:
+                    if value is not None:
+                        usd_to_nano(str(value), MAX_CAP_USD)
+                except ValueError as exc:
+                    raise PolicyError(
+                        f"spendCap.{period}: USD, more than 0 and at most {MAX_CAP_USD:,} ({exc})"
+                    ) from None
         if len(self.project) > MAX_NAME:
             raise PolicyError(f"project: at most {MAX_NAME} characters")
         return self
+
+    def caps(self) -> dict[str, int]:
+        """The spend caps in nano-USD by period kind (``day``, ``month``); empty: none."""
+        if self.spend_cap is None:
+            return {}
+        caps = {"day": self.spend_cap.day, "month": self.spend_cap.month}
+        return {kind: usd_to_nano(str(usd), MAX_CAP_USD) for kind, usd in caps.items() if usd is not None}
 
     def allows(self, slug: str, family: str | None) -> bool:
         """Whether the key may ask for ``slug`` (whose directory family is ``family``)."""

@@ -31,6 +31,7 @@ from coordinator.market import placement, registry
 from coordinator.market.forward import backend_body, content_problem
 from coordinator.market.placement import DEFAULT_ROUTING, Offers, Routing, offer_price
 from coordinator.market.present import present
+from coordinator.money.budgets import DAY, BudgetHold, CapReached
 from coordinator.money.leases import Charge, Reservation
 from coordinator.money.ledger import InsufficientCredits
 from coordinator.money.metering import Bill, Meter, Price, output_bound, prompt_bound, prompt_estimate
@@ -183,6 +184,8 @@ class Call:
     reader: JobReader | None = None
     ended: bool = False
     tier: str | None = None  # the key policy's privacy tier (``x_pool.tier``)
+    caps: dict[str, int] = field(default_factory=dict)  # the key policy's spend caps, nano-USD by period
+    budget: BudgetHold | None = None  # the worst case, carved out of the key's spend caps
 
     # --- running ---------------------------------------------------------------------------
 
@@ -200,6 +203,8 @@ class Call:
                 f"at the lowest price on offer) and {format_usd(exc.available)} is available. Add credits or lower "
                 "max_tokens.",
             ) from None
+        if self.caps and self.reservation is not None:
+            await self._within_caps(self.reservation.amount)
         attempt = await pool.dispatcher.start(
             data.models,
             self.body,
@@ -219,6 +224,22 @@ class Call:
             raise self.failed(attempt.first)
         self.reader = JobReader(attempt.job, attempt.first, bound=self.meter.completion_bound)
         return attempt
+
+    async def _within_caps(self, amount: int) -> None:
+        """Carve the worst case out of the key's spend caps (403 when one has no room left) and say
+        what remains in the response's headers."""
+        budgets, key_id = self.pool.budgets, self.record.key_id or 0
+        try:
+            self.budget = await budgets.reserve(key_id, self.caps, amount)
+        except CapReached as exc:
+            raise self.refuse(
+                403,
+                errors.POLICY_BLOCKED,
+                f"This key's {'daily' if exc.period == DAY else 'monthly'} spend cap ({format_usd(exc.cap)}) has no "
+                f"room for this request's worst case ({format_usd(amount)}) (rule: spendCap.{exc.period}).",
+            ) from None
+        for kind, left in budgets.remaining(key_id, self.caps).items():
+            self.limits[f"x-pool-budget-remaining-{kind}"] = f"{nano_to_usd(left):.6f}"
 
     async def _hold(self) -> Price:
         """Reserve the worst case at the highest prices on offer, or, if the consumer's credit cannot
@@ -371,6 +392,7 @@ class Call:
             pool.stats.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
             pool.history.record(record.model, record.latency_ms, fallback=record.fallback, ok=ok)
         pool.leases.finish(record, charge, self.reservation, self.token_estimate)
+        pool.budgets.finish(self.budget, record.cost)
         pool.metrics.request(record)
         if agent is not None and job is not None:
             pool.clawback.served(agent.token_id, agent.agent_id, job.slug, record)  # until vouched for
@@ -472,6 +494,7 @@ async def admit(
     if policy is not None:
         call.routing = routing = _under_policy(pool, routing, policy)
         call.tier = policy.privacy
+        call.caps = policy.caps()
     problem = content_problem(data)
     if problem is not None:
         raise call.refuse(400, errors.INVALID_REQUEST, problem[1], problem[0])

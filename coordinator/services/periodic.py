@@ -52,6 +52,14 @@ async def write_charges(pool: PoolState) -> None:
         log.error("ledger flush failed", extra={"error": str(exc)})
 
 
+async def return_idle_budgets(pool: PoolState) -> None:
+    """Give back the spend-cap budget idle keys hold unused, so other processes can use it."""
+    try:
+        await pool.budgets.flush()
+    except Exception as exc:  # the database is away: it stays with us until next time
+        log.error("budget flush failed", extra={"error": str(exc)})
+
+
 async def write_request_log(pool: PoolState) -> None:
     """Write the request log rows waiting in memory (a failed write keeps them for the next round)."""
     await pool.requests.flush()
@@ -118,6 +126,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     once = {"args": [pool], "max_instances": 1, "coalesce": True}
     sched.add_job(write_charges, "interval", seconds=settings.ledger_flush_interval, **once)
     sched.add_job(write_request_log, "interval", seconds=settings.request_log_interval, **once)
+    sched.add_job(return_idle_budgets, "interval", seconds=5.0, **once)
     sched.add_job(drop_stale_agents, "interval", seconds=interval, **once)
     sched.add_job(drop_revoked_agents, "interval", seconds=1.0, **once)
     sweep = min(settings.hold_sweep_interval, settings.instance_lease_seconds / 3)

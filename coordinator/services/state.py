@@ -19,6 +19,7 @@ from coordinator.market.catalog import Directory
 from coordinator.market.mirror import Mirror
 from coordinator.market.registry import Registry
 from coordinator.market.upstream import Upstream
+from coordinator.money.budgets import KeyBudgets
 from coordinator.money.clawback import Clawback
 from coordinator.money.leases import CreditLeases
 from coordinator.money.requestlog import RequestLog
@@ -47,6 +48,7 @@ class PoolState:
     key_limits: PoolKeyLimits
     auth_failures: PoolFailureLimits
     leases: CreditLeases
+    budgets: KeyBudgets  # keys' spend caps, leased from the database like credit
     portal: SessionTokens
     passwords: Passwords
     signups: AddressLimits

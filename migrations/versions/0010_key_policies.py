@@ -1,5 +1,6 @@
-"""Key policies: what a consumer key may do (paused, models, price cap, privacy tier, project), kept
-as JSON on the key; the request log keeps the key's project.
+"""Key policies: what a consumer key may do (paused, models, price cap, privacy tier, project, spend
+caps), kept as JSON on the key; the request log keeps the key's project; key_budgets counts each
+key's spend cap handed out to processes per day and month.
 
 Revision ID: 0010
 Revises: 0009
@@ -22,9 +23,16 @@ def upgrade() -> None:
         batch.add_column(sa.Column("policy", sa.Text(), nullable=True))
     with op.batch_alter_table("request_log") as batch:
         batch.add_column(sa.Column("project", sa.String(100), nullable=True))
+    op.create_table(
+        "key_budgets",
+        sa.Column("key_id", sa.Integer(), sa.ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("period", sa.String(10), primary_key=True),
+        sa.Column("leased", sa.BigInteger(), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("key_budgets")
     with op.batch_alter_table("request_log") as batch:
         batch.drop_column("project")
     with op.batch_alter_table("api_keys") as batch:

@@ -7,17 +7,23 @@ upstream). The project label lands in the request log. Storage of a policy runs 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
+from sqlalchemy import select
 
 from coordinator.core import db
+from coordinator.core.models import KeyBudgetRow
 from coordinator.identity import keys, users
 from coordinator.identity.policies import KeyPolicy, MaxPrice, PolicyError
+from coordinator.money import budgets
 from scripts import localpool
 from tests.harness import Pool, last_request, with_upstream
 from tests.waiting import eventually
@@ -178,3 +184,102 @@ async def test_a_policy_is_stored_with_its_key(db_url: str) -> None:
             assert principal is not None and principal.policy is None
     finally:
         await engine.dispose()
+
+
+async def test_spend_caps_hold_over_processes_that_lease_the_budget(db_url: str) -> None:
+    """Two processes' budgets on one database (two engines, as two processes have): together they
+    never hold more than the cap, what they give back is free for the other, and the table ends up
+    counting exactly what was spent."""
+    engines = [db.create_engine(db_url), db.create_engine(db_url)]
+    try:
+        await db.migrate(engines[0])
+        async with db.sessionmaker(engines[0])() as session, session.begin():
+            user = await users.create_user(session, "caps@example.com")
+            row, _ = await users.create_credential(session, users.ApiKey, user.id, "k")
+        first, second = (budgets.KeyBudgets(engine) for engine in engines)
+        caps = {budgets.DAY: 10_000, budgets.MONTH: 15_000}
+        spent = 0
+        for n in range(40):  # worst case 700 each, real cost 400: alternate processes until refused
+            owner = (first, second)[n % 2]
+            try:
+                hold = await owner.reserve(row.id, caps, 700)
+            except budgets.CapReached as exc:
+                assert exc.period == budgets.DAY and exc.cap == 10_000
+                break
+            owner.finish(hold, 400)
+            spent += 400
+        else:
+            raise AssertionError("the cap never bit")
+        assert 10_000 - 2 * 700 - 2 * 500 <= spent <= 10_000  # each may strand less than a chunk (500) unused
+        for owner in (first, second):
+            await owner.flush(everything=True)  # idle: the unused rest goes back
+        async with engines[0].connect() as conn:
+            leased = (await conn.execute(select(KeyBudgetRow.leased).where(KeyBudgetRow.key_id == row.id))).scalars()
+            assert sorted(leased) == [spent, spent]  # the day's and the month's rows count what was spent
+        hold = await first.reserve(row.id, {budgets.DAY: 10_000}, 10_000 - spent)  # the rest, to the last nano
+        assert hold.amount == 10_000 - spent
+        with pytest.raises(budgets.CapReached):
+            await second.reserve(row.id, {budgets.DAY: 10_000}, 1)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+def test_a_daily_cap_over_two_coordinators_is_never_passed(tmp_path: Path, pg_url: str) -> None:
+    """Two coordinator processes on one PostgreSQL database, each with its own agent; one key with a
+    daily cap, requests alternating between them until the cap refuses them."""
+    a = Pool(tmp_path, db_url=pg_url)
+    a.start()
+    port = localpool.free_port()
+    b = localpool.start_coordinator(port, a.env, tmp_path, name="coordinator-b")
+    urls = [a.url, f"http://127.0.0.1:{port}"]
+    try:
+        a.agent(a.standin(), [SLUG], max_concurrency=8)
+        a.agent(a.standin(), [SLUG], coordinator=urls[1], wait=False, max_concurrency=8)
+        eventually(lambda: httpx.get(f"{urls[1]}/healthz", timeout=5).json()["agents"] == 1, timeout=15)
+        statuses, refusals, remaining = [], [], []
+        cap_usd = "0.0001"
+        policy = f'{{"spendCap": {{"day": {cap_usd}}}, "project": "capped"}}'
+        key_id = asyncio.run(_key_id(pg_url, a.key))
+        localpool.admin(a.env, "set-key-policy", "--key-id", str(key_id), "--policy", policy)
+        headers = {"authorization": f"Bearer {a.key}"}
+        body = {"model": SLUG, "messages": MSG, "max_tokens": 16}
+        for n in range(120):
+            response = httpx.post(f"{urls[n % 2]}/v1/chat/completions", json=body, headers=headers, timeout=30)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                remaining.append(float(response.headers["x-pool-budget-remaining-day"]))
+            else:
+                refusals.append(response.json()["error"])
+            if len(refusals) >= 6:
+                break
+        assert statuses.count(200) >= 5 and refusals, statuses
+        assert all(e["code"] == "policy_blocked" and "spendCap.day" in e["message"] for e in refusals), refusals
+        assert all(0 <= left <= 0.0001 for left in remaining), remaining  # USD left today, as a process knows it
+        spent = asyncio.run(_spent(pg_url))
+        assert 0 < spent <= 100_000, spent  # nano-USD: never past the cap
+        print(f"\ndaily cap $0.0001 over 2 coordinators: {statuses.count(200)} served, spent {spent} nano-USD")
+    finally:
+        b.stop()
+        a.stop()
+
+
+async def _key_id(url: str, key: str) -> int:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        return int(await conn.fetchval("SELECT id FROM api_keys WHERE digest = $1", keys.digest(key)))
+    finally:
+        await conn.close()
+
+
+async def _spent(url: str) -> int:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        for _ in range(50):  # the request log is written in batches
+            count = await conn.fetchval("SELECT count(*) FROM request_log WHERE project = 'capped' AND status = 200")
+            if count:
+                break
+            await asyncio.sleep(0.2)
+        return int(await conn.fetchval("SELECT coalesce(sum(cost), 0) FROM request_log WHERE project = 'capped'"))
+    finally:
+        await conn.close()
