@@ -117,6 +117,10 @@ class ProviderPreferences(msgspec.Struct, forbid_unknown_fields=True):
     quantizations: Annotated[list[Annotated[str, Meta(min_length=1, max_length=32)]], Meta(max_length=32)] | None = None
 
 
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, Meta(max_length=512)]
+
+
 class ChatCompletionRequest(msgspec.Struct):
     """The fields of ``POST /v1/chat/completions`` the pool checks before dispatching. ``model`` may
     be a list of models tried in order."""
@@ -142,6 +146,8 @@ class ChatCompletionRequest(msgspec.Struct):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # tags the pool keeps with the request for the owner's audit (GET /v1/requests); never forwarded
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)] | None = None
     provider: ProviderPreferences | None = None
 
     @property

@@ -209,6 +209,7 @@ class RequestLogRow(Base):
     __tablename__ = "request_log"
     __table_args__ = (
         Index("ix_request_log_user_day", "user_id", "day"),
+        Index("ix_request_log_user_created", "user_id", "created_at"),  # the audit list, newest first
         Index("ix_request_log_provider_day", "provider_user_id", "day"),
     )
 
@@ -239,6 +240,8 @@ class RequestLogRow(Base):
     backend_id: Mapped[str | None] = mapped_column(String(200))  # what the backend called the reply
     backend_model: Mapped[str | None] = mapped_column(String(200))  # and itself; consumers see the slug
     project: Mapped[str | None] = mapped_column(String(100))  # the key's policy's project label
+    end_user: Mapped[str | None] = mapped_column(String(256))  # the request's OpenAI ``user`` field
+    tags: Mapped[str | None] = mapped_column(Text())  # the request's ``metadata``, as JSON
 
 
 class DirectoryModel(Base):

@@ -24,7 +24,7 @@ from shared.openai import ChatCompletionRequest
 # Sampling fields outside OpenAI's API that llama.cpp, vLLM and others read alike and that change
 # only which tokens are drawn, never how many.
 PASS_THROUGH = frozenset({"top_k", "min_p", "typical_p", "repetition_penalty", "repeat_penalty"})
-FORWARDED = frozenset(ChatCompletionRequest.__struct_fields__) - {"provider"} | PASS_THROUGH
+FORWARDED = frozenset(ChatCompletionRequest.__struct_fields__) - {"provider", "metadata"} | PASS_THROUGH
 CONTENT_PARTS = frozenset({"text", "image_url", "input_audio", "refusal"})
 
 _decoder = msgspec.json.Decoder(dict[str, Any])

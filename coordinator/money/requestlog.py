@@ -59,6 +59,8 @@ class RequestRecord:
     backend_id: str | None = None  # what the backend said; the consumer saw the pool's id and slug
     backend_model: str | None = None
     project: str | None = None  # the key's policy's label
+    end_user: str | None = None  # the request's ``user``
+    tags: str | None = None  # the request's ``metadata``, JSON
 
     def values(self) -> tuple[object, ...]:
         """The row, in the order of :data:`COLUMNS`."""

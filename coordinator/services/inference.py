@@ -470,6 +470,8 @@ async def admit(
             "This coordinator is shutting down; retry the request (another one will take it).",
             **{"retry-after": "1"},
         )
+    record.end_user = data.user[:256] if data.user else None
+    record.tags = msgspec.json.encode(data.metadata).decode() if data.metadata else None
     policy = principal.policy
     if policy is not None:
         record.project = policy.project or None

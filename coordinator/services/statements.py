@@ -3,12 +3,16 @@ The account API and the portal pages both read these."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import logging
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import msgspec
-from sqlalchemy import Table, case, func, select
+from sqlalchemy import Table, and_, case, func, or_, select
 
 from coordinator.core.models import RequestLogRow
 from coordinator.money import ledger
@@ -68,6 +72,10 @@ class Generation(msgspec.Struct):
     costUsd: float
     costNano: int
     refunded: bool  # a failed verification of the agent gave the cost back
+    keyId: int | None = None
+    project: str | None = None  # the key's policy's project
+    user: str | None = None  # the request's ``user`` field
+    metadata: dict[str, str] | None = None  # the request's ``metadata`` tags
 
 
 class EarningsRow(msgspec.Struct):
@@ -172,7 +180,107 @@ def _generation(r: Any) -> Generation:
         costUsd=nano_to_usd(r.cost),
         costNano=r.cost,
         refunded=r.refunded,
+        keyId=r.key_id,
+        project=r.project,
+        user=r.end_user,
+        metadata=msgspec.json.decode(r.tags) if r.tags else None,
     )
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """Which of a user's requests to list; ``None`` matches anything."""
+
+    since: datetime
+    until: datetime  # exclusive
+    key_id: int | None = None
+    project: str | None = None
+    model: str | None = None
+    status: int | None = None
+    provider: str | None = None  # a provider's user id, or ``platform``
+
+
+class RequestPage(msgspec.Struct):
+    data: list[Generation]
+    nextCursor: str | None  # pass as ``cursor`` for the next (older) page; ``null``: the last page
+
+
+def _cursor(created_at: datetime, request_id: str) -> str:
+    raw = f"{created_at.astimezone(UTC).isoformat()}|{request_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def cursor_position(cursor: str) -> tuple[datetime, str]:
+    """Where a cursor points; ``ValueError`` if it is not one of ours."""
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    at, _, request_id = raw.partition("|")
+    if not request_id:
+        raise ValueError("not a cursor")
+    return datetime.fromisoformat(at), request_id
+
+
+async def list_requests(
+    pool: PoolState, user_id: int, where: RequestFilter, cursor: tuple[datetime, str] | None, limit: int
+) -> RequestPage:
+    """A page of the user's requests, newest first, matching ``where``, after ``cursor``."""
+    await pool.requests.flush()  # rows still in memory first
+    c = _log.c
+    query = select(_log).where(c.user_id == user_id, c.created_at >= where.since, c.created_at < where.until)
+    for column, value in ((c.key_id, where.key_id), (c.project, where.project), (c.model, where.model)):
+        if value is not None:
+            query = query.where(column == value)
+    if where.status is not None:
+        query = query.where(c.status == where.status)
+    if where.provider == "platform":
+        query = query.where(c.fallback.is_(True))
+    elif where.provider is not None:
+        query = query.where(c.provider_user_id == int(where.provider))
+    if cursor is not None:
+        at, request_id = cursor
+        query = query.where(or_(c.created_at < at, and_(c.created_at == at, c.id < request_id)))
+    query = query.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
+    async with pool.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    page = [_generation(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return RequestPage(page, _cursor(rows[limit - 1].created_at, rows[limit - 1].id) if more else None)
+
+
+CSV_COLUMNS = (
+    "id",
+    "createdAt",
+    "keyId",
+    "project",
+    "user",
+    "model",
+    "status",
+    "errorCode",
+    "stream",
+    "fallback",
+    "provider",
+    "agentId",
+    "latencyMs",
+    "ttftMs",
+    "promptTokens",
+    "completionTokens",
+    "costUsd",
+    "refunded",
+    "metadata",
+)
+
+
+def as_csv(page: RequestPage) -> str:
+    """The page as CSV, one row per request (``metadata`` as JSON), with a header row."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for g in page.data:
+        metadata = msgspec.json.encode(g.metadata).decode() if g.metadata else ""
+        row = [getattr(g, name) for name in CSV_COLUMNS[:-1]]
+        writer.writerow(
+            ["" if v is None else v.isoformat() if isinstance(v, datetime) else v for v in row] + [metadata]
+        )
+    return out.getvalue()
 
 
 async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Earnings:

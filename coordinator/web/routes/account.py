@@ -1,4 +1,5 @@
-"""A user's money, read-only: credits, usage by day and model, one generation, provider earnings.
+"""A user's money, read-only: credits, usage by day and model, one generation, the audit list of
+requests (with filters, pages and CSV), provider earnings.
 
 Open to a portal session or one of the user's consumer keys; every query is scoped to that user.
 """
@@ -6,9 +7,9 @@ Open to a portal session or one of the user's consumer keys; every query is scop
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from litestar import Request, Router, get
+from litestar import MediaType, Request, Response, Router, get
 from litestar.params import Parameter
 
 from coordinator.core.errors import PoolError
@@ -17,10 +18,15 @@ from coordinator.services.statements import (
     Credits,
     Earnings,
     Generation,
+    RequestFilter,
+    RequestPage,
     Usage,
+    as_csv,
     credit_figures,
+    cursor_position,
     earnings_by_day,
     generation_of,
+    list_requests,
     usage_by_day,
 )
 from coordinator.web.guards import require_account
@@ -75,6 +81,40 @@ async def generation(request: Request[Any, Any, Any], generation_id: str) -> Gen
     return found
 
 
+@get(
+    "/requests",
+    summary="Your requests, newest first, with filters and pages (format=csv: a CSV file); never prompts or keys",
+)
+async def requests(
+    request: Request[Any, Any, Any],
+    from_date: str | None = FROM,
+    to_date: str | None = TO,
+    key: Annotated[int | None, Parameter(query="key", ge=1, le=2**31 - 1)] = None,
+    project: Annotated[str | None, Parameter(max_length=100)] = None,
+    model: Annotated[str | None, Parameter(max_length=200)] = None,
+    status: Annotated[int | None, Parameter(ge=100, le=599)] = None,
+    provider: Annotated[str | None, Parameter(pattern=r"^(platform|[0-9]{1,10})$")] = None,
+    cursor: Annotated[str | None, Parameter(max_length=200)] = None,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
+    format: Literal["json", "csv"] = "json",
+) -> Response[Any]:
+    first, last = _date_range(from_date, to_date)
+    since = datetime.fromisoformat(first).replace(tzinfo=UTC)
+    until = datetime.fromisoformat(last).replace(tzinfo=UTC) + timedelta(days=1)
+    try:
+        position = None if cursor is None else cursor_position(cursor)
+    except ValueError:
+        raise PoolError(400, errors.INVALID_REQUEST, "`cursor` is not one this API gave out.", param="cursor") from None
+    where = RequestFilter(since, until, key, project, model, status, provider)
+    page: RequestPage = await list_requests(_pool(request), request.state.user_id, where, position, limit)
+    if format == "csv":
+        headers = {"content-disposition": 'attachment; filename="requests.csv"'}
+        if page.nextCursor:
+            headers["x-next-cursor"] = page.nextCursor
+        return Response(as_csv(page), media_type="text/csv; charset=utf-8", headers=headers)
+    return Response(page, media_type=MediaType.JSON)
+
+
 @get("/provider/earnings", summary="What your agents earned, per day and model, and your earnings balance")
 async def provider_earnings(
     request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO
@@ -83,5 +123,8 @@ async def provider_earnings(
 
 
 account_router = Router(
-    "/v1", route_handlers=[credits, usage, generation, provider_earnings], guards=[require_account], tags=["account"]
+    "/v1",
+    route_handlers=[credits, usage, generation, requests, provider_earnings],
+    guards=[require_account],
+    tags=["account"],
 )
