@@ -242,6 +242,7 @@ class RequestLogRow(Base):
     project: Mapped[str | None] = mapped_column(String(100))  # the key's policy's project label
     end_user: Mapped[str | None] = mapped_column(String(256))  # the request's OpenAI ``user`` field
     tags: Mapped[str | None] = mapped_column(Text())  # the request's ``metadata``, as JSON
+    dlp: Mapped[str | None] = mapped_column(Text())  # what data protection found: detector -> count, JSON
 
 
 class DirectoryModel(Base):

@@ -8,6 +8,9 @@ before anything is held or dispatched (``services/inference.admit``).
 - ``privacy``: who may see the key's prompts: ``any`` agent above the pool's trust threshold,
   only ``trusted`` ones (at or above ``POOL_TRUSTED_TIER_TRUST``) or the ``platform`` upstream alone;
 - ``project``: a label the request log keeps with each request;
+- ``dlp``: data protection, per detector (``secret``, ``card``, ``iban``, ``email``, ``phone``:
+  ``core/dlp.py``) an action: ``block`` (403 ``policy_blocked``), ``redact`` (placeholders before
+  dispatch) or ``private`` (served only by trusted agents or the platform upstream);
 - ``spendCap``: the most the key spends per UTC day and per UTC month (USD), over every coordinator
   (``money/budgets.py``); a request whose worst case no longer fits is refused with 403
   ``policy_blocked``.
@@ -21,10 +24,12 @@ from typing import Literal
 
 import msgspec
 
+from coordinator.core.dlp import DETECTORS
 from shared.money import usd_to_nano
 
 ANY, TRUSTED, PLATFORM = "any", "trusted", "platform"
 Privacy = Literal["any", "trusted", "platform"]
+Action = Literal["block", "redact", "private"]
 MAX_MODELS = 100
 MAX_NAME = 100
 MAX_CAP_USD = 1_000_000
@@ -51,6 +56,7 @@ class KeyPolicy(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, 
     privacy: Privacy = "any"
     project: str = ""
     spend_cap: SpendCap | None = None
+    dlp: dict[str, Action] | None = None
 
     def check(self) -> KeyPolicy:
         """The policy itself if every field holds; :class:`PolicyError` naming the first that does not."""
@@ -74,6 +80,9 @@ class KeyPolicy(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, 
                     raise PolicyError(
                         f"spendCap.{period}: USD, more than 0 and at most {MAX_CAP_USD:,} ({exc})"
                     ) from None
+        for detector in self.dlp or {}:
+            if detector not in DETECTORS:
+                raise PolicyError(f"dlp: no detector {detector[:40]!r} (there are {', '.join(DETECTORS)})")
         if len(self.project) > MAX_NAME:
             raise PolicyError(f"project: at most {MAX_NAME} characters")
         return self

@@ -14,11 +14,14 @@ network. Images and audio come inline, as ``data:`` URLs and base64 data.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from coordinator.core import bodies
+from coordinator.core import bodies, dlp
 from shared.openai import ChatCompletionRequest
 
 # Sampling fields outside OpenAI's API that llama.cpp, vLLM and others read alike and that change
@@ -59,3 +62,60 @@ def content_problem(request: ChatCompletionRequest) -> tuple[str, str] | None:
                     "Images must be sent inline as `data:` URLs: providers' servers do not fetch URLs.",
                 )
     return None
+
+
+@dataclass(frozen=True)
+class Protected:
+    """What data protection made of a backend body: the body to send (redacted where the policy
+    says so), what each detector found, and which found something whose action is ``block`` or
+    ``private`` (the first of each)."""
+
+    body: bytes
+    found: dict[str, int]
+    blocked: str | None = None
+    private: str | None = None
+
+
+_KEPT = frozenset({"role", "type", "tool_call_id", "id"})  # message fields that hold no free text
+
+
+def protect(body: bytes, actions: Mapping[str, str]) -> Protected:
+    """Run the detectors ``actions`` names over the messages' text in ``body``; redact what the
+    ``redact`` ones find (:class:`coordinator.core.dlp.Redactor`). Inline media (``data:`` URLs,
+    base64 audio) is not text and is left alone."""
+    decoded: dict[str, Any] = _decoder.decode(body)
+    texts = list(_texts(decoded.get("messages")))
+    detectors = tuple(name for name in dlp.DETECTORS if name in actions)
+    found: Counter[str] = Counter()
+    for text in texts:
+        found += dlp.find(text, detectors)
+    blocked = next((n for n in detectors if found[n] and actions[n] == dlp.BLOCK), None)
+    private = next((n for n in detectors if found[n] and actions[n] == dlp.PRIVATE), None)
+    redacting = tuple(n for n in detectors if found[n] and actions[n] == dlp.REDACT)
+    if blocked is None and redacting:
+        redactor = dlp.Redactor(redacting)
+        decoded["messages"] = _rewrite(decoded.get("messages"), redactor)
+        body = _encoder.encode(decoded)
+    return Protected(body, dict(found), blocked, private)
+
+
+def _texts(value: Any, key: str | None = None) -> Iterator[str]:
+    if isinstance(value, str):
+        if key not in _KEPT and not value.startswith("data:"):
+            yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+    elif isinstance(value, dict) and value.get("type") != "input_audio":
+        for name, item in value.items():
+            yield from _texts(item, name)
+
+
+def _rewrite(value: Any, redact: Callable[[str], str], key: str | None = None) -> Any:
+    if isinstance(value, str):
+        return value if key in _KEPT or value.startswith("data:") else redact(value)
+    if isinstance(value, list):
+        return [_rewrite(item, redact) for item in value]
+    if isinstance(value, dict) and value.get("type") != "input_audio":
+        return {name: _rewrite(item, redact, name) for name, item in value.items()}
+    return value

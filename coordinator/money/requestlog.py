@@ -61,6 +61,7 @@ class RequestRecord:
     project: str | None = None  # the key's policy's label
     end_user: str | None = None  # the request's ``user``
     tags: str | None = None  # the request's ``metadata``, JSON
+    dlp: str | None = None  # what data protection found, detector -> count, JSON (never the text)
 
     def values(self) -> tuple[object, ...]:
         """The row, in the order of :data:`COLUMNS`."""

@@ -28,7 +28,7 @@ from coordinator.identity import policies
 from coordinator.identity.policies import KeyPolicy
 from coordinator.identity.users import Principal
 from coordinator.market import placement, registry
-from coordinator.market.forward import backend_body, content_problem
+from coordinator.market.forward import backend_body, content_problem, protect
 from coordinator.market.placement import DEFAULT_ROUTING, Offers, Routing, offer_price
 from coordinator.market.present import present
 from coordinator.money.budgets import DAY, BudgetHold, CapReached
@@ -501,6 +501,23 @@ async def admit(
     if problem is not None:
         raise call.refuse(400, errors.INVALID_REQUEST, problem[1], problem[0])
     call.body = backend_body(raw, bound)
+    if policy is not None and policy.dlp:
+        protected = protect(call.body, policy.dlp)
+        record.dlp = msgspec.json.encode(protected.found).decode() if protected.found else None
+        if protected.blocked is not None:
+            raise call.refuse(
+                403,
+                errors.POLICY_BLOCKED,
+                f"The prompt holds what the `{protected.blocked}` detector looks for, which this key's policy "
+                f"blocks (rule: dlp.{protected.blocked}).",
+                "messages",
+            )
+        call.body = protected.body
+        if protected.private is not None and policy.privacy == policies.ANY:  # trusted agents or the upstream
+            call.routing = routing = dataclasses.replace(
+                routing, min_trust=max(routing.min_trust, pool.settings.trusted_tier_trust)
+            )
+            call.tier = policies.TRUSTED
     estimate = len(raw) // 4 + (data.max_completion_tokens or data.max_tokens or 0)
     decision = await pool.key_limits.admit(principal.credential_id, estimate, principal.rpm, principal.tpm)
     if not decision.allowed:

@@ -76,6 +76,7 @@ class Generation(msgspec.Struct):
     project: str | None = None  # the key's policy's project
     user: str | None = None  # the request's ``user`` field
     metadata: dict[str, str] | None = None  # the request's ``metadata`` tags
+    dlp: dict[str, int] | None = None  # what data protection found in the prompt, per detector
 
 
 class EarningsRow(msgspec.Struct):
@@ -184,6 +185,7 @@ def _generation(r: Any) -> Generation:
         project=r.project,
         user=r.end_user,
         metadata=msgspec.json.decode(r.tags) if r.tags else None,
+        dlp=msgspec.json.decode(r.dlp) if r.dlp else None,
     )
 
 
@@ -265,6 +267,7 @@ CSV_COLUMNS = (
     "completionTokens",
     "costUsd",
     "refunded",
+    "dlp",
     "metadata",
 )
 
@@ -276,7 +279,8 @@ def as_csv(page: RequestPage) -> str:
     writer.writerow(CSV_COLUMNS)
     for g in page.data:
         metadata = msgspec.json.encode(g.metadata).decode() if g.metadata else ""
-        row = [getattr(g, name) for name in CSV_COLUMNS[:-1]]
+        row: list[object] = [getattr(g, name) for name in CSV_COLUMNS[:-2]]
+        row.append(" ".join(f"{name}:{n}" for name, n in (g.dlp or {}).items()))
         writer.writerow(
             ["" if v is None else v.isoformat() if isinstance(v, datetime) else v for v in row] + [metadata]
         )

@@ -26,6 +26,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("project", sa.String(100), nullable=True))
         batch.add_column(sa.Column("end_user", sa.String(256), nullable=True))
         batch.add_column(sa.Column("tags", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("dlp", sa.Text(), nullable=True))
     op.create_index("ix_request_log_user_created", "request_log", ["user_id", "created_at"])
     op.create_table(
         "key_budgets",
@@ -39,6 +40,7 @@ def downgrade() -> None:
     op.drop_table("key_budgets")
     op.drop_index("ix_request_log_user_created", "request_log")
     with op.batch_alter_table("request_log") as batch:
+        batch.drop_column("dlp")
         batch.drop_column("tags")
         batch.drop_column("end_user")
         batch.drop_column("project")

@@ -160,6 +160,53 @@ def test_privacy_tiers_decide_who_sees_the_prompt(policed: Pool) -> None:
     assert refused.value.status_code == 503
 
 
+def test_data_protection_blocks_redacts_or_keeps_prompts_private(policed: Pool) -> None:
+    pool = policed
+    owner = Owner(pool)
+    agent_backend, upstream = pool.extra["agent_backend"], pool.extra["upstream"]
+    dlp_policy = {"secret": "block", "email": "redact", "card": "redact", "iban": "redact", "phone": "private"}
+    assert owner.put({"dlp": dlp_policy}).status_code == 200
+
+    before = owner.balance()
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        owner.client().chat.completions.create(
+            model=SLUG,
+            messages=[{"role": "user", "content": "deploy with AKIAIOSFODNN7EXAMPLE please"}],  # type: ignore[list-item]
+        )
+    assert refused.value.code == "policy_blocked" and "dlp.secret" in str(refused.value.message)
+    assert "AKIA" not in str(refused.value.message)  # the rule is named, never the text
+    assert owner.balance() == before  # blocked before anything was held
+
+    secrets_in_prompt = ["ann@example.org", "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32"]
+    prompt = f"Mail {secrets_in_prompt[0]} about card {secrets_in_prompt[1]} and IBAN {secrets_in_prompt[2]}; "
+    prompt += f"cc {secrets_in_prompt[0]}."
+    reply = owner.client().chat.completions.create(
+        model=SLUG,
+        messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+    )
+    assert _x_pool(reply)["fallback"] is False  # nothing private: the agent served, redacted
+    received = str(last_request(agent_backend))
+    assert "[EMAIL_1]" in received and "[CARD_1]" in received and "[IBAN_1]" in received
+    for value in secrets_in_prompt:
+        for piece in (value, value.replace(" ", "")[:8], value.split("@")[0] + "@"):
+            assert piece not in received, piece  # no original substring of a match reaches the agent
+    assert received.count("[EMAIL_1]") == 2  # the same value, the same placeholder
+
+    marker = secrets.token_hex(4)
+    reply = owner.client().chat.completions.create(
+        model=SLUG,
+        messages=[{"role": "user", "content": f"{marker}: call +44 20 7946 0958"}],  # type: ignore[list-item]
+    )
+    x_pool = _x_pool(reply)
+    assert x_pool["fallback"] is True and x_pool["tier"] == "trusted"  # the agent (trust 50) is not trusted
+    assert marker not in str(last_request(agent_backend)) and marker in str(last_request(upstream))
+
+    listed = httpx.get(f"{pool.url}/v1/requests", headers={"authorization": f"Bearer {owner.key}"}, timeout=10)
+    found = [row["dlp"] for row in listed.json()["data"]]
+    assert found[:3] == [{"phone": 1}, {"email": 2, "card": 1, "iban": 1}, {"secret": 1}]  # counts, never text
+    assert "AKIA" not in listed.text and "ann@" not in listed.text
+
+
 async def test_a_policy_is_stored_with_its_key(db_url: str) -> None:
     engine = db.create_engine(db_url)
     try:
