@@ -245,6 +245,10 @@ class Registry:
             if slug in agent.models and not agent.draining and agent.trust >= trust_floor
         ]
 
+    def able_any(self, trust_floor: float) -> list[ConnectedAgent]:
+        """Agents that can get some model's traffic (not draining, trusted enough)."""
+        return [agent for agent in self._agents.values() if not agent.draining and agent.trust >= trust_floor]
+
     def slugs(self) -> set[str]:
         return {slug for agent in self._agents.values() for slug in agent.models}
 

@@ -27,7 +27,8 @@ from coordinator.core.errors import PoolError
 from coordinator.identity import policies
 from coordinator.identity.policies import KeyPolicy
 from coordinator.identity.users import Principal
-from coordinator.market import placement, registry
+from coordinator.market import auto, placement, registry
+from coordinator.market.auto import AUTO, AutoChoice, NothingFits
 from coordinator.market.forward import backend_body, content_problem, protect
 from coordinator.market.placement import DEFAULT_ROUTING, Offers, Routing, offer_price
 from coordinator.market.present import present
@@ -71,6 +72,7 @@ class XPool(msgspec.Struct, omit_defaults=True):
     candidates: int | None = None  # agents that could have taken the request
     attempts: int | None = None  # agents (and upstream) tried, failovers included
     tier: str | None = None  # the key's privacy tier, when its policy sets one: any, trusted, platform
+    auto: AutoChoice | None = None  # ``model: "auto"``: which model the pool chose, why, among which
     replica: str | None = None  # with replicas: the coordinator that served the consumer
     agent_replica: str | None = None  # … and the one the agent is connected to
 
@@ -184,6 +186,7 @@ class Call:
     reader: JobReader | None = None
     ended: bool = False
     tier: str | None = None  # the key policy's privacy tier (``x_pool.tier``)
+    auto: AutoChoice | None = None  # the pool's choice for ``model: "auto"`` (``x_pool.auto``)
     caps: dict[str, int] = field(default_factory=dict)  # the key policy's spend caps, nano-USD by period
     budget: BudgetHold | None = None  # the worst case, carved out of the key's spend caps
 
@@ -410,6 +413,7 @@ class Call:
             candidates=route.candidates if route else None,
             attempts=route.attempts if route else None,
             tier=self.tier,
+            auto=self.auto,
             replica=pool.replica,
             agent_replica=(agent.replica or pool.replica) if agent is not None else None,
         )
@@ -459,10 +463,24 @@ async def admit(
     whether anyone can serve. The admitted :class:`Call`, or :class:`Refusal`."""
     models = data.models
     record.model, record.stream = models[0], data.stream
+    chosen = None
+    if models == [AUTO]:
+        try:
+            chosen = _auto(pool, principal.policy, data, raw)
+        except NothingFits as exc:
+            call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), Routing(), placement.NO_OFFERS, {})
+            if exc.serving:
+                retry = str(pool.settings.no_capacity_retry_after)
+                raise call.refuse(503, errors.NO_CAPACITY, str(exc), "model", **{"retry-after": retry}) from None
+            raise call.refuse(400, errors.INVALID_REQUEST, str(exc), "model") from None
+        data.model = chosen.chosen
+        models = data.models
+        record.model = models[0]
     bound = output_bound(data, _model_cap(pool, models))
     meter = Meter(prompt_bound(raw), bound, prompt_estimate(data))
     routing = Routing.of(data.provider)
     call = Call(pool, record, data, b"", meter, routing, placement.NO_OFFERS, {})
+    call.auto = chosen
     if pool.refusing:
         raise call.refuse(
             503,
@@ -535,6 +553,33 @@ async def admit(
     if not call.offers:
         raise call.no_capacity()
     return call
+
+
+def _auto(pool: PoolState, policy: KeyPolicy | None, data: ChatCompletionRequest, raw: bytes) -> AutoChoice:
+    """The model ``auto`` means for this request (:mod:`coordinator.market.auto`), under the key's policy."""
+    routing = Routing.of(data.provider)
+    if policy is not None:
+        routing = _under_policy(pool, routing, policy)
+    fmt = data.response_format
+    needs = auto.Needs(
+        prompt_tokens=prompt_bound(raw),
+        output_tokens=data.max_completion_tokens or data.max_tokens or auto.DEFAULT_OUTPUT,
+        tools=bool(data.tools),
+        json=fmt is not None and fmt.type != "text",
+    )
+    floor = pool.settings.trust_threshold
+
+    def offers(slug: str) -> placement.Offers:
+        return placement.prices(pool.registry, pool.upstream, [slug], routing, trust_floor=floor)
+
+    return auto.choose(
+        pool.directory,
+        sorted(set(pool.directory.entries) | set(pool.upstream.models)),
+        needs,
+        policy.allows if policy is not None else (lambda slug, family: True),
+        offers,
+        lambda price: price.cost(needs.prompt_tokens, needs.output_tokens),
+    )
 
 
 def _under_policy(pool: PoolState, routing: Routing, policy: KeyPolicy) -> Routing:

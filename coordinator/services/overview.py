@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 from redis.exceptions import RedisError
 
+from coordinator.market.auto import AUTO
 from coordinator.services.state import PoolState
 from coordinator.status.history import MINUTE, StatusPoint
 from coordinator.status.stats import Window, merged, window_bytes
@@ -107,6 +108,30 @@ def model_list(pool: PoolState) -> ModelList:
                 avgTrustScore=round(sum(a.trust for a in agents) / len(agents), 1) if agents else None,
                 fallbackAvailable=pool.upstream.serves(slug),
             )
+        )
+    if entries:  # ``auto``: the pool picks, per request, the cheapest of these that fits
+        providers = {a.user_id for a in pool.registry.able_any(pool.settings.trust_threshold)}
+        floors = [e.minPricePer1mTokensUsd for e in entries if e.minPricePer1mTokensUsd is not None]
+        entries.insert(
+            0,
+            ModelEntry(
+                id=AUTO,
+                object="model",
+                created=CREATED_UNKNOWN,
+                owned_by="provider-pool",
+                slug=AUTO,
+                displayName="Auto: the cheapest model that fits the request",
+                family=AUTO,
+                parameterCount=None,
+                contextWindow=max((e.contextWindow or 0 for e in entries), default=None) or None,
+                useCases=sorted({use for e in entries for use in e.useCases}),
+                quantizations=[],
+                aliases=[],
+                providerCount=len(providers),
+                minPricePer1mTokensUsd=min(floors) if floors else None,
+                avgTrustScore=None,
+                fallbackAvailable=any(e.fallbackAvailable for e in entries),
+            ),
         )
     return ModelList(object="list", data=entries)
 
