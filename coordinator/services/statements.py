@@ -304,3 +304,15 @@ async def generation_of(pool: PoolState, user_id: int, generation_id: str) -> Ge
     async with pool.engine.connect() as conn:
         row = (await conn.execute(select(_log).where(_log.c.id == generation_id, _log.c.user_id == user_id))).first()
     return None if row is None else _generation(row)
+
+
+async def key_spend(pool: PoolState, user_id: int, key_id: int) -> tuple[int, int]:
+    """What one of the user's keys spent today and this month (UTC), nano-USD, refunds taken off."""
+    await pool.requests.flush()
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    spent = func.coalesce(func.sum(_unless_refunded(_log.c.cost)), 0)
+    mine = (_log.c.user_id == user_id) & (_log.c.key_id == key_id)
+    async with pool.engine.connect() as conn:
+        day = (await conn.execute(select(spent).where(mine, _log.c.day == today))).scalar()
+        month = (await conn.execute(select(spent).where(mine, _log.c.day.startswith(today[:8])))).scalar()
+    return int(day or 0), int(month or 0)

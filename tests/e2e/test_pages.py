@@ -193,6 +193,58 @@ def test_a_developer_signs_up_creates_a_key_uses_it_sees_it_and_revokes_it(site:
     page.close()
 
 
+def test_a_developer_sets_a_keys_policy_and_audits_its_requests(site: Pool, browser: Browser) -> None:
+    pool = site
+    email = "governed@example.com"
+    page = sign_up(browser, pool, email)
+    key = create(page, "Create key", "checkout service")
+    page.get_by_role("link", name="Done").click()
+    page.locator("#keys tbody tr", has_text="checkout service").get_by_role("link", name="Policy").click()
+    expect(page.get_by_role("heading", name="Policy of “checkout service”")).to_be_visible()
+    page.get_by_label("Per UTC day").fill("2000000")  # over the most a cap may be: the form says why
+    page.get_by_role("button", name="Save policy").click()
+    expect(page.get_by_role("alert")).to_contain_text("spendCap.day")
+    page.get_by_label("Allowed models").fill("smollm2")
+    page.get_by_label("Per UTC day").fill("2")
+    page.get_by_label("an e-mail address").select_option("redact")
+    page.get_by_label("an API key, token, private key or password").select_option("block")
+    page.get_by_label("Project").fill("checkout")
+    shoot(page, "key-policy")
+    page.get_by_role("button", name="Save policy").click()
+    expect(page.get_by_role("status")).to_contain_text("Policy saved")
+
+    localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", "5")
+    client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key=key, max_retries=0)
+    mail = [{"role": "user", "content": "Write to ann@example.org"}]
+    reply = client.chat.completions.create(model="smollm2-135m", messages=mail)  # type: ignore[arg-type]
+    served = (reply.model_extra or {})["x_pool"]["request_id"]
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "key AKIAIOSFODNN7EXAMPLE"}],  # type: ignore[list-item]
+        )
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="gemma-3-270m", messages=MSG)  # type: ignore[arg-type]
+
+    page.get_by_role("link", name="All requests, with filters and CSV").click()
+    rows = page.locator("#requests tbody tr[data-request]")
+    expect(rows).to_have_count(3)
+    expect(page.locator(f'#requests tr[data-request="{served}"]')).to_contain_text(
+        "email \u00d71"
+    )  # the multiplication sign
+    expect(page.locator("#requests tbody")).to_contain_text("policy_blocked")
+    page.get_by_label("Status").fill("200")
+    page.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("checkout")
+    shoot(page, "requests")
+    csv_text = page.request.get(f"{pool.url}/portal/requests.csv?status=200").text()
+    assert served in csv_text and "ann@example.org" not in csv_text and "email:1" in csv_text
+    page.goto(f"{pool.url}/portal/keys/{int(1e9)}/policy")  # not a key of theirs
+    expect(page.get_by_role("heading")).not_to_contain_text("Policy of")
+    page.close()
+
+
 def test_a_provider_sees_its_agent_and_what_it_earned(site: Pool, browser: Browser) -> None:
     pool = site
     email = "gpu@example.com"

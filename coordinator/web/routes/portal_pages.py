@@ -1,5 +1,6 @@
-"""The developer portal's pages under ``/portal``: sign up, log in and out; consumer keys, credits,
-usage and recent requests; the provider view with agent tokens, connected agents, trust and earnings.
+"""The developer portal's pages under ``/portal``: sign up, log in and out; consumer keys, their
+policies, credits, usage and recent requests; the list of requests with filters and CSV; the
+provider view with agent tokens, connected agents, trust and earnings.
 
 Every page reads through the same functions as the JSON API, scoped to the signed-in user, so a page
 shows exactly what the API would show that user and nobody else's data. Sessions and forms: see
@@ -11,22 +12,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
 from litestar.params import Parameter
 from litestar.response import Redirect, Template
 
+from coordinator.core import dlp
 from coordinator.core.errors import PoolError
 from coordinator.core.models import AgentToken, ApiKey, User
-from coordinator.identity import users
+from coordinator.identity import policies, users
+from coordinator.identity.policies import KeyPolicy, MaxPrice, PolicyError, SpendCap
 from coordinator.services import revocation
 from coordinator.services.overview import model_list
 from coordinator.services.signin import Credentials, DisplayName, authenticate, end_session, register
 from coordinator.services.standing import provider_standing
 from coordinator.services.state import PoolState, pool_of
-from coordinator.services.statements import credit_figures, earnings_by_day, recent_requests, usage_by_day
+from coordinator.services.statements import (
+    RequestFilter,
+    RequestPage,
+    as_csv,
+    credit_figures,
+    cursor_position,
+    earnings_by_day,
+    key_spend,
+    list_requests,
+    recent_requests,
+    usage_by_day,
+)
 from coordinator.web.charts import Chart, columns
 from coordinator.web.guards import client_address
 from coordinator.web.portal_cookies import (
@@ -323,6 +338,163 @@ async def revoke(request: Request[Any, Any, Any], kind: str, credential_id: Cred
     return Redirect(f"{what.home}?done=revoked", status_code=303)
 
 
+# --- key policies and the list of requests ---------------------------------------------------------
+
+DETECTOR_TEXTS = (
+    (dlp.SECRET, "an API key, token, private key or password"),
+    (dlp.CARD, "a payment card number"),
+    (dlp.IBAN, "an IBAN"),
+    (dlp.EMAIL, "an e-mail address"),
+    (dlp.PHONE, "a phone number"),
+)
+
+
+async def _own_key(request: Request[Any, Any, Any], user: User, key_id: int) -> ApiKey | None:
+    async with _pool(request).db_sessions() as session:
+        key = await session.get(ApiKey, key_id)
+    return key if key is not None and key.user_id == user.id and key.revoked_at is None else None
+
+
+async def _policy_page(
+    request: Request[Any, Any, Any], user: User, row: ApiKey, policy: KeyPolicy, error: str = "", status: int = 200
+) -> Template:
+    spent_day, spent_month = await key_spend(_pool(request), user.id, row.id)
+    return _page(
+        request,
+        "portal/policy.html",
+        "portal",
+        status=status,
+        email=user.email,
+        row=row,
+        policy=policy,
+        detectors=DETECTOR_TEXTS,
+        spent_day=spent_day,
+        spent_month=spent_month,
+        error=error,
+    )
+
+
+# (under ``/{kind}``, as revoking is: a static ``/keys/…`` would hide ``POST /{kind}`` for ``keys``)
+@get("/{kind:str}/{credential_id:int}/policy", summary="A key's policy (form), and what it spent against its caps")
+async def policy_page(request: Request[Any, Any, Any], kind: str, credential_id: CredentialId) -> Template | Redirect:
+    if _kind(kind).model is not ApiKey:
+        raise PoolError(404, errors.NOT_FOUND, "Only API keys have policies.")
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN)
+    row = await _own_key(request, user, credential_id)
+    if row is None:
+        return _page(request, "portal/missing.html", "portal", status=404, email=user.email, kind=KINDS["keys"])
+    return await _policy_page(request, user, row, policies.decode(row.policy) or KeyPolicy())
+
+
+def _number(form: dict[str, str], name: str) -> float | None:
+    value = form.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise PolicyError(f"{name.replace('_', ' ')}: a number") from None
+
+
+def _policy_of(form: dict[str, str]) -> KeyPolicy:
+    """The policy a submitted form describes; :class:`PolicyError` naming what is wrong."""
+    models = [m.strip() for m in form.get("models", "").split(",") if m.strip()]
+    prompt, completion = _number(form, "price_prompt"), _number(form, "price_completion")
+    day, month = _number(form, "cap_day"), _number(form, "cap_month")
+    privacy = form.get("privacy", policies.ANY)
+    if privacy not in (policies.ANY, policies.TRUSTED, policies.PLATFORM):
+        raise PolicyError("privacy: any, trusted or platform")
+    actions = {name: form.get(f"dlp_{name}", "") for name in dlp.DETECTORS}
+    if any(action not in ("", *dlp.ACTIONS) for action in actions.values()):
+        raise PolicyError("data protection: nothing, redact, private or block")
+    return KeyPolicy(
+        paused=form.get("paused") == "1",
+        models=models or None,
+        max_price=MaxPrice(prompt, completion) if prompt is not None or completion is not None else None,
+        privacy=privacy,  # type: ignore[arg-type]
+        project=form.get("project", "").strip(),
+        spend_cap=SpendCap(day, month) if day is not None or month is not None else None,
+        dlp={name: action for name, action in actions.items() if action} or None,  # type: ignore[misc]
+    ).check()
+
+
+@post("/{kind:str}/{credential_id:int}/policy", summary="Save a key's policy (form)", status_code=200)
+async def save_policy(request: Request[Any, Any, Any], kind: str, credential_id: CredentialId) -> Template | Redirect:
+    if _kind(kind).model is not ApiKey:
+        raise PoolError(404, errors.NOT_FOUND, "Only API keys have policies.")
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN, status_code=303)
+    form = await _form(request)
+    if not csrf_ok(request, form):
+        return Redirect("/portal?done=expired", status_code=303)
+    row = await _own_key(request, user, credential_id)
+    if row is None:
+        return _page(request, "portal/missing.html", "portal", status=404, email=user.email, kind=KINDS["keys"])
+    try:
+        policy = _policy_of(form)
+    except PolicyError as exc:
+        return await _policy_page(request, user, row, policies.decode(row.policy) or KeyPolicy(), str(exc), 400)
+    await revocation.set_policy(_pool(request), row.id, policy, user.id)
+    return Redirect("/portal?done=policy", status_code=303)
+
+
+async def _requests_page(request: Request[Any, Any, Any], user: User) -> tuple[RequestPage | None, dict[str, str], str]:
+    """The page of requests the query asks for, the filters as given, and what is wrong with them."""
+    query = request.query_params
+    filters = {name: query.get(name, "") for name in ("key", "project", "model", "status", "from", "to")}
+    today = datetime.now(UTC).date()
+    try:
+        first = date.fromisoformat(filters["from"]) if filters["from"] else today - timedelta(days=29)
+        last = date.fromisoformat(filters["to"]) if filters["to"] else today
+        key = int(filters["key"]) if filters["key"] else None
+        status = int(filters["status"]) if filters["status"] else None
+        cursor = query.get("cursor")
+        position = cursor_position(cursor) if cursor else None
+    except ValueError:
+        return None, filters, "Those filters are not valid: dates as YYYY-MM-DD, key and status as numbers."
+    since = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    until = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
+    where = RequestFilter(since, until, key, filters["project"] or None, filters["model"] or None, status)
+    return await list_requests(_pool(request), user.id, where, position, 100), filters, ""
+
+
+@get("/requests", summary="Your requests, with filters (the audit list)")
+async def requests_page(request: Request[Any, Any, Any]) -> Template | Redirect:
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN)
+    page, filters, error = await _requests_page(request, user)
+    async with _pool(request).db_sessions() as session:
+        keys = await users.list_credentials(session, ApiKey, user.id)
+    return _page(
+        request,
+        "portal/requests.html",
+        "portal",
+        status=400 if error else 200,
+        email=user.email,
+        listed=page or RequestPage([], None),
+        filters=filters,
+        keys=keys,
+        query=urlencode({k: v for k, v in filters.items() if v}),
+        error=error,
+    )
+
+
+@get("/requests.csv", summary="Your requests, with the page's filters, as CSV")
+async def requests_csv(request: Request[Any, Any, Any]) -> Response[str] | Redirect:
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN)
+    page, _, error = await _requests_page(request, user)
+    if page is None:
+        raise PoolError(400, errors.INVALID_REQUEST, error)
+    headers = {"content-disposition": 'attachment; filename="requests.csv"'}
+    return Response(as_csv(page), media_type="text/csv; charset=utf-8", headers=headers)
+
+
 portal_pages = Router(
     "/portal",
     route_handlers=[
@@ -336,6 +508,10 @@ portal_pages = Router(
         create,
         confirm_revoke,
         revoke,
+        policy_page,
+        save_policy,
+        requests_page,
+        requests_csv,
     ],
     response_headers=page_headers("no-store"),
     tags=["pages"],
