@@ -72,17 +72,42 @@ def _alone(text: str, match: re.Match[str], glue: str) -> bool:
     return not (before.isalnum() or before in glue or after.isalnum() or after in glue)
 
 
+def _valid_matches(
+    text: str, pattern: re.Pattern[str], valid: Callable[[re.Match[str]], bool], separators: str
+) -> Iterator[re.Match[str]]:
+    """The matches of ``pattern`` that ``valid`` accepts. A candidate may run on into what follows
+    it (``… 0004 7 items``: the ``7`` too), so a rejected one is cut back at each separator, longest
+    first; if none holds, the search goes on one character later (``order 4 5500 …``)."""
+    pos = 0
+    while (match := pattern.search(text, pos)) is not None:
+        start = match.start()
+        ends = [match.end()] + [i for i in range(match.end() - 1, start, -1) if text[i] in separators]
+        found = None
+        for end in ends:
+            candidate = pattern.fullmatch(text, start, end)
+            if candidate is not None and valid(candidate):
+                found = candidate
+                break
+        if found is not None:
+            yield found
+            pos = found.end()
+        else:
+            pos = start + 1
+
+
+def _card(text: str, match: re.Match[str]) -> bool:
+    groups = re.split(r"[ -]", match.group())  # printed whole, or in groups (4-4-4-4, 4-6-5 …)
+    digits = "".join(groups)
+    shaped = len(groups) == 1 or min(len(group) for group in groups) >= 3
+    return shaped and _alone(text, match, "-") and len(set(digits)) > 1 and luhn.is_valid(digits)
+
+
 def _cards(text: str) -> Iterator[re.Match[str]]:
-    for match in _CARDS.finditer(text):
-        if not _alone(text, match, "-"):
-            continue
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn.is_valid(digits):
-            yield match
+    return _valid_matches(text, _CARDS, lambda m: _card(text, m), " -")
 
 
 def _ibans(text: str) -> Iterator[re.Match[str]]:
-    return (m for m in _IBANS.finditer(text) if _alone(text, m, "_") and iban.is_valid(m.group()))
+    return _valid_matches(text, _IBANS, lambda m: _alone(text, m, "_") and iban.is_valid(m.group()), " ")
 
 
 def _emails(text: str) -> Iterator[re.Match[str]]:
@@ -91,10 +116,8 @@ def _emails(text: str) -> Iterator[re.Match[str]]:
 
 def _phones(text: str) -> Iterator[re.Match[str]]:
     if "+" not in text:
-        return
-    for match in _PHONES.finditer(text):
-        if _valid_phone(match.group()):
-            yield match
+        return iter(())
+    return _valid_matches(text, _PHONES, lambda m: _valid_phone(m.group()), " ().-")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -43,6 +43,7 @@ class SecretCache:
         self._max_entries = max_entries
         self._entries: dict[str, tuple[float, Principal | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._forgets = 0  # forget() calls so far: a lookup that began before one may be stale
 
     async def resolve(self, authorization: str | None) -> Principal | None:
         """The principal for an ``Authorization: Bearer …`` header value, or ``None``."""
@@ -64,16 +65,20 @@ class SecretCache:
         return await self._load(secret_digest)
 
     async def _load(self, secret_digest: str) -> Principal | None:
-        now = self._clock()
+        now, forgets = self._clock(), self._forgets
         async with self._sessions() as session:
             principal = await self._lookup(session, secret_digest)
+        if forgets != self._forgets:  # revoked or changed while we read: what we read may be old
+            return principal
         if len(self._entries) >= self._max_entries:
             self._entries.clear()
         self._entries[secret_digest] = (now + self._ttl, principal)
         return principal
 
     def forget(self, credential_id: int) -> None:
-        """Drop the cached answer for a credential (it was revoked): its next use is looked up."""
+        """Drop the cached answer for a credential (revoked, or its policy changed): its next use is
+        looked up, and no lookup already under way stores what it read before."""
+        self._forgets += 1
         for secret_digest, (_, principal) in list(self._entries.items()):
             if principal is not None and principal.credential_id == credential_id:
                 del self._entries[secret_digest]

@@ -35,9 +35,10 @@ MSG = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def policed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     """A coordinator whose upstream (a stand-in) serves ``smollm2-135m`` too, and one new agent
-    (trust 50: above the pool's threshold, below the trusted tier's 80). Not named ``pool``: that
+    (trust 50 at first, rising with each job it completes: above the pool's threshold, and below
+    the trusted tier's 99 for the few dozen jobs of this module). Not named ``pool``: that
     fixture's agents are stopped after every test."""
-    harness = with_upstream(tmp_path_factory.mktemp("policies"), f"{SLUG}=upstream-smol", trusted_tier_trust="80")
+    harness = with_upstream(tmp_path_factory.mktemp("policies"), f"{SLUG}=upstream-smol", trusted_tier_trust="99")
     harness.start()
     try:
         harness.extra["agent_backend"] = backend = harness.standin()
@@ -139,7 +140,7 @@ def test_privacy_tiers_decide_who_sees_the_prompt(policed: Pool) -> None:
     pool = policed
     owner = Owner(pool)
     agent_backend = pool.extra["agent_backend"]
-    for tier in ("trusted", "platform"):  # the agent (trust 50) is below the trusted tier (80)
+    for tier in ("trusted", "platform"):  # the agent is below the trusted tier (99)
         assert owner.put({"privacy": tier}).status_code == 200
         marker = f"secret-{tier}-{secrets.token_hex(4)}"
         reply = owner.client().chat.completions.create(
@@ -198,13 +199,48 @@ def test_data_protection_blocks_redacts_or_keeps_prompts_private(policed: Pool) 
         messages=[{"role": "user", "content": f"{marker}: call +44 20 7946 0958"}],  # type: ignore[list-item]
     )
     x_pool = _x_pool(reply)
-    assert x_pool["fallback"] is True and x_pool["tier"] == "trusted"  # the agent (trust 50) is not trusted
+    assert x_pool["fallback"] is True and x_pool["tier"] == "trusted"  # the agent is not trusted enough
     assert marker not in str(last_request(agent_backend)) and marker in str(last_request(upstream))
 
     listed = httpx.get(f"{pool.url}/v1/requests", headers={"authorization": f"Bearer {owner.key}"}, timeout=10)
     found = [row["dlp"] for row in listed.json()["data"]]
     assert found[:3] == [{"phone": 1}, {"email": 2, "card": 1, "iban": 1}, {"secret": 1}]  # counts, never text
     assert "AKIA" not in listed.text and "ann@" not in listed.text
+
+
+SAMPLES = {
+    "secret": "ghp_abcdefghijklmnopqrstuvwxyz0123456789AB",
+    "card": "5500 0000 0000 0004",
+    "iban": "DE89370400440532013000",
+    "email": "zoe.q@example.net",
+    "phone": "+33 1 42 68 53 00",
+}
+
+
+@pytest.mark.parametrize("detector", sorted(SAMPLES))
+def test_each_detector_with_each_action(policed: Pool, detector: str) -> None:
+    pool = policed
+    owner = Owner(pool)
+    value, agent_backend, upstream = SAMPLES[detector], pool.extra["agent_backend"], pool.extra["upstream"]
+    for action in ("block", "redact", "private"):
+        assert owner.put({"dlp": {detector: action}}).status_code == 200
+        marker = secrets.token_hex(4)
+        messages = [{"role": "user", "content": f"{marker} {value} {marker}"}]
+        if action == "block":
+            before = owner.balance()
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                owner.client().chat.completions.create(model=SLUG, messages=messages)  # type: ignore[arg-type]
+            assert f"dlp.{detector}" in str(refused.value.message) and value not in str(refused.value.message)
+            assert owner.balance() == before and marker not in str(last_request(agent_backend))
+            continue
+        reply = owner.client().chat.completions.create(model=SLUG, messages=messages)  # type: ignore[arg-type]
+        if action == "redact":
+            received = str(last_request(agent_backend))
+            assert marker in received and f"[{detector.upper()}_1]" in received and value not in received
+        else:  # private: only the trusted tier (no agent here) or the upstream
+            assert _x_pool(reply)["fallback"] is True, (_x_pool(reply), str(last_request(agent_backend))[:300])
+            assert marker not in str(last_request(agent_backend))
+            assert value in str(last_request(upstream))
 
 
 async def test_a_policy_is_stored_with_its_key(db_url: str) -> None:
