@@ -146,7 +146,16 @@ def _database_error(request: Request[Any, Any, Any], exc: Exception) -> Response
     )
     if not unreachable:
         return _internal_error(request, exc)
-    log.warning("database unavailable", extra={"error": type(exc).__name__})
+    cause = getattr(exc, "orig", None)  # the driver's error: its class and SQLSTATE say what happened
+    log.warning(
+        "database unavailable",
+        extra={
+            "error": type(exc).__name__,
+            "cause": type(cause).__name__ if cause is not None else None,
+            "sqlstate": getattr(cause, "sqlstate", None)
+            or getattr(getattr(cause, "__cause__", None), "sqlstate", None),
+        },
+    )
     _log_refused(request, 503, errors.DATABASE_UNAVAILABLE)
     return error_response(
         503,

@@ -44,6 +44,9 @@ class SecretCache:
         self._entries: dict[str, tuple[float, Principal | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._forgets = 0  # forget() calls so far: a lookup that began before one may be stale
+        # Lookups under way: requests that miss the cache together for one secret (a burst from a
+        # new client) share one database query instead of taking a connection each.
+        self._loading: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def resolve(self, authorization: str | None) -> Principal | None:
         """The principal for an ``Authorization: Bearer …`` header value, or ``None``."""
@@ -62,7 +65,11 @@ class SecretCache:
                 self._refreshing[secret_digest] = task
                 task.add_done_callback(lambda _: self._refreshing.pop(secret_digest, None))
             return cached[1]
-        return await self._load(secret_digest)
+        loading = self._loading.get(secret_digest)
+        if loading is None:
+            loading = self._loading[secret_digest] = asyncio.ensure_future(self._load(secret_digest))
+            loading.add_done_callback(lambda _: self._loading.pop(secret_digest, None))
+        return await asyncio.shield(loading)  # one caller cancelled (it went away) cancels nobody else's
 
     async def _load(self, secret_digest: str) -> Principal | None:
         now, forgets = self._clock(), self._forgets
