@@ -121,11 +121,12 @@ MetadataKey = Annotated[str, Meta(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, Meta(max_length=512)]
 
 
-class ChatCompletionRequest(msgspec.Struct):
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     """The fields of ``POST /v1/chat/completions`` the pool checks before dispatching. ``model`` may
-    be a list of models tried in order."""
+    be a list of models tried in order, ``auto`` (the pool picks), or left out (``""``), which a key
+    whose policy names its models takes as ``auto`` among them."""
 
-    model: ModelName | Annotated[list[ModelName], Meta(min_length=1, max_length=8)]
+    model: ModelName | Annotated[list[ModelName], Meta(min_length=1, max_length=8)] = ""
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None

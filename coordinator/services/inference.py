@@ -464,6 +464,12 @@ async def admit(
     models = data.models
     record.model, record.stream = models[0], data.stream
     chosen = None
+    if models == [""]:  # left out: ``auto`` for a key whose policy names its models, else required
+        if principal.policy is None or not principal.policy.models:
+            call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), Routing(), placement.NO_OFFERS, {})
+            message = "`model` is required: name a model (GET /v1/models lists them), or `auto` to let the pool pick."
+            raise call.refuse(400, errors.INVALID_REQUEST, message, "model")
+        models = [AUTO]
     if models == [AUTO]:
         try:
             chosen = _auto(pool, principal.policy, data, raw)

@@ -76,8 +76,13 @@ def test_auto_keeps_to_the_keys_policy_and_refuses_clearly(chooser: Pool) -> Non
         localpool.admin(chooser.env, "set-key-policy", "--key-id", str(key_id), "--policy", value)
         time.sleep(1.1)  # the CLI writes the database; the coordinator reads a cached key again within 1 s
 
+    headers = {"authorization": f"Bearer {key}"}
+    unnamed = httpx.post(f"{chooser.url}/v1/chat/completions", json={"messages": MSG}, headers=headers, timeout=30)
+    assert unnamed.status_code == 400 and unnamed.json()["error"]["param"] == "model"  # no policy: name one
     policy('{"models": ["qwen2.5", "llama-3.1"]}')  # families
     assert _auto(chooser, key)[0]["chosen"] == "qwen2.5-7b"
+    unnamed = httpx.post(f"{chooser.url}/v1/chat/completions", json={"messages": MSG}, headers=headers, timeout=30)
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == "qwen2.5-7b"  # left out: auto among them
     policy('{"maxPrice": {"prompt": 1, "completion": 2}}')  # llama's price is over the cap
     assert _auto(chooser, key, messages=[{"role": "user", "content": "word " * 2000}])[0]["chosen"] == "qwen2.5-7b"
     policy('{"models": ["smollm2"]}')
