@@ -9,6 +9,7 @@ database on a request's path, and the entry still expires ``ttl`` after the look
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -68,8 +69,12 @@ class SecretCache:
         loading = self._loading.get(secret_digest)
         if loading is None:
             loading = self._loading[secret_digest] = asyncio.ensure_future(self._load(secret_digest))
-            loading.add_done_callback(lambda _: self._loading.pop(secret_digest, None))
+            loading.add_done_callback(functools.partial(self._loaded, secret_digest))
         return await asyncio.shield(loading)  # one caller cancelled (it went away) cancels nobody else's
+
+    def _loaded(self, secret_digest: str, loading: asyncio.Future[Principal | None]) -> None:
+        if self._loading.get(secret_digest) is loading:  # (forget() may have started another since)
+            del self._loading[secret_digest]
 
     async def _load(self, secret_digest: str) -> Principal | None:
         now, forgets = self._clock(), self._forgets
@@ -84,8 +89,10 @@ class SecretCache:
 
     def forget(self, credential_id: int) -> None:
         """Drop the cached answer for a credential (revoked, or its policy changed): its next use is
-        looked up, and no lookup already under way stores what it read before."""
+        looked up, and no lookup already under way stores what it read before, nor answers a
+        request that arrives after this."""
         self._forgets += 1
+        self._loading.clear()
         for secret_digest, (_, principal) in list(self._entries.items()):
             if principal is not None and principal.credential_id == credential_id:
                 del self._entries[secret_digest]

@@ -61,6 +61,8 @@ class KeyPolicy(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, 
     def check(self) -> KeyPolicy:
         """The policy itself if every field holds; :class:`PolicyError` naming the first that does not."""
         if self.models is not None:
+            if not self.models:
+                raise PolicyError("models: at least one slug or family (leave it out to allow any)")
             if len(self.models) > MAX_MODELS:
                 raise PolicyError(f"models: at most {MAX_MODELS} entries")
             if any(not name.strip() or len(name) > MAX_NAME for name in self.models):

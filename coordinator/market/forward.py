@@ -76,46 +76,78 @@ class Protected:
     private: str | None = None
 
 
-_KEPT = frozenset({"role", "type", "tool_call_id", "id"})  # message fields that hold no free text
+# Strings a backend does not read as text: the model's name and fixed vocabularies.
+_NOT_TEXT = frozenset({"model", "role", "type", "tool_choice"})
 
 
 def protect(body: bytes, actions: Mapping[str, str]) -> Protected:
-    """Run the detectors ``actions`` names over the messages' text in ``body``; redact what the
-    ``redact`` ones find (:class:`coordinator.core.dlp.Redactor`). Inline media (``data:`` URLs,
-    base64 audio) is not text and is left alone."""
+    """Run the detectors ``actions`` names over every string of ``body`` a backend reads as text —
+    messages, ``user``, tools' descriptions and schemas, ``response_format``, ``stop`` — and redact
+    what the ``redact`` ones find (:class:`coordinator.core.dlp.Redactor`). Inline media (an image
+    part's URL, an audio part's data) is not text and is left alone. A match split across a
+    message's content parts cannot be redacted part by part: it is blocked instead."""
     decoded: dict[str, Any] = _decoder.decode(body)
-    texts = list(_texts(decoded.get("messages")))
     detectors = tuple(name for name in dlp.DETECTORS if name in actions)
     found: Counter[str] = Counter()
-    for text in texts:
+    for text in _texts(decoded):
         found += dlp.find(text, detectors)
+    split = _split_matches(decoded.get("messages"), detectors, found)
     blocked = next((n for n in detectors if found[n] and actions[n] == dlp.BLOCK), None)
-    private = next((n for n in detectors if found[n] and actions[n] == dlp.PRIVATE), None)
+    blocked = blocked or next((n for n in split if actions[n] == dlp.REDACT), None)
+    private = next((n for n in detectors if (found[n] or n in split) and actions[n] == dlp.PRIVATE), None)
     redacting = tuple(n for n in detectors if found[n] and actions[n] == dlp.REDACT)
     if blocked is None and redacting:
         redactor = dlp.Redactor(redacting)
-        decoded["messages"] = _rewrite(decoded.get("messages"), redactor)
+        decoded = _rewrite(decoded, redactor)
         body = _encoder.encode(decoded)
+    for name in split:
+        found[name] = max(found[name], 1)
     return Protected(body, dict(found), blocked, private)
+
+
+def _media(value: dict[str, Any], name: str) -> bool:
+    """Whether ``value[name]`` is inline media rather than text."""
+    kind = value.get("type")
+    return (kind == "image_url" and name == "image_url") or (kind == "input_audio" and name == "input_audio")
 
 
 def _texts(value: Any, key: str | None = None) -> Iterator[str]:
     if isinstance(value, str):
-        if key not in _KEPT and not value.startswith("data:"):
+        if key not in _NOT_TEXT:
             yield value
     elif isinstance(value, list):
         for item in value:
             yield from _texts(item)
-    elif isinstance(value, dict) and value.get("type") != "input_audio":
+    elif isinstance(value, dict):
         for name, item in value.items():
-            yield from _texts(item, name)
+            if not _media(value, name):
+                yield from _texts(item, name)
 
 
 def _rewrite(value: Any, redact: Callable[[str], str], key: str | None = None) -> Any:
     if isinstance(value, str):
-        return value if key in _KEPT or value.startswith("data:") else redact(value)
+        return value if key in _NOT_TEXT else redact(value)
     if isinstance(value, list):
         return [_rewrite(item, redact) for item in value]
-    if isinstance(value, dict) and value.get("type") != "input_audio":
-        return {name: _rewrite(item, redact, name) for name, item in value.items()}
+    if isinstance(value, dict):
+        return {name: item if _media(value, name) else _rewrite(item, redact, name) for name, item in value.items()}
     return value
+
+
+def _split_matches(messages: Any, detectors: tuple[str, ...], found: Counter[str]) -> set[str]:
+    """The detectors that find more in a message's text parts joined (as a backend's template joins
+    them) than the parts held one by one: a match split across parts."""
+    split: set[str] = set()
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        parts = [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        if len(parts) < 2:
+            continue
+        alone = Counter[str]()
+        for part in parts:
+            alone += dlp.find(part, detectors)
+        joined = dlp.find("".join(parts), detectors)
+        split |= {name for name in detectors if joined[name] > alone[name]}
+    return split

@@ -90,7 +90,7 @@ class KeyBudgets:
                 allowance.used += amount
                 allowance.last_used = time.monotonic()
                 taken.append(allowance)
-        except CapReached:
+        except BaseException:  # refused, the database away, or the consumer gone: nothing stays held
             for allowance in taken:
                 allowance.used -= amount
             raise
@@ -98,21 +98,25 @@ class KeyBudgets:
 
     async def _room_for(self, key_id: int, kind: str, period: str, cap: int, amount: int) -> Allowance:
         allowance = self._allowances.get((key_id, period))
-        if allowance is None or allowance.cap != cap:
-            if allowance is not None:  # the cap changed: give back what we hold, start again
-                await self._give_back(allowance)
+        if allowance is None:
             allowance = self._allowances[(key_id, period)] = Allowance(key_id, period, cap)
+        if allowance.cap != cap:  # the policy changed: the same allowance, its unused part given back
+            async with self._lock:
+                if allowance.cap != cap:
+                    allowance.cap = cap
+                    await self._give_back_locked(allowance)
         if allowance.room >= amount:
             return allowance
         async with self._lock:
-            if allowance.room < amount:
-                await self._take(allowance, amount - allowance.room)
+            while allowance.room < amount and await self._take(allowance, amount - allowance.room):
+                pass
         if allowance.room < amount:
             raise CapReached(kind, cap)
         return allowance
 
-    async def _take(self, allowance: Allowance, need: int) -> None:
-        """Lease at least ``need`` more of the key's budget (a chunk if the cap leaves room)."""
+    async def _take(self, allowance: Allowance, need: int) -> bool:
+        """Lease at least ``need`` more of the key's budget (a chunk if the cap leaves room); whether
+        it could. This process's count moves only once the table's has been committed."""
         chunk = max(need, allowance.cap // CHUNKS)
         where = (_table.c.key_id == allowance.key_id) & (_table.c.period == allowance.period)
         async with self.engine.begin() as conn:
@@ -126,20 +130,22 @@ class KeyBudgets:
             except IntegrityError:  # another process made the row first
                 pass
             leased = 0
+        granted = 0
         async with self.engine.begin() as conn:
-            for _ in range(5):  # the count moved under us: read it again, take what is left
+            for _ in range(20):  # the count moved under us: read it again, take what is left
                 grant = min(chunk, allowance.cap - leased)
                 if grant < need:
-                    allowance.pool_leased = leased
-                    return
+                    break
                 done = await conn.execute(
                     update(_table).where(where, _table.c.leased == leased).values(leased=leased + grant)
                 )
                 if done.rowcount:
-                    allowance.leased += grant
-                    allowance.pool_leased = leased + grant
-                    return
+                    granted, leased = grant, leased + grant
+                    break
                 leased = (await conn.execute(select(_table.c.leased).where(where))).scalar() or 0
+        allowance.leased += granted  # committed
+        allowance.pool_leased = leased
+        return granted > 0
 
     def finish(self, hold: BudgetHold | None, cost: int) -> None:
         """The request cost ``cost``: that stays spent, the rest of its worst case is free again."""
@@ -165,15 +171,22 @@ class KeyBudgets:
         for key, allowance in list(self._allowances.items()):
             current = allowance.period in (period_of(DAY, now), period_of(MONTH, now))
             if everything or not current or allowance.last_used < horizon:
-                await self._give_back(allowance)
-                if allowance.used == 0:
+                async with self._lock:
+                    await self._give_back_locked(allowance)
+                if allowance.used == 0 and allowance.room == 0:
                     self._allowances.pop(key, None)
 
-    async def _give_back(self, allowance: Allowance) -> None:
+    async def _give_back_locked(self, allowance: Allowance) -> None:
+        """Return the allowance's unused part to the table (the lock held: no take or give-back of
+        this process runs meanwhile; requests see the smaller room at once, before the write)."""
         unused = allowance.room
         if unused <= 0:
             return
-        where = (_table.c.key_id == allowance.key_id) & (_table.c.period == allowance.period)
-        async with self.engine.begin() as conn:
-            await conn.execute(update(_table).where(where).values(leased=_table.c.leased - unused))
         allowance.leased -= unused
+        where = (_table.c.key_id == allowance.key_id) & (_table.c.period == allowance.period)
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(update(_table).where(where).values(leased=_table.c.leased - unused))
+        except BaseException:
+            allowance.leased += unused  # still ours: the table still counts it
+            raise

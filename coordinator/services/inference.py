@@ -14,6 +14,7 @@ any output (its outcome is already recorded).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -51,6 +52,7 @@ from shared.openai import ChatCompletionRequest
 log = logging.getLogger(__name__)
 
 CONSUMER_GONE = "consumer_gone"
+DLP_INLINE_BYTES = 64 * 1024  # bodies up to this size are scanned on the event loop (a few ms at most)
 
 
 class Refusal(PoolError):
@@ -463,6 +465,10 @@ async def admit(
     whether anyone can serve. The admitted :class:`Call`, or :class:`Refusal`."""
     models = data.models
     record.model, record.stream = models[0], data.stream
+    if principal.policy is not None and principal.policy.paused:  # before anything else, ``auto`` too
+        record.project = principal.policy.project or None
+        call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), Routing(), placement.NO_OFFERS, {})
+        raise call.refuse(403, errors.API_DISABLED, "This key is paused by its owner; resume it to use it again.")
     chosen = None
     if models == [""]:  # left out: ``auto`` for a key whose policy names its models, else required
         if principal.policy is None or not principal.policy.models:
@@ -499,8 +505,6 @@ async def admit(
     policy = principal.policy
     if policy is not None:
         record.project = policy.project or None
-        if policy.paused:
-            raise call.refuse(403, errors.API_DISABLED, "This key is paused by its owner; resume it to use it again.")
     for slug in models:
         if not _known_model(pool, slug):
             raise call.refuse(
@@ -526,7 +530,10 @@ async def admit(
         raise call.refuse(400, errors.INVALID_REQUEST, problem[1], problem[0])
     call.body = backend_body(raw, bound)
     if policy is not None and policy.dlp:
-        protected = protect(call.body, policy.dlp)
+        if len(call.body) > DLP_INLINE_BYTES:  # a big prompt is scanned off the event loop: others go on meanwhile
+            protected = await asyncio.to_thread(protect, call.body, policy.dlp)
+        else:
+            protected = protect(call.body, policy.dlp)
         record.dlp = msgspec.json.encode(protected.found).decode() if protected.found else None
         if protected.blocked is not None:
             raise call.refuse(

@@ -281,10 +281,17 @@ def as_csv(page: RequestPage) -> str:
         metadata = msgspec.json.encode(g.metadata).decode() if g.metadata else ""
         row: list[object] = [getattr(g, name) for name in CSV_COLUMNS[:-2]]
         row.append(" ".join(f"{name}:{n}" for name, n in (g.dlp or {}).items()))
-        writer.writerow(
-            ["" if v is None else v.isoformat() if isinstance(v, datetime) else v for v in row] + [metadata]
-        )
+        cells = ["" if v is None else v.isoformat() if isinstance(v, datetime) else v for v in row] + [metadata]
+        writer.writerow([_inert(cell) for cell in cells])
     return out.getvalue()
+
+
+def _inert(cell: object) -> object:
+    """A cell a spreadsheet shows as text: one the consumer wrote (``user``, ``project``, tags)
+    that starts like a formula gets a leading quote, as OWASP advises against CSV injection."""
+    if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + cell
+    return cell
 
 
 async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Earnings:

@@ -57,6 +57,8 @@ def test_requests_are_listed_with_their_tags_filtered_paged_and_exported(audited
         }
         assert httpx.post(f"{pool.url}/v1/chat/completions", json=body, headers=auth, timeout=30).status_code == 200
     assert "metadata" not in last_request(pool.extra["backend"])  # tags stay with the pool
+    formula = {"model": SLUG, "messages": MSG, "user": '=HYPERLINK("http://evil")'}  # a spreadsheet must not run it
+    assert httpx.post(f"{pool.url}/v1/chat/completions", json=formula, headers=auth, timeout=30).status_code == 200
     other = {"authorization": f"Bearer {batch}"}
     assert (
         httpx.post(f"{pool.url}/v1/chat/completions", json={"model": SLUG, "messages": MSG}, headers=other).status_code
@@ -70,7 +72,7 @@ def test_requests_are_listed_with_their_tags_filtered_paged_and_exported(audited
     everything = _list(pool, web)
     assert everything.status_code == 200, everything.text
     rows = everything.json()["data"]
-    assert len(rows) == 7 and everything.json()["nextCursor"] is None  # both keys, the refusal too
+    assert len(rows) == 8 and everything.json()["nextCursor"] is None  # both keys, the refusal too
     newest = rows[0]
     assert newest["status"] == 404 and newest["errorCode"] == "model_not_found"
     tagged = [r for r in rows if r["metadata"]]
@@ -80,9 +82,10 @@ def test_requests_are_listed_with_their_tags_filtered_paged_and_exported(audited
         and tagged[0]["metadata"] == {"feature": "search", "n": "4"}
     )
     key_id = tagged[0]["keyId"]
-    assert [r["metadata"]["n"] for r in _list(pool, web, key=key_id).json()["data"]] == ["4", "3", "2", "1", "0"]
+    by_key = _list(pool, web, key=key_id).json()["data"]
+    assert [r["metadata"]["n"] for r in by_key if r["metadata"]] == ["4", "3", "2", "1", "0"] and len(by_key) == 6
     assert len(_list(pool, web, status=404).json()["data"]) == 1
-    assert len(_list(pool, web, model=SLUG, status=200).json()["data"]) == 6
+    assert len(_list(pool, web, model=SLUG, status=200).json()["data"]) == 7
     assert _list(pool, web, provider="platform").json()["data"] == []  # the agent served all
 
     seen, cursor = [], None  # pages of two: every request once, in order
@@ -98,6 +101,7 @@ def test_requests_are_listed_with_their_tags_filtered_paged_and_exported(audited
     assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(exported.text)))
     assert [r["id"] for r in table] == [r["id"] for r in rows]
+    assert next(r for r in table if r["user"].startswith("'="))["user"] == '\'=HYPERLINK("http://evil")'
     row = next(r for r in table if r["id"] == tagged[0]["id"])
     assert row["metadata"] == '{"feature":"search","n":"4"}' and row["user"] == "end-user-0"
 

@@ -120,3 +120,40 @@ def test_protect_redacts_message_text_and_leaves_media_and_roles_alone() -> None
     assert protected.blocked is None
     blocked = protect(body, {dlp.CARD: dlp.BLOCK, dlp.EMAIL: dlp.REDACT})
     assert blocked.blocked == dlp.CARD and blocked.body == body  # nothing leaves, so nothing is redacted
+
+
+def test_protect_reads_every_text_a_backend_reads_and_no_tag_hides_one() -> None:
+    """A message tagged as audio, text that starts with ``data:``, the ``user`` field, a tool's
+    description, a JSON schema: all text to a backend, all scanned; a match split across content
+    parts cannot be redacted part by part, so it is refused."""
+    mail = "zed@example.com"
+    body = msgspec.json.encode(
+        {
+            "model": "m",
+            "user": mail,
+            "messages": [
+                {"role": "user", "type": "input_audio", "content": f"hidden {mail}"},
+                {"role": "user", "content": f"data: {{'email': '{mail}'}}"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "description": f"mail {mail}"}}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "description": mail}},
+        }
+    )
+    protected = protect(body, {dlp.EMAIL: dlp.REDACT})
+    assert protected.found == {dlp.EMAIL: 5} and mail.encode() not in protected.body
+    assert msgspec.json.decode(protected.body)["messages"][0]["type"] == "input_audio"  # vocabularies untouched
+
+    card = "4111 1111 1111 1111"
+    split = msgspec.json.encode(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": f"pay {card[:9]}"}, {"type": "text", "text": card[9:]}],
+                }
+            ],
+        }
+    )
+    assert protect(split, {dlp.CARD: dlp.REDACT}).blocked == dlp.CARD
+    assert protect(split, {dlp.CARD: dlp.PRIVATE}).private == dlp.CARD

@@ -437,7 +437,8 @@ async def save_policy(request: Request[Any, Any, Any], kind: str, credential_id:
         policy = _policy_of(form)
     except PolicyError as exc:
         return await _policy_page(request, user, row, policies.decode(row.policy) or KeyPolicy(), str(exc), 400)
-    await revocation.set_policy(_pool(request), row.id, policy, user.id)
+    if not await revocation.set_policy(_pool(request), row.id, policy, user.id):  # revoked meanwhile
+        return _page(request, "portal/missing.html", "portal", status=404, email=user.email, kind=KINDS["keys"])
     return Redirect("/portal?done=policy", status_code=303)
 
 
@@ -451,6 +452,8 @@ async def _requests_page(request: Request[Any, Any, Any], user: User) -> tuple[R
         last = date.fromisoformat(filters["to"]) if filters["to"] else today
         key = int(filters["key"]) if filters["key"] else None
         status = int(filters["status"]) if filters["status"] else None
+        if (key is not None and not 1 <= key < 2**31) or (status is not None and not 100 <= status <= 599):
+            raise ValueError("out of range")
         cursor = query.get("cursor")
         position = cursor_position(cursor) if cursor else None
     except ValueError:
