@@ -148,12 +148,8 @@ def main() -> int:
             children.append(agent)
         _wait_agents(cluster, 2)
         print(_instructions(cluster, key), flush=True)
-        while not stopping:
-            time.sleep(0.5)
-            for child in children + cluster.children:
-                if not child.alive():
-                    print(f"{child.name} exited unexpectedly; its log: {child.log_path}", file=sys.stderr)
-                    return 1
+        if localpool.wait_until_stopped(children + cluster.children, stopping):
+            return 1
     except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
         print(f"cluster failed: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ import secrets
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -72,12 +71,8 @@ def main() -> int:
         ).json()
         print(f"\nfirst answer through the pool: {reply['choices'][0]['message']['content']!r}")
         print(_instructions(base, key), flush=True)
-        while not stopping:
-            time.sleep(0.5)
-            for child in children:
-                if not child.alive():
-                    print(f"{child.name} exited unexpectedly; its log: {child.log_path}", file=sys.stderr)
-                    return 1
+        if localpool.wait_until_stopped(children, stopping):
+            return 1
     except (RuntimeError, TimeoutError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

@@ -223,3 +223,15 @@ def start_standin(
     proc = spawn(name, argv, log_dir)
     wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout=30)
     return proc
+
+
+def wait_until_stopped(children: list[Proc], stopping: list[int]) -> int:
+    """Keep ``children`` running until a signal lands in ``stopping`` (0), or one of them exits (1,
+    naming its log)."""
+    while not stopping:
+        time.sleep(0.5)
+        for child in children:
+            if not child.alive():
+                print(f"{child.name} exited unexpectedly; its log: {child.log_path}", file=sys.stderr)
+                return 1
+    return 0

@@ -6,9 +6,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from openai import OpenAI
 
+from coordinator.identity import keys
 from scripts import localpool
 from scripts.localpool import Proc
 from tests.waiting import eventually
@@ -127,7 +129,7 @@ class Pool:
             self.wait_agent_count(0)
 
     def agent_count(self) -> int:
-        return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["agents"])
+        return agents_at(self.url)
 
     def wait_agent_count(self, count: int, timeout: float = 15.0) -> None:
         eventually(lambda: self.agent_count() == count, timeout, explain=lambda: f"{self.agent_count()} agents")
@@ -202,3 +204,17 @@ def with_upstream(workdir: Path, models: str, chunks: int = 3, **settings: str) 
     pool.backends.append(upstream)
     pool.extra["upstream"] = f"http://127.0.0.1:{port}"
     return pool
+
+
+def agents_at(url: str) -> int:
+    """The agents connected to the coordinator at ``url`` (itself, not other replicas' it mirrors)."""
+    return int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])
+
+
+async def key_id_of(database_url: str, key: str) -> int:
+    """The id of a consumer key, from a PostgreSQL database (0 if it is not there)."""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
+    try:
+        return int(await conn.fetchval("SELECT id FROM api_keys WHERE digest = $1", keys.digest(key)) or 0)
+    finally:
+        await conn.close()

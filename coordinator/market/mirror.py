@@ -138,7 +138,6 @@ class Mirror:
         self._reloading: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._gone: list[Gone] = []
-        self.messages = 0  # updates published (the bench reads it)
 
     @property
     def channel(self) -> str:
@@ -235,7 +234,6 @@ class Mirror:
             self.cluster.failed(exc)
             return False
         self._published = published
-        self.messages += 1
         return True
 
     async def _beat(self) -> None:

@@ -465,34 +465,31 @@ async def admit(
     whether anyone can serve. The admitted :class:`Call`, or :class:`Refusal`."""
     models = data.models
     record.model, record.stream = models[0], data.stream
-    if principal.policy is not None and principal.policy.paused:  # before anything else, ``auto`` too
-        record.project = principal.policy.project or None
-        call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), Routing(), placement.NO_OFFERS, {})
-        raise call.refuse(403, errors.API_DISABLED, "This key is paused by its owner; resume it to use it again.")
-    chosen = None
+    routing = Routing.of(data.provider)
+    call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), routing, placement.NO_OFFERS, {})
+    policy = principal.policy
+    if policy is not None:
+        record.project = policy.project or None
+        if policy.paused:  # before anything else, ``auto`` too
+            raise call.refuse(403, errors.API_DISABLED, "This key is paused by its owner; resume it to use it again.")
     if models == [""]:  # left out: ``auto`` for a key whose policy names its models, else required
-        if principal.policy is None or not principal.policy.models:
-            call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), Routing(), placement.NO_OFFERS, {})
+        if policy is None or not policy.models:
             message = "`model` is required: name a model (GET /v1/models lists them), or `auto` to let the pool pick."
             raise call.refuse(400, errors.INVALID_REQUEST, message, "model")
         models = [AUTO]
     if models == [AUTO]:
         try:
-            chosen = _auto(pool, principal.policy, data, raw)
+            call.auto = _auto(pool, policy, data, raw)
         except NothingFits as exc:
-            call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), Routing(), placement.NO_OFFERS, {})
             if exc.serving:
                 retry = str(pool.settings.no_capacity_retry_after)
                 raise call.refuse(503, errors.NO_CAPACITY, str(exc), "model", **{"retry-after": retry}) from None
             raise call.refuse(400, errors.INVALID_REQUEST, str(exc), "model") from None
-        data.model = chosen.chosen
+        data.model = call.auto.chosen
         models = data.models
         record.model = models[0]
     bound = output_bound(data, _model_cap(pool, models))
-    meter = Meter(prompt_bound(raw), bound, prompt_estimate(data))
-    routing = Routing.of(data.provider)
-    call = Call(pool, record, data, b"", meter, routing, placement.NO_OFFERS, {})
-    call.auto = chosen
+    call.meter = Meter(prompt_bound(raw), bound, prompt_estimate(data))
     if pool.refusing:
         raise call.refuse(
             503,
@@ -502,9 +499,6 @@ async def admit(
         )
     record.end_user = data.user[:256] if data.user else None
     record.tags = msgspec.json.encode(data.metadata).decode() if data.metadata else None
-    policy = principal.policy
-    if policy is not None:
-        record.project = policy.project or None
     for slug in models:
         if not _known_model(pool, slug):
             raise call.refuse(

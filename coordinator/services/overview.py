@@ -138,7 +138,7 @@ def model_list(pool: PoolState) -> ModelList:
 
 async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
     """The pool's health over the recent window, and with ``span`` (seconds) its per-minute history."""
-    window = await pool_window(pool)
+    window = pool_window(pool)
     by_model = []
     for slug in _available(pool):
         model = window.models.get(slug)
@@ -170,31 +170,29 @@ async def status_of(pool: PoolState, span: int | None) -> PoolStatus:
     )
 
 
-async def publish_window(pool: PoolState) -> None:
-    """With replicas: put this replica's recent window where every replica's status reads it."""
-    client = pool.cluster.client
-    if client is None or pool.replica is None or not pool.cluster.healthy:
+async def share_window(pool: PoolState) -> None:
+    """With replicas, once a second: put this replica's recent window where every replica reads it,
+    and read every live replica's into ``pool.pool_window`` (``None`` while Redis is away), so a
+    status request merges nothing and asks Redis nothing."""
+    client, mirror = pool.cluster.client, pool.mirror
+    if client is None or mirror is None or pool.replica is None or not pool.cluster.healthy:
+        pool.pool_window = None
         return
     try:
-        await client.set(
-            pool.cluster.key("stats", pool.replica), window_bytes(pool.stats.recent()), px=int(STATS_TTL * 1000)
-        )
+        own = window_bytes(pool.stats.recent())
+        await client.set(pool.cluster.key("stats", pool.replica), own, px=int(STATS_TTL * 1000))
+        alive = await mirror.alive(STATS_TTL)
+        published = await client.mget([pool.cluster.key("stats", name) for name in alive]) if alive else []
     except (RedisError, OSError) as exc:
         pool.cluster.failed(exc)
+        pool.pool_window = None
+        return
+    pool.pool_window = merged(raw for raw in published if isinstance(raw, bytes))
 
 
-async def pool_window(pool: PoolState) -> Window:
-    """The recent window of the whole pool: every live replica's published one (so every replica
+def pool_window(pool: PoolState) -> Window:
+    """The recent window of the whole pool: every live replica's, as last read (so every replica
     answers the same), or this process's own without replicas or while Redis is away."""
-    client = pool.cluster.client
-    if client is None or pool.mirror is None or not pool.cluster.healthy:
-        return pool.stats.recent()
-    alive = await pool.mirror.alive(STATS_TTL)
-    if not alive:
-        return pool.stats.recent()
-    try:
-        published = await client.mget([pool.cluster.key("stats", name) for name in alive])
-    except (RedisError, OSError) as exc:
-        pool.cluster.failed(exc)
-        return pool.stats.recent()
-    return merged(raw for raw in published if isinstance(raw, bytes))
+    if pool.pool_window is not None and pool.cluster.healthy:
+        return pool.pool_window
+    return pool.stats.recent()

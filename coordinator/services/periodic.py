@@ -2,7 +2,7 @@
 agents that stopped heartbeating or whose token was revoked, release holds whose request is gone,
 reload the model directory and the canary references (edited by any process), write trust evidence
 and decay scores, send verification jobs and refund what they discredit, write and prune the status
-history, and with replicas publish this one's status window."""
+history, and with replicas share the status windows."""
 
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ async def verify_an_agent(pool: PoolState) -> None:
         pool.verifier.start_one(pool.directory)
 
 
-async def publish_window(pool: PoolState) -> None:
-    await overview.publish_window(pool)
+async def share_window(pool: PoolState) -> None:
+    await overview.share_window(pool)
 
 
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
@@ -135,7 +135,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched.add_job(refund_discredited, "interval", seconds=1.0, **once)
     sched.add_job(keep_history, "interval", seconds=settings.status_flush_seconds, **once)
     if pool.replica is not None:
-        sched.add_job(publish_window, "interval", seconds=1.0, **once)
+        sched.add_job(share_window, "interval", seconds=1.0, **once)
     if settings.canary_interval_seconds > 0:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)

@@ -28,7 +28,7 @@ from coordinator.serving.relay import Relay
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
 from coordinator.status.metrics import Metrics
-from coordinator.status.stats import RequestStats
+from coordinator.status.stats import RequestStats, Window
 from coordinator.trust.scores import TrustBook
 
 
@@ -63,6 +63,7 @@ class PoolState:
     replica: str | None = None  # this replica's name (``None``: no replicas, no Redis)
     mirror: Mirror | None = None  # the other replicas' agents in the registry, ours published
     relay: Relay | None = None  # jobs between replicas
+    pool_window: Window | None = None  # every replica's status window merged, read once a second
     draining: bool = False  # shutting down: ``/readyz`` fails so load balancers send nothing new
     refusing: bool = False  # draining, past the notice: new chat requests and agents are turned away
 

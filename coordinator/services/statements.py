@@ -8,16 +8,18 @@ import csv
 import io
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
 import msgspec
 from sqlalchemy import Table, and_, case, func, or_, select
 
+from coordinator.core.errors import PoolError
 from coordinator.core.models import RequestLogRow
 from coordinator.money import ledger
 from coordinator.money.requestlog import RequestRecord
 from coordinator.services.state import PoolState
+from shared import errors
 from shared.money import nano_to_usd
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,30 @@ def _generation(r: Any) -> Generation:
     )
 
 
+MAX_DAYS = 366  # the longest range of days a statement covers
+
+
+def day_range(start: str | None, end: str | None) -> tuple[str, str]:
+    """Validate an inclusive ``YYYY-MM-DD`` range (default: the last 30 days, UTC); a 400
+    :class:`PoolError` naming the parameter that is wrong."""
+    today = datetime.now(UTC).date()
+    parsed: list[date] = []
+    for name, value, default in (("from", start, today - timedelta(days=29)), ("to", end, today)):
+        if value is None:
+            parsed.append(default)
+            continue
+        try:
+            parsed.append(date.fromisoformat(value))
+        except ValueError:
+            raise PoolError(400, errors.INVALID_REQUEST, f"`{name}` must be a date (YYYY-MM-DD).", param=name) from None
+    first, last = parsed
+    if first > last:
+        raise PoolError(400, errors.INVALID_REQUEST, "`from` must not be after `to`.", param="from")
+    if (last - first).days >= MAX_DAYS:
+        raise PoolError(400, errors.INVALID_REQUEST, f"A range covers at most {MAX_DAYS} days.", param="from")
+    return first.isoformat(), last.isoformat()
+
+
 @dataclass(frozen=True)
 class RequestFilter:
     """Which of a user's requests to list; ``None`` matches anything."""
@@ -200,6 +226,22 @@ class RequestFilter:
     model: str | None = None
     status: int | None = None
     provider: str | None = None  # a provider's user id, or ``platform``
+
+    @classmethod
+    def over(
+        cls,
+        first: str,
+        last: str,
+        key_id: int | None = None,
+        project: str | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        provider: str | None = None,
+    ) -> RequestFilter:
+        """The filter for the UTC days ``first`` to ``last`` (as :func:`day_range` gives them)."""
+        since = datetime.fromisoformat(first).replace(tzinfo=UTC)
+        until = datetime.fromisoformat(last).replace(tzinfo=UTC) + timedelta(days=1)
+        return cls(since, until, key_id, project, model, status, provider)
 
 
 class RequestPage(msgspec.Struct):

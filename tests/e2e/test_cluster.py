@@ -21,6 +21,7 @@ from scripts import cluster as cluster_script
 from scripts import localpool
 from scripts.cluster import Cluster
 from tests.conftest import redis_url
+from tests.harness import agents_at
 from tests.ledger_checks import books_of
 from tests.waiting import eventually
 
@@ -37,11 +38,7 @@ class Running:
 
     def local_agents(self) -> dict[str, int]:
         """Agents connected to each live replica, by its URL."""
-        return {
-            url: int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])
-            for proc, url in self.cluster.replicas
-            if proc.alive()
-        }
+        return {url: agents_at(url) for proc, url in self.cluster.replicas if proc.alive()}
 
 
 @pytest.fixture(scope="module")

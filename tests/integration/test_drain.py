@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from scripts import localpool
 from scripts.localpool import Proc
-from tests.harness import Pool
+from tests.harness import Pool, agents_at
 from tests.ledger_checks import ledger_problems
 from tests.waiting import eventually
 
@@ -40,16 +40,12 @@ def pools(tmp_path_factory: pytest.TempPathFactory, own_database: str) -> Iterat
         b.stop()
 
 
-def _agents(url: str) -> int:
-    return int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])
-
-
 def test_sigterm_drains_the_streams_and_sends_the_agent_to_the_other_coordinator(
     pools: tuple[Pool, Proc, str], own_database: str
 ) -> None:
     a, _, b_url = pools
     agent = a.agent(a.standin(chunks=CHUNKS, interval_ms=INTERVAL_MS), ["smollm2-135m"], coordinator=f"{a.url},{b_url}")
-    assert (_agents(a.url), _agents(b_url)) == (1, 0)
+    assert (agents_at(a.url), agents_at(b_url)) == (1, 0)
 
     stream: dict[str, object] = {}
 
@@ -83,7 +79,7 @@ def test_sigterm_drains_the_streams_and_sends_the_agent_to_the_other_coordinator
     assert not any('"error"' in line for line in lines)
 
     closed_at = time.monotonic()
-    eventually(lambda: _agents(b_url) == 1, timeout=5, interval=0.05, explain=lambda: agent.output()[-2000:])
+    eventually(lambda: agents_at(b_url) == 1, timeout=5, interval=0.05, explain=lambda: agent.output()[-2000:])
     moved_in = time.monotonic() - closed_at
     assert "reconnecting at once" in agent.output()
     a.coordinator.popen.wait(20)  # A exits once drained

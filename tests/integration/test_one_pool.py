@@ -23,7 +23,7 @@ from openai import OpenAI
 from scripts import localpool
 from scripts.localpool import Proc
 from tests.conftest import redis_url
-from tests.harness import Pool
+from tests.harness import Pool, agents_at
 from tests.ledger_checks import books_of
 from tests.waiting import eventually
 
@@ -64,7 +64,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory, own_database: str, prefix: st
             (trio.c_url, ["qwen2.5-7b"], a.standin(chunks=60, interval_ms=200)),
         ):
             a.agent(backend, models, coordinator=url, wait=False, max_concurrency=4)
-            eventually(lambda url=url: _local_agents(url) == 1, timeout=15)
+            eventually(lambda url=url: agents_at(url) == 1, timeout=15)
         for url in trio.urls:  # every replica's mirror has all four
             eventually(lambda url=url: _models(url) >= {"smollm2-135m", "gemma-3-270m", "qwen2.5-7b"}, timeout=10)
         yield trio
@@ -72,10 +72,6 @@ def trio(tmp_path_factory: pytest.TempPathFactory, own_database: str, prefix: st
         a.stop()
         b.stop()
         c.stop()
-
-
-def _local_agents(url: str) -> int:
-    return int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])
 
 
 def _model_list(url: str) -> list[dict[str, Any]]:

@@ -15,18 +15,16 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
-import asyncpg
 import httpx
 import msgspec
 import pytest
 import redis
 
-from coordinator.identity import keys
 from coordinator.money.metering import Price, prompt_bound
 from scripts import localpool
 from scripts.localpool import Proc
 from tests.conftest import redis_url
-from tests.harness import Pool
+from tests.harness import Pool, agents_at, key_id_of
 from tests.ledger_checks import books_of
 from tests.waiting import eventually
 
@@ -47,29 +45,17 @@ def replicas(
     try:
         a.agent(a.standin(), ["smollm2-135m"], max_concurrency=32)
         a.agent(a.standin(), ["smollm2-135m"], coordinator=b_url, wait=False, max_concurrency=32)
-        eventually(lambda: _agents(b_url) == 1, timeout=15)
+        eventually(lambda: agents_at(b_url) == 1, timeout=15)
         yield a, b, b_url
     finally:
         a.stop()
         b.stop()
 
 
-def _agents(url: str) -> int:
-    return int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])
-
-
-async def _key_id(database: str, key: str) -> int:
-    conn = await asyncpg.connect(database.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
-    try:
-        return int(await conn.fetchval("SELECT id FROM api_keys WHERE digest = $1", keys.digest(key)) or 0)
-    finally:
-        await conn.close()
-
-
 def test_a_keys_rate_limit_holds_across_replicas(replicas: tuple[Pool, Proc, str], own_database: str) -> None:
     a, _, b_url = replicas
     key = localpool.admin(a.env, "create-key", "--email", "consumer@example.com")
-    key_id = asyncio.run(_key_id(own_database, key))
+    key_id = asyncio.run(key_id_of(own_database, key))
     assert key_id, "the new key's id"
     localpool.admin(a.env, "set-key-limits", "--key-id", str(key_id), "--rpm", "20")
 
@@ -122,12 +108,12 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(replicas: tup
 def test_a_revoked_agent_token_is_dropped_by_the_replica_holding_its_agent(replicas: tuple[Pool, Proc, str]) -> None:
     a, _, b_url = replicas
     portal, created = _new_credential(a, "agent-tokens")
-    before = _agents(b_url)
+    before = agents_at(b_url)
     agent = a.agent(a.standin(), ["smollm2-135m"], token=str(created["token"]), coordinator=b_url, wait=False)
-    eventually(lambda: _agents(b_url) == before + 1, timeout=15)
+    eventually(lambda: agents_at(b_url) == before + 1, timeout=15)
     assert httpx.delete(f"{a.url}/v1/agent-tokens/{created['id']}", headers=portal, timeout=10).status_code == 204
     at = time.monotonic()
-    eventually(lambda: _agents(b_url) == before, timeout=1.0, interval=0.01)
+    eventually(lambda: agents_at(b_url) == before, timeout=1.0, interval=0.01)
     print(f"\nagent token revoked on A, its agent dropped by B {1000 * (time.monotonic() - at):.0f} ms later")
     eventually(lambda: not agent.alive(), timeout=15)  # it was told why, and gave up
 
@@ -239,7 +225,7 @@ def test_credit_for_exactly_ten_requests_serves_ten_over_three_replicas(
                 a.standin(chunks=10, interval_ms=100), ["smollm2-135m"], coordinator=url, wait=False, max_concurrency=40
             )
         for url in urls:
-            eventually(lambda url=url: _agents(url) == 1, timeout=15)
+            eventually(lambda url=url: agents_at(url) == 1, timeout=15)
 
         async def spread() -> list[httpx.Response]:
             headers = {"authorization": f"Bearer {a.key}", "content-type": "application/json"}
@@ -294,7 +280,7 @@ def test_a_replica_killed_mid_stream_leaves_the_books_whole(tmp_path: Path, pg_u
     try:
         slow = a.standin(chunks=50, interval_ms=100)  # a 5 s stream
         agent = a.agent(slow, ["smollm2-135m"], coordinator=f"{b_url},{a.url}", wait=False)
-        eventually(lambda: _agents(b_url) == 1, timeout=15)
+        eventually(lambda: agents_at(b_url) == 1, timeout=15)
         credits = {"authorization": f"Bearer {a.key}"}
         before = httpx.get(f"{a.url}/v1/credits", headers=credits, timeout=10).json()["balanceUsd"]
         body = {"model": "smollm2-135m", "messages": MSG, "stream": True}
@@ -310,7 +296,7 @@ def test_a_replica_killed_mid_stream_leaves_the_books_whole(tmp_path: Path, pg_u
                 if len(received) == 6:  # a few chunks in: kill B
                     b.popen.kill()
         assert len(received) >= 6 and time.monotonic() - started < 10  # it ended, it did not hang
-        eventually(lambda: _agents(a.url) == 1, timeout=10, explain=lambda: agent.output()[-1500:])
+        eventually(lambda: agents_at(a.url) == 1, timeout=10, explain=lambda: agent.output()[-1500:])
         eventually(lambda: asyncio.run(books_of(pg_url))[0] == 0, timeout=15, interval=0.5)  # B's lease released
         after = httpx.get(f"{a.url}/v1/credits", headers=credits, timeout=10).json()["balanceUsd"]
         assert after == before  # the cut stream was never charged, and nothing was lost

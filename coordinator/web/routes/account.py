@@ -6,7 +6,6 @@ Open to a portal session or one of the user's consumer keys; every query is scop
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from litestar import MediaType, Request, Response, Router, get
@@ -24,6 +23,7 @@ from coordinator.services.statements import (
     as_csv,
     credit_figures,
     cursor_position,
+    day_range,
     earnings_by_day,
     generation_of,
     list_requests,
@@ -32,31 +32,9 @@ from coordinator.services.statements import (
 from coordinator.web.guards import require_account
 from shared import errors
 
-MAX_DAYS = 366
-
 
 def _pool(request: Request[Any, Any, Any]) -> PoolState:
     return pool_of(request)
-
-
-def _date_range(start: str | None, end: str | None) -> tuple[str, str]:
-    """Validate an inclusive ``YYYY-MM-DD`` range (default: the last 30 days, UTC)."""
-    today = datetime.now(UTC).date()
-    parsed: list[date] = []
-    for name, value, default in (("from", start, today - timedelta(days=29)), ("to", end, today)):
-        if value is None:
-            parsed.append(default)
-            continue
-        try:
-            parsed.append(date.fromisoformat(value))
-        except ValueError:
-            raise PoolError(400, errors.INVALID_REQUEST, f"`{name}` must be a date (YYYY-MM-DD).", param=name) from None
-    first, last = parsed
-    if first > last:
-        raise PoolError(400, errors.INVALID_REQUEST, "`from` must not be after `to`.", param="from")
-    if (last - first).days >= MAX_DAYS:
-        raise PoolError(400, errors.INVALID_REQUEST, f"A range covers at most {MAX_DAYS} days.", param="from")
-    return first.isoformat(), last.isoformat()
 
 
 @get("/credits", summary="Your credit balance, what is held for running requests, and what is available")
@@ -70,7 +48,7 @@ TO = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)
 
 @get("/usage", summary="Your requests, tokens and cost per day and model")
 async def usage(request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO) -> Usage:
-    return await usage_by_day(_pool(request), request.state.user_id, *_date_range(from_date, to_date))
+    return await usage_by_day(_pool(request), request.state.user_id, *day_range(from_date, to_date))
 
 
 @get("/generation/{generation_id:str}", summary="One of your requests: tokens, cost, provider, latency, fallback")
@@ -98,14 +76,12 @@ async def requests(
     limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
     format: Literal["json", "csv"] = "json",
 ) -> Response[Any]:
-    first, last = _date_range(from_date, to_date)
-    since = datetime.fromisoformat(first).replace(tzinfo=UTC)
-    until = datetime.fromisoformat(last).replace(tzinfo=UTC) + timedelta(days=1)
+    first, last = day_range(from_date, to_date)
     try:
         position = None if cursor is None else cursor_position(cursor)
     except ValueError:
         raise PoolError(400, errors.INVALID_REQUEST, "`cursor` is not one this API gave out.", param="cursor") from None
-    where = RequestFilter(since, until, key, project, model, status, provider)
+    where = RequestFilter.over(first, last, key, project, model, status, provider)
     page: RequestPage = await list_requests(_pool(request), request.state.user_id, where, position, limit)
     if format == "csv":
         headers = {"content-disposition": 'attachment; filename="requests.csv"'}
@@ -119,7 +95,7 @@ async def requests(
 async def provider_earnings(
     request: Request[Any, Any, Any], from_date: str | None = FROM, to_date: str | None = TO
 ) -> Earnings:
-    return await earnings_by_day(_pool(request), request.state.user_id, *_date_range(from_date, to_date))
+    return await earnings_by_day(_pool(request), request.state.user_id, *day_range(from_date, to_date))
 
 
 account_router = Router(

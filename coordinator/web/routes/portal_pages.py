@@ -36,6 +36,7 @@ from coordinator.services.statements import (
     as_csv,
     credit_figures,
     cursor_position,
+    day_range,
     earnings_by_day,
     key_spend,
     list_requests,
@@ -446,10 +447,11 @@ async def _requests_page(request: Request[Any, Any, Any], user: User) -> tuple[R
     """The page of requests the query asks for, the filters as given, and what is wrong with them."""
     query = request.query_params
     filters = {name: query.get(name, "") for name in ("key", "project", "model", "status", "from", "to")}
-    today = datetime.now(UTC).date()
     try:
-        first = date.fromisoformat(filters["from"]) if filters["from"] else today - timedelta(days=29)
-        last = date.fromisoformat(filters["to"]) if filters["to"] else today
+        first, last = day_range(filters["from"] or None, filters["to"] or None)
+    except PoolError as exc:
+        return None, filters, exc.message
+    try:
         key = int(filters["key"]) if filters["key"] else None
         status = int(filters["status"]) if filters["status"] else None
         if (key is not None and not 1 <= key < 2**31) or (status is not None and not 100 <= status <= 599):
@@ -457,10 +459,8 @@ async def _requests_page(request: Request[Any, Any, Any], user: User) -> tuple[R
         cursor = query.get("cursor")
         position = cursor_position(cursor) if cursor else None
     except ValueError:
-        return None, filters, "Those filters are not valid: dates as YYYY-MM-DD, key and status as numbers."
-    since = datetime(first.year, first.month, first.day, tzinfo=UTC)
-    until = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
-    where = RequestFilter(since, until, key, filters["project"] or None, filters["model"] or None, status)
+        return None, filters, "Those filters are not valid: key and status are numbers."
+    where = RequestFilter.over(first, last, key, filters["project"] or None, filters["model"] or None, status)
     return await list_requests(_pool(request), user.id, where, position, 100), filters, ""
 
 
