@@ -8,12 +8,14 @@ import asyncio
 import sqlite3
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
+from coordinator.core.settings import Settings
 from coordinator.serving.verify import CANARY
 from coordinator.trust import canaries
 from coordinator.trust import scores as trust
@@ -30,6 +32,7 @@ CHEATS = {
     # bound as an overrun before its speed is judged (implausible speed: tests/unit/test_audit.py)
     "speed": ({"chunks": 1000}, trust.OVERRAN),
 }
+TRUST_HALF_LIFE = Settings().trust_half_life  # the harness keeps the default
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 
@@ -53,15 +56,20 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 
 def _jobs_until_caught(pool: Pool, token_id: int) -> tuple[int, int]:
-    """Replay a token's stored evidence: (jobs, consumer jobs) it took until its score first fell
-    below the threshold (evidence from verification jobs says so in its detail)."""
+    """Replay a token's stored evidence as the live score weighs it (each row at its own time, decayed
+    with the pool's half-life): (jobs, consumer jobs) it took until its score first fell below the
+    threshold (evidence from verification jobs says so in its detail). Without the decay a replay
+    can end on exactly 40.0 where the live score, whose failures are the newest, is just under it."""
     with sqlite3.connect(pool.db_url.removeprefix("sqlite+aiosqlite:///")) as db:
         rows = db.execute(
-            "SELECT kind, count, detail FROM trust_evidence WHERE agent_token_id = ? ORDER BY id", (token_id,)
+            "SELECT kind, count, detail, created_at FROM trust_evidence WHERE agent_token_id = ? "
+            "ORDER BY created_at, id",
+            (token_id,),
         ).fetchall()
     reputation, jobs, consumer = Reputation(), 0, 0
-    for kind, count, detail in rows:
-        reputation.add(trust.WEIGHTS[kind], 1.0, 1e9, count)  # minutes apart at most: no decay
+    for kind, count, detail, created_at in rows:
+        at = datetime.fromisoformat(created_at).replace(tzinfo=UTC).timestamp()
+        reputation.add(trust.WEIGHTS[kind], at, TRUST_HALF_LIFE, count)
         jobs += count
         consumer += 0 if detail.startswith(CANARY) else count
         if reputation.score() < 40:
