@@ -41,6 +41,7 @@ from coordinator.money.leases import CreditLeases
 from coordinator.money.metering import Price
 from coordinator.money.requestlog import RequestLog, RequestRecord
 from coordinator.services import periodic, revocation
+from coordinator.services.payments import Payments
 from coordinator.services.state import PoolState, pool_of, provide_pool
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.relay import Relay
@@ -58,6 +59,7 @@ from coordinator.web.routes.chat import create_chat_completion
 from coordinator.web.routes.directory import list_models, pool_status
 from coordinator.web.routes.ops import healthz, prometheus_metrics, readyz
 from coordinator.web.routes.pages import root, status_live, status_page
+from coordinator.web.routes.payments import payments_router
 from coordinator.web.routes.policies import policy_router
 from coordinator.web.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
 from coordinator.web.routes.portal_pages import portal_pages
@@ -320,6 +322,7 @@ def build_state(settings: Settings) -> PoolState:
         directory=catalog.Directory(catalog.shipped()),
         metrics=metrics,
         cluster=cluster,
+        payments=Payments.of(settings, engine),
         schema_head=db.head_revision(),
         replica=replica,
         mirror=mirror,
@@ -362,6 +365,7 @@ def create_app(settings: Settings) -> Litestar:
             await periodic.keep_history(pool)
             await pool.requests.close()
             await pool.upstream.aclose()
+            await pool.payments.close()
             pool.passwords.close()
             if pool.mirror is not None:
                 await pool.mirror.close()
@@ -384,6 +388,7 @@ def create_app(settings: Settings) -> Litestar:
             policy_router,
             agent_tokens_router,
             account_router,
+            payments_router,
             grant_credits,
             provider_agents,
             root,

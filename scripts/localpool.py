@@ -225,6 +225,24 @@ def start_standin(
     return proc
 
 
+def start_stripe(port: int, log_dir: Path, webhook_url: str, webhook_secret: str, name: str = "stripe") -> Proc:
+    """Stripe's stand-in on loopback (``tests/stripe_standin.py``), sending webhooks to ``webhook_url``."""
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.stripe_standin",
+        "--port",
+        str(port),
+        "--webhook-url",
+        webhook_url,
+        "--webhook-secret",
+        webhook_secret,
+    ]
+    proc = spawn(name, argv, log_dir)
+    wait_http(f"http://127.0.0.1:{port}/_control/events", proc, timeout=30)
+    return proc
+
+
 def wait_until_stopped(children: list[Proc], stopping: list[int]) -> int:
     """Keep ``children`` running until a signal lands in ``stopping`` (0), or one of them exits (1,
     naming its log)."""

@@ -24,6 +24,12 @@ NO_CAPACITY = "no_capacity"
 INTERNAL_ERROR = "internal_error"
 DATABASE_UNAVAILABLE = "database_unavailable"  # the coordinator cannot reach its database: retry shortly
 SHUTTING_DOWN = "shutting_down"  # this coordinator is draining: a retry reaches another
+PAYMENTS_UNAVAILABLE = "payments_unavailable"  # no payment provider configured, or it cannot be reached
+INVALID_SIGNATURE = "invalid_signature"  # a payment provider's webhook that does not verify
+PAYOUT_BELOW_MINIMUM = "payout_below_minimum"
+PAYOUT_ACCOUNT_MISSING = "payout_account_missing"
+INSUFFICIENT_EARNINGS = "insufficient_earnings"  # more than the matured earnings
+PAYOUT_STATE = "payout_state"  # the payout is not in the state the step needs
 
 # Job failure codes an agent reports in ``JobFailed``.
 BACKEND_UNAVAILABLE = "backend_unavailable"

@@ -206,6 +206,29 @@ def with_upstream(workdir: Path, models: str, chunks: int = 3, **settings: str) 
     return pool
 
 
+STRIPE_SECRET = "whsec_test_0123456789abcdef"
+
+
+def with_stripe(workdir: Path, db_url: str | None = None, **settings: str) -> Pool:
+    """A pool (not yet started) whose payment provider is Stripe's stand-in on loopback, sending its
+    webhooks to the pool; the stand-in's base URL is in ``extra["stripe"]``."""
+    port = localpool.free_port()
+    pool = Pool(
+        workdir,
+        db_url,
+        stripe_secret_key="sk_test_standin",
+        stripe_webhook_secret=STRIPE_SECRET,
+        stripe_api_base=f"http://127.0.0.1:{port}",
+        **settings,
+    )
+    pool.settings.setdefault("public_url", pool.url)
+    pool.env = localpool.coordinator_env(pool.db_url, **pool.settings)
+    webhook = f"{pool.url}/v1/payments/stripe/webhook"
+    pool.backends.append(localpool.start_stripe(port, workdir, webhook, STRIPE_SECRET))
+    pool.extra["stripe"] = f"http://127.0.0.1:{port}"
+    return pool
+
+
 def agents_at(url: str) -> int:
     """The agents connected to the coordinator at ``url`` (itself, not other replicas' it mirrors)."""
     return int(httpx.get(f"{url}/healthz", timeout=5).json()["agents"])

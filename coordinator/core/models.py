@@ -121,6 +121,12 @@ class Account(Base):
     __tablename__ = "accounts"
     __table_args__ = (
         CheckConstraint("kind NOT IN ('wallet', 'held', 'earnings') OR balance >= 0", name="ck_accounts_not_negative"),
+        # Escrowed earnings and pending payouts are never negative; a debt is what the user owes
+        # the platform, so it is never positive (0011).
+        CheckConstraint(
+            "(kind NOT IN ('escrow', 'payout') OR balance >= 0) AND (kind <> 'debt' OR balance <= 0)",
+            name="ck_accounts_payments_sign",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -191,6 +197,75 @@ class Topup(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     tx_id: Mapped[str] = mapped_column(ForeignKey("ledger_transactions.id", ondelete="RESTRICT"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Payment(Base):
+    """Money a user paid through the payment provider (a Checkout session, an off-session charge).
+
+    The provider's events only ever raise what is known of it (``paid``, ``refunded``, ``disputed``),
+    whatever order they come in; ``credited`` is what the ledger has given the wallet for it so far,
+    and each event posts the difference (``ledger.settle_payment``)."""
+
+    __tablename__ = "payments"
+    __table_args__ = (Index("ix_payments_user_created", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # pay_…, in the provider's metadata
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(16))  # checkout | auto
+    status: Mapped[str] = mapped_column(String(16))  # open | paid | expired | failed
+    amount: Mapped[int] = mapped_column(BigInteger)  # nano-USD asked for
+    session_id: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)
+    payment_intent: Mapped[str | None] = mapped_column(String(255), index=True, default=None)
+    paid: Mapped[int] = mapped_column(BigInteger, default=0)
+    refunded: Mapped[int] = mapped_column(BigInteger, default=0)  # cumulative, as the provider reports it
+    disputed: Mapped[int] = mapped_column(BigInteger, default=0)  # taken by an open or lost dispute
+    dispute_stage: Mapped[int] = mapped_column(Integer, default=0)  # 0 none, 1 open, 2 closed
+    credited: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookEvent(Base):
+    """A payment provider's event already applied: each is applied once, however often it comes."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PayoutAccount(Base):
+    """A provider's connected payout account at the payment provider."""
+
+    __tablename__ = "payout_accounts"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PayoutRow(Base):
+    """A provider's payout: ``requested`` → ``approved`` (an operator) → ``paid``, or ``rejected`` /
+    ``failed`` (the amount back in its earnings). Every step is one ledger transaction."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (
+        Index("ix_payouts_status", "status"),
+        Index("ix_payouts_user_requested", "user_id", "requested_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # po_…, the transfer's idempotency key
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    destination: Mapped[str] = mapped_column(String(255))
+    transfer_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    failure: Mapped[str | None] = mapped_column(String(500), default=None)
+    decided_by: Mapped[str | None] = mapped_column(String(320), default=None)  # the operator
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 class CoordinatorInstance(Base):

@@ -102,6 +102,16 @@ class Settings:
     # shutting down (SIGTERM)
     drain_notice_seconds: float = 0.0  # /readyz fails this long before new requests are refused
     drain_timeout: float = 30.0  # seconds open requests and jobs may take to finish
+    # payments (Stripe): top-ups in, payouts out
+    stripe_secret_key: str | None = None  # unset: no self-service top-ups or payouts
+    stripe_webhook_secret: str | None = None  # the endpoint's signing secret (whsec_…)
+    stripe_api_base: str | None = None  # another Stripe API address (a stand-in on loopback in tests)
+    topup_min: int = 5_000_000_000  # nano-USD (POOL_TOPUP_MIN_USD)
+    topup_max: int = 1_000_000_000_000  # nano-USD (POOL_TOPUP_MAX_USD)
+    topup_presets: tuple[int, ...] = (10_000_000_000, 25_000_000_000, 50_000_000_000, 100_000_000_000)
+    payout_hold_days: float = 7.0  # earnings stay in escrow this long (a failed canary can claw them back)
+    payout_minimum: int = 25_000_000_000  # nano-USD (POOL_PAYOUT_MINIMUM_USD)
+    escrow_sweep_seconds: float = 60.0  # how often matured earnings leave escrow
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -228,6 +238,10 @@ _ENV_NAMES = {
     "status_history": "STATUS_HISTORY_HOURS",
     "default_max_price_in": "MAX_PRICE_IN",
     "default_max_price_out": "MAX_PRICE_OUT",
+    "topup_min": "TOPUP_MIN_USD",
+    "topup_max": "TOPUP_MAX_USD",
+    "topup_presets": "TOPUP_PRESETS_USD",
+    "payout_minimum": "PAYOUT_MINIMUM_USD",
 }  # where the variable's name says its unit
 
 _FIELDS: dict[str, Callable[[str], object]] = {
@@ -295,4 +309,13 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "canary_confirmations": _positive_int,
     "drain_notice_seconds": _non_negative_float,
     "drain_timeout": _positive_float,
+    "stripe_secret_key": str,
+    "stripe_webhook_secret": str,
+    "stripe_api_base": _public_url,
+    "topup_min": lambda raw: usd_to_nano(raw, 1_000_000),
+    "topup_max": lambda raw: usd_to_nano(raw, 1_000_000),
+    "topup_presets": lambda raw: tuple(usd_to_nano(part.strip(), 1_000_000) for part in raw.split(",") if part.strip()),
+    "payout_hold_days": _non_negative_float,
+    "payout_minimum": lambda raw: usd_to_nano(raw, 1_000_000),
+    "escrow_sweep_seconds": _positive_float,
 }

@@ -164,7 +164,7 @@ class CreditLeases:
                 for lease in list(self._leases.values()):
                     if lease.user_id == user_id and (reservation := self._take(lease, amount, retiring=True)):
                         return reservation
-                raise ledger.InsufficientCredits(amount, short.available + self.unspent(user_id)) from None
+                raise ledger.InsufficientCredits(amount, short.available + self.unspent(user_id), short.owed) from None
             reservation = self._take(lease, amount, retiring=True)  # the flush may have retired it meanwhile
         if reservation is None:  # lost while it grew: another process took this one for dead
             raise RuntimeError("credit lease lost while reserving; the coordinator cannot reach its database")

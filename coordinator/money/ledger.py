@@ -1,4 +1,6 @@
-"""The only writer of money tables (DESIGN §5): accounts, grants, holds, charges, releases.
+"""The ledger's core (DESIGN §5): accounts, grants, holds, charges, releases, refunds, debt.
+``payments.py`` (money paid in) and ``payouts.py`` (escrow and money paid out) post through
+:func:`post` here; nothing else writes money tables.
 
 Every movement is one ledger transaction whose entries sum to zero, written in the same database
 transaction as the balances it changes. Spending is a conditional update (``balance >= :amount``),
@@ -6,6 +8,11 @@ never read-then-write. A hold resolves exactly once because resolving it is a co
 its status from ``pending``: whichever release (a lease closing, the sweep) comes first wins, the
 rest are no-ops; a charge needs the hold pending, so none lands after its release. Account rows
 are always updated in id order, so concurrent transactions cannot deadlock.
+
+A provider's share of a charge is escrowed (``escrow:<user>``) and matures into its earnings
+(``earnings:<user>``) after the hold period (``payouts.mature``). A user who owes the platform
+(a payment refunded or disputed after its credit was spent) has a negative ``debt:<user>``; every
+credit to the wallet pays it first, and the wallet stays empty until it is paid.
 
 InsufficientCredits   a hold larger than the wallet
 IdempotencyConflict   a top-up key reused with a different body
@@ -37,7 +44,8 @@ PENDING, RELEASED = "pending", "released"  # rows of older versions may say "set
 PLATFORM_FEES = "platform:fees"
 UPSTREAM_COSTS = "platform:upstream"
 FUNDING = "platform:funding"
-USER_ACCOUNT_KINDS = ("wallet", "held", "earnings")
+PAID_OUT = "platform:payouts"
+USER_ACCOUNT_KINDS = ("wallet", "held", "earnings", "escrow", "payout", "debt")
 BASIS_POINTS = 10_000
 MAX_GRANT_USD = 1_000_000  # one grant, a guard against typos
 
@@ -59,14 +67,31 @@ def held(user_id: int) -> str:
 
 
 def earnings(user_id: int) -> str:
+    """A provider's matured earnings: what it may be paid out."""
     return f"earnings:{user_id}"
 
 
+def escrow(user_id: int) -> str:
+    """A provider's earnings still in escrow (a failed canary can take them back)."""
+    return f"escrow:{user_id}"
+
+
+def payout_pending(user_id: int) -> str:
+    """A provider's payouts requested and not yet paid."""
+    return f"payout:{user_id}"
+
+
+def debt(user_id: int) -> str:
+    """What a user owes the platform, as a negative balance."""
+    return f"debt:{user_id}"
+
+
 class InsufficientCredits(Exception):
-    def __init__(self, needed: int, available: int) -> None:
-        super().__init__(f"needed {needed} nano-USD, available {available}")
+    def __init__(self, needed: int, available: int, owed: int = 0) -> None:
+        super().__init__(f"needed {needed} nano-USD, available {available}, owed {owed}")
         self.needed = needed
         self.available = available
+        self.owed = owed  # the user's debt (positive), which blocks spending until paid
 
 
 class IdempotencyConflict(Exception):
@@ -89,7 +114,10 @@ class Payout:
 class Balances:
     available: int
     held: int
-    earnings: int
+    earnings: int  # matured: can be paid out
+    escrowed: int = 0
+    payout_pending: int = 0
+    owed: int = 0  # debt, as a positive amount
 
 
 @dataclass(frozen=True)
@@ -113,7 +141,7 @@ def provider_share(amount: int, fee_bps: int) -> int:
 # --- building blocks -----------------------------------------------------------------------------
 
 
-async def _post(
+async def post(
     conn: AsyncConnection, kind: str, ref: str | None, entries: list[tuple[str, int]], applied: tuple[str, ...] = ()
 ) -> str:
     """Write one balanced ledger transaction and apply it to balances (but ``applied``, already done)."""
@@ -139,6 +167,24 @@ async def _post(
     return tx_id
 
 
+async def balance_for_update(conn: AsyncConnection, account: str) -> int:
+    """An account's balance, its row locked until the transaction ends (PostgreSQL; SQLite writes
+    one transaction at a time). Lock accounts in id order, as postings take them."""
+    value = await conn.scalar(select(_accounts.c.balance).where(_accounts.c.id == account).with_for_update())
+    return int(value or 0)
+
+
+async def credit_wallet(
+    conn: AsyncConnection, kind: str, ref: str | None, user_id: int, source: list[tuple[str, int]]
+) -> str:
+    """Post ``source`` (the debits paying for it) to the user: their debt first, the rest to the
+    wallet. The debt row is locked first (``debt`` sorts before ``wallet``)."""
+    amount = -sum(amount for _, amount in source)
+    owed = -await balance_for_update(conn, debt(user_id))
+    settled = min(max(amount, 0), owed)
+    return await post(conn, kind, ref, [*source, (debt(user_id), settled), (wallet(user_id), amount - settled)])
+
+
 async def _posted(conn: AsyncConnection, kind: str, ref: str) -> bool:
     """Whether a transaction of ``kind`` for ``ref`` is already in the ledger."""
     found = await conn.scalar(
@@ -161,25 +207,26 @@ async def open_accounts(conn: AsyncConnection, user_id: int) -> None:
 
 async def balances(conn: AsyncConnection, user_id: int) -> Balances:
     rows = dict(
-        (
-            await conn.execute(
-                select(_accounts.c.id, _accounts.c.balance).where(
-                    _accounts.c.id.in_([wallet(user_id), held(user_id), earnings(user_id)])
-                )
-            )
-        ).all()
+        (await conn.execute(select(_accounts.c.id, _accounts.c.balance).where(_accounts.c.user_id == user_id))).all()
     )
-    return Balances(rows.get(wallet(user_id), 0), rows.get(held(user_id), 0), rows.get(earnings(user_id), 0))
+    return Balances(
+        rows.get(wallet(user_id), 0),
+        rows.get(held(user_id), 0),
+        rows.get(earnings(user_id), 0),
+        rows.get(escrow(user_id), 0),
+        rows.get(payout_pending(user_id), 0),
+        -rows.get(debt(user_id), 0),
+    )
 
 
 # --- credits in ----------------------------------------------------------------------------------
 
 
 async def grant(conn: AsyncConnection, user_id: int, amount: int, ref: str | None = None) -> str:
-    """Add ``amount`` to the user's wallet from the platform's funding account."""
+    """Add ``amount`` to the user from the platform's funding account (their debt first)."""
     if amount <= 0:
         raise ValueError("a grant must be positive")
-    return await _post(conn, "grant", ref, [(FUNDING, -amount), (wallet(user_id), amount)])
+    return await credit_wallet(conn, "grant", ref, user_id, [(FUNDING, -amount)])
 
 
 def _topup_digest(user_id: int, amount: int) -> str:
@@ -284,9 +331,17 @@ async def _move_to_held(conn: AsyncConnection, hold_id: str, user_id: int, amoun
         .values(balance=_accounts.c.balance - amount)
     )
     if spent.rowcount != 1:
-        available = await conn.scalar(select(_accounts.c.balance).where(_accounts.c.id == wallet(user_id)))
-        raise InsufficientCredits(amount, int(available or 0))
-    await _post(
+        found = dict(
+            (
+                await conn.execute(
+                    select(_accounts.c.id, _accounts.c.balance).where(
+                        _accounts.c.id.in_([wallet(user_id), debt(user_id)])
+                    )
+                )
+            ).all()
+        )
+        raise InsufficientCredits(amount, int(found.get(wallet(user_id), 0)), -int(found.get(debt(user_id), 0)))
+    await post(
         conn,
         "hold",
         hold_id,
@@ -327,10 +382,10 @@ async def charge(engine: AsyncEngine, hold_id: str, batch_id: str, payouts: list
                 (UPSTREAM_COSTS, p.upstream_cost),
             ]
             if p.provider_user_id is not None:
-                credits.append((earnings(p.provider_user_id), p.provider_share))
+                credits.append((escrow(p.provider_user_id), p.provider_share))
             for account, amount in credits:
                 sums[account] = sums.get(account, 0) + amount
-        await _post(conn, "charge", ref, sorted(sums.items()))
+        await post(conn, "charge", ref, sorted(sums.items()))
     return True
 
 
@@ -360,33 +415,41 @@ async def release(engine: AsyncEngine, hold_id: str, reason: str) -> bool:
         if row is None:
             return False
         rest, user_id = int(row[0]) - int(row[2]), int(row[1])
-        await _post(conn, "release", hold_id, [(held(user_id), -rest), (wallet(user_id), rest)])
+        await credit_wallet(conn, "release", hold_id, user_id, [(held(user_id), -rest)])
     return True
 
 
 async def refund(
     engine: AsyncEngine, request_id: str, user_id: int, provider_user_id: int, amount: int, share: int
 ) -> bool:
-    """Give a consumer back what one request cost: the provider's ``share`` out of its earnings, as
-    far as they go, the rest out of the platform's fees; the request log marks the request refunded
-    in the same transaction. Once per request (a unique index makes sure): ``False`` if it was
-    already refunded."""
+    """Give a consumer back what one request cost (their debt first, if any): the provider's
+    ``share`` out of its escrowed earnings, then its matured ones, as far as they go, the rest out
+    of the platform's fees; the request log marks the request refunded in the same transaction.
+    Once per request (a unique index makes sure): ``False`` if it was already refunded."""
     if not 0 <= share <= amount:
         raise ValueError("a refund's provider share must be within its amount")
     async with engine.begin() as conn:
         if await _posted(conn, "refund", request_id):
             return False
-        # Earnings only grow but by refunds, and this process alone refunds what it served: what
-        # is read here is still there when the entry lands (the balance check is the backstop).
-        balance = await conn.scalar(
-            select(_accounts.c.balance).where(_accounts.c.id == earnings(provider_user_id)).with_for_update()
-        )
-        taken = min(share, int(balance or 0))
-        await _post(
+        # Locked in id order (debt < earnings < escrow): what is read stays until the entry lands.
+        owed = -await balance_for_update(conn, debt(user_id))
+        matured = await balance_for_update(conn, earnings(provider_user_id))
+        escrowed = await balance_for_update(conn, escrow(provider_user_id))
+        from_escrow = min(share, escrowed)
+        from_earnings = min(share - from_escrow, matured)
+        taken = from_escrow + from_earnings
+        settled = min(amount, owed)
+        await post(
             conn,
             "refund",
             request_id,
-            [(wallet(user_id), amount), (earnings(provider_user_id), -taken), (PLATFORM_FEES, taken - amount)],
+            [
+                (debt(user_id), settled),
+                (wallet(user_id), amount - settled),
+                (escrow(provider_user_id), -from_escrow),
+                (earnings(provider_user_id), -from_earnings),
+                (PLATFORM_FEES, taken - amount),
+            ],
         )
         await conn.execute(update(_request_log).where(_request_log.c.id == request_id).values(refunded=True))
     return True

@@ -201,6 +201,13 @@ class Call:
         try:
             ceiling = await self._hold()
         except InsufficientCredits as exc:
+            if exc.owed > 0:
+                raise self.refuse(
+                    402,
+                    errors.INSUFFICIENT_CREDITS,
+                    f"Your account owes {format_usd(exc.owed)}: a payment was refunded or disputed after its credits "
+                    "were spent. Add credits to pay it; requests resume once it is paid.",
+                ) from None
             raise self.refuse(
                 402,
                 errors.INSUFFICIENT_CREDITS,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from coordinator.identity import users
 from coordinator.market import catalog
+from coordinator.money import ledger, payouts
 from coordinator.services import overview
+from coordinator.services.payments import PaymentsUnavailable
 from coordinator.services.presence import remove_agent
 from coordinator.services.state import PoolState
 from coordinator.trust import scores as trust
@@ -119,6 +122,28 @@ async def share_window(pool: PoolState) -> None:
     await overview.share_window(pool)
 
 
+async def mature_earnings(pool: PoolState) -> None:
+    """Move provider earnings out of escrow once they are ``POOL_PAYOUT_HOLD_DAYS`` old."""
+    cutoff = ledger.now() - timedelta(days=pool.settings.payout_hold_days)
+    try:
+        moved = await payouts.mature(pool.engine, cutoff)
+    except Exception:
+        log.exception("maturing escrowed earnings failed; the next sweep tries again")
+        return
+    if moved:
+        log.info("earnings matured", extra={"amount_nano": moved})
+
+
+async def retry_transfers(pool: PoolState) -> None:
+    """Make the transfers of payouts approved more than a minute ago and still not paid (the process
+    that approved them stopped, or the payment provider could not be reached)."""
+    for payout_id in await payouts.approved_before(pool.engine, ledger.now() - timedelta(minutes=1)):
+        try:
+            await pool.payments.transfer(payout_id)
+        except (PaymentsUnavailable, payouts.PayoutRefused):
+            continue
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
     settings = pool.settings
@@ -140,4 +165,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
     sched.add_job(reload_references, "interval", seconds=settings.directory_reload_seconds, **once)
+    sched.add_job(mature_earnings, "interval", seconds=settings.escrow_sweep_seconds, **once)
+    if pool.payments.enabled:
+        sched.add_job(retry_transfers, "interval", seconds=60.0, **once)
     return sched

@@ -23,6 +23,7 @@ from coordinator.money.budgets import KeyBudgets
 from coordinator.money.clawback import Clawback
 from coordinator.money.leases import CreditLeases
 from coordinator.money.requestlog import RequestLog
+from coordinator.services.payments import Payments
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.relay import Relay
 from coordinator.serving.verify import Verifier
@@ -59,6 +60,7 @@ class PoolState:
     clawback: Clawback
     metrics: Metrics
     cluster: Cluster  # what replicas share through Redis (nothing without POOL_REDIS_URL)
+    payments: Payments  # the payment provider: top-ups in, payouts out (off without POOL_STRIPE_SECRET_KEY)
     schema_head: str | None  # the newest migration this code ships (``/readyz`` compares)
     replica: str | None = None  # this replica's name (``None``: no replicas, no Redis)
     mirror: Mirror | None = None  # the other replicas' agents in the registry, ours published

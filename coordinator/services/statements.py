@@ -35,6 +35,8 @@ class Credits(msgspec.Struct):
     balanceNano: int
     heldNano: int
     availableNano: int
+    owedUsd: float = 0.0  # debt from a payment refunded or disputed after it was spent: blocks requests
+    owedNano: int = 0
 
 
 class UsageRow(msgspec.Struct):
@@ -92,11 +94,15 @@ class EarningsRow(msgspec.Struct):
 
 
 class Earnings(msgspec.Struct):
-    balanceUsd: float
+    balanceUsd: float  # escrowed and matured: everything earned and not yet paid out
     balanceNano: int
     fromDate: str
     toDate: str
     data: list[EarningsRow]
+    escrowedUsd: float = 0.0  # still in escrow: a failed canary can claw it back
+    escrowedNano: int = 0
+    availableUsd: float = 0.0  # matured: can be paid out
+    availableNano: int = 0
 
 
 async def credit_figures(pool: PoolState, user_id: int) -> Credits:
@@ -112,7 +118,16 @@ async def credit_figures(pool: PoolState, user_id: int) -> Credits:
     unspent = pool.leases.unspent(user_id)
     held, available = money.held - unspent, money.available + unspent
     total = available + held
-    return Credits(nano_to_usd(total), nano_to_usd(held), nano_to_usd(available), total, held, available)
+    return Credits(
+        nano_to_usd(total),
+        nano_to_usd(held),
+        nano_to_usd(available),
+        total,
+        held,
+        available,
+        nano_to_usd(money.owed),
+        money.owed,
+    )
 
 
 def _unless_refunded(amount: Any) -> Any:
@@ -342,7 +357,18 @@ async def earnings_by_day(pool: PoolState, user_id: int, first: str, last: str) 
     async with pool.engine.connect() as conn:
         money = await ledger.balances(conn, user_id)
     data = [EarningsRow(day, model, n, p, c, nano_to_usd(e), e) for day, model, n, _, p, c, e in rows]
-    return Earnings(nano_to_usd(money.earnings), money.earnings, first, last, data)
+    total = money.earnings + money.escrowed
+    return Earnings(
+        nano_to_usd(total),
+        total,
+        first,
+        last,
+        data,
+        nano_to_usd(money.escrowed),
+        money.escrowed,
+        nano_to_usd(money.earnings),
+        money.earnings,
+    )
 
 
 async def generation_of(pool: PoolState, user_id: int, generation_id: str) -> Generation | None:

@@ -77,7 +77,7 @@ def books(url: str, consumer: int, provider: int) -> tuple[int, int, int, list[s
         return (
             await balance(engine, ledger.wallet(consumer)),
             await balance(engine, ledger.held(consumer)),
-            await balance(engine, ledger.earnings(provider)),
+            await balance(engine, ledger.escrow(provider)),  # earnings stay in escrow for the hold period
             await ledger_problems(engine),
         )
 

@@ -19,7 +19,7 @@ from coordinator.identity import users
 from coordinator.money import ledger
 from coordinator.money.clawback import Clawback
 from coordinator.money.leases import Charge, CreditLeases, Reservation
-from coordinator.money.ledger import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, earnings, held, wallet
+from coordinator.money.ledger import FUNDING, PLATFORM_FEES, UPSTREAM_COSTS, escrow, held, wallet
 from coordinator.money.requestlog import RequestLog, RequestRecord
 from tests.ledger_checks import balance, ledger_problems, pending_holds
 
@@ -83,7 +83,7 @@ async def test_a_charge_pays_the_provider_its_share_and_the_release_returns_the_
     assert await ledger.release(engine, h, "lease closed")
     assert await balance(engine, wallet(consumer)) == 10_000 - 1_001
     assert await balance(engine, held(consumer)) == 0
-    assert await balance(engine, earnings(provider)) == 900
+    assert await balance(engine, escrow(provider)) == 900
     assert await balance(engine, PLATFORM_FEES) - fees_before == 101
     assert await ledger_problems(engine) == []
 
@@ -95,12 +95,12 @@ async def test_charges_never_exceed_the_hold(engine: AsyncEngine) -> None:
     assert not await ledger.charge(engine, h, "b1", [ledger.Payout(2_001, provider, 1_500)])
     split = [ledger.Payout(1_500, provider, 1_125), ledger.Payout(600, provider, 450)]
     assert not await ledger.charge(engine, h, "b2", split)  # together more than the hold: none of it
-    assert await balance(engine, held(consumer)) == 2_000 and await balance(engine, earnings(provider)) == 0
+    assert await balance(engine, held(consumer)) == 2_000 and await balance(engine, escrow(provider)) == 0
     assert await ledger.charge(engine, h, "b3", [ledger.Payout(2_000, provider, 1_500)])
     assert not await ledger.charge(engine, h, "b4", [ledger.Payout(1, provider, 0)])
     assert await ledger.release(engine, h, "lease closed")
     assert await balance(engine, wallet(consumer)) == 3_000
-    assert await balance(engine, earnings(provider)) == 1_500
+    assert await balance(engine, escrow(provider)) == 1_500
     assert await ledger_problems(engine) == []
 
 
@@ -138,7 +138,7 @@ async def test_a_hold_resolves_exactly_once(engine: AsyncEngine) -> None:
     charged = 400 * (outcomes[0] is True) + 500 * (outcomes[3] is True)  # charges that came first count
     assert await balance(engine, held(consumer)) == 0
     assert await balance(engine, wallet(consumer)) == 10_000 - charged
-    assert await balance(engine, earnings(provider)) == charged
+    assert await balance(engine, escrow(provider)) == charged
     assert await ledger_problems(engine) == []
 
 
@@ -232,7 +232,7 @@ async def test_a_lease_takes_batched_charges_then_returns_the_rest(engine: Async
     assert await ledger.charge(engine, lease, "b1", batch)
     assert await ledger.charge(engine, lease, "b1", batch)  # a retried batch is written once
     assert await balance(engine, held(consumer)) == 5_000 - 2_300
-    assert await balance(engine, earnings(provider)) == 1_350
+    assert await balance(engine, escrow(provider)) == 1_350
     assert await balance(engine, PLATFORM_FEES) - fees_before == 100 + 50 + 800 - 300
     assert await balance(engine, UPSTREAM_COSTS) - costs_before == 300
     assert not await ledger.charge(engine, lease, "b2", [ledger.Payout(2_701, provider, 0)])  # more than is left
@@ -278,12 +278,12 @@ async def test_leases_serve_exactly_what_the_wallet_covers_and_strand_nothing(en
     for record, reservation in served:
         books.finish(record, Charge(100, provider), reservation)
         assert record.cost == 100 and record.provider_earned == 90
-    assert await balance(engine, earnings(provider)) == 0  # booked, not yet written
+    assert await balance(engine, escrow(provider)) == 0  # booked, not yet written
     await books.flush(close_all=True, user_id=consumer)
     assert books.live == set()
     assert await balance(engine, wallet(consumer)) == 3_000 - 1_000
     assert await balance(engine, held(consumer)) == 0
-    assert await balance(engine, earnings(provider)) == 900
+    assert await balance(engine, escrow(provider)) == 900
     assert await pending_holds(engine) == 0
     assert await ledger_problems(engine) == []
 
@@ -318,7 +318,7 @@ async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine)
     books.finish(first, Charge(500, provider), running)
     await books.flush()
     assert running.lease.lost and books.unspent(consumer) == 0
-    assert await balance(engine, wallet(consumer)) == 5_000 and await balance(engine, earnings(provider)) == 0
+    assert await balance(engine, wallet(consumer)) == 5_000 and await balance(engine, escrow(provider)) == 0
     clawback = Clawback(engine, books)  # a dropped charge is never refunded: it was never paid
     first.provider_user_id = provider
     clawback.served(1, "agt_1", "m", first)
@@ -332,7 +332,7 @@ async def test_a_lease_released_under_us_lends_nothing_more(engine: AsyncEngine)
     await books.close()
     assert books.live == set()
     assert await balance(engine, wallet(consumer)) == 5_000 - 700
-    assert await balance(engine, earnings(provider)) == 630
+    assert await balance(engine, escrow(provider)) == 630
     assert await pending_holds(engine) == 0
     assert await ledger_problems(engine) == []
 
@@ -375,7 +375,7 @@ async def test_flush_lag_is_the_age_of_the_oldest_charge_not_yet_written(engine:
     await books.flush()
     assert books.flush_lag() == 0.0
     await books.close()
-    assert await balance(engine, earnings(provider)) == 90
+    assert await balance(engine, escrow(provider)) == 90
 
 
 async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(engine: AsyncEngine) -> None:
@@ -395,7 +395,7 @@ async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(e
     assert await clawback.refund_due() == 2  # the batched charges are written first, then undone
     await books.close()
     assert await balance(engine, wallet(consumer)) == 10_000 - 2 * 200
-    assert await balance(engine, earnings(provider)) == 2 * 180
+    assert await balance(engine, escrow(provider)) == 2 * 180
     assert await balance(engine, PLATFORM_FEES) - fees_before == 2 * 20
     assert not await ledger.refund(engine, records[1].id, consumer, provider, 200, 180)  # once per request
     async with engine.connect() as conn:
@@ -416,7 +416,7 @@ async def test_a_refund_takes_from_the_platform_what_the_provider_no_longer_hold
     assert await ledger.release(engine, h, "lease closed")
     assert await ledger.refund(engine, h, consumer, provider, 500, 450)
     assert await ledger.refund(engine, "req_other", consumer, provider, 100, 90)  # earnings are empty now
-    assert await balance(engine, earnings(provider)) == 0
+    assert await balance(engine, escrow(provider)) == 0
     assert await balance(engine, wallet(consumer)) == 1_000 - 500 + 500 + 100
     assert await balance(engine, PLATFORM_FEES) - fees_before == 50 - 50 - 100
     with pytest.raises(ValueError):

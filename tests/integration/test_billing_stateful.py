@@ -3,11 +3,15 @@
 Random sequences of top-ups (new, replayed, conflicting, concurrent), holds (fitting, too large,
 concurrent), credit leases as the coordinator's request path uses them (holds grown in place, charged
 in batches: with or without a provider, with an upstream cost, retried), releases, repeated and
-concurrent resolutions (a charge racing a release), coordinator crashes and orphan sweeps. After
-every step the database must agree with a plain Python model of every wallet, holds and earnings
-balance, of the platform accounts and of every hold, and :func:`ledger_problems` must find nothing:
-no negative balance, every transaction sums to zero, stored balances equal the replay of the ledger,
-held balances equal the pending holds, no hold charged above what it held.
+concurrent resolutions (a charge racing a release), coordinator crashes and orphan sweeps; payments
+from the payment provider and their refunds and disputes (events replayed, totals that only grow),
+which leave debt when the credit was spent; refunds of requests; earnings maturing out of escrow;
+payouts requested, approved, rejected, transferred, failed and reversed. After every step the
+database must agree with a plain Python model of every wallet, holds, escrow, earnings, pending
+payouts and debt balance, of the platform accounts and of every hold, and :func:`ledger_problems`
+must find nothing: no balance of the wrong sign, every transaction sums to zero, stored balances
+equal the replay of the ledger, held balances equal the pending holds, no hold charged above what
+it held, no wallet in credit while its user owes, pending payouts equal the open payouts.
 
 One engine and one event loop per test; each example (machine) works on fresh users in the same
 database, so the ledger checks cover everything every earlier example left behind.
@@ -19,7 +23,7 @@ import asyncio
 import secrets
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -39,8 +43,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from coordinator.core import db
 from coordinator.core.models import Account, Hold
 from coordinator.identity import users
-from coordinator.money import ledger
-from coordinator.money.ledger import FUNDING, PENDING, PLATFORM_FEES, RELEASED, UPSTREAM_COSTS
+from coordinator.money import ledger, payments, payouts
+from coordinator.money.ledger import FUNDING, PAID_OUT, PENDING, PLATFORM_FEES, RELEASED, UPSTREAM_COSTS
+from coordinator.money.payments import DISPUTE_CLOSED, DISPUTE_OPEN, Facts
 from tests.ledger_checks import ledger_problems
 
 T = TypeVar("T")
@@ -50,7 +55,8 @@ PROVIDER = 2
 RACER = 3  # a consumer whose holds only the race rule touches: no later draw depends on its balances
 SHORT_LEASE = 0.001  # every instance but the sweeping one is dead
 LONG_LEASE = 3600.0  # only instances that never renewed are dead
-PLATFORM = (FEES, UPSTREAM, FUNDING) = (PLATFORM_FEES, UPSTREAM_COSTS, FUNDING)
+PLATFORM = (FEES, UPSTREAM, FUNDING, OUT) = (PLATFORM_FEES, UPSTREAM_COSTS, FUNDING, PAID_OUT)
+PAYOUT_STEPS = st.sampled_from(["approve", "reject", "transferred", "failed", "reversed"])
 
 # Small amounts make "more than the wallet" common; a few are above int32 (nano-USD: $2.15 and up).
 BIG = st.sampled_from([2**31 - 1, 2**31 + 7, 5_000_000_000])
@@ -99,6 +105,17 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(8)
 
 
+@dataclass
+class PaymentModel:
+    user: int
+    paid: int = 0
+    refunded: int = 0
+    stage: int = 0
+    disputed: int = 0
+    credited: int = 0
+    events: list[tuple[str, str, Facts]] | None = None  # delivered: (id, type, facts), to replay
+
+
 class BillingMachine(RuleBasedStateMachine):
     def __init__(self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
         super().__init__()
@@ -106,7 +123,13 @@ class BillingMachine(RuleBasedStateMachine):
         self.engine = engine
         self.users = [self.run(self._new_user()) for _ in range(4)]
         self.available = dict.fromkeys(self.users, 0)
-        self.earnings = dict.fromkeys(self.users, 0)
+        self.escrowed = dict.fromkeys(self.users, 0)
+        self.matured = dict.fromkeys(self.users, 0)
+        self.pending_payouts = dict.fromkeys(self.users, 0)
+        self.owed = dict.fromkeys(self.users, 0)
+        self.payments: dict[str, PaymentModel] = {}
+        self.payouts: dict[str, tuple[int, int, str]] = {}  # id -> (user, amount, status)
+        self.refunded_requests: list[tuple[str, int, int, int, int]] = []
         self.platform_start = self.run(self._platform_balances())
         self.platform = dict.fromkeys(PLATFORM, 0)  # expected change since this machine started
         self.holds: dict[str, HoldModel] = {}
@@ -132,7 +155,20 @@ class BillingMachine(RuleBasedStateMachine):
         if amount:
             async with self.engine.begin() as conn:
                 await ledger.grant(conn, user, amount)
+            assert self.owed[user] == 0  # the racer never owes: the grant goes to its wallet, the hold takes it
             self.platform[FUNDING] -= amount
+
+    def credit(self, user: int, amount: int) -> None:
+        """Money for the user's wallet: their debt first."""
+        settled = min(amount, self.owed[user])
+        self.owed[user] -= settled
+        self.available[user] += amount - settled
+
+    def take_back(self, user: int, amount: int) -> None:
+        """A reversal: from the wallet as far as it goes, the rest as debt."""
+        taken = min(amount, self.available[user])
+        self.available[user] -= taken
+        self.owed[user] += amount - taken
 
     async def _platform_balances(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
@@ -152,7 +188,7 @@ class BillingMachine(RuleBasedStateMachine):
         """The holds of requests still running in the current coordinator."""
         return {h for h in self.pending() if self.holds[h].owner == self.instance}
 
-    def payouts(self, plans: list[PayoutArgs], left: int) -> list[ledger.Payout]:
+    def charges(self, plans: list[PayoutArgs], left: int) -> list[ledger.Payout]:
         """What the coordinator would write for these requests: each capped at what the lease has
         left, the provider's share after the fee (none for the platform upstream)."""
         payouts = []
@@ -168,14 +204,14 @@ class BillingMachine(RuleBasedStateMachine):
         self.holds[hold_id].charged += sum(p.amount for p in payouts)
         for payout in payouts:
             if payout.provider_user_id is not None:
-                self.earnings[payout.provider_user_id] += payout.provider_share
+                self.escrowed[payout.provider_user_id] += payout.provider_share
             self.platform[FEES] += payout.amount - payout.provider_share - payout.upstream_cost
             self.platform[UPSTREAM] += payout.upstream_cost
 
     def released(self, hold_id: str) -> None:
         model = self.holds[hold_id]
         model.status = RELEASED
-        self.available[model.user] += model.amount - model.charged
+        self.credit(model.user, model.amount - model.charged)
 
     # --- credits in --------------------------------------------------------------------------
 
@@ -195,7 +231,7 @@ class BillingMachine(RuleBasedStateMachine):
         result = self.run(ledger.topup(self.engine, key, user, amount))
         assert (result.user_id, result.amount, result.replayed) == (user, amount, False)
         self.topups[key] = (user, amount, result.tx_id)
-        self.available[user] += amount
+        self.credit(user, amount)
         self.platform[FUNDING] -= amount
 
     @rule(data=st.data(), who=st.sampled_from([*CONSUMERS, PROVIDER]), amount=TOPUPS, reuse=st.booleans())
@@ -234,7 +270,7 @@ class BillingMachine(RuleBasedStateMachine):
         assert sorted(r.replayed for r in results) == [False] + [True] * (tries - 1)
         assert len({r.tx_id for r in results}) == 1
         self.topups[key] = (user, amount, results[0].tx_id)
-        self.available[user] += amount
+        self.credit(user, amount)
         self.platform[FUNDING] -= amount
 
     # --- holds -------------------------------------------------------------------------------
@@ -314,7 +350,7 @@ class BillingMachine(RuleBasedStateMachine):
             plans = data.draw(
                 st.lists(payout_args(self.holds[hold_id].amount), min_size=1, max_size=2), label="payouts"
             )
-            payouts = self.payouts(plans, 0)
+            payouts = self.charges(plans, 0)
             assert self.run(ledger.charge(self.engine, hold_id, new_id("b"), payouts)) is False
 
     @rule(data=st.data(), racers=st.lists(RESOLVERS, min_size=1, max_size=3), amount=st.integers(0, 120))
@@ -335,7 +371,7 @@ class BillingMachine(RuleBasedStateMachine):
             else None
             for how in racers
         ]
-        batches = [self.payouts(p, share // len(p)) if p else None for p in plans]
+        batches = [self.charges(p, share // len(p)) if p else None for p in plans]
 
         async def race() -> list[Any]:
             calls = [
@@ -368,7 +404,7 @@ class BillingMachine(RuleBasedStateMachine):
             drawn = data.draw(
                 st.none() | st.lists(payout_args(left), min_size=1, max_size=3), label="charge or release"
             )
-            plans.append((hold_id, self.payouts(drawn, left // len(drawn)) if drawn else None))
+            plans.append((hold_id, self.charges(drawn, left // len(drawn)) if drawn else None))
 
         async def together() -> list[Any]:
             calls = [
@@ -414,7 +450,7 @@ class BillingMachine(RuleBasedStateMachine):
         model = self.holds[hold_id]
         left = model.amount - model.charged
         plans = data.draw(st.lists(payout_args(left), min_size=1, max_size=4), label="payouts")
-        payouts = self.payouts(plans, left)
+        payouts = self.charges(plans, left)
         total = sum(p.amount for p in payouts)
         batch = new_id("b")
         written = self.run(ledger.charge(self.engine, hold_id, batch, payouts))
@@ -424,6 +460,148 @@ class BillingMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="retry the batch"):  # as after a commit in doubt
             assert self.run(ledger.charge(self.engine, hold_id, batch, payouts)) is True
         self.charged(hold_id, payouts)
+
+    # --- payments: paid in, refunded, disputed -------------------------------------------------
+
+    @rule(who=st.sampled_from([*CONSUMERS, PROVIDER]), amount=st.integers(1, 200) | BIG)
+    def pay_in(self, who: int, amount: int) -> None:
+        """A Checkout payment completes."""
+        user, payment = self.user(who), payments.new_id()
+        self.run(payments.open_payment(self.engine, payment, user, amount, "checkout"))
+        self.payments[payment] = PaymentModel(user, events=[])
+        self.deliver(payment, "checkout.session.completed", Facts(paid=amount, payment_intent="pi_" + payment))
+
+    @precondition(lambda self: self.payments)
+    @rule(data=st.data(), kind=st.sampled_from(["refund", "dispute", "won", "lost", "replay"]))
+    def payment_event(self, data: st.DataObject, kind: str) -> None:
+        """A refund (a cumulative total, maybe lower than one seen: late), a dispute opened, won or
+        lost (maybe after its close: stale), or an event delivered again. After a spend the
+        wallet cannot cover it: debt."""
+        payment = data.draw(st.sampled_from(list(self.payments)), label="payment")
+        model = self.payments[payment]
+        assert model.events is not None
+        if kind == "replay":
+            event_id, event_type, facts = data.draw(st.sampled_from(model.events), label="event")
+            assert self.run(payments.apply(self.engine, event_id, event_type, payment, facts)) is None
+            return
+        amount = data.draw(st.integers(0, model.paid + 3), label="amount")
+        facts = {
+            "refund": Facts(refunded=amount),
+            "dispute": Facts(dispute_stage=DISPUTE_OPEN, disputed=amount),
+            "won": Facts(dispute_stage=DISPUTE_CLOSED, disputed=0),
+            "lost": Facts(dispute_stage=DISPUTE_CLOSED, disputed=amount),
+        }[kind]
+        self.deliver(payment, "charge." + kind, facts)
+
+    def deliver(self, payment: str, event_type: str, facts: Facts) -> None:
+        model = self.payments[payment]
+        assert model.events is not None
+        event_id = new_id("evt_")
+        applied = self.run(payments.apply(self.engine, event_id, event_type, payment, facts))
+        model.events.append((event_id, event_type, facts))
+        model.paid = max(model.paid, facts.paid or 0)
+        model.refunded = max(model.refunded, facts.refunded or 0)
+        if facts.dispute_stage is not None and facts.dispute_stage > model.stage:
+            model.stage, model.disputed = facts.dispute_stage, facts.disputed or 0
+        worth = max(0, model.paid - model.refunded - model.disputed)
+        change, model.credited = worth - model.credited, worth
+        assert applied is not None and (applied.change, applied.credited) == (change, worth)
+        if change > 0:
+            self.credit(model.user, change)
+        else:
+            self.take_back(model.user, -change)
+        self.platform[FUNDING] -= change
+
+    # --- refunds of requests, escrow, payouts --------------------------------------------------
+
+    @rule(
+        who=st.sampled_from(CONSUMERS),
+        provider=st.sampled_from([PROVIDER, CONSUMERS[1]]),
+        amount=st.integers(0, 150),
+        data=st.data(),
+    )
+    def refund_request(self, who: int, provider: int, amount: int, data: st.DataObject) -> None:
+        """A request a failed canary discredits: the consumer gets it back (debt first), the
+        provider's share comes out of escrow, then matured earnings, the platform covers the rest;
+        once per request."""
+        user, by = self.user(who), self.user(provider)
+        share = data.draw(st.integers(0, amount), label="share")
+        request = new_id("req_")
+        assert self.run(ledger.refund(self.engine, request, user, by, amount, share)) is True
+        assert self.run(ledger.refund(self.engine, request, user, by, amount, share)) is False
+        from_escrow = min(share, self.escrowed[by])
+        from_matured = min(share - from_escrow, self.matured[by])
+        self.escrowed[by] -= from_escrow
+        self.matured[by] -= from_matured
+        self.platform[FEES] += from_escrow + from_matured - amount
+        self.credit(user, amount)
+
+    @rule(old=st.booleans())
+    def mature(self, old: bool) -> None:
+        """The escrow sweep: with a cutoff in the past (nothing is that old) or just now (all)."""
+        cutoff = ledger.now() + (timedelta(days=-7) if old else timedelta(seconds=1))
+        moved = self.run(payouts.mature(self.engine, cutoff))
+        expected = 0 if old else sum(self.escrowed.values())
+        assert moved >= expected  # earlier examples' providers may mature too
+        if not old:
+            for user in self.users:
+                self.matured[user] += self.escrowed[user]
+                self.escrowed[user] = 0
+
+    @rule(who=st.sampled_from([PROVIDER, CONSUMERS[1]]), data=st.data(), minimum=st.integers(0, 50))
+    def request_payout(self, who: int, data: st.DataObject, minimum: int) -> None:
+        user = self.user(who)
+        self.run(payouts.connect_account(self.engine, user, f"acct_{user}"))
+        amount = data.draw(st.integers(1, self.matured[user] + 3), label="amount")
+        payout_id = payouts.new_id()
+        try:
+            self.run(payouts.request(self.engine, payout_id, user, amount, minimum))
+        except payouts.PayoutRefused as refused:
+            assert amount < minimum or amount > self.matured[user], refused.code
+            return
+        assert minimum <= amount <= self.matured[user]
+        self.matured[user] -= amount
+        self.pending_payouts[user] += amount
+        self.payouts[payout_id] = (user, amount, payouts.REQUESTED)
+
+    @precondition(lambda self: self.payouts)
+    @rule(data=st.data(), step=PAYOUT_STEPS)
+    def payout_step(self, data: st.DataObject, step: str) -> None:
+        """An operator or the transfer moves a payout on; a step from the wrong state is refused."""
+        payout_id = data.draw(st.sampled_from(list(self.payouts)), label="payout")
+        user, amount, status = self.payouts[payout_id]
+        moves = {
+            "approve": (payouts.REQUESTED, payouts.APPROVED, lambda: payouts.approve(self.engine, payout_id, "ops")),
+            "reject": (
+                payouts.REQUESTED,
+                payouts.REJECTED,
+                lambda: payouts.reject(self.engine, payout_id, "ops", "no"),
+            ),
+            "transferred": (payouts.APPROVED, payouts.PAID, lambda: payouts.transferred(self.engine, payout_id, "tr")),
+            "failed": (payouts.APPROVED, payouts.FAILED, lambda: payouts.failed(self.engine, payout_id, "refused")),
+            "reversed": (
+                payouts.PAID,
+                payouts.FAILED,
+                lambda: payouts.failed(self.engine, payout_id, "reversed", was=payouts.PAID),
+            ),
+        }
+        before, after, call = moves[step]
+        try:
+            moved = self.run(call())
+        except payouts.PayoutRefused:
+            assert status != before
+            return
+        assert status == before and moved.status == after
+        self.payouts[payout_id] = (user, amount, after)
+        if after == payouts.PAID:
+            self.pending_payouts[user] -= amount
+            self.platform[OUT] += amount
+        elif before == payouts.PAID:
+            self.platform[OUT] -= amount
+            self.matured[user] += amount
+        elif after in (payouts.REJECTED, payouts.FAILED):
+            self.pending_payouts[user] -= amount
+            self.matured[user] += amount
 
     # --- coordinator crashes and the orphan sweep -----------------------------------------------
 
@@ -480,7 +658,14 @@ class BillingMachine(RuleBasedStateMachine):
         async with self.engine.connect() as conn:
             for user in self.users:
                 held = sum(m.amount - m.charged for m in self.holds.values() if m.user == user and m.status == PENDING)
-                expected = ledger.Balances(self.available[user], held, self.earnings[user])
+                expected = ledger.Balances(
+                    self.available[user],
+                    held,
+                    self.matured[user],
+                    self.escrowed[user],
+                    self.pending_payouts[user],
+                    self.owed[user],
+                )
                 assert await ledger.balances(conn, user) == expected, f"user {user}"
             rows = (
                 await conn.execute(

@@ -458,6 +458,8 @@ def test_no_credits_402_before_anything_runs(pool: Pool) -> None:
         "balanceNano": 0,
         "heldNano": 0,
         "availableNano": 0,
+        "owedUsd": 0.0,
+        "owedNano": 0,
     }
 
 

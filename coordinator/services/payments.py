@@ -1,0 +1,262 @@
+"""The payment provider (Stripe): Checkout sessions for top-ups, the webhook that credits them, Connect
+accounts and transfers for payouts. What the money does is ``money/payments.py`` and
+``money/payouts.py``; this module speaks to Stripe and turns its events into facts.
+
+Stripe is reached through the ``stripe`` library (``POOL_STRIPE_API_BASE`` points it elsewhere, as
+tests do at a stand-in on loopback). A webhook is believed only when the library's signature check
+passes with the endpoint's secret and a timestamp under five minutes old; its body is then read as
+plain JSON. Events the pool does not act on are acknowledged and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import stripe
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from coordinator.core.settings import Settings
+from coordinator.money import payments, payouts
+from coordinator.money.payments import DISPUTE_CLOSED, DISPUTE_OPEN, Facts
+
+log = logging.getLogger(__name__)
+
+NANO_PER_CENT = 10_000_000
+WEBHOOK_TOLERANCE = 300  # seconds: an older signature is a replay
+
+
+class PaymentsUnavailable(Exception):
+    """Stripe is not configured (``POOL_STRIPE_SECRET_KEY``), or it refused or could not be reached."""
+
+
+class BadSignature(Exception):
+    """A webhook whose signature or timestamp does not check out."""
+
+
+class Event(msgspec.Struct):
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Payments:
+    settings: Settings
+    engine: AsyncEngine
+    client: stripe.StripeClient | None = None
+    _http: stripe.AIOHTTPClient | None = None
+
+    @classmethod
+    def of(cls, settings: Settings, engine: AsyncEngine) -> Payments:
+        if not settings.stripe_secret_key:
+            return cls(settings, engine)
+        http = stripe.AIOHTTPClient(timeout=30)
+        bases: Any = (
+            {"api": settings.stripe_api_base, "connect": settings.stripe_api_base} if settings.stripe_api_base else None
+        )
+        client = stripe.StripeClient(
+            settings.stripe_secret_key, base_addresses=bases, http_client=http, max_network_retries=2
+        )
+        return cls(settings, engine, client, http)
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    def _stripe(self) -> stripe.StripeClient:
+        if self.client is None:
+            raise PaymentsUnavailable("Payments are not configured on this pool.")
+        return self.client
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close_async()  # type: ignore[no-untyped-call]
+
+    def _url(self, path: str) -> str:
+        return f"{self.settings.public_url or ''}{path}"
+
+    # --- top-ups ---------------------------------------------------------------------------------
+
+    async def checkout(self, user_id: int, email: str, amount: int, back: str) -> tuple[str, str]:
+        """Open a Checkout session for ``amount`` nano-USD (whole cents); (payment id, the URL to
+        send the user to). ``back`` is the pool's page the user returns to."""
+        payment_id = payments.new_id()
+        await payments.open_payment(self.engine, payment_id, user_id, amount, "checkout")
+        params: Any = {
+            "mode": "payment",
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": "usd",
+                        "unit_amount": amount // NANO_PER_CENT,
+                        "product_data": {"name": "Provider Pool credits"},
+                    },
+                }
+            ],
+            "client_reference_id": payment_id,
+            "customer_email": email,
+            "metadata": {"pool_payment": payment_id},
+            "payment_intent_data": {"metadata": {"pool_payment": payment_id}},
+            "success_url": self._url(f"{back}?topup=paid"),
+            "cancel_url": self._url(f"{back}?topup=cancelled"),
+        }
+        try:
+            session = await self._stripe().v1.checkout.sessions.create_async(params, {"idempotency_key": payment_id})
+        except stripe.StripeError as exc:
+            log.warning("checkout session failed", extra={"payment": payment_id, "error": type(exc).__name__})
+            raise PaymentsUnavailable("The payment provider could not start a checkout; try again shortly.") from None
+        await payments.attach_session(self.engine, payment_id, session.id)
+        return payment_id, str(session.url)
+
+    # --- the webhook -----------------------------------------------------------------------------
+
+    def verify(self, payload: bytes, signature: str | None) -> Event:
+        """The event in ``payload``, if Stripe signed it with this endpoint's secret within the
+        tolerance; :class:`BadSignature` otherwise."""
+        secret = self.settings.stripe_webhook_secret
+        if not secret:
+            raise PaymentsUnavailable("Payments are not configured on this pool.")
+        try:
+            stripe.WebhookSignature.verify_header(payload, signature, secret, WEBHOOK_TOLERANCE)
+            return msgspec.json.decode(payload, type=Event)
+        except (stripe.SignatureVerificationError, msgspec.DecodeError, ValueError, IndexError):
+            raise BadSignature("The webhook's signature does not verify.") from None
+
+    async def handle(self, event: Event) -> str:
+        """Apply a verified event once; what it did, for the log."""
+        obj = event.data.get("object") or {}
+        kind = event.type
+        if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+            if obj.get("payment_status") != "paid":
+                return await self._ignore(event, "not paid yet")
+            payment_id = await payments.find(self.engine, session_id=obj.get("id")) or _ours(obj)
+            facts = Facts(paid=_cents(obj.get("amount_total")), payment_intent=obj.get("payment_intent"))
+            return await self._apply(event, payment_id, facts, obj.get("currency"))
+        if kind in ("checkout.session.expired", "checkout.session.async_payment_failed"):
+            payment_id = await payments.find(self.engine, session_id=obj.get("id")) or _ours(obj)
+            status = payments.EXPIRED if kind.endswith("expired") else payments.FAILED
+            return await self._apply(event, payment_id, Facts(status=status), "usd")
+        if kind == "charge.refunded":
+            payment_id = _ours(obj) or await self._by_intent(obj.get("payment_intent"))
+            facts = Facts(refunded=_cents(obj.get("amount_refunded")), payment_intent=obj.get("payment_intent"))
+            return await self._apply(event, payment_id, facts, obj.get("currency"))
+        if kind in ("charge.dispute.created", "charge.dispute.closed"):
+            payment_id = await self._by_intent(obj.get("payment_intent"))
+            if kind.endswith("created"):
+                facts = Facts(dispute_stage=DISPUTE_OPEN, disputed=_cents(obj.get("amount")))
+            else:  # won: the money came back; lost (or anything else): it stays with the cardholder
+                won = obj.get("status") == "won"
+                facts = Facts(dispute_stage=DISPUTE_CLOSED, disputed=0 if won else _cents(obj.get("amount")))
+            return await self._apply(event, payment_id, facts, obj.get("currency"))
+        if kind == "transfer.reversed":
+            return await self._transfer_reversed(event, obj)
+        return await self._ignore(event, "not an event the pool acts on")
+
+    async def _apply(self, event: Event, payment_id: str | None, facts: Facts, currency: object) -> str:
+        if payment_id is None:
+            return await self._ignore(event, "not a payment of this pool")
+        if currency != "usd":
+            log.warning("payment event in another currency", extra={"event": event.id, "payment": payment_id})
+            return await self._ignore(event, "not in USD")
+        applied = await payments.apply(self.engine, event.id, event.type, payment_id, facts)
+        if applied is None:
+            return "already applied"
+        log.info(
+            "payment event applied",
+            extra={"event": event.id, "payment": payment_id, "change_nano": applied.change, "user": applied.user_id},
+        )
+        return f"applied: {applied.change:+d} nano-USD"
+
+    async def _ignore(self, event: Event, why: str) -> str:
+        await payments.record_event(self.engine, event.id, event.type)
+        return f"ignored: {why}"
+
+    async def _by_intent(self, intent: object) -> str | None:
+        """The payment behind a payment intent: known once its session completed; before (events
+        out of order), its metadata at Stripe names it."""
+        if not isinstance(intent, str) or not intent:
+            return None
+        found = await payments.find(self.engine, payment_intent=intent)
+        if found is not None:
+            return found
+        try:
+            remote = await self._stripe().v1.payment_intents.retrieve_async(intent)
+        except stripe.StripeError:
+            raise PaymentsUnavailable("The payment provider could not be asked about this payment.") from None
+        return _ours(remote.to_dict())
+
+    async def _transfer_reversed(self, event: Event, obj: dict[str, Any]) -> str:
+        payout_id = (obj.get("metadata") or {}).get("pool_payout")
+        if not isinstance(payout_id, str):
+            return await self._ignore(event, "not a payout of this pool")
+        if not await payments.record_event(self.engine, event.id, event.type):
+            return "already applied"
+        try:
+            await payouts.failed(self.engine, payout_id, "the transfer was reversed", was=payouts.PAID)
+        except payouts.PayoutRefused as exc:
+            return f"ignored: {exc.message}"
+        return "payout returned to earnings"
+
+    # --- payouts ---------------------------------------------------------------------------------
+
+    async def onboarding_link(self, user_id: int, email: str, back: str) -> str:
+        """A Connect onboarding link for the user's payout account (opened on first use)."""
+        client = self._stripe()
+        try:
+            account_id = await payouts.account_of(self.engine, user_id)
+            if account_id is None:
+                account = await client.v1.accounts.create_async(
+                    {"type": "express", "email": email, "metadata": {"pool_user": str(user_id)}},
+                    {"idempotency_key": f"pool-account-{user_id}"},
+                )
+                account_id = await payouts.connect_account(self.engine, user_id, account.id)
+            link = await client.v1.account_links.create_async(
+                {
+                    "account": account_id,
+                    "type": "account_onboarding",
+                    "refresh_url": self._url(back),
+                    "return_url": self._url(f"{back}?payouts=connected"),
+                }
+            )
+        except stripe.StripeError as exc:
+            log.warning("payout account link failed", extra={"user": user_id, "error": type(exc).__name__})
+            raise PaymentsUnavailable("The payment provider could not open onboarding; try again shortly.") from None
+        return str(link.url)
+
+    async def transfer(self, payout_id: str) -> payouts.Payout:
+        """Make an approved payout's transfer (idempotent on the payout at Stripe, so a retry after
+        a crash cannot pay twice); a refused transfer returns the amount to the earnings."""
+        payout = await payouts.get(self.engine, payout_id)
+        if payout is None or payout.status != payouts.APPROVED:
+            raise payouts.PayoutRefused("payout_state", "Only an approved payout is transferred.")
+        params: Any = {
+            "amount": payout.amount // NANO_PER_CENT,
+            "currency": "usd",
+            "destination": payout.destination,
+            "metadata": {"pool_payout": payout.id},
+        }
+        try:
+            transfer = await self._stripe().v1.transfers.create_async(params, {"idempotency_key": payout.id})
+        except stripe.InvalidRequestError as exc:  # the transfer itself was refused
+            reason = exc.user_message or "the payment provider refused the transfer"
+            log.warning("payout transfer refused", extra={"payout": payout.id, "code": exc.code})
+            return await payouts.failed(self.engine, payout.id, reason)
+        except stripe.StripeError:  # unreachable: stays approved, the sweep tries again
+            log.warning("payout transfer not made", extra={"payout": payout.id})
+            raise PaymentsUnavailable(
+                "The payment provider could not be reached; the transfer will be retried."
+            ) from None
+        return await payouts.transferred(self.engine, payout.id, transfer.id)
+
+
+def _ours(obj: dict[str, Any]) -> str | None:
+    value = (obj.get("metadata") or {}).get("pool_payment")
+    return value if isinstance(value, str) and value.startswith("pay_") else None
+
+
+def _cents(value: object) -> int:
+    return value * NANO_PER_CENT if isinstance(value, int) and value > 0 else 0
