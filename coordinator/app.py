@@ -62,6 +62,7 @@ from coordinator.web.routes.pages import root, status_live, status_page
 from coordinator.web.routes.payments import payments_router
 from coordinator.web.routes.policies import policy_router
 from coordinator.web.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
+from coordinator.web.routes.portal_money import portal_money
 from coordinator.web.routes.portal_pages import portal_pages
 from coordinator.web.routes.provider import provider_agents
 from coordinator.web.templating import STATIC, template_config
@@ -395,6 +396,7 @@ def create_app(settings: Settings) -> Litestar:
             status_page,
             status_live,
             portal_pages,
+            portal_money,
             create_static_files_router(path="/static", directories=[STATIC], after_request=_nosniff),
         ],
         template_config=template_config(),

@@ -13,14 +13,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import stripe
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from coordinator.core.models import User
 from coordinator.core.settings import Settings
-from coordinator.money import payments, payouts
+from coordinator.money import ledger, payments, payouts
 from coordinator.money.payments import DISPUTE_CLOSED, DISPUTE_OPEN, Facts
+from shared.money import nano_to_usd, usd_to_nano
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,23 @@ class PaymentsUnavailable(Exception):
 
 class BadSignature(Exception):
     """A webhook whose signature or timestamp does not check out."""
+
+
+class BadAmount(ValueError):
+    """An amount of USD that is not whole cents within the bounds; its message says which."""
+
+
+def whole_cents(value: str | float | int, low: int, high: int) -> int:
+    """A USD amount as nano-USD, if it is whole cents between ``low`` and ``high`` (nano-USD)."""
+    try:
+        amount = usd_to_nano(value, ledger.MAX_GRANT_USD)
+    except ValueError as exc:
+        raise BadAmount(str(exc)) from None
+    if amount % NANO_PER_CENT:
+        raise BadAmount("must be whole cents")
+    if not low <= amount <= high:
+        raise BadAmount(f"must be between {nano_to_usd(low):.2f} and {nano_to_usd(high):.2f} USD")
+    return amount
 
 
 class Event(msgspec.Struct):
@@ -66,6 +87,18 @@ class Payments:
     def enabled(self) -> bool:
         return self.client is not None
 
+    @property
+    def page_origins(self) -> str:
+        """Where the portal's money forms lead (Checkout, Connect onboarding): Stripe's pages, or
+        the origin of ``POOL_STRIPE_API_BASE`` when Stripe is reached elsewhere."""
+        if not self.enabled:
+            return ""
+        base = self.settings.stripe_api_base
+        if base:
+            parts = urlsplit(base)
+            return f"{parts.scheme}://{parts.netloc}"
+        return "https://checkout.stripe.com https://connect.stripe.com"
+
     def _stripe(self) -> stripe.StripeClient:
         if self.client is None:
             raise PaymentsUnavailable("Payments are not configured on this pool.")
@@ -78,11 +111,19 @@ class Payments:
     def _url(self, path: str) -> str:
         return f"{self.settings.public_url or ''}{path}"
 
+    async def _email(self, user_id: int) -> str:
+        async with self.engine.connect() as conn:
+            return str(await conn.scalar(select(User.email).where(User.id == user_id)))
+
     # --- top-ups ---------------------------------------------------------------------------------
 
-    async def checkout(self, user_id: int, email: str, amount: int, back: str) -> tuple[str, str]:
-        """Open a Checkout session for ``amount`` nano-USD (whole cents); (payment id, the URL to
-        send the user to). ``back`` is the pool's page the user returns to."""
+    async def checkout(self, user_id: int, amount_usd: str | float | int, back: str) -> tuple[str, str]:
+        """Open a Checkout session for a top-up of ``amount_usd`` (:class:`BadAmount` unless whole
+        cents within the pool's bounds); (payment id, the URL to send the user to). ``back`` is the
+        pool's page the user returns to."""
+        amount = whole_cents(amount_usd, self.settings.topup_min, self.settings.topup_max)
+        email = await self._email(user_id)
+        self._stripe()
         payment_id = payments.new_id()
         await payments.open_payment(self.engine, payment_id, user_id, amount, "checkout")
         params: Any = {
@@ -203,9 +244,10 @@ class Payments:
 
     # --- payouts ---------------------------------------------------------------------------------
 
-    async def onboarding_link(self, user_id: int, email: str, back: str) -> str:
+    async def onboarding_link(self, user_id: int, back: str) -> str:
         """A Connect onboarding link for the user's payout account (opened on first use)."""
         client = self._stripe()
+        email = await self._email(user_id)
         try:
             account_id = await payouts.account_of(self.engine, user_id)
             if account_id is None:
@@ -226,6 +268,27 @@ class Payments:
             log.warning("payout account link failed", extra={"user": user_id, "error": type(exc).__name__})
             raise PaymentsUnavailable("The payment provider could not open onboarding; try again shortly.") from None
         return str(link.url)
+
+    async def request_payout(self, user_id: int, amount_usd: str | float | int) -> payouts.Payout:
+        """Ask for a payout of ``amount_usd`` of matured earnings (:class:`BadAmount` unless whole
+        cents; :class:`payouts.PayoutRefused` under the minimum, over the earnings, or without a
+        payout account)."""
+        amount = whole_cents(amount_usd, 1, ledger.MAX_GRANT_USD * 10**9)
+        found = await payouts.request(self.engine, payouts.new_id(), user_id, amount, self.settings.payout_minimum)
+        log.info("payout requested", extra={"payout": found.id, "user": user_id, "amount_nano": amount})
+        return found
+
+    async def approve(self, payout_id: str, operator: str) -> payouts.Payout:
+        """An operator approves a payout: its transfer is made at once (a refused one returns the
+        amount; an unreachable Stripe leaves it approved for the retry sweep)."""
+        await payouts.approve(self.engine, payout_id, operator)
+        log.info("payout approved", extra={"payout": payout_id, "operator": operator})
+        return await self.transfer(payout_id)
+
+    async def reject(self, payout_id: str, operator: str, reason: str) -> payouts.Payout:
+        found = await payouts.reject(self.engine, payout_id, operator, reason)
+        log.info("payout rejected", extra={"payout": payout_id, "operator": operator})
+        return found
 
     async def transfer(self, payout_id: str) -> payouts.Payout:
         """Make an approved payout's transfer (idempotent on the payout at Stripe, so a retry after

@@ -16,7 +16,7 @@ from sqlalchemy import Table, and_, case, func, or_, select
 
 from coordinator.core.errors import PoolError
 from coordinator.core.models import RequestLogRow
-from coordinator.money import ledger
+from coordinator.money import ledger, payouts
 from coordinator.money.requestlog import RequestRecord
 from coordinator.services.state import PoolState
 from shared import errors
@@ -103,6 +103,67 @@ class Earnings(msgspec.Struct):
     escrowedNano: int = 0
     availableUsd: float = 0.0  # matured: can be paid out
     availableNano: int = 0
+
+
+class PayoutOut(msgspec.Struct):
+    id: str
+    userId: int
+    amountUsd: float
+    amountNano: int
+    status: str
+    transferId: str | None
+    failure: str | None
+    requestedAt: datetime
+    decidedAt: datetime | None
+    finishedAt: datetime | None
+
+
+class PayoutFigures(msgspec.Struct):
+    escrowedUsd: float  # earned, still in escrow (POOL_PAYOUT_HOLD_DAYS)
+    availableUsd: float  # matured: can be paid out
+    pendingUsd: float  # requested or approved, not yet paid
+    minimumUsd: float
+    holdDays: float
+    accountConnected: bool
+    escrowedNano: int
+    availableNano: int
+    pendingNano: int
+    data: list[PayoutOut]
+
+
+def payout_out(p: payouts.Payout) -> PayoutOut:
+    return PayoutOut(
+        p.id,
+        p.user_id,
+        nano_to_usd(p.amount),
+        p.amount,
+        p.status,
+        p.transfer_id,
+        p.failure,
+        p.requested_at,
+        p.decided_at,
+        p.finished_at,
+    )
+
+
+async def payout_figures(pool: PoolState, user_id: int) -> PayoutFigures:
+    """A provider's earnings in escrow, available and being paid out, and its payouts."""
+    await pool.leases.flush()  # earnings booked in this process but not yet written
+    async with pool.engine.connect() as conn:
+        money = await ledger.balances(conn, user_id)
+    settings = pool.settings
+    return PayoutFigures(
+        nano_to_usd(money.escrowed),
+        nano_to_usd(money.earnings),
+        nano_to_usd(money.payout_pending),
+        nano_to_usd(settings.payout_minimum),
+        settings.payout_hold_days,
+        await payouts.account_of(pool.engine, user_id) is not None,
+        money.escrowed,
+        money.earnings,
+        money.payout_pending,
+        [payout_out(p) for p in await payouts.listed(pool.engine, user_id=user_id)],
+    )
 
 
 async def credit_figures(pool: PoolState, user_id: int) -> Credits:

@@ -28,10 +28,17 @@ CSRF_COOKIE = "pool_csrf"
 CSRF_FIELD = "csrf"
 PORTAL_PATH = "/portal"
 
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
+
+def csp(form_to: str = "") -> str:
+    """The pages' Content Security Policy; ``form_to``: other origins a form may lead to (a form
+    whose answer redirects to the payment provider's pages counts as going there)."""
+    return (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        f"form-action 'self'{' ' + form_to if form_to else ''}; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+CSP = csp()
 
 
 def page_headers(cache: str) -> list[ResponseHeader]:

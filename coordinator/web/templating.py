@@ -36,12 +36,20 @@ def usd(nano: int | None) -> str:
     return DASH if nano is None else format_usd(nano)
 
 
+def usd_short(nano: int) -> str:
+    """Whole dollars without cents (``$10``), else to the cent (``$12.50``): amounts people pick."""
+    cents = nano // 10_000_000
+    return f"${cents // 100:,}" if cents % 100 == 0 else f"${cents / 100:,.2f}"
+
+
 def when(value: datetime | None) -> str:
     return DASH if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _filters(engine: JinjaTemplateEngine) -> None:
-    engine.engine.filters.update(ms=ms, pct=pct, usd_per_m=usd_per_m, score=score, usd=usd, when=when)
+    engine.engine.filters.update(
+        ms=ms, pct=pct, usd_per_m=usd_per_m, score=score, usd=usd, usd_short=usd_short, when=when
+    )
 
 
 def template_config() -> TemplateConfig[JinjaTemplateEngine]:

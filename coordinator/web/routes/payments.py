@@ -4,23 +4,20 @@ account and payouts, and the operator's approval of payouts (``POOL_ADMIN_TOKEN`
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Router, get, post
 from litestar.params import Parameter
 from msgspec import Meta
-from sqlalchemy import select
 
 from coordinator.core.errors import PoolError
-from coordinator.core.models import User
-from coordinator.money import ledger, payouts
-from coordinator.services.payments import NANO_PER_CENT, BadSignature, PaymentsUnavailable
+from coordinator.money import payouts
+from coordinator.services.payments import BadAmount, BadSignature, PaymentsUnavailable
 from coordinator.services.state import PoolState
+from coordinator.services.statements import PayoutFigures, PayoutOut, payout_figures, payout_out
 from coordinator.web.guards import require_account, require_admin, require_session
 from shared import errors
-from shared.money import nano_to_usd, usd_to_nano
 
 log = logging.getLogger(__name__)
 
@@ -48,65 +45,6 @@ class RejectIn(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, Meta(min_length=1, max_length=500)]
 
 
-class PayoutOut(msgspec.Struct):
-    id: str
-    userId: int
-    amountUsd: float
-    amountNano: int
-    status: str
-    transferId: str | None
-    failure: str | None
-    requestedAt: datetime
-    decidedAt: datetime | None
-    finishedAt: datetime | None
-
-
-class PayoutsOut(msgspec.Struct):
-    escrowedUsd: float  # earned, still in escrow (POOL_PAYOUT_HOLD_DAYS)
-    availableUsd: float  # matured: can be paid out
-    pendingUsd: float  # requested or approved, not yet paid
-    minimumUsd: float
-    holdDays: float
-    accountConnected: bool
-    escrowedNano: int
-    availableNano: int
-    pendingNano: int
-    data: list[PayoutOut]
-
-
-def payout_out(p: payouts.Payout) -> PayoutOut:
-    return PayoutOut(
-        p.id,
-        p.user_id,
-        nano_to_usd(p.amount),
-        p.amount,
-        p.status,
-        p.transfer_id,
-        p.failure,
-        p.requested_at,
-        p.decided_at,
-        p.finished_at,
-    )
-
-
-def whole_cents(value: Amount, param: str, low: int, high: int) -> int:
-    """A USD amount in nano-USD, whole cents between ``low`` and ``high``; 400 otherwise."""
-    try:
-        amount = usd_to_nano(value, ledger.MAX_GRANT_USD)
-    except ValueError as exc:
-        raise PoolError(400, errors.INVALID_REQUEST, f"`{param}` {exc}.", param=param) from None
-    if amount % NANO_PER_CENT:
-        raise PoolError(400, errors.INVALID_REQUEST, f"`{param}` must be whole cents.", param=param)
-    if not low <= amount <= high:
-        raise PoolError(
-            400,
-            errors.INVALID_REQUEST,
-            f"`{param}` must be between {nano_to_usd(low):.2f} and {nano_to_usd(high):.2f} USD.",
-            param=param,
-        )
-    return amount
-
-
 def unavailable(exc: PaymentsUnavailable) -> PoolError:
     return PoolError(503, errors.PAYMENTS_UNAVAILABLE, str(exc), headers={"retry-after": "30"})
 
@@ -116,23 +54,11 @@ def refused(exc: payouts.PayoutRefused) -> PoolError:
     return PoolError(status, exc.code, exc.message)
 
 
-async def email_of(pool: PoolState, user_id: int) -> str:
-    async with pool.db_sessions() as session:
-        return str(await session.scalar(select(User.email).where(User.id == user_id)))
+def bad_amount(exc: BadAmount) -> PoolError:
+    return PoolError(400, errors.INVALID_REQUEST, f"`amountUsd` {exc}.", param="amountUsd")
 
 
 # --- top-ups ---------------------------------------------------------------------------------------
-
-
-async def start_checkout(pool: PoolState, user_id: int, amount: Amount, back: str) -> CheckoutOut:
-    """Open a Checkout session for the user (the API and the portal's form both come here)."""
-    settings = pool.settings
-    nano = whole_cents(amount, "amountUsd", settings.topup_min, settings.topup_max)
-    try:
-        payment_id, url = await pool.payments.checkout(user_id, await email_of(pool, user_id), nano, back)
-    except PaymentsUnavailable as exc:
-        raise unavailable(exc) from None
-    return CheckoutOut(payment_id, url)
 
 
 @post(
@@ -142,7 +68,13 @@ async def start_checkout(pool: PoolState, user_id: int, amount: Amount, back: st
     status_code=201,
 )
 async def create_checkout(request: Request[Any, Any, Any], data: CheckoutIn, pool: PoolState) -> CheckoutOut:
-    return await start_checkout(pool, request.state.user_id, data.amountUsd, "/portal/")
+    try:
+        payment_id, url = await pool.payments.checkout(request.state.user_id, data.amountUsd, "/portal/")
+    except BadAmount as exc:
+        raise bad_amount(exc) from None
+    except PaymentsUnavailable as exc:
+        raise unavailable(exc) from None
+    return CheckoutOut(payment_id, url)
 
 
 @post(
@@ -173,34 +105,8 @@ async def stripe_webhook(
 
 
 @get("/provider/payouts", guards=[require_account], summary="Your earnings in escrow and available, and your payouts")
-async def list_payouts(request: Request[Any, Any, Any], pool: PoolState) -> PayoutsOut:
-    user_id = request.state.user_id
-    await pool.leases.flush()  # earnings booked in this process but not yet written
-    async with pool.engine.connect() as conn:
-        money = await ledger.balances(conn, user_id)
-    settings = pool.settings
-    return PayoutsOut(
-        nano_to_usd(money.escrowed),
-        nano_to_usd(money.earnings),
-        nano_to_usd(money.payout_pending),
-        nano_to_usd(settings.payout_minimum),
-        settings.payout_hold_days,
-        await payouts.account_of(pool.engine, user_id) is not None,
-        money.escrowed,
-        money.earnings,
-        money.payout_pending,
-        [payout_out(p) for p in await payouts.listed(pool.engine, user_id=user_id)],
-    )
-
-
-async def request_payout(pool: PoolState, user_id: int, amount: Amount) -> PayoutOut:
-    nano = whole_cents(amount, "amountUsd", 1, ledger.MAX_GRANT_USD * 10**9)
-    try:
-        found = await payouts.request(pool.engine, payouts.new_id(), user_id, nano, pool.settings.payout_minimum)
-    except payouts.PayoutRefused as exc:
-        raise refused(exc) from None
-    log.info("payout requested", extra={"payout": found.id, "user": user_id, "amount_nano": nano})
-    return payout_out(found)
+async def list_payouts(request: Request[Any, Any, Any], pool: PoolState) -> PayoutFigures:
+    return await payout_figures(pool, request.state.user_id)
 
 
 @post(
@@ -210,14 +116,12 @@ async def request_payout(pool: PoolState, user_id: int, amount: Amount) -> Payou
     status_code=201,
 )
 async def create_payout(request: Request[Any, Any, Any], data: PayoutIn, pool: PoolState) -> PayoutOut:
-    return await request_payout(pool, request.state.user_id, data.amountUsd)
-
-
-async def onboarding(pool: PoolState, user_id: int, back: str) -> LinkOut:
     try:
-        return LinkOut(await pool.payments.onboarding_link(user_id, await email_of(pool, user_id), back))
-    except PaymentsUnavailable as exc:
-        raise unavailable(exc) from None
+        return payout_out(await pool.payments.request_payout(request.state.user_id, data.amountUsd))
+    except BadAmount as exc:
+        raise bad_amount(exc) from None
+    except payouts.PayoutRefused as exc:
+        raise refused(exc) from None
 
 
 @post(
@@ -227,7 +131,10 @@ async def onboarding(pool: PoolState, user_id: int, back: str) -> LinkOut:
     status_code=200,
 )
 async def connect_payout_account(request: Request[Any, Any, Any], pool: PoolState) -> LinkOut:
-    return await onboarding(pool, request.state.user_id, "/portal/provider")
+    try:
+        return LinkOut(await pool.payments.onboarding_link(request.state.user_id, "/portal/provider"))
+    except PaymentsUnavailable as exc:
+        raise unavailable(exc) from None
 
 
 # --- the operator ------------------------------------------------------------------------------
@@ -241,27 +148,6 @@ async def admin_payouts(
     return [payout_out(p) for p in await payouts.listed(pool.engine, status=status, limit=500)]
 
 
-async def approve_payout(pool: PoolState, payout_id: str, operator: str) -> PayoutOut:
-    """Approve a requested payout and make its transfer (a failed one returns the amount)."""
-    try:
-        await payouts.approve(pool.engine, payout_id, operator)
-        log.info("payout approved", extra={"payout": payout_id, "operator": operator})
-        return payout_out(await pool.payments.transfer(payout_id))
-    except payouts.PayoutRefused as exc:
-        raise refused(exc) from None
-    except PaymentsUnavailable as exc:
-        raise unavailable(exc) from None
-
-
-async def reject_payout(pool: PoolState, payout_id: str, operator: str, reason: str) -> PayoutOut:
-    try:
-        found = await payouts.reject(pool.engine, payout_id, operator, reason)
-    except payouts.PayoutRefused as exc:
-        raise refused(exc) from None
-    log.info("payout rejected", extra={"payout": payout_id, "operator": operator})
-    return payout_out(found)
-
-
 PAYOUT_ID = Parameter(pattern=r"^po_[0-9a-f]{24}$")
 
 
@@ -272,7 +158,12 @@ PAYOUT_ID = Parameter(pattern=r"^po_[0-9a-f]{24}$")
     status_code=200,
 )
 async def admin_approve(pool: PoolState, payout_id: Annotated[str, PAYOUT_ID]) -> PayoutOut:
-    return await approve_payout(pool, payout_id, "admin-token")
+    try:
+        return payout_out(await pool.payments.approve(payout_id, "admin-token"))
+    except payouts.PayoutRefused as exc:
+        raise refused(exc) from None
+    except PaymentsUnavailable as exc:
+        raise unavailable(exc) from None
 
 
 @post(
@@ -282,7 +173,10 @@ async def admin_approve(pool: PoolState, payout_id: Annotated[str, PAYOUT_ID]) -
     status_code=200,
 )
 async def admin_reject(pool: PoolState, payout_id: Annotated[str, PAYOUT_ID], data: RejectIn) -> PayoutOut:
-    return await reject_payout(pool, payout_id, "admin-token", data.reason)
+    try:
+        return payout_out(await pool.payments.reject(payout_id, "admin-token", data.reason))
+    except payouts.PayoutRefused as exc:
+        raise refused(exc) from None
 
 
 payments_router = Router(

@@ -40,6 +40,7 @@ from coordinator.services.statements import (
     earnings_by_day,
     key_spend,
     list_requests,
+    payout_figures,
     recent_requests,
     usage_by_day,
 )
@@ -47,6 +48,7 @@ from coordinator.web.charts import Chart, columns
 from coordinator.web.guards import client_address
 from coordinator.web.portal_cookies import (
     base_context,
+    csp,
     csrf_ok,
     csrf_token,
     ended_session,
@@ -254,6 +256,12 @@ async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
         recent=await recent_requests(pool, user.id),
         model=next((m.slug for m in model_list(pool).data), "smollm2-135m"),
         done=request.query_params.get("done"),
+        headers={"content-security-policy": csp(pool.payments.page_origins)},
+        payments=pool.payments.enabled,
+        presets=pool.settings.topup_presets,
+        topup_min=pool.settings.topup_min,
+        topup_max=pool.settings.topup_max,
+        topup=request.query_params.get("topup"),
     )
 
 
@@ -275,6 +283,10 @@ async def provider(request: Request[Any, Any, Any]) -> Template | Redirect:
         rows=list(reversed(earnings.data)),
         chart=_per_day("Earnings", days, [(row.date, row.model, row.earnedNano) for row in earnings.data]),
         done=request.query_params.get("done"),
+        headers={"content-security-policy": csp(pool.payments.page_origins)},
+        payments=pool.payments.enabled,
+        payouts=await payout_figures(pool, user.id),
+        connected=request.query_params.get("payouts") == "connected",
     )
 
 

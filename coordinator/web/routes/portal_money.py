@@ -1,0 +1,85 @@
+"""The portal's money forms: "Add credits" (to Stripe Checkout and back), and a provider's payout
+account and payout requests. Same session, cookie and CSRF rules as every portal form; each answers
+with a redirect, to Stripe or back to the page with what happened (``?done=…``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Router, post
+from litestar.response import Redirect
+
+from coordinator.money import payouts
+from coordinator.services.payments import BadAmount, PaymentsUnavailable
+from coordinator.services.state import pool_of
+from coordinator.web.portal_cookies import csrf_ok, page_headers, page_user
+
+HOME, PROVIDER, LOGIN = "/portal", "/portal/provider", "/portal/login"
+
+
+async def _form(request: Request[Any, Any, Any]) -> dict[str, str] | None:
+    """The posted form if its token is good, else ``None``."""
+    form = {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+    return form if csrf_ok(request, form) else None
+
+
+def _back(page: str, done: str) -> Redirect:
+    return Redirect(f"{page}?done={done}", status_code=303)
+
+
+@post("/credits/checkout", summary="Add credits (form): on to Stripe Checkout", status_code=200)
+async def add_credits(request: Request[Any, Any, Any]) -> Redirect:
+    user_id = await page_user(request)
+    if user_id is None:
+        return Redirect(LOGIN, status_code=303)
+    form = await _form(request)
+    if form is None:
+        return _back(HOME, "expired")
+    chosen = form.get("amount", "")  # a preset's button, or "custom": the typed amount
+    amount = (form.get("custom", "") if chosen == "custom" else chosen).strip().removeprefix("$")
+    try:
+        _, url = await pool_of(request).payments.checkout(user_id, amount, "/portal/")
+    except BadAmount:
+        return _back(HOME, "topup-amount")
+    except PaymentsUnavailable:
+        return _back(HOME, "payments-unavailable")
+    return Redirect(url, status_code=303)
+
+
+@post("/payouts/account", summary="Connect a payout account (form): on to onboarding", status_code=200)
+async def connect_account(request: Request[Any, Any, Any]) -> Redirect:
+    user_id = await page_user(request)
+    if user_id is None:
+        return Redirect(LOGIN, status_code=303)
+    if await _form(request) is None:
+        return _back(PROVIDER, "expired")
+    try:
+        url = await pool_of(request).payments.onboarding_link(user_id, PROVIDER)
+    except PaymentsUnavailable:
+        return _back(PROVIDER, "payments-unavailable")
+    return Redirect(url, status_code=303)
+
+
+@post("/payouts/request", summary="Ask for a payout of matured earnings (form)", status_code=200)
+async def ask_payout(request: Request[Any, Any, Any]) -> Redirect:
+    user_id = await page_user(request)
+    if user_id is None:
+        return Redirect(LOGIN, status_code=303)
+    form = await _form(request)
+    if form is None:
+        return _back(PROVIDER, "expired")
+    try:
+        await pool_of(request).payments.request_payout(user_id, form.get("amount", "").strip().removeprefix("$"))
+    except BadAmount:
+        return _back(PROVIDER, "payout-amount")
+    except payouts.PayoutRefused as exc:
+        return _back(PROVIDER, exc.code.replace("_", "-"))
+    return _back(PROVIDER, "payout-requested")
+
+
+portal_money = Router(
+    "/portal",
+    route_handlers=[add_credits, connect_account, ask_payout],
+    response_headers=page_headers("no-store"),
+    tags=["pages"],
+)
