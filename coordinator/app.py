@@ -238,7 +238,7 @@ def build_state(settings: Settings) -> PoolState:
         settings.upstream_api_key,
         settings.upstream_models,
         settings.upstream_timeout,
-        price=Price(settings.upstream_price_in, settings.upstream_price_out),
+        price=Price(*settings.upstream_price) if settings.upstream_price is not None else None,
         cost=Price(settings.upstream_cost_in, settings.upstream_cost_out),
     )
     requests = RequestLog(engine)
@@ -339,6 +339,14 @@ def create_app(settings: Settings) -> Litestar:
         leases = pool.leases
         await ledger.renew_instance(pool.engine, leases.instance_id, leases.started_at)
         pool.directory = await catalog.load(pool.engine)
+        await periodic.price_upstream(pool)
+        if pool.upstream.models and pool.upstream.fixed is None:
+            log.warning(
+                "the platform upstream has no prices (POOL_UPSTREAM_PRICE_IN/_OUT): fallback requests are charged "
+                "each model's pool price, the median of its live offers (one per provider), else its last, else "
+                "the directory's ceiling",
+                extra={"prices_nano_per_token": {s: [p.input, p.output] for s, p in pool.upstream.pool_prices.items()}},
+            )
         await pool.verifier.refresh()
         pool.cluster.on_push(lambda push: revocation.on_push(pool, push))
         pool.cluster.on_push(pool.auth_failures.on_push)

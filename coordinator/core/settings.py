@@ -57,8 +57,8 @@ class Settings:
     log_level: str = "INFO"
     # money
     platform_fee: Decimal = Decimal("0.1")
-    upstream_price_in: int = 0  # nano-USD per token consumers pay for fallback requests
-    upstream_price_out: int = 0
+    upstream_price_in: int | None = None  # nano-USD per token consumers pay for fallback requests
+    upstream_price_out: int | None = None  # (neither set: the model's pool price, market/upstream.py)
     upstream_cost_in: int = 0  # nano-USD per token the upstream bills the platform
     upstream_cost_out: int = 0
     default_output_tokens: int = 4096
@@ -134,6 +134,14 @@ class Settings:
                 "PostgreSQL database: set POOL_DATABASE_URL=postgresql+asyncpg://… (SQLite is one process's)"
             )
         return settings
+
+    @property
+    def upstream_price(self) -> tuple[int, int] | None:
+        """The operator's price for fallback requests, nano-USD per token in and out (``None``: the
+        pool's price per model); one of the two set counts the other as 0."""
+        if self.upstream_price_in is None and self.upstream_price_out is None:
+            return None
+        return self.upstream_price_in or 0, self.upstream_price_out or 0
 
     @property
     def fee_bps(self) -> int:

@@ -438,8 +438,8 @@ def prices(registry: Registry, upstream: Upstream, slugs: list[str], routing: Ro
         found = []
         for slug in slugs:
             found += [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
-            if upstream.serves(slug) and routing.admits_upstream(upstream.price):
-                found.append(upstream.price)
+            if upstream.serves(slug) and routing.admits_upstream(upstream.price_for(slug)):
+                found.append(upstream.price_for(slug))
         return found
 
     if not _indexed(routing):
@@ -453,8 +453,9 @@ def prices(registry: Registry, upstream: Upstream, slugs: list[str], routing: Ro
         if index is not None:
             most_in = max(most_in, _dearest(index.price_in, floor))
             most_out = max(most_out, _dearest(index.price_out, floor))
-        if upstream.serves(slug) and routing.admits_upstream(upstream.price):
-            most_in, most_out = max(most_in, upstream.price.input), max(most_out, upstream.price.output)
+        fallback = upstream.price_for(slug)
+        if upstream.serves(slug) and routing.admits_upstream(fallback):
+            most_in, most_out = max(most_in, fallback.input), max(most_out, fallback.output)
     return Offers(Price(most_in, most_out) if most_in >= 0 else None, everyone)
 
 

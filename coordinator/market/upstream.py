@@ -1,8 +1,15 @@
-"""The platform-owned fallback: any OpenAI-compatible endpoint the operator configures."""
+"""The platform-owned fallback: any OpenAI-compatible endpoint the operator configures.
+
+What consumers pay for a fallback request is the operator's price (``POOL_UPSTREAM_PRICE_IN`` /
+``_OUT``) or, without one, the model's pool price: the median of the live offers, one per provider
+(each provider's cheapest), so neither one agent asking next to nothing nor a swarm of one
+provider's agents sets it; while no agent offers the model, the last such median; before any ever
+did, the directory's ceiling for it (what an agent may ask at most). Never free by accident.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from coordinator.money.metering import Price
 from shared.backend import Event, HttpClient, prepare_body, run_chat
@@ -10,8 +17,24 @@ from shared.backend import Event, HttpClient, prepare_body, run_chat
 FREE = Price(0, 0)
 
 
+def median_price(offers: Iterable[tuple[str, Price]]) -> Price | None:
+    """The median of ``(provider, price)`` offers, each provider counted once at its cheapest (by
+    input and output price apart; the lower middle of an even count); ``None`` without offers."""
+    cheapest: dict[str, Price] = {}
+    for provider, price in offers:
+        had = cheapest.get(provider)
+        cheapest[provider] = price if had is None else Price(min(had.input, price.input), min(had.output, price.output))
+    if not cheapest:
+        return None
+    middle = (len(cheapest) - 1) // 2
+    return Price(
+        sorted(p.input for p in cheapest.values())[middle], sorted(p.output for p in cheapest.values())[middle]
+    )
+
+
 class Upstream:
-    """``price`` is what consumers pay for a fallback request, ``cost`` what the upstream bills the platform."""
+    """``fixed`` is what consumers pay for a fallback request if the operator set it (else the pool
+    price, :meth:`price_for`); ``cost`` what the upstream bills the platform."""
 
     def __init__(
         self,
@@ -19,11 +42,12 @@ class Upstream:
         api_key: str | None,
         models: dict[str, str],
         timeout: float,
-        price: Price = FREE,
+        price: Price | None = None,
         cost: Price = FREE,
     ) -> None:
         self.models = models if base_url else {}
-        self.price = price
+        self.fixed = price
+        self.pool_prices: dict[str, Price] = {}  # per model, kept by :meth:`reprice`
         self.cost = cost
         self._url = f"{base_url}/chat/completions" if base_url else ""
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -31,6 +55,19 @@ class Upstream:
 
     def serves(self, slug: str) -> bool:
         return slug in self.models
+
+    def price_for(self, slug: str) -> Price:
+        """What a consumer pays per token for ``slug`` through the upstream."""
+        if self.fixed is not None:
+            return self.fixed
+        return self.pool_prices.get(slug, FREE)
+
+    def reprice(self, slug: str, live: Price | None, ceiling: Price) -> None:
+        """Follow the pool: the median of the live offers, else the last one seen, else the ceiling."""
+        if live is not None:
+            self.pool_prices[slug] = live
+        elif slug not in self.pool_prices:
+            self.pool_prices[slug] = ceiling
 
     def run(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> AsyncIterator[Event]:
         body = prepare_body(raw, self.models[slug], stream)

@@ -442,7 +442,7 @@ class Call:
             self.meter,
             stream=self.record.stream,
             audited=audited,
-            price=offer_price(agent, self.record.model) if agent is not None else upstream.price,
+            price=offer_price(agent, self.record.model) if agent is not None else upstream.price_for(self.record.model),
             held=self.reservation.amount if self.reservation is not None else None,
             upstream_cost=upstream.cost if job is not None and agent is None else None,
         )

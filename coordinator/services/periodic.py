@@ -14,7 +14,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from coordinator.identity import users
 from coordinator.market import catalog
+from coordinator.market.placement import offer_price
+from coordinator.market.upstream import median_price
 from coordinator.money import ledger, payouts
+from coordinator.money.metering import Price
 from coordinator.services import overview
 from coordinator.services.payments import PaymentsUnavailable
 from coordinator.services.presence import remove_agent
@@ -73,6 +76,19 @@ async def release_orphaned_holds(pool: PoolState) -> None:
         await pool.leases.sweep()
     except Exception as exc:  # the database is away; try again next time
         log.error("hold sweep failed", extra={"error": str(exc)})
+
+
+async def price_upstream(pool: PoolState) -> None:
+    """Follow each fallback model's pool price (when the operator set none): market/upstream.py."""
+    upstream, settings = pool.upstream, pool.settings
+    if upstream.fixed is not None:
+        return
+    default = Price(settings.default_max_price_in, settings.default_max_price_out)
+    for slug in upstream.models:
+        entry = pool.directory.entries.get(slug)
+        ceiling = entry.ceiling(default) if entry is not None else default
+        live = [(a.provider_id, offer_price(a, slug)) for a in pool.registry.able(slug, settings.trust_threshold)]
+        upstream.reprice(slug, median_price(live), ceiling)
 
 
 async def reload_directory(pool: PoolState) -> None:
@@ -165,6 +181,7 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
         sched.add_job(verify_an_agent, "interval", seconds=settings.canary_interval_seconds, **once)
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
     sched.add_job(reload_references, "interval", seconds=settings.directory_reload_seconds, **once)
+    sched.add_job(price_upstream, "interval", seconds=1.0, **once)
     sched.add_job(mature_earnings, "interval", seconds=settings.escrow_sweep_seconds, **once)
     if pool.payments.enabled:
         sched.add_job(retry_transfers, "interval", seconds=60.0, **once)

@@ -232,7 +232,7 @@ class Dispatcher:
                     "job failed before output, failing over",
                     extra={"job_id": job.job_id, "agent_id": agent.agent_id, "code": first.code},
                 )
-            price = self.upstream.price
+            price = self.upstream.price_for(slug)
             if (
                 self.upstream.serves(slug)
                 and routing.admits_upstream(price)

@@ -403,7 +403,7 @@ async def test_a_failed_canary_refunds_the_jobs_since_the_last_passed_one_once(e
     assert [bool(marked[r.id]) for r in records] == [False, True, True, False]  # the log says which
     with pytest.raises(IntegrityError):  # and the database refuses a second refund of a request
         async with engine.begin() as conn:
-            await ledger._post(conn, "refund", records[1].id, [(wallet(consumer), 1), (PLATFORM_FEES, -1)])
+            await ledger.post(conn, "refund", records[1].id, [(wallet(consumer), 1), (PLATFORM_FEES, -1)])
     assert await ledger_problems(engine) == []
 
 

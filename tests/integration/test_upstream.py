@@ -3,16 +3,19 @@ PostgreSQL serving end to end."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scripts import localpool
-from tests.harness import Pool, last_request, with_upstream
+from tests.harness import Pool, agents_at, last_request, with_upstream
 from tests.waiting import eventually
 
 MSG = [{"role": "user", "content": "hi"}]
+SLUG = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,23 @@ def test_agents_first_upstream_when_full(upstream_pool: Pool) -> None:
     assert reply["choices"][0]["message"]["content"] == "tok0 tok1"
 
 
+def _charged(reply: dict[str, Any]) -> tuple[int, int, float]:
+    usage = reply["usage"]
+    return usage["prompt_tokens"], usage["completion_tokens"], float(reply["x_pool"]["cost_usd"])
+
+
+def test_an_unpriced_upstream_before_any_agent_charges_the_directorys_ceiling(upstream_pool: Pool) -> None:
+    """No POOL_UPSTREAM_PRICE_*: never free. Gemma never had an agent here: its ceiling (the
+    defaults, $50 in and $200 out per 1M tokens) is the price."""
+    pool = upstream_pool
+    reply = pool.post({"model": "gemma-3-270m", "messages": MSG}).json()
+    prompt, completion, cost = _charged(reply)
+    assert reply["x_pool"]["fallback"] is True and completion > 0
+    assert cost == pytest.approx((prompt * 50 + completion * 200) / 1e6)
+    log = (pool.dir / "coordinator.log").read_text()
+    assert "fallback requests are charged each model's pool price" in log
+
+
 def test_upstream_failure_is_502(upstream_pool: Pool) -> None:
     pool = upstream_pool
     pool.restart(upstream_base_url=pool.extra["failing"])
@@ -91,3 +111,47 @@ def test_coordinator_on_postgresql_serves_end_to_end(pg_url: str, tmp_path: Path
         assert pool.post({"model": "smollm2-135m", "messages": MSG}, key="pool_live_x").status_code == 401
     finally:
         pool.stop()
+
+
+@pytest.fixture
+def priced_by_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    harness = with_upstream(tmp_path_factory.mktemp("pool-priced"), "smollm2-135m=upstream-smol")
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.stop()
+
+
+def test_an_unpriced_upstream_charges_the_median_offer_one_per_provider(priced_by_pool: Pool) -> None:
+    """Three providers at $0.1/$0.2, $1/$2 and $10/$20 per 1M tokens, and a fourth with three
+    agents at $0.001: counted once, the swarm cannot pull the price down to its own (the median
+    of every agent would be $0.001). The fallback charges $0.1/$0.2, and keeps it once the agents
+    are gone."""
+    pool = priced_by_pool
+    backend = pool.standin(chunks=4)
+    for name, price_in, price_out, agents in (
+        ("cheap", "0.1", "0.2", 1),
+        ("middle", "1", "2", 1),
+        ("dear", "10", "20", 1),
+        ("swarm", "0.001", "0.001", 3),
+    ):
+        token, _ = pool.new_provider(name)
+        for _ in range(agents):
+            pool.agent(backend, [SLUG], token=token, price_in=price_in, price_out=price_out)
+
+    def platform() -> dict[str, Any]:
+        body = {"model": SLUG, "messages": MSG, "provider": {"only": ["platform"]}}
+        reply = pool.post(body).json()
+        assert reply["x_pool"]["fallback"] is True, reply
+        return dict(reply)
+
+    def at_median() -> bool:
+        prompt, completion, cost = _charged(platform())
+        return cost == pytest.approx((prompt * 0.1 + completion * 0.2) / 1e6)
+
+    eventually(at_median, timeout=10, interval=0.3)  # repriced every second
+    pool.stop_agents()
+    eventually(lambda: agents_at(pool.url) == 0, timeout=10)
+    time.sleep(1.2)  # a repricing with no agent: the last median stays
+    assert at_median()

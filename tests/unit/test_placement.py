@@ -13,6 +13,7 @@ import msgspec
 from coordinator.market import placement
 from coordinator.market.placement import Routing
 from coordinator.market.registry import ConnectedAgent, Performance, Registry
+from coordinator.market.upstream import Upstream, median_price
 from coordinator.money.metering import Price
 from shared.openai import ProviderPreferences
 from shared.protocol import ModelOffer
@@ -178,3 +179,21 @@ def test_upstream_admission() -> None:
     assert _routing(max_price={"completion": 2}).admits_upstream(price)
     assert not _routing(quantizations=["q4_k_m"]).admits_upstream(price)
     assert _routing(quantizations=["unknown"]).admits_upstream(price)
+
+
+def test_the_pool_price_is_the_median_offer_counting_each_provider_once_at_its_cheapest() -> None:
+    assert median_price([]) is None
+    offers = [("a", Price(10, 20)), ("b", Price(100, 200)), ("c", Price(1000, 2000))]
+    assert median_price(offers) == Price(100, 200)
+    swarm = [("d", Price(1, 1))] * 5  # one provider's many agents: one offer
+    assert median_price(offers + swarm) == Price(10, 20)  # lower middle of 1, 10, 100, 1000
+    assert median_price([("a", Price(10, 200)), ("a", Price(50, 20))]) == Price(10, 20)  # its cheapest of each
+    upstream = Upstream("http://127.0.0.1:9/v1", None, {"m": "m"}, 1.0)
+    upstream.reprice("m", None, Price(7, 8))  # nobody ever offered it: the ceiling
+    assert upstream.price_for("m") == Price(7, 8)
+    upstream.reprice("m", Price(3, 4), Price(7, 8))
+    upstream.reprice("m", None, Price(7, 8))  # offers gone: the last median stays
+    assert upstream.price_for("m") == Price(3, 4)
+    fixed = Upstream("http://127.0.0.1:9/v1", None, {"m": "m"}, 1.0, price=Price(0, 0))  # free on purpose
+    fixed.reprice("m", Price(3, 4), Price(7, 8))
+    assert fixed.price_for("m") == Price(0, 0)
