@@ -271,7 +271,9 @@ def build_state(settings: Settings) -> PoolState:
         chunk=settings.credit_lease,
         idle_seconds=settings.credit_lease_idle_seconds,
     )
-    clawback = Clawback(engine, leases, confirmations=settings.canary_confirmations)
+    clawback = Clawback(
+        engine, leases, confirmations=settings.canary_confirmations, reach=settings.payout_hold_days * 86_400
+    )
     verifier = Verifier(
         registry,
         dispatcher,

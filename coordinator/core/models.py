@@ -268,6 +268,17 @@ class PayoutRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
+class CanaryVouch(Base):
+    """When a canary last passed for an agent token and model: its jobs that ended before stand,
+    whatever restarts came between (``money/clawback.py``)."""
+
+    __tablename__ = "canary_vouches"
+
+    agent_token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    vouched_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class CoordinatorInstance(Base):
     """A running coordinator process; its holds are orphaned once it stops renewing ``seen_at``."""
 
@@ -286,6 +297,7 @@ class RequestLogRow(Base):
         Index("ix_request_log_user_day", "user_id", "day"),
         Index("ix_request_log_user_created", "user_id", "created_at"),  # the audit list, newest first
         Index("ix_request_log_provider_day", "provider_user_id", "day"),
+        Index("ix_request_log_token_model_created", "agent_token_id", "model", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the request id
@@ -318,6 +330,7 @@ class RequestLogRow(Base):
     end_user: Mapped[str | None] = mapped_column(String(256))  # the request's OpenAI ``user`` field
     tags: Mapped[str | None] = mapped_column(Text())  # the request's ``metadata``, as JSON
     dlp: Mapped[str | None] = mapped_column(Text())  # what data protection found: detector -> count, JSON
+    agent_token_id: Mapped[int | None] = mapped_column(Integer)  # the agent's token (refunds after a restart)
 
 
 class DirectoryModel(Base):

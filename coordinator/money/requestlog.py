@@ -62,6 +62,7 @@ class RequestRecord:
     end_user: str | None = None  # the request's ``user``
     tags: str | None = None  # the request's ``metadata``, JSON
     dlp: str | None = None  # what data protection found, detector -> count, JSON (never the text)
+    agent_token_id: int | None = None  # the served agent's token: whose jobs a failed canary refunds
 
     def values(self) -> tuple[object, ...]:
         """The row, in the order of :data:`COLUMNS`."""

@@ -366,6 +366,7 @@ class Call:
         record, agent = self.record, job.agent
         record.fallback = job.fallback
         record.agent_id = agent.agent_id if agent is not None else None
+        record.agent_token_id = agent.token_id if agent is not None else None
         record.provider_user_id = agent.user_id if agent is not None else None
 
     def end(self, ending: Ending) -> XPool | None:

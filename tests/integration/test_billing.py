@@ -422,3 +422,53 @@ async def test_a_refund_takes_from_the_platform_what_the_provider_no_longer_hold
     with pytest.raises(ValueError):
         await ledger.refund(engine, "req_bad", consumer, provider, 100, 101)
     assert await ledger_problems(engine) == []
+
+
+async def test_a_failed_canary_refunds_jobs_served_before_a_restart_within_the_escrow_period(
+    engine: AsyncEngine,
+) -> None:
+    """Jobs served and logged by one coordinator; it stops, and the next one (a new clawback and new
+    leases: nothing in memory) sees the token's canaries fail: the logged jobs since the last passed
+    canary are refunded, once, and those from before it stand, as do those older than the escrow."""
+    consumer, provider = await new_user(engine, 10_000), await new_user(engine)
+    before = accounting(engine, chunk=1_000)
+    first = Clawback(engine, before)
+
+    async def serve(books: CreditLeases, clawback: Clawback, slug: str = "m", token: int = 7) -> RequestRecord:
+        record = RequestRecord(
+            id=hold_id(), user_id=consumer, key_id=None, model=slug, provider_user_id=provider, agent_token_id=token
+        )
+        books.finish(record, Charge(200, provider), await books.reserve(record, 300))
+        record.cost, record.provider_earned = 200, 180
+        clawback.served(token, "agt_7", slug, record)
+        return record
+
+    old = await serve(before, first)
+    await asyncio.sleep(0.02)  # stored times apart
+    first.vouched(7, "agt_7", "m", time.monotonic())  # a canary passed: the first job stands
+    await first.refund_due()  # the sweep writes the vouch
+    await asyncio.sleep(0.02)
+    kept = [await serve(before, first) for _ in range(2)]
+    other = await serve(before, first, slug="other")  # another model of the token: not discredited
+    stranger = await serve(before, first, token=8)  # another token
+    await before.close()  # the coordinator stops: its leases and request log are written
+    await before.requests.close()
+    after = accounting(engine, chunk=1_000)  # a new coordinator
+    second = Clawback(engine, after, confirmations=2)
+    assert not second.disagreed(7, "m", "p1")
+    assert second.disagreed(7, "m", "p2")  # confirmed: its logged jobs are due
+    assert await second.refund_due() == 2
+    assert await second.refund_due() == 0
+    refunded = await refunded_ids(engine)
+    assert refunded == {r.id for r in kept}
+    assert old.id not in refunded and other.id not in refunded and stranger.id not in refunded
+    # A third coordinator whose escrow reaches back no further than now: nothing more.
+    third = Clawback(engine, accounting(engine, chunk=1_000), confirmations=1, reach=0.0)
+    third.disagreed(8, "m", "p1")
+    assert await third.refund_due() == 0
+    assert await ledger_problems(engine) == []
+
+
+async def refunded_ids(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return {row[0] for row in (await conn.execute(text("SELECT id FROM request_log WHERE refunded"))).all()}
