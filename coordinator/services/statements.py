@@ -325,7 +325,7 @@ class RequestPage(msgspec.Struct):
     nextCursor: str | None  # pass as ``cursor`` for the next (older) page; ``null``: the last page
 
 
-def _cursor(created_at: datetime, request_id: str) -> str:
+def cursor_for(created_at: datetime, request_id: str) -> str:
     raw = f"{created_at.astimezone(UTC).isoformat()}|{request_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -363,7 +363,7 @@ async def list_requests(
         rows = (await conn.execute(query)).all()
     page = [_generation(row) for row in rows[:limit]]
     more = len(rows) > limit
-    return RequestPage(page, _cursor(rows[limit - 1].created_at, rows[limit - 1].id) if more else None)
+    return RequestPage(page, cursor_for(rows[limit - 1].created_at, rows[limit - 1].id) if more else None)
 
 
 CSV_COLUMNS = (

@@ -6,6 +6,7 @@ connects a payout account, asks for a payout and sees it paid once an operator a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -58,6 +59,13 @@ def test_a_developer_adds_credits_through_checkout(shop: Pool, browser: Browser)
         page.get_by_role("button", name="Pay", exact=True).click()
         expect(page.get_by_text("Choose an amount in whole cents within the limits shown.")).to_be_visible()
         assert metric(page, "balance") == format_usd(22_340_000_000)
+        page.get_by_role("link", name="Credit transactions and monthly statements").click()
+        expect(page.locator('#transactions tr[data-kind="topup"]')).to_have_count(2)
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download statement (CSV)").click()
+        lines = Path(download.value.path()).read_text().splitlines()
+        assert lines[-1].endswith(",22.34,") and "Credits added" in lines[2], lines
+        shoot(page, "portal-credits")
     finally:
         page.close()
 

@@ -8,8 +8,11 @@ transfer, a refused transfer and a reversed one returning the amount to the prov
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import secrets
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -236,4 +239,48 @@ def test_payouts_go_through_escrow_approval_and_transfer(paid: Pool) -> None:
     )
     assert said.json()["status"] == "rejected"
     assert [p["status"] for p in view()["data"]][:3] == ["rejected", "failed", "failed"]
+    assert books(paid) == []
+
+
+def test_transactions_page_through_the_ledger_and_the_statement_balances(paid: Pool) -> None:
+    user = User(paid)
+    completed = user.top_up("20")
+    for _ in range(2):
+        assert user.chat().status_code == 200
+    control(paid, "refund", payment_intent=completed["data"]["object"]["payment_intent"], amount=300)
+    balance = eventually(lambda: (c := user.credits())["heldNano"] == 0 and c["balanceNano"], timeout=10)
+    url = f"{paid.url}/v1/credits/transactions"
+    whole = httpx.get(url, headers=user.portal, timeout=10).json()
+    by_kind = {line["kind"]: line["amountNano"] for line in whole["data"]}
+    assert len(whole["data"]) == 3 and whole["data"][-1]["kind"] == "topup", whole  # today's spend: one line
+    assert [line["at"] for line in whole["data"]] == sorted((line["at"] for line in whole["data"]), reverse=True)
+    assert (by_kind["topup"], by_kind["reversal"]) == (20 * 10**9, -3 * 10**9) and by_kind["spend"] < 0
+    assert whole["nextCursor"] is None
+    assert sum(line["amountNano"] for line in whole["data"]) == balance
+    paged, cursor = [], None
+    while True:  # a page at a time, by the cursor
+        params: dict[str, Any] = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+        page = httpx.get(url, params=params, headers={"authorization": f"Bearer {user.key}"}, timeout=10).json()
+        paged += page["data"]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert [line["id"] for line in paged] == [line["id"] for line in whole["data"]]
+    bad = httpx.get(url, params={"cursor": "bm90IG91cnM"}, headers=user.portal, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cursor"
+    stranger = User(paid)
+    assert httpx.get(url, headers=stranger.portal, timeout=10).json()["data"] == []
+
+    month = whole["data"][0]["at"][:7]
+    csv_reply = httpx.get(f"{paid.url}/v1/credits/statement", params={"month": month}, headers=user.portal, timeout=10)
+    assert csv_reply.status_code == 200 and csv_reply.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(csv_reply.text)))
+    assert rows[0]["kind"] == "opening" and rows[0]["balance_usd"] == "0"
+    assert [row["kind"] for row in rows[1:-1]] == [line["kind"] for line in reversed(whole["data"])]  # oldest first
+    assert rows[-1]["kind"] == "closing" and Decimal(rows[-1]["balance_usd"]) * 10**9 == balance
+    assert rows[-2]["balance_usd"] == rows[-1]["balance_usd"]
+    before = httpx.get(f"{paid.url}/v1/credits/statement", params={"month": "2020-01"}, headers=user.portal, timeout=10)
+    assert [row["kind"] for row in csv.DictReader(io.StringIO(before.text))] == ["opening", "closing"]
+    wrong = httpx.get(f"{paid.url}/v1/credits/statement", params={"month": "2026-13"}, headers=user.portal, timeout=10)
+    assert wrong.status_code == 400
     assert books(paid) == []

@@ -6,6 +6,7 @@ Open to a portal session or one of the user's consumer keys; every query is scop
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from litestar import MediaType, Request, Response, Router, get
@@ -29,6 +30,7 @@ from coordinator.services.statements import (
     list_requests,
     usage_by_day,
 )
+from coordinator.services.transactions import Transactions, statement, statement_csv, transactions
 from coordinator.web.guards import require_account
 from shared import errors
 
@@ -44,6 +46,41 @@ async def credits(request: Request[Any, Any, Any]) -> Credits:
 
 FROM = Parameter(query="from", default=None, description="first day, YYYY-MM-DD (UTC)")
 TO = Parameter(query="to", default=None, description="last day, YYYY-MM-DD (UTC)")
+
+
+@get(
+    "/credits/transactions",
+    summary="What changed your balance, newest first: top-ups, refunds, reversals, adjustments, spend per day",
+)
+async def credit_transactions(
+    request: Request[Any, Any, Any],
+    cursor: Annotated[str | None, Parameter(max_length=200)] = None,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
+) -> Transactions:
+    try:
+        return await transactions(_pool(request), request.state.user_id, cursor, limit)
+    except ValueError:
+        raise PoolError(400, errors.INVALID_REQUEST, "`cursor` is not one this API gave out.", param="cursor") from None
+
+
+@get(
+    "/credits/statement",
+    summary="A month's statement as CSV: opening balance, every line, closing balance",
+    media_type="text/csv",
+)
+async def credit_statement(
+    request: Request[Any, Any, Any],
+    month: Annotated[
+        str | None, Parameter(pattern=r"^[0-9]{4}-[0-9]{2}$", description="YYYY-MM (UTC); default: this month")
+    ] = None,
+) -> Response[str]:
+    chosen = month or datetime.now(UTC).strftime("%Y-%m")
+    try:
+        found = await statement(_pool(request), request.state.user_id, chosen)
+    except ValueError:
+        raise PoolError(400, errors.INVALID_REQUEST, "`month` must be a month (YYYY-MM).", param="month") from None
+    headers = {"content-disposition": f'attachment; filename="statement-{chosen}.csv"'}
+    return Response(statement_csv(found), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 @get("/usage", summary="Your requests, tokens and cost per day and model")
@@ -100,7 +137,7 @@ async def provider_earnings(
 
 account_router = Router(
     "/v1",
-    route_handlers=[credits, usage, generation, requests, provider_earnings],
+    route_handlers=[credits, credit_transactions, credit_statement, usage, generation, requests, provider_earnings],
     guards=[require_account],
     tags=["account"],
 )

@@ -1,18 +1,24 @@
-"""The portal's money forms: "Add credits" (to Stripe Checkout and back), and a provider's payout
-account and payout requests. Same session, cookie and CSRF rules as every portal form; each answers
-with a redirect, to Stripe or back to the page with what happened (``?done=…``)."""
+"""The portal's money pages and forms: the credit transactions and monthly statements, "Add
+credits" (to Stripe Checkout and back), and a provider's payout account and payout requests. Same
+session, cookie and CSRF rules as every portal form; each form answers with a redirect, to Stripe or
+back to the page with what happened (``?done=…``)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from litestar import Request, Router, post
-from litestar.response import Redirect
+from litestar import Request, Response, Router, get, post
+from litestar.response import Redirect, Template
+from sqlalchemy import select
 
+from coordinator.core.models import User
 from coordinator.money import payouts
 from coordinator.services.payments import BadAmount, PaymentsUnavailable
 from coordinator.services.state import pool_of
-from coordinator.web.portal_cookies import csrf_ok, page_headers, page_user
+from coordinator.services.statements import credit_figures
+from coordinator.services.transactions import statement, statement_csv, transactions
+from coordinator.web.portal_cookies import base_context, csrf_ok, csrf_token, page_headers, page_user
 
 HOME, PROVIDER, LOGIN = "/portal", "/portal/provider", "/portal/login"
 
@@ -25,6 +31,46 @@ async def _form(request: Request[Any, Any, Any]) -> dict[str, str] | None:
 
 def _back(page: str, done: str) -> Redirect:
     return Redirect(f"{page}?done={done}", status_code=303)
+
+
+@get("/credits", summary="Your credit transactions, and monthly statements to download")
+async def credits_page(request: Request[Any, Any, Any], cursor: str | None = None) -> Template | Redirect:
+    user_id = await page_user(request)
+    if user_id is None:
+        return Redirect(LOGIN)
+    pool = pool_of(request)
+    error = "Choose a month (YYYY-MM)." if request.query_params.get("error") == "month" else ""
+    try:
+        listed = await transactions(pool, user_id, cursor, 100)
+    except ValueError:
+        listed, error = await transactions(pool, user_id, None, 100), "That link had expired: showing the newest."
+    async with pool.db_sessions() as session:
+        email = await session.scalar(select(User.email).where(User.id == user_id))
+    csrf, cookie = csrf_token(request)
+    context = {
+        **base_context(request, "portal"),
+        "csrf": csrf,
+        "email": email,
+        "credits": await credit_figures(pool, user_id),
+        "listed": listed,
+        "month": datetime.now(UTC).strftime("%Y-%m"),
+        "error": error,
+    }
+    return Template("portal/credits.html", context=context, cookies=[cookie] if cookie else [])
+
+
+@get("/credits/statement.csv", summary="A month's statement as CSV (the portal's download)")
+async def statement_download(request: Request[Any, Any, Any], month: str = "") -> Response[str] | Redirect:
+    user_id = await page_user(request)
+    if user_id is None:
+        return Redirect(LOGIN)
+    chosen = month or datetime.now(UTC).strftime("%Y-%m")
+    try:
+        found = await statement(pool_of(request), user_id, chosen)
+    except ValueError:
+        return Redirect("/portal/credits?error=month")
+    headers = {"content-disposition": f'attachment; filename="statement-{chosen}.csv"'}
+    return Response(statement_csv(found), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 @post("/credits/checkout", summary="Add credits (form): on to Stripe Checkout", status_code=200)
@@ -79,7 +125,7 @@ async def ask_payout(request: Request[Any, Any, Any]) -> Redirect:
 
 portal_money = Router(
     "/portal",
-    route_handlers=[add_credits, connect_account, ask_payout],
+    route_handlers=[credits_page, statement_download, add_credits, connect_account, ask_payout],
     response_headers=page_headers("no-store"),
     tags=["pages"],
 )
