@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     approve = admin_commands.add_parser("approve-user", help="let a user who signed up (POOL_SIGNUP_APPROVAL) log in")
     approve.add_argument("--email", required=True)
     admin_commands.add_parser("pending-users", help="list the users waiting for approval (email and signup time)")
+    role = admin_commands.add_parser("set-role", help="give a user the admin role (the operator console), or take it")
+    role.add_argument("--email", required=True)
+    role.add_argument("--role", choices=["admin", "none"], required=True)
     for name, what in (
         ("create-key", "a consumer key (pool_live_…)"),
         ("create-agent-token", "an agent token"),
@@ -109,6 +112,12 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
     async def approve_user(session: AsyncSession) -> str:
         user = await users.approve_user(session, args.email)
         return f"approved {user.email}"
+
+    async def set_role(session: AsyncSession) -> str:
+        user = await users.user_by_email(session, args.email)
+        user.role = None if args.role == "none" else args.role
+        await session.flush()
+        return f"{user.email}: {args.role}"
 
     async def pending_users(session: AsyncSession) -> str:
         return "\n".join(f"{user.email} {user.created_at.isoformat()}" for user in await users.pending_users(session))
@@ -191,6 +200,7 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
         "create-user": create_user,
         "approve-user": approve_user,
         "pending-users": pending_users,
+        "set-role": set_role,
         "create-key": create_key,
         "create-agent-token": create_token,
         "grant-credits": grant_credits,

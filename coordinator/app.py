@@ -56,6 +56,7 @@ from coordinator.web.routes.account import account_router
 from coordinator.web.routes.admin import grant_credits
 from coordinator.web.routes.agent_ws import agent_connect
 from coordinator.web.routes.chat import create_chat_completion
+from coordinator.web.routes.console import console_pages
 from coordinator.web.routes.directory import list_models, pool_status
 from coordinator.web.routes.ops import healthz, prometheus_metrics, readyz
 from coordinator.web.routes.pages import root, status_live, status_page
@@ -407,6 +408,7 @@ def create_app(settings: Settings) -> Litestar:
             status_live,
             portal_pages,
             portal_money,
+            console_pages,
             create_static_files_router(path="/static", directories=[STATIC], after_request=_nosniff),
         ],
         template_config=template_config(),

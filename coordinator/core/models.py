@@ -53,6 +53,7 @@ class User(Base):
     subject: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)  # external IdP ``sub``
     approved: Mapped[bool] = mapped_column(Boolean, default=True)  # False: waits for an operator (signup approval)
     vouched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)  # a reference source
+    role: Mapped[str | None] = mapped_column(String(16), default=None)  # "admin": the operator console
 
 
 class RevokedSession(Base):

@@ -229,6 +229,24 @@ async def grant(conn: AsyncConnection, user_id: int, amount: int, ref: str | Non
     return await credit_wallet(conn, "grant", ref, user_id, [(FUNDING, -amount)])
 
 
+async def adjust(conn: AsyncConnection, user_id: int, amount: int, ref: str) -> str:
+    """An operator's correction of a user's credit, either way: in, like a grant (the debt first);
+    out, from the wallet only (:class:`InsufficientCredits` if it has less)."""
+    if amount > 0:
+        return await credit_wallet(conn, "adjust", ref, user_id, [(FUNDING, -amount)])
+    if amount == 0:
+        raise ValueError("an adjustment must change something")
+    taken = await conn.execute(
+        update(_accounts)
+        .where(_accounts.c.id == wallet(user_id), _accounts.c.balance >= -amount)
+        .values(balance=_accounts.c.balance + amount)
+    )
+    if taken.rowcount != 1:
+        available = await conn.scalar(select(_accounts.c.balance).where(_accounts.c.id == wallet(user_id)))
+        raise InsufficientCredits(-amount, int(available or 0))
+    return await post(conn, "adjust", ref, [(wallet(user_id), amount), (FUNDING, -amount)], applied=(wallet(user_id),))
+
+
 def _topup_digest(user_id: int, amount: int) -> str:
     return hashlib.sha256(f"{user_id}:{amount}".encode()).hexdigest()
 

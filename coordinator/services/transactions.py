@@ -28,10 +28,10 @@ from shared.money import nano_to_usd
 _entries = cast(Table, LedgerEntry.__table__)
 _tx = cast(Table, LedgerTransaction.__table__)
 
-KINDS = {"payment": "topup", "grant": "adjustment", "refund": "refund", "reversal": "reversal"}
+KINDS = {"payment": "topup", "grant": "adjustment", "adjust": "adjustment", "refund": "refund", "reversal": "reversal"}
 DESCRIBED = {
     "topup": "Credits added (payment {ref})",
-    "adjustment": "Credits granted by the operator",
+    "adjustment": "Adjusted by the operator{reason}",
     "refund": "Refund of request {ref} (a failed verification)",
     "reversal": "Payment {ref} refunded or disputed",
     "spend": "Requests on {day}",
@@ -61,7 +61,8 @@ def _day(column: Any, dialect: str) -> ColumnElement[str]:
 
 
 def _describe(kind: str, ref: str | None, day: str = "") -> str:
-    return DESCRIBED[kind].format(ref=ref or "", day=day)
+    reason = f": {ref.partition(': ')[2]}" if kind == "adjustment" and ref and ref.startswith("by ") else ""
+    return DESCRIBED[kind].format(ref=ref or "", day=day, reason=reason)
 
 
 async def _lines(

@@ -3,8 +3,10 @@
 The pages keep the portal JWT (the same one ``/v1/auth/login`` returns) in a cookie, not in memory:
 they are rendered on the server with the user's data in the first paint and work without JavaScript,
 which a token held by script could not give. The cookie is ``HttpOnly`` (no script, injected or
-not, can read it), ``SameSite=Strict`` (no other site's page sends it along), scoped to ``/portal``,
-and ``Secure`` behind HTTPS.
+not, can read it), ``SameSite=Strict`` (no other site's page sends it along), and ``Secure`` behind
+HTTPS. Its path is ``/``: the operator console (``/admin``) is signed in with the same session. The
+API under ``/v1`` reads only ``Authorization`` headers, never a cookie, so sending it there opens
+nothing.
 
 Forms also carry a token the server minted (``coordinator/identity/formtokens.py``): a cross-site post fails
 even where SameSite is not honoured, and so does one whose cookies an attacker planted (from a sibling
@@ -26,7 +28,7 @@ from coordinator.services.state import pool_of
 SESSION_COOKIE = "pool_session"
 CSRF_COOKIE = "pool_csrf"
 CSRF_FIELD = "csrf"
-PORTAL_PATH = "/portal"
+COOKIE_PATH = "/"  # the portal (/portal) and the operator console (/admin)
 
 
 def csp(form_to: str = "") -> str:
@@ -96,7 +98,7 @@ def csrf_token(request: Request[Any, Any, Any]) -> tuple[str, Cookie | None]:
 
 def csrf_cookie(request: Request[Any, Any, Any], token: str) -> Cookie:
     return Cookie(
-        key=CSRF_COOKIE, value=token, path=PORTAL_PATH, httponly=True, samesite="strict", secure=_secure(request)
+        key=CSRF_COOKIE, value=token, path=COOKIE_PATH, httponly=True, samesite="strict", secure=_secure(request)
     )
 
 
@@ -117,7 +119,7 @@ def session_cookie(request: Request[Any, Any, Any], token: str, max_age: int) ->
     return Cookie(
         key=SESSION_COOKIE,
         value=token,
-        path=PORTAL_PATH,
+        path=COOKIE_PATH,
         max_age=max_age,
         httponly=True,
         samesite="strict",
@@ -129,7 +131,7 @@ def ended_session(request: Request[Any, Any, Any]) -> Cookie:
     return Cookie(
         key=SESSION_COOKIE,
         value="",
-        path=PORTAL_PATH,
+        path=COOKIE_PATH,
         max_age=0,
         httponly=True,
         samesite="strict",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import secrets
 from collections.abc import Iterator
 from decimal import Decimal
@@ -17,7 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from scripts import localpool
 from tests.harness import ADMIN_TOKEN, Pool, with_stripe
 from tests.ledger_checks import books_of
 from tests.waiting import eventually
@@ -284,3 +288,55 @@ def test_transactions_page_through_the_ledger_and_the_statement_balances(paid: P
     wrong = httpx.get(f"{paid.url}/v1/credits/statement", params={"month": "2026-13"}, headers=user.portal, timeout=10)
     assert wrong.status_code == 400
     assert books(paid) == []
+
+
+def page_client(pool: Pool, email: str) -> tuple[httpx.Client, str]:
+    """A browser-like client signed in to the pages as ``email`` (a new account), and a form token
+    of its session."""
+    client = httpx.Client(base_url=pool.url, timeout=10)
+    token = re.search(r'name="csrf" value="([^"]+)"', client.get("/portal/signup").text)
+    assert token is not None
+    done = client.post("/portal/signup", data={"csrf": token[1], "email": email, "password": "correct horse battery"})
+    assert done.status_code == 303, done.text
+    signed = re.search(r'name="csrf" value="([^"]+)"', client.get("/portal").text)
+    assert signed is not None
+    return client, signed[1]
+
+
+def test_only_an_operator_can_adjust_credit_and_only_with_the_consoles_form(paid: Pool) -> None:
+    target = User(paid)
+    localpool.admin(paid.env, "grant-credits", "--email", target.email, "--usd", "5")
+    target_id = int(asyncio.run(user_ids(paid.db_url, target.email)))
+    form = {"amount": "-5", "reason": "taken"}
+    outsider, outsider_csrf = page_client(paid, f"outsider-{secrets.token_hex(3)}@example.com")
+    try:
+        refused = outsider.post(f"/admin/users/{target_id}/credits", data={**form, "csrf": outsider_csrf})
+        assert refused.status_code == 404
+        assert outsider.get("/admin/ledger").status_code == 404
+    finally:
+        outsider.close()
+    email = f"ops-{secrets.token_hex(3)}@example.com"
+    ops, ops_csrf = page_client(paid, email)
+    localpool.admin(paid.env, "set-role", "--email", email, "--role", "admin")
+    try:
+        assert ops.get("/admin/ledger").status_code == 200
+        forged = ops.post(f"/admin/users/{target_id}/credits", data=form)  # no form token: a cross-site post
+        assert forged.status_code == 303 and forged.headers["location"].endswith("done=expired")
+        wrong = ops.post(f"/admin/users/{target_id}/credits", data={**form, "amount": "lots", "csrf": ops_csrf})
+        assert wrong.headers["location"].endswith("done=amount")
+        assert target.credits()["balanceNano"] == 5 * 10**9
+        done = ops.post(f"/admin/users/{target_id}/credits", data={**form, "csrf": ops_csrf})
+        assert done.headers["location"].endswith("done=adjusted")
+    finally:
+        ops.close()
+    assert target.credits()["balanceNano"] == 0
+    assert books(paid) == []
+
+
+async def user_ids(url: str, email: str) -> int:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return int(await conn.scalar(text("SELECT id FROM users WHERE email = :e"), {"e": email}))
+    finally:
+        await engine.dispose()

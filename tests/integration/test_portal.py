@@ -546,7 +546,7 @@ def test_session_cookies_are_secure_unless_on_loopback(pool: Pool) -> None:
         form = httpx.get(f"{pool.url}/portal/signup", headers={"host": host}, timeout=10)
         cookie = next(c for c in form.headers.get_list("set-cookie") if c.startswith("pool_csrf="))
         assert ("Secure" in cookie) is secure, cookie
-        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/portal" in cookie
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/;" in cookie
     with httpx.Client(base_url=pool.url, timeout=10) as client:
         csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/portal/signup").text)
         assert csrf is not None
@@ -555,7 +555,7 @@ def test_session_cookies_are_secure_unless_on_loopback(pool: Pool) -> None:
         )
         assert done.status_code == 303
         session = next(c for c in done.headers.get_list("set-cookie") if c.startswith("pool_session="))
-        assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/portal" in session
+        assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/;" in session
         assert "Max-Age=3600" in session  # as long as the JWT inside it
 
 
