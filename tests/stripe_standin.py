@@ -3,14 +3,16 @@ browser pays and onboards at, and webhooks signed the way Stripe signs them.
 
 ``python -m tests.stripe_standin --port P --webhook-url URL --webhook-secret whsec_…``
 
-API (form-encoded in, JSON out, as Stripe's): ``POST /v1/checkout/sessions``, ``GET
-/v1/payment_intents/{id}``, ``POST /v1/accounts``, ``POST /v1/account_links``, ``POST /v1/transfers``
+API (form-encoded in, JSON out, as Stripe's): ``POST /v1/checkout/sessions`` (``customer_creation``
+and ``setup_future_usage`` save a card), ``GET /v1/payment_intents/{id}``, ``POST /v1/payment_intents``
+(an off-session charge of a saved card), ``POST /v1/accounts``, ``POST /v1/account_links``, ``POST /v1/transfers``
 (``Idempotency-Key`` replays the first answer; a refused transfer is Stripe's 400 error body).
 Pages: ``/pay/{session}`` (a "Pay" button: the session completes, its webhook goes out, the browser
 goes to the success URL) and ``/onboard/{account}``.
 
 Test controls, under ``/_control``: ``complete`` (pay a session without a browser), ``refund``,
 ``dispute``, ``reverse`` (a transfer), ``fail-transfers`` (an account's transfers are refused),
+``decline`` (a customer's saved card is declined), ``intents``,
 ``deliver`` (send stored events again, in any order, with any timestamp), ``events``, ``transfers``.
 Every event is stored; ``"hold": true`` on a control stores it without sending it.
 """
@@ -18,6 +20,7 @@ Every event is stored; ``"hold": true`` on a control stores it without sending i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -56,6 +59,8 @@ class Stripe:
         self.transfers: dict[str, dict[str, Any]] = {}
         self.idempotent: dict[str, dict[str, Any]] = {}
         self.failing: set[str] = set()
+        self.declining: set[str] = set()  # customers whose saved card is declined
+        self.tasks: set[asyncio.Task[None]] = set()
         self.events: dict[str, dict[str, Any]] = {}
         self.deliveries: list[dict[str, Any]] = []
         self.base = ""
@@ -78,8 +83,11 @@ class Stripe:
             "currency": form.get("line_items[0][price_data][currency]"),
             "client_reference_id": form.get("client_reference_id"),
             "customer_email": form.get("customer_email"),
-            "metadata": {"pool_payment": form.get("metadata[pool_payment]")},
+            "metadata": {k[len("metadata[") : -1]: str(v) for k, v in form.items() if k.startswith("metadata[")},
             "intent_metadata": {"pool_payment": form.get("payment_intent_data[metadata][pool_payment]")},
+            "save": form.get("customer_creation") == "always"
+            and form.get("payment_intent_data[setup_future_usage]") == "off_session",
+            "customer": None,
             "payment_intent": None,
             "success_url": form.get("success_url"),
             "cancel_url": form.get("cancel_url"),
@@ -144,7 +152,50 @@ class Stripe:
 
     @staticmethod
     def _public(session: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in session.items() if k != "intent_metadata"}
+        return {k: v for k, v in session.items() if k not in ("intent_metadata", "save")}
+
+    async def create_intent(self, request: web.Request) -> web.Response:
+        """An off-session charge of a saved card (automatic top-ups): succeeded at once, its webhook
+        sent just after the answer, as Stripe does; a card in ``declining`` gets Stripe's 402."""
+        form = await request.post()
+        replay = self._replayed(request)
+        if replay is not None:
+            return web.json_response(replay)
+        customer = str(form.get("customer"))
+        metadata = {k[len("metadata[") : -1]: str(v) for k, v in form.items() if k.startswith("metadata[")}
+        intent = {
+            "id": new_id("pi"),
+            "object": "payment_intent",
+            "amount": int(str(form["amount"])),
+            "amount_received": int(str(form["amount"])),
+            "currency": form.get("currency"),
+            "customer": customer,
+            "payment_method": form.get("payment_method"),
+            "metadata": metadata,
+            "charge": new_id("ch"),
+            "status": "succeeded",
+        }
+        self.intents[intent["id"]] = intent
+        if customer in self.declining:
+            intent.update(status="requires_payment_method", amount_received=0)
+            intent["last_payment_error"] = {"message": "Your card was declined.", "code": "card_declined"}
+            self.later("payment_intent.payment_failed", intent)
+            body = {"error": {"type": "card_error", "code": "card_declined", "message": "Your card was declined."}}
+            self._remember(request, body)
+            return web.json_response(body, status=402)
+        self.later("payment_intent.succeeded", intent)
+        return web.json_response(self._remember(request, intent))
+
+    def later(self, kind: str, obj: dict[str, Any]) -> None:
+        """An event sent after the current answer (Stripe's webhooks come on their own)."""
+
+        async def send() -> None:
+            await asyncio.sleep(0.05)
+            await self.event(kind, obj)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     # --- pages -----------------------------------------------------------------------------
 
@@ -175,13 +226,19 @@ class Stripe:
 
     async def _complete(self, session: dict[str, Any], hold: bool) -> dict[str, Any]:
         if session["payment_intent"] is None:
+            if session["save"]:
+                session["customer"] = new_id("cus")
             intent = {
                 "id": new_id("pi"),
                 "object": "payment_intent",
                 "amount": session["amount_total"],
+                "amount_received": session["amount_total"],
                 "currency": session["currency"],
                 "metadata": session["intent_metadata"],
                 "charge": new_id("ch"),
+                "customer": session["customer"],
+                "payment_method": new_id("pm") if session["save"] else None,
+                "status": "succeeded",
             }
             self.intents[intent["id"]] = intent
             session.update(payment_intent=intent["id"], payment_status="paid", status="complete")
@@ -259,6 +316,11 @@ class Stripe:
             transfer = self.transfers[body["transfer"]]
             transfer["reversed"] = True
             return web.json_response(await self.event("transfer.reversed", transfer, hold))
+        if what == "decline":
+            self.declining.add(body["customer"])
+            return web.json_response({"declining": sorted(self.declining)})
+        if what == "intents":
+            return web.json_response({"intents": list(self.intents.values())})
         if what == "fail-transfers":
             self.failing.add(body["account"])
             return web.json_response({"failing": sorted(self.failing)})
@@ -285,6 +347,7 @@ def app(stripe: Stripe) -> web.Application:
         [
             web.post("/v1/checkout/sessions", stripe.create_session),
             web.get("/v1/payment_intents/{id}", stripe.get_intent),
+            web.post("/v1/payment_intents", stripe.create_intent),
             web.post("/v1/accounts", stripe.create_account),
             web.post("/v1/account_links", stripe.create_link),
             web.post("/v1/transfers", stripe.create_transfer),

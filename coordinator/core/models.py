@@ -226,6 +226,25 @@ class Payment(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class AutoTopup(Base):
+    """A user's automatic top-up: charge ``amount`` to the saved payment method when the balance
+    falls under ``threshold``. ``armed`` is cleared by the one process that fires a charge and set
+    again only once the balance is back at the threshold: one charge per crossing."""
+
+    __tablename__ = "auto_topups"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(255))
+    payment_method: Mapped[str] = mapped_column(String(255))
+    threshold: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    armed: Mapped[bool] = mapped_column(Boolean, default=True)
+    fired: Mapped[int] = mapped_column(Integer, default=0)  # charges fired: the next one's idempotency key
+    last_error: Mapped[str | None] = mapped_column(String(500), default=None)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class WebhookEvent(Base):
     """A payment provider's event already applied: each is applied once, however often it comes."""
 

@@ -112,6 +112,7 @@ class Settings:
     payout_hold_days: float = 7.0  # earnings stay in escrow this long (a failed canary can claw them back)
     payout_minimum: int = 25_000_000_000  # nano-USD (POOL_PAYOUT_MINIMUM_USD)
     escrow_sweep_seconds: float = 60.0  # how often matured earnings leave escrow
+    auto_topup_seconds: float = 5.0  # how often balances are compared with automatic top-up thresholds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -326,4 +327,5 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "payout_hold_days": _non_negative_float,
     "payout_minimum": lambda raw: usd_to_nano(raw, 1_000_000),
     "escrow_sweep_seconds": _positive_float,
+    "auto_topup_seconds": _positive_float,
 }

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from coordinator.core.models import Payment, WebhookEvent
+from coordinator.core.models import Account, AutoTopup, Payment, WebhookEvent
 from coordinator.money import ledger
 from coordinator.money.ledger import FUNDING, balance_for_update, debt, now, post, wallet
 
+_accounts = cast(Table, Account.__table__)
+_autos = cast(Table, AutoTopup.__table__)
 _payments = cast(Table, Payment.__table__)
 _events = cast(Table, WebhookEvent.__table__)
 
@@ -171,3 +173,142 @@ async def _reverse(conn: AsyncConnection, payment_id: str, user_id: int, amount:
     await post(
         conn, "reversal", payment_id, [(FUNDING, amount), (debt(user_id), taken - amount), (wallet(user_id), -taken)]
     )
+
+
+# --- automatic top-ups ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Auto:
+    """A user's automatic top-up, as stored."""
+
+    user_id: int
+    customer_id: str
+    payment_method: str
+    threshold: int
+    amount: int
+    enabled: bool
+    armed: bool
+    fired: int
+    last_error: str | None
+
+
+def _auto(row: Any) -> Auto:
+    return Auto(**{name: getattr(row, name) for name in Auto.__dataclass_fields__})
+
+
+async def auto_of(engine: AsyncEngine, user_id: int) -> Auto | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(_autos).where(_autos.c.user_id == user_id))).first()
+    return None if row is None else _auto(row)
+
+
+async def save_method(engine: AsyncEngine, user_id: int, customer_id: str, payment_method: str) -> None:
+    """Keep the payment method a Checkout saved, for automatic top-ups (off until the user turns
+    them on; a newer card replaces the older)."""
+    async with engine.begin() as conn:
+        saved = await conn.execute(
+            update(_autos)
+            .where(_autos.c.user_id == user_id)
+            .values(customer_id=customer_id, payment_method=payment_method, last_error=None, updated_at=now())
+        )
+        if saved.rowcount == 0:
+            row = {
+                "user_id": user_id,
+                "customer_id": customer_id,
+                "payment_method": payment_method,
+                "threshold": 0,
+                "amount": 0,
+                "enabled": False,
+                "armed": True,
+                "fired": 0,
+                "updated_at": now(),
+            }
+            await conn.execute(insert(_autos), [row])
+
+
+async def set_auto(engine: AsyncEngine, user_id: int, enabled: bool, threshold: int, amount: int) -> bool:
+    """Turn automatic top-ups on or off at a threshold and amount; ``False`` without a saved method."""
+    async with engine.begin() as conn:
+        changed = await conn.execute(
+            update(_autos)
+            .where(_autos.c.user_id == user_id)
+            .values(enabled=enabled, threshold=threshold, amount=amount, last_error=None, updated_at=now())
+        )
+    return changed.rowcount == 1
+
+
+def _balance(user_id_column: Any) -> Any:
+    """A user's balance as the portal shows it (wallet, held credit, less debt), as a subquery."""
+    return (
+        select(func.coalesce(func.sum(_accounts.c.balance), 0))
+        .where(_accounts.c.user_id == user_id_column, _accounts.c.kind.in_(["wallet", "held", "debt"]))
+        .scalar_subquery()
+    )
+
+
+async def rearm(engine: AsyncEngine) -> int:
+    """Arm again the automatic top-ups whose balance is back at or over their threshold."""
+    async with engine.begin() as conn:
+        done = await conn.execute(
+            update(_autos)
+            .where(
+                _autos.c.enabled.is_(True), _autos.c.armed.is_(False), _balance(_autos.c.user_id) >= _autos.c.threshold
+            )
+            .values(armed=True)
+        )
+    return int(done.rowcount or 0)
+
+
+async def due(engine: AsyncEngine) -> list[Auto]:
+    """Armed automatic top-ups whose balance is under their threshold."""
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(_autos).where(
+                    _autos.c.enabled.is_(True),
+                    _autos.c.armed.is_(True),
+                    _balance(_autos.c.user_id) < _autos.c.threshold,
+                )
+            )
+        ).all()
+    return [_auto(row) for row in rows]
+
+
+async def disarm(engine: AsyncEngine, user_id: int, fired: int) -> bool:
+    """Take the right to fire this crossing's charge: ``True`` for exactly one caller, whatever the
+    processes (a conditional update of ``armed`` and the count it was read at)."""
+    async with engine.begin() as conn:
+        taken = await conn.execute(
+            update(_autos)
+            .where(_autos.c.user_id == user_id, _autos.c.armed.is_(True), _autos.c.fired == fired)
+            .values(armed=False, fired=fired + 1, updated_at=now())
+        )
+    return taken.rowcount == 1
+
+
+async def disarm_undone(engine: AsyncEngine, user_id: int, fired: int) -> None:
+    """The charge of crossing ``fired`` could not be made (the provider was unreachable): arm it
+    again at the same count, so the next sweep retries it with the same idempotency key."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(_autos)
+            .where(_autos.c.user_id == user_id, _autos.c.armed.is_(False), _autos.c.fired == fired + 1)
+            .values(armed=True, fired=fired)
+        )
+
+
+async def owner_of(engine: AsyncEngine, payment_id: str) -> int | None:
+    async with engine.connect() as conn:
+        found = await conn.scalar(select(_payments.c.user_id).where(_payments.c.id == payment_id))
+    return None if found is None else int(found)
+
+
+async def auto_failed(engine: AsyncEngine, user_id: int, reason: str) -> None:
+    """A charge was declined: automatic top-ups stop until the user saves a card or turns them on again."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(_autos)
+            .where(_autos.c.user_id == user_id)
+            .values(enabled=False, last_error=reason[:500], updated_at=now())
+        )

@@ -117,10 +117,12 @@ class Payments:
 
     # --- top-ups ---------------------------------------------------------------------------------
 
-    async def checkout(self, user_id: int, amount_usd: str | float | int, back: str) -> tuple[str, str]:
+    async def checkout(
+        self, user_id: int, amount_usd: str | float | int, back: str, save: bool = False
+    ) -> tuple[str, str]:
         """Open a Checkout session for a top-up of ``amount_usd`` (:class:`BadAmount` unless whole
         cents within the pool's bounds); (payment id, the URL to send the user to). ``back`` is the
-        pool's page the user returns to."""
+        pool's page the user returns to; ``save``: keep the card for automatic top-ups."""
         amount = whole_cents(amount_usd, self.settings.topup_min, self.settings.topup_max)
         email = await self._email(user_id)
         self._stripe()
@@ -145,6 +147,10 @@ class Payments:
             "success_url": self._url(f"{back}?topup=paid"),
             "cancel_url": self._url(f"{back}?topup=cancelled"),
         }
+        if save:
+            params["customer_creation"] = "always"
+            params["payment_intent_data"]["setup_future_usage"] = "off_session"
+            params["metadata"]["pool_save"] = "1"
         try:
             session = await self._stripe().v1.checkout.sessions.create_async(params, {"idempotency_key": payment_id})
         except stripe.StripeError as exc:
@@ -176,7 +182,21 @@ class Payments:
                 return await self._ignore(event, "not paid yet")
             payment_id = await payments.find(self.engine, session_id=obj.get("id")) or _ours(obj)
             facts = Facts(paid=_cents(obj.get("amount_total")), payment_intent=obj.get("payment_intent"))
-            return await self._apply(event, payment_id, facts, obj.get("currency"))
+            outcome = await self._apply(event, payment_id, facts, obj.get("currency"))
+            if (obj.get("metadata") or {}).get("pool_save") == "1" and outcome.startswith("applied"):
+                await self._save_card(payment_id, obj)
+            return outcome
+        if kind == "payment_intent.succeeded":  # automatic top-ups (a Checkout's says what its session said)
+            facts = Facts(paid=_cents(obj.get("amount_received")), payment_intent=obj.get("id"))
+            return await self._apply(event, _ours(obj), facts, obj.get("currency"))
+        if kind == "payment_intent.payment_failed":
+            payment_id = _ours(obj)
+            outcome = await self._apply(event, payment_id, Facts(status=payments.FAILED), obj.get("currency"))
+            user_id = (obj.get("metadata") or {}).get("pool_auto_user")
+            if isinstance(user_id, str) and user_id.isdigit() and outcome.startswith("applied"):
+                error = (obj.get("last_payment_error") or {}).get("message") or "the card was declined"
+                await payments.auto_failed(self.engine, int(user_id), str(error))
+            return outcome
         if kind in ("checkout.session.expired", "checkout.session.async_payment_failed"):
             payment_id = await payments.find(self.engine, session_id=obj.get("id")) or _ours(obj)
             status = payments.EXPIRED if kind.endswith("expired") else payments.FAILED
@@ -211,6 +231,52 @@ class Payments:
             extra={"event": event.id, "payment": payment_id, "change_nano": applied.change, "user": applied.user_id},
         )
         return f"applied: {applied.change:+d} nano-USD"
+
+    async def _save_card(self, payment_id: str | None, session: dict[str, Any]) -> None:
+        """Keep the card a Checkout saved (its customer and the payment intent's method)."""
+        customer, intent = session.get("customer"), session.get("payment_intent")
+        owner = await payments.owner_of(self.engine, payment_id) if payment_id else None
+        if not (isinstance(customer, str) and isinstance(intent, str) and owner is not None):
+            return
+        try:
+            method = (await self._stripe().v1.payment_intents.retrieve_async(intent)).to_dict().get("payment_method")
+        except stripe.StripeError:
+            raise PaymentsUnavailable("The payment provider could not be asked about this payment.") from None
+        if isinstance(method, str):
+            await payments.save_method(self.engine, owner, customer, method)
+            log.info("card saved for automatic top-ups", extra={"user": owner})
+
+    async def top_up_automatically(self, auto: payments.Auto) -> str:
+        """Charge an automatic top-up whose balance crossed its threshold, if this process wins the
+        crossing (``payments.disarm``); what happened. The charge's idempotency key is the user and
+        the crossing, so a retry after an error cannot charge twice."""
+        if not await payments.disarm(self.engine, auto.user_id, auto.fired):
+            return "another process fired it"
+        payment_id = payments.new_id()
+        await payments.open_payment(self.engine, payment_id, auto.user_id, auto.amount, "auto")
+        params: Any = {
+            "amount": auto.amount // NANO_PER_CENT,
+            "currency": "usd",
+            "customer": auto.customer_id,
+            "payment_method": auto.payment_method,
+            "off_session": True,
+            "confirm": True,
+            "metadata": {"pool_payment": payment_id, "pool_auto_user": str(auto.user_id)},
+        }
+        try:
+            await self._stripe().v1.payment_intents.create_async(
+                params, {"idempotency_key": f"pool-auto-{auto.user_id}-{auto.fired}"}
+            )
+        except stripe.CardError as exc:
+            await payments.auto_failed(self.engine, auto.user_id, exc.user_message or "the card was declined")
+            log.warning("automatic top-up declined", extra={"user": auto.user_id, "code": exc.code})
+            return "declined"
+        except stripe.StripeError:
+            await payments.disarm_undone(self.engine, auto.user_id, auto.fired)  # retried, same key
+            log.warning("automatic top-up not made; retried", extra={"user": auto.user_id})
+            return "retried later"
+        log.info("automatic top-up charged", extra={"user": auto.user_id, "payment": payment_id})
+        return "charged"
 
     async def _ignore(self, event: Event, why: str) -> str:
         await payments.record_event(self.engine, event.id, event.type)

@@ -16,7 +16,7 @@ from coordinator.identity import users
 from coordinator.market import catalog
 from coordinator.market.placement import offer_price
 from coordinator.market.upstream import median_price
-from coordinator.money import ledger, payouts
+from coordinator.money import ledger, payments, payouts
 from coordinator.money.metering import Price
 from coordinator.services import overview
 from coordinator.services.payments import PaymentsUnavailable
@@ -150,6 +150,16 @@ async def mature_earnings(pool: PoolState) -> None:
         log.info("earnings matured", extra={"amount_nano": moved})
 
 
+async def auto_top_up(pool: PoolState) -> None:
+    """Charge the automatic top-ups whose balance fell under their threshold, once per crossing."""
+    try:
+        await payments.rearm(pool.engine)
+        for auto in await payments.due(pool.engine):
+            await pool.payments.top_up_automatically(auto)
+    except Exception:
+        log.exception("automatic top-ups failed; the next sweep tries again")
+
+
 async def retry_transfers(pool: PoolState) -> None:
     """Make the transfers of payouts approved more than a minute ago and still not paid (the process
     that approved them stopped, or the payment provider could not be reached)."""
@@ -185,4 +195,5 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched.add_job(mature_earnings, "interval", seconds=settings.escrow_sweep_seconds, **once)
     if pool.payments.enabled:
         sched.add_job(retry_transfers, "interval", seconds=60.0, **once)
+        sched.add_job(auto_top_up, "interval", seconds=settings.auto_topup_seconds, **once)
     return sched

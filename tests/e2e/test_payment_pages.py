@@ -33,6 +33,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         payout_hold_days="0",
         escrow_sweep_seconds="0.3",
         payout_minimum_usd="0.01",
+        auto_topup_seconds="0.3",
     )
     harness.start()
     try:
@@ -46,6 +47,7 @@ def test_a_developer_adds_credits_through_checkout(shop: Pool, browser: Browser)
     try:
         assert metric(page, "balance") == format_usd(0)
         shoot(page, "portal-add-credits")
+        page.get_by_label("Save the card for automatic top-ups").check()
         page.get_by_role("button", name="$10", exact=True).click()
         expect(page.get_by_role("heading", name="Stand-in checkout")).to_be_visible()
         page.get_by_role("button", name="Pay $10.00").click()  # Stripe sends its webhook, then the browser back
@@ -71,6 +73,18 @@ def test_a_developer_adds_credits_through_checkout(shop: Pool, browser: Browser)
         lines = Path(download.value.path()).read_text().splitlines()
         assert lines[-1].endswith(",22.34,") and "Credits added" in lines[2], lines
         shoot(page, "portal-credits")
+        page.get_by_label("On", exact=True).check()  # the card saved with the first payment
+        page.get_by_label("When the balance falls under (USD)").fill("30")
+        page.get_by_label("add (USD)").fill("5")
+        page.get_by_role("button", name="Save", exact=True).click()
+        expect(page.get_by_text("Automatic top-ups are on.")).to_be_visible()
+
+        def topped_up() -> bool:
+            page.reload()
+            return metric(page, "balance") == format_usd(27_340_000_000)
+
+        eventually(topped_up, timeout=10, interval=0.3)  # $22.34 is under $30: charged $5, once
+        expect(page.locator('#transactions tr[data-kind="topup"]')).to_have_count(3)
     finally:
         page.close()
 

@@ -300,3 +300,34 @@ async def test_the_books_check_reports_an_unbalanced_transaction(engine: AsyncEn
             {"tx": tx, "acc": wallet(user)},
         )
     assert await ledger_problems(engine) == []
+
+
+async def test_one_crossing_of_the_threshold_is_fired_once_and_rearms_only_back_above(engine: AsyncEngine) -> None:
+    user = await new_user(engine, 300 * CENT)
+    assert not await payments.set_auto(engine, user, True, 500 * CENT, 1000 * CENT)  # no card saved
+    await payments.save_method(engine, user, "cus_1", "pm_1")
+    assert await payments.set_auto(engine, user, True, 500 * CENT, 1000 * CENT)
+    [due] = [a for a in await payments.due(engine) if a.user_id == user]
+
+    async def fire() -> bool:
+        try:
+            return await payments.disarm(engine, user, due.fired)
+        except Exception as exc:  # SQLite: a writer that lost the race may find the database busy
+            if "locked" in str(exc) or "busy" in str(exc):
+                return False
+            raise
+
+    assert sum(await asyncio.gather(*(fire() for _ in range(5)))) == 1
+    assert user not in {a.user_id for a in await payments.due(engine)}
+    await payments.rearm(engine)  # still under the threshold: not armed again
+    assert user not in {a.user_id for a in await payments.due(engine)}
+    await paid_in(engine, user, 300 * CENT)  # $6: back over $5
+    await payments.rearm(engine)
+    auto = await payments.auto_of(engine, user)
+    assert auto is not None and auto.armed and auto.fired == 1
+    await payments.disarm(engine, user, auto.fired)
+    await payments.disarm_undone(engine, user, auto.fired)  # the charge could not be made: the same crossing again
+    again = await payments.auto_of(engine, user)
+    assert again is not None and (again.armed, again.fired) == (True, 1)
+    await payments.auto_failed(engine, user, "declined")
+    assert (await payments.auto_of(engine, user)).enabled is False  # type: ignore[union-attr]

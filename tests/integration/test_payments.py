@@ -12,6 +12,7 @@ import csv
 import io
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -40,6 +41,7 @@ def paid(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         "escrow_sweep_seconds": "0.5",
         "payout_minimum_usd": "0.01",
         "topup_min_usd": "1",
+        "auto_topup_seconds": "0.2",
     }
     workdir = tmp_path_factory.mktemp(f"payments-{request.param}")
     db_url = request.getfixturevalue("own_database") if request.param == "postgresql" else None
@@ -81,14 +83,13 @@ class User:
         assert response.status_code == 200, response.text
         return dict(response.json())
 
-    def checkout(self, usd: object) -> httpx.Response:
-        return httpx.post(
-            f"{self.pool.url}/v1/credits/checkout", json={"amountUsd": usd}, headers=self.portal, timeout=30
-        )
+    def checkout(self, usd: object, save: bool = False) -> httpx.Response:
+        body = {"amountUsd": usd, "saveCard": save}
+        return httpx.post(f"{self.pool.url}/v1/credits/checkout", json=body, headers=self.portal, timeout=30)
 
-    def top_up(self, usd: str, hold: bool = False) -> dict[str, Any]:
+    def top_up(self, usd: str, hold: bool = False, save: bool = False) -> dict[str, Any]:
         """Pay a Checkout session at the stand-in; the completed event (sent unless ``hold``)."""
-        started = self.checkout(usd)
+        started = self.checkout(usd, save)
         assert started.status_code == 201, started.text
         session = started.json()["url"].rsplit("/", 1)[-1]
         return control(self.pool, "complete", session=session, hold=hold)
@@ -340,3 +341,57 @@ async def user_ids(url: str, email: str) -> int:
             return int(await conn.scalar(text("SELECT id FROM users WHERE email = :e"), {"e": email}))
     finally:
         await engine.dispose()
+
+
+def test_an_automatic_top_up_charges_once_per_crossing_across_two_coordinators(paid: Pool) -> None:
+    """A second coordinator on the same database sweeps too (both every 0.2 s): each time the
+    balance falls under the threshold the saved card is charged once; while the top-up leaves it
+    under, nothing more; back over, the next crossing charges again; a declined card turns it off."""
+    other_port = localpool.free_port()
+    other = localpool.start_coordinator(other_port, paid.env, paid.dir, name=f"second-{other_port}")
+    try:
+        user = User(paid)
+        url = f"{paid.url}/v1/credits/auto-topup"
+        wanted = {"enabled": True, "thresholdUsd": "20", "amountUsd": "1"}
+        refused = httpx.put(url, json=wanted, headers=user.portal, timeout=10)
+        assert refused.status_code == 409  # no card saved yet
+        first = user.top_up("6", save=True)
+        assert httpx.get(url, headers=user.portal, timeout=10).json()["cardSaved"] is True
+        customer = first["data"]["object"]["customer"]
+
+        def charges() -> list[dict[str, Any]]:
+            intents = httpx.get(f"{paid.extra['stripe']}/_control/intents", timeout=10).json()["intents"]
+            return [i for i in intents if i["customer"] == customer and "pool_auto_user" in i["metadata"]]
+
+        on = httpx.put(url, json=wanted, headers=user.portal, timeout=10)
+        assert on.status_code == 200 and on.json()["enabled"] is True
+        eventually(lambda: user.credits()["balanceNano"] == 7 * 10**9, timeout=10)  # $6 + one automatic $1
+        time.sleep(1.0)  # five sweeps of each coordinator: still under $20, and charged once
+        assert len(charges()) == 1 and user.credits()["balanceNano"] == 7 * 10**9
+        # Back over a lower threshold (re-armed), then under it again: a second charge, one only.
+        httpx.put(url, json={**wanted, "thresholdUsd": "5"}, headers=user.portal, timeout=10)
+        time.sleep(0.5)
+        control(paid, "dispute", payment_intent=first["data"]["object"]["payment_intent"])  # $6 taken back: $1 left
+        eventually(lambda: user.credits()["balanceNano"] == 2 * 10**9, timeout=10)
+        time.sleep(1.0)
+        assert len(charges()) == 2
+        # A declined card: automatic top-ups turn off, and say why.
+        control(paid, "decline", customer=customer)
+        user.top_up("5")  # $7: over the threshold, re-armed
+        time.sleep(0.5)
+        control(paid, "dispute", payment_intent=user_last_intent(paid, user))  # under again
+        state = eventually(lambda: (s := httpx.get(url, headers=user.portal, timeout=10).json())["lastError"] and s)
+        assert state["enabled"] is False and "declined" in state["lastError"]
+        assert len(charges()) == 3
+        time.sleep(0.6)
+        assert len(charges()) == 3  # off: no retry of a declined card
+        assert books(paid) == []
+    finally:
+        other.stop()
+
+
+def user_last_intent(pool: Pool, user: User) -> str:
+    """The payment intent of the user's latest Checkout payment."""
+    sessions = httpx.get(f"{pool.extra['stripe']}/_control/sessions", timeout=10).json()["sessions"]
+    mine = [s for s in sessions if s["customer_email"] == user.email and s["payment_intent"]]
+    return str(mine[-1]["payment_intent"])

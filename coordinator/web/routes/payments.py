@@ -7,17 +7,18 @@ import logging
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Request, Router, get, post, put
 from litestar.params import Parameter
 from msgspec import Meta
 
 from coordinator.core.errors import PoolError
-from coordinator.money import payouts
-from coordinator.services.payments import BadAmount, BadSignature, PaymentsUnavailable
+from coordinator.money import payments, payouts
+from coordinator.services.payments import BadAmount, BadSignature, PaymentsUnavailable, whole_cents
 from coordinator.services.state import PoolState
 from coordinator.services.statements import PayoutFigures, PayoutOut, payout_figures, payout_out
 from coordinator.web.guards import require_account, require_admin, require_session
 from shared import errors
+from shared.money import nano_to_usd
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,21 @@ Amount = str | float | int
 
 class CheckoutIn(msgspec.Struct, forbid_unknown_fields=True):
     amountUsd: Amount
+    saveCard: bool = False  # keep the card for automatic top-ups
+
+
+class AutoTopupIn(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool
+    thresholdUsd: Amount  # top up when the balance falls under this
+    amountUsd: Amount  # by this much (within the top-up bounds)
+
+
+class AutoTopupOut(msgspec.Struct):
+    cardSaved: bool
+    enabled: bool
+    thresholdUsd: float
+    amountUsd: float
+    lastError: str | None
 
 
 class CheckoutOut(msgspec.Struct):
@@ -69,12 +85,46 @@ def bad_amount(exc: BadAmount) -> PoolError:
 )
 async def create_checkout(request: Request[Any, Any, Any], data: CheckoutIn, pool: PoolState) -> CheckoutOut:
     try:
-        payment_id, url = await pool.payments.checkout(request.state.user_id, data.amountUsd, "/portal/")
+        payment_id, url = await pool.payments.checkout(request.state.user_id, data.amountUsd, "/portal/", data.saveCard)
     except BadAmount as exc:
         raise bad_amount(exc) from None
     except PaymentsUnavailable as exc:
         raise unavailable(exc) from None
     return CheckoutOut(payment_id, url)
+
+
+def auto_out(auto: payments.Auto | None) -> AutoTopupOut:
+    if auto is None:
+        return AutoTopupOut(False, False, 0.0, 0.0, None)
+    return AutoTopupOut(True, auto.enabled, nano_to_usd(auto.threshold), nano_to_usd(auto.amount), auto.last_error)
+
+
+@get(
+    "/credits/auto-topup",
+    guards=[require_account],
+    summary="Your automatic top-up: whether a card is saved, threshold and amount",
+)
+async def get_auto_topup(request: Request[Any, Any, Any], pool: PoolState) -> AutoTopupOut:
+    return auto_out(await payments.auto_of(pool.engine, request.state.user_id))
+
+
+@put(
+    "/credits/auto-topup",
+    guards=[require_session],
+    summary="Turn automatic top-ups on or off: the saved card is charged once each time the balance falls low",
+    description="Needs a card saved by a Checkout top-up with `saveCard`. One charge per crossing: the next "
+    "comes only after the balance was back at the threshold.",
+)
+async def put_auto_topup(request: Request[Any, Any, Any], data: AutoTopupIn, pool: PoolState) -> AutoTopupOut:
+    settings = pool.settings
+    try:
+        threshold = whole_cents(data.thresholdUsd, 1, settings.topup_max)
+        amount = whole_cents(data.amountUsd, settings.topup_min, settings.topup_max)
+    except BadAmount as exc:
+        raise PoolError(400, errors.INVALID_REQUEST, f"`thresholdUsd` and `amountUsd`: {exc}.") from None
+    if not await payments.set_auto(pool.engine, request.state.user_id, data.enabled, threshold, amount):
+        raise PoolError(409, errors.CONFLICT, "Save a card first: top up once with `saveCard: true`.")
+    return auto_out(await payments.auto_of(pool.engine, request.state.user_id))
 
 
 @post(
@@ -183,6 +233,8 @@ payments_router = Router(
     "/v1",
     route_handlers=[
         create_checkout,
+        get_auto_topup,
+        put_auto_topup,
         stripe_webhook,
         list_payouts,
         create_payout,

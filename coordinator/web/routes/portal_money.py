@@ -13,14 +13,14 @@ from litestar.response import Redirect, Template
 from sqlalchemy import select
 
 from coordinator.core.models import User
-from coordinator.money import payouts
-from coordinator.services.payments import BadAmount, PaymentsUnavailable
+from coordinator.money import payments, payouts
+from coordinator.services.payments import BadAmount, PaymentsUnavailable, whole_cents
 from coordinator.services.state import pool_of
 from coordinator.services.statements import credit_figures
 from coordinator.services.transactions import statement, statement_csv, transactions
 from coordinator.web.portal_cookies import base_context, csrf_ok, csrf_token, page_headers, page_user
 
-HOME, PROVIDER, LOGIN = "/portal", "/portal/provider", "/portal/login"
+HOME, PROVIDER, LOGIN, CREDITS = "/portal", "/portal/provider", "/portal/login", "/portal/credits"
 
 
 async def _form(request: Request[Any, Any, Any]) -> dict[str, str] | None:
@@ -55,6 +55,8 @@ async def credits_page(request: Request[Any, Any, Any], cursor: str | None = Non
         "listed": listed,
         "month": datetime.now(UTC).strftime("%Y-%m"),
         "error": error,
+        "auto": await payments.auto_of(pool.engine, user_id),
+        "done": request.query_params.get("done"),
     }
     return Template("portal/credits.html", context=context, cookies=[cookie] if cookie else [])
 
@@ -73,6 +75,26 @@ async def statement_download(request: Request[Any, Any, Any], month: str = "") -
     return Response(statement_csv(found), media_type="text/csv; charset=utf-8", headers=headers)
 
 
+@post("/credits/auto", summary="Automatic top-ups on or off, threshold and amount (form)", status_code=200)
+async def auto_top_up(request: Request[Any, Any, Any]) -> Redirect:
+    user_id = await page_user(request)
+    if user_id is None:
+        return Redirect(LOGIN, status_code=303)
+    form = await _form(request)
+    if form is None:
+        return _back(CREDITS, "expired")
+    settings = pool_of(request).settings
+    try:
+        threshold = whole_cents(form.get("threshold", "").strip().removeprefix("$"), 1, settings.topup_max)
+        amount = whole_cents(form.get("amount", "").strip().removeprefix("$"), settings.topup_min, settings.topup_max)
+    except BadAmount:
+        return _back(CREDITS, "auto-amount")
+    enabled = form.get("enabled") == "1"
+    if not await payments.set_auto(pool_of(request).engine, user_id, enabled, threshold, amount):
+        return _back(CREDITS, "auto-card")
+    return _back(CREDITS, "auto-on" if enabled else "auto-off")
+
+
 @post("/credits/checkout", summary="Add credits (form): on to Stripe Checkout", status_code=200)
 async def add_credits(request: Request[Any, Any, Any]) -> Redirect:
     user_id = await page_user(request)
@@ -84,7 +106,7 @@ async def add_credits(request: Request[Any, Any, Any]) -> Redirect:
     chosen = form.get("amount", "")  # a preset's button, or "custom": the typed amount
     amount = (form.get("custom", "") if chosen == "custom" else chosen).strip().removeprefix("$")
     try:
-        _, url = await pool_of(request).payments.checkout(user_id, amount, "/portal/")
+        _, url = await pool_of(request).payments.checkout(user_id, amount, "/portal/", form.get("save") == "1")
     except BadAmount:
         return _back(HOME, "topup-amount")
     except PaymentsUnavailable:
@@ -125,7 +147,7 @@ async def ask_payout(request: Request[Any, Any, Any]) -> Redirect:
 
 portal_money = Router(
     "/portal",
-    route_handlers=[credits_page, statement_download, add_credits, connect_account, ask_payout],
+    route_handlers=[credits_page, statement_download, auto_top_up, add_credits, connect_account, ask_payout],
     response_headers=page_headers("no-store"),
     tags=["pages"],
 )
