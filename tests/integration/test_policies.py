@@ -38,7 +38,13 @@ def policed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     (trust 50 at first, rising with each job it completes: above the pool's threshold, and below
     the trusted tier's 99 for the few dozen jobs of this module). Not named ``pool``: that
     fixture's agents are stopped after every test."""
-    harness = with_upstream(tmp_path_factory.mktemp("policies"), f"{SLUG}=upstream-smol", trusted_tier_trust="99")
+    harness = with_upstream(  # a free fallback on purpose: the price cap test sends requests there
+        tmp_path_factory.mktemp("policies"),
+        f"{SLUG}=upstream-smol",
+        trusted_tier_trust="99",
+        upstream_price_in="0",
+        upstream_price_out="0",
+    )
     harness.start()
     try:
         harness.extra["agent_backend"] = backend = harness.standin()
