@@ -30,6 +30,7 @@ PAYOUT_BELOW_MINIMUM = "payout_below_minimum"
 PAYOUT_ACCOUNT_MISSING = "payout_account_missing"
 INSUFFICIENT_EARNINGS = "insufficient_earnings"  # more than the matured earnings
 PAYOUT_STATE = "payout_state"  # the payout is not in the state the step needs
+DEBT_OUTSTANDING = "debt_outstanding"  # a chargeback's debt must be paid before a payout
 
 # Job failure codes an agent reports in ``JobFailed``.
 BACKEND_UNAVAILABLE = "backend_unavailable"

@@ -315,6 +315,7 @@ class Stripe:
         if what == "reverse":
             transfer = self.transfers[body["transfer"]]
             transfer["reversed"] = True
+            transfer["amount_reversed"] = int(body.get("amount", transfer["amount"]))
             return web.json_response(await self.event("transfer.reversed", transfer, hold))
         if what == "decline":
             self.declining.add(body["customer"])

@@ -129,6 +129,10 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"{variable}={raw!r}: {exc}") from None
         settings = cls(**values)  # type: ignore[arg-type]
+        if settings.stripe_secret_key and not settings.public_url:
+            raise SettingsError(
+                "POOL_STRIPE_SECRET_KEY needs POOL_PUBLIC_URL: Checkout and payout onboarding send users back to it"
+            )
         if settings.redis_url and not settings.database_url.startswith("postgresql"):
             raise SettingsError(
                 "POOL_REDIS_URL runs this coordinator as one replica of several, which must share one "

@@ -1,10 +1,12 @@
 """The platform-owned fallback: any OpenAI-compatible endpoint the operator configures.
 
 What consumers pay for a fallback request is the operator's price (``POOL_UPSTREAM_PRICE_IN`` /
-``_OUT``) or, without one, the model's pool price: the median of the live offers, one per provider
-(each provider's cheapest), so neither one agent asking next to nothing nor a swarm of one
-provider's agents sets it; while no agent offers the model, the last such median; before any ever
-did, the directory's ceiling for it (what an agent may ask at most). Never free by accident.
+``_OUT``) or, without one, the model's pool price: the median of the live offers of trusted agents
+(their standing earned by jobs and canaries), one per provider (each provider's cheapest), from at
+least ``MIN_PROVIDERS`` providers, so neither one agent asking next to nothing, nor a swarm of one
+provider's agents, nor a few new accounts set it; while there are not that many, the last such
+median; before there ever were, the directory's ceiling for the model (what an agent may ask at
+most). Never below what the upstream costs the platform. Never free by accident.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from coordinator.money.metering import Price
 from shared.backend import Event, HttpClient, prepare_body, run_chat
 
 FREE = Price(0, 0)
+MIN_PROVIDERS = 3  # trusted providers whose offers make a pool price
 
 
-def median_price(offers: Iterable[tuple[str, Price]]) -> Price | None:
+def median_price(offers: Iterable[tuple[str, Price]], least: int = 1) -> Price | None:
     """The median of ``(provider, price)`` offers, each provider counted once at its cheapest (by
-    input and output price apart; the lower middle of an even count); ``None`` without offers."""
+    input and output price apart; the lower middle of an even count); ``None`` with offers from
+    fewer than ``least`` providers."""
     cheapest: dict[str, Price] = {}
     for provider, price in offers:
         had = cheapest.get(provider)
         cheapest[provider] = price if had is None else Price(min(had.input, price.input), min(had.output, price.output))
-    if not cheapest:
+    if not cheapest or len(cheapest) < least:
         return None
     middle = (len(cheapest) - 1) // 2
     return Price(
@@ -57,10 +61,12 @@ class Upstream:
         return slug in self.models
 
     def price_for(self, slug: str) -> Price:
-        """What a consumer pays per token for ``slug`` through the upstream."""
+        """What a consumer pays per token for ``slug`` through the upstream (the pool's price never
+        below what the upstream costs)."""
         if self.fixed is not None:
             return self.fixed
-        return self.pool_prices.get(slug, FREE)
+        found = self.pool_prices.get(slug, FREE)
+        return Price(max(found.input, self.cost.input), max(found.output, self.cost.output))
 
     def reprice(self, slug: str, live: Price | None, ceiling: Price) -> None:
         """Follow the pool: the median of the live offers, else the last one seen, else the ceiling."""

@@ -168,8 +168,12 @@ async def post(
 
 
 async def balance_for_update(conn: AsyncConnection, account: str) -> int:
-    """An account's balance, its row locked until the transaction ends (PostgreSQL; SQLite writes
-    one transaction at a time). Lock accounts in id order, as postings take them."""
+    """An account's balance, its row locked until the transaction ends. Lock accounts in id order,
+    as postings take them. SQLite has no row locks and begins a transaction's write lock only at
+    its first write, so a read before it could be stale by then: there an empty write to the row
+    comes first, which takes the database's write lock for the rest of the transaction."""
+    if conn.dialect.name == "sqlite":
+        await conn.execute(update(_accounts).where(_accounts.c.id == account).values(balance=_accounts.c.balance))
     value = await conn.scalar(select(_accounts.c.balance).where(_accounts.c.id == account).with_for_update())
     return int(value or 0)
 
@@ -236,6 +240,7 @@ async def adjust(conn: AsyncConnection, user_id: int, amount: int, ref: str) -> 
         return await credit_wallet(conn, "adjust", ref, user_id, [(FUNDING, -amount)])
     if amount == 0:
         raise ValueError("an adjustment must change something")
+    await balance_for_update(conn, debt(user_id))  # as every posting to this user's wallet: debt first
     taken = await conn.execute(
         update(_accounts)
         .where(_accounts.c.id == wallet(user_id), _accounts.c.balance >= -amount)

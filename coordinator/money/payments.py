@@ -12,8 +12,10 @@ event id is recorded in the same transaction as its effect, so a replay changes 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, insert, select, update
@@ -57,9 +59,17 @@ def new_id() -> str:
     return "pay_" + secrets.token_hex(12)
 
 
+def crossing_id(user_id: int, fired: int) -> str:
+    """The payment of an automatic top-up's crossing: the same id however often it is tried."""
+    return "pay_" + hashlib.sha256(f"auto:{user_id}:{fired}".encode()).hexdigest()[:24]
+
+
 async def open_payment(engine: AsyncEngine, payment_id: str, user_id: int, amount: int, kind: str) -> None:
+    """A new payment, open (an id already there is left as it is: a retried automatic top-up)."""
     at = now()
     async with engine.begin() as conn:
+        if await conn.scalar(select(_payments.c.id).where(_payments.c.id == payment_id)) is not None:
+            return
         await conn.execute(
             insert(_payments),
             [
@@ -210,7 +220,9 @@ async def save_method(engine: AsyncEngine, user_id: int, customer_id: str, payme
         saved = await conn.execute(
             update(_autos)
             .where(_autos.c.user_id == user_id)
-            .values(customer_id=customer_id, payment_method=payment_method, last_error=None, updated_at=now())
+            .values(
+                customer_id=customer_id, payment_method=payment_method, last_error=None, armed=True, updated_at=now()
+            )
         )
         if saved.rowcount == 0:
             row = {
@@ -233,7 +245,7 @@ async def set_auto(engine: AsyncEngine, user_id: int, enabled: bool, threshold: 
         changed = await conn.execute(
             update(_autos)
             .where(_autos.c.user_id == user_id)
-            .values(enabled=enabled, threshold=threshold, amount=amount, last_error=None, updated_at=now())
+            .values(enabled=enabled, threshold=threshold, amount=amount, last_error=None, armed=True, updated_at=now())
         )
     return changed.rowcount == 1
 
@@ -275,6 +287,33 @@ async def due(engine: AsyncEngine) -> list[Auto]:
     return [_auto(row) for row in rows]
 
 
+async def stalled(engine: AsyncEngine, older_than: datetime, newer_than: datetime) -> list[Auto]:
+    """Automatic top-ups whose last crossing was taken but whose charge never came back (the
+    process stopped between the two, or the answer was lost): their payment is missing, or still
+    open, since ``older_than``. Not those older than ``newer_than``: the provider keeps an
+    idempotency key a day, and a retry after that could charge twice."""
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(_autos).where(
+                    _autos.c.enabled.is_(True),
+                    _autos.c.armed.is_(False),
+                    _autos.c.fired > 0,
+                    _autos.c.updated_at < older_than,
+                    _autos.c.updated_at > newer_than,
+                )
+            )
+        ).all()
+        found = []
+        for row in rows:
+            status = await conn.scalar(
+                select(_payments.c.status).where(_payments.c.id == crossing_id(row.user_id, row.fired - 1))
+            )
+            if status in (None, OPEN):
+                found.append(_auto(row))
+    return found
+
+
 async def disarm(engine: AsyncEngine, user_id: int, fired: int) -> bool:
     """Take the right to fire this crossing's charge: ``True`` for exactly one caller, whatever the
     processes (a conditional update of ``armed`` and the count it was read at)."""
@@ -285,17 +324,6 @@ async def disarm(engine: AsyncEngine, user_id: int, fired: int) -> bool:
             .values(armed=False, fired=fired + 1, updated_at=now())
         )
     return taken.rowcount == 1
-
-
-async def disarm_undone(engine: AsyncEngine, user_id: int, fired: int) -> None:
-    """The charge of crossing ``fired`` could not be made (the provider was unreachable): arm it
-    again at the same count, so the next sweep retries it with the same idempotency key."""
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(_autos)
-            .where(_autos.c.user_id == user_id, _autos.c.armed.is_(False), _autos.c.fired == fired + 1)
-            .values(armed=True, fired=fired)
-        )
 
 
 async def owner_of(engine: AsyncEngine, payment_id: str) -> int | None:

@@ -21,16 +21,18 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, and_, case, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from coordinator.core.models import Account, LedgerEntry, LedgerTransaction, PayoutAccount, PayoutRow
-from coordinator.money.ledger import PAID_OUT, balance_for_update, earnings, escrow, now, payout_pending, post
+from coordinator.core.models import Account, LedgerEntry, LedgerTransaction, PayoutAccount, PayoutRow, WebhookEvent
+from coordinator.money.ledger import PAID_OUT, balance_for_update, debt, earnings, escrow, now, payout_pending, post
 
 _accounts = cast(Table, Account.__table__)
 _entries = cast(Table, LedgerEntry.__table__)
 _transactions = cast(Table, LedgerTransaction.__table__)
 _payouts = cast(Table, PayoutRow.__table__)
 _payout_accounts = cast(Table, PayoutAccount.__table__)
+_events = cast(Table, WebhookEvent.__table__)
 
 REQUESTED, APPROVED, PAID, REJECTED, FAILED = "requested", "approved", "paid", "rejected", "failed"
 
@@ -81,6 +83,7 @@ async def mature(engine: AsyncEngine, cutoff: datetime) -> int:
     total = 0
     for (user_id,) in owners:
         async with engine.begin() as conn:
+            await balance_for_update(conn, earnings(user_id))  # id order, as refunds take them
             held = await balance_for_update(conn, escrow(user_id))
             old = case((_transactions.c.created_at < cutoff, _entries.c.amount), else_=0)
             row = (
@@ -135,6 +138,9 @@ async def request(engine: AsyncEngine, payout_id: str, user_id: int, amount: int
         raise PayoutRefused("payout_account_missing", "Connect a payout account first.")
     at = now()
     async with engine.begin() as conn:
+        owed = -await balance_for_update(conn, debt(user_id))
+        if owed > 0:  # a chargeback left a debt: no cash-out before it is paid
+            raise PayoutRefused("debt_outstanding", f"Your account owes {owed} nano-USD; pay it before a payout.")
         available = await balance_for_update(conn, earnings(user_id))
         if amount > available:
             raise PayoutRefused(
@@ -185,10 +191,21 @@ def _money(before: str, after: str, user_id: int, amount: int) -> list[tuple[str
     return []
 
 
-async def _move(engine: AsyncEngine, payout_id: str, before: str, after: str, **values: object) -> Payout:
-    """Move a payout from ``before`` to ``after`` with its money, in one transaction;
-    :class:`PayoutRefused` if it is not ``before`` (another step came first)."""
+async def _move(
+    engine: AsyncEngine, payout_id: str, before: str, after: str, event: tuple[str, str] | None = None, **values: object
+) -> Payout:
+    """Move a payout from ``before`` to ``after`` with its money, in one transaction (with the
+    payment provider's ``event`` recorded, if one caused it); :class:`PayoutRefused` if it is not
+    ``before`` (another step came first) or the event was applied before."""
     async with engine.begin() as conn:
+        if event is not None:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(_events), [{"id": event[0], "type": event[1][:100], "received_at": now()}]
+                    )
+            except IntegrityError:
+                raise PayoutRefused("already_applied", "This event was applied before.") from None
         row = (
             await conn.execute(
                 update(_payouts)
@@ -224,10 +241,12 @@ async def transferred(engine: AsyncEngine, payout_id: str, transfer_id: str) -> 
     return await _move(engine, payout_id, APPROVED, PAID, transfer_id=transfer_id[:255], finished_at=now())
 
 
-async def failed(engine: AsyncEngine, payout_id: str, reason: str, was: str = APPROVED) -> Payout:
-    """The transfer failed (``was`` approved) or was reversed after it was made (``was`` paid): the
-    amount goes back to the provider's earnings."""
-    return await _move(engine, payout_id, was, FAILED, failure=reason[:500], finished_at=now())
+async def failed(
+    engine: AsyncEngine, payout_id: str, reason: str, was: str = APPROVED, event: tuple[str, str] | None = None
+) -> Payout:
+    """The transfer failed (``was`` approved) or was reversed after it was made (``was`` paid, by
+    the provider's ``event``): the amount goes back to the provider's earnings."""
+    return await _move(engine, payout_id, was, FAILED, event, failure=reason[:500], finished_at=now())
 
 
 async def approved_before(engine: AsyncEngine, cutoff: datetime) -> list[str]:

@@ -70,6 +70,8 @@ async def adjust(pool: PoolState, user_id: int, amount: int, reason: str, operat
     taking more than the wallet holds (the operator sees what it holds)."""
     await pool.leases.flush(close_all=True, user_id=user_id)  # a lease's credit back in the wallet first
     async with pool.engine.begin() as conn:
+        if await conn.scalar(select(_users.c.id).where(_users.c.id == user_id)) is None:
+            raise LookupError(f"no user {user_id}")
         tx = await ledger.adjust(conn, user_id, amount, f"by {operator}: {reason}"[:200])
     log.info("credits adjusted", extra={"user": user_id, "amount_nano": amount, "operator": operator, "tx": tx})
     return tx

@@ -11,7 +11,7 @@ plain JSON. Events the pool does not act on are acknowledged and recorded.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator.core.models import User
+from coordinator.core.ratelimit import AddressLimits
 from coordinator.core.settings import Settings
 from coordinator.money import ledger, payments, payouts
 from coordinator.money.payments import DISPUTE_CLOSED, DISPUTE_OPEN, Facts
@@ -29,6 +30,7 @@ from shared.money import nano_to_usd, usd_to_nano
 log = logging.getLogger(__name__)
 
 NANO_PER_CENT = 10_000_000
+CHECKOUTS_PER_HOUR = 30  # per user
 WEBHOOK_TOLERANCE = 300  # seconds: an older signature is a replay
 
 
@@ -38,6 +40,14 @@ class PaymentsUnavailable(Exception):
 
 class BadSignature(Exception):
     """A webhook whose signature or timestamp does not check out."""
+
+
+class TooManyCheckouts(Exception):
+    """More Checkout sessions than a user needs (each is a call to the payment provider and a row)."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry in {retry_after} s")
+        self.retry_after = retry_after
 
 
 class BadAmount(ValueError):
@@ -69,6 +79,7 @@ class Payments:
     engine: AsyncEngine
     client: stripe.StripeClient | None = None
     _http: stripe.AIOHTTPClient | None = None
+    checkouts: AddressLimits = field(default_factory=lambda: AddressLimits(CHECKOUTS_PER_HOUR, 3600.0))
 
     @classmethod
     def of(cls, settings: Settings, engine: AsyncEngine) -> Payments:
@@ -126,6 +137,9 @@ class Payments:
         amount = whole_cents(amount_usd, self.settings.topup_min, self.settings.topup_max)
         email = await self._email(user_id)
         self._stripe()
+        wait = self.checkouts.take(f"user:{user_id}")
+        if wait:
+            raise TooManyCheckouts(wait)
         payment_id = payments.new_id()
         await payments.open_payment(self.engine, payment_id, user_id, amount, "checkout")
         params: Any = {
@@ -182,10 +196,9 @@ class Payments:
                 return await self._ignore(event, "not paid yet")
             payment_id = await payments.find(self.engine, session_id=obj.get("id")) or _ours(obj)
             facts = Facts(paid=_cents(obj.get("amount_total")), payment_intent=obj.get("payment_intent"))
-            outcome = await self._apply(event, payment_id, facts, obj.get("currency"))
-            if (obj.get("metadata") or {}).get("pool_save") == "1" and outcome.startswith("applied"):
-                await self._save_card(payment_id, obj)
-            return outcome
+            if (obj.get("metadata") or {}).get("pool_save") == "1" and not await payments.seen(self.engine, event.id):
+                await self._save_card(payment_id, obj)  # first: if it fails, Stripe's retry finds nothing applied
+            return await self._apply(event, payment_id, facts, obj.get("currency"))
         if kind == "payment_intent.succeeded":  # automatic top-ups (a Checkout's says what its session said)
             facts = Facts(paid=_cents(obj.get("amount_received")), payment_intent=obj.get("id"))
             return await self._apply(event, _ours(obj), facts, obj.get("currency"))
@@ -206,6 +219,8 @@ class Payments:
             facts = Facts(refunded=_cents(obj.get("amount_refunded")), payment_intent=obj.get("payment_intent"))
             return await self._apply(event, payment_id, facts, obj.get("currency"))
         if kind in ("charge.dispute.created", "charge.dispute.closed"):
+            if str(obj.get("status", "")).startswith("warning_"):  # an inquiry: no money moves
+                return await self._ignore(event, "an inquiry, not a dispute")
             payment_id = await self._by_intent(obj.get("payment_intent"))
             if kind.endswith("created"):
                 facts = Facts(dispute_stage=DISPUTE_OPEN, disputed=_cents(obj.get("amount")))
@@ -252,7 +267,15 @@ class Payments:
         the crossing, so a retry after an error cannot charge twice."""
         if not await payments.disarm(self.engine, auto.user_id, auto.fired):
             return "another process fired it"
-        payment_id = payments.new_id()
+        return await self._charge(auto, auto.fired)
+
+    async def retry_top_up(self, auto: payments.Auto) -> str:
+        """Make again the charge of a crossing that was taken but never came back (same payment,
+        same idempotency key: Stripe answers with the first charge if there was one)."""
+        return await self._charge(auto, auto.fired - 1)
+
+    async def _charge(self, auto: payments.Auto, crossing: int) -> str:
+        payment_id = payments.crossing_id(auto.user_id, crossing)
         await payments.open_payment(self.engine, payment_id, auto.user_id, auto.amount, "auto")
         params: Any = {
             "amount": auto.amount // NANO_PER_CENT,
@@ -265,15 +288,14 @@ class Payments:
         }
         try:
             await self._stripe().v1.payment_intents.create_async(
-                params, {"idempotency_key": f"pool-auto-{auto.user_id}-{auto.fired}"}
+                params, {"idempotency_key": f"pool-auto-{auto.user_id}-{crossing}"}
             )
         except stripe.CardError as exc:
             await payments.auto_failed(self.engine, auto.user_id, exc.user_message or "the card was declined")
             log.warning("automatic top-up declined", extra={"user": auto.user_id, "code": exc.code})
             return "declined"
-        except stripe.StripeError:
-            await payments.disarm_undone(self.engine, auto.user_id, auto.fired)  # retried, same key
-            log.warning("automatic top-up not made; retried", extra={"user": auto.user_id})
+        except stripe.StripeError:  # unknown whether it was made: the stalled sweep asks again, same key
+            log.warning("automatic top-up not confirmed; retried", extra={"user": auto.user_id})
             return "retried later"
         log.info("automatic top-up charged", extra={"user": auto.user_id, "payment": payment_id})
         return "charged"
@@ -297,15 +319,24 @@ class Payments:
         return _ours(remote.to_dict())
 
     async def _transfer_reversed(self, event: Event, obj: dict[str, Any]) -> str:
+        """A transfer taken back: the payout's amount returns to the provider's earnings, in the
+        same transaction as the event is recorded. A partial reversal is the operator's to settle."""
         payout_id = (obj.get("metadata") or {}).get("pool_payout")
         if not isinstance(payout_id, str):
             return await self._ignore(event, "not a payout of this pool")
-        if not await payments.record_event(self.engine, event.id, event.type):
-            return "already applied"
+        found = await payouts.get(self.engine, payout_id)
+        reversed_cents = obj.get("amount_reversed")
+        if found is not None and isinstance(reversed_cents, int) and reversed_cents * NANO_PER_CENT < found.amount:
+            log.warning("partial transfer reversal: settle it by hand", extra={"payout": payout_id, "event": event.id})
+            return await self._ignore(event, "a partial reversal")
         try:
-            await payouts.failed(self.engine, payout_id, "the transfer was reversed", was=payouts.PAID)
+            await payouts.failed(
+                self.engine, payout_id, "the transfer was reversed", was=payouts.PAID, event=(event.id, event.type)
+            )
         except payouts.PayoutRefused as exc:
-            return f"ignored: {exc.message}"
+            if exc.code == "already_applied":
+                return "already applied"
+            return await self._ignore(event, exc.message)
         return "payout returned to earnings"
 
     # --- payouts ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from coordinator.identity import users
 from coordinator.market import catalog
 from coordinator.market.placement import offer_price
-from coordinator.market.upstream import median_price
+from coordinator.market.upstream import MIN_PROVIDERS, median_price
 from coordinator.money import ledger, payments, payouts
 from coordinator.money.metering import Price
 from coordinator.services import overview
@@ -87,8 +87,9 @@ async def price_upstream(pool: PoolState) -> None:
     for slug in upstream.models:
         entry = pool.directory.entries.get(slug)
         ceiling = entry.ceiling(default) if entry is not None else default
-        live = [(a.provider_id, offer_price(a, slug)) for a in pool.registry.able(slug, settings.trust_threshold)]
-        upstream.reprice(slug, median_price(live), ceiling)
+        trusted = max(settings.trust_threshold, trust.TRUSTED)
+        live = [(a.provider_id, offer_price(a, slug)) for a in pool.registry.able(slug, trusted)]
+        upstream.reprice(slug, median_price(live, MIN_PROVIDERS), ceiling)
 
 
 async def reload_directory(pool: PoolState) -> None:
@@ -156,6 +157,9 @@ async def auto_top_up(pool: PoolState) -> None:
         await payments.rearm(pool.engine)
         for auto in await payments.due(pool.engine):
             await pool.payments.top_up_automatically(auto)
+        now = ledger.now()
+        for auto in await payments.stalled(pool.engine, now - timedelta(minutes=1), now - timedelta(hours=23)):
+            await pool.payments.retry_top_up(auto)
     except Exception:
         log.exception("automatic top-ups failed; the next sweep tries again")
 

@@ -29,6 +29,7 @@ SESSION_COOKIE = "pool_session"
 CSRF_COOKIE = "pool_csrf"
 CSRF_FIELD = "csrf"
 COOKIE_PATH = "/"  # the portal (/portal) and the operator console (/admin)
+LEGACY_PATH = "/portal"  # where sessions were kept before the console
 
 
 def csp(form_to: str = "") -> str:
@@ -127,16 +128,20 @@ def session_cookie(request: Request[Any, Any, Any], token: str, max_age: int) ->
     )
 
 
-def ended_session(request: Request[Any, Any, Any]) -> Cookie:
-    return Cookie(
-        key=SESSION_COOKIE,
-        value="",
-        path=COOKIE_PATH,
-        max_age=0,
-        httponly=True,
-        samesite="strict",
-        secure=_secure(request),
-    )
+def ended_sessions(request: Request[Any, Any, Any]) -> list[Cookie]:
+    """Cookies that end the session: on ``/``, and on ``/portal`` where earlier versions kept it."""
+    return [
+        Cookie(
+            key=SESSION_COOKIE,
+            value="",
+            path=path,
+            max_age=0,
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+        )
+        for path in (COOKIE_PATH, LEGACY_PATH)
+    ]
 
 
 async def page_user(request: Request[Any, Any, Any]) -> int | None:

@@ -325,9 +325,33 @@ async def test_one_crossing_of_the_threshold_is_fired_once_and_rearms_only_back_
     await payments.rearm(engine)
     auto = await payments.auto_of(engine, user)
     assert auto is not None and auto.armed and auto.fired == 1
-    await payments.disarm(engine, user, auto.fired)
-    await payments.disarm_undone(engine, user, auto.fired)  # the charge could not be made: the same crossing again
-    again = await payments.auto_of(engine, user)
-    assert again is not None and (again.armed, again.fired) == (True, 1)
+    assert await payments.disarm(engine, user, auto.fired)  # crossing 1 taken; its charge never came back
+    later = ledger.now() + timedelta(minutes=2)
+    [stuck] = [a for a in await payments.stalled(engine, later, later - timedelta(hours=23)) if a.user_id == user]
+    assert stuck.fired == 2  # retried as crossing 1: the same payment and idempotency key
+    await payments.open_payment(engine, payments.crossing_id(user, 1), user, 1000 * CENT, "auto")
+    await payments.apply(
+        engine, "evt_auto", "payment_intent.succeeded", payments.crossing_id(user, 1), Facts(paid=1000 * CENT)
+    )
+    assert user not in {a.user_id for a in await payments.stalled(engine, later, later - timedelta(hours=23))}
     await payments.auto_failed(engine, user, "declined")
     assert (await payments.auto_of(engine, user)).enabled is False  # type: ignore[union-attr]
+
+
+async def test_no_payout_while_a_chargeback_left_a_debt(engine: AsyncEngine) -> None:
+    """Top up by card, spend it on one's own agent, cash out, dispute the card: the dispute leaves a
+    debt, and no payout is made before it is paid."""
+    user = await matured_provider(engine, 5000 * CENT)  # earnings of its own
+    await payouts.connect_account(engine, user, "acct_d")
+    payment = await paid_in(engine, user, 1000 * CENT)
+    await spend(engine, user, await new_user(engine), 1000 * CENT, 900 * CENT)
+    await payments.apply(
+        engine, "evt_lost", "charge.dispute.closed", payment, Facts(dispute_stage=DISPUTE_CLOSED, disputed=1000 * CENT)
+    )
+    with pytest.raises(payouts.PayoutRefused) as refused:
+        await payouts.request(engine, payouts.new_id(), user, 100 * CENT, 100 * CENT)
+    assert refused.value.code == "debt_outstanding"
+    async with engine.begin() as conn:
+        await ledger.grant(conn, user, 1000 * CENT)  # paid
+    assert (await payouts.request(engine, payouts.new_id(), user, 100 * CENT, 100 * CENT)).status == payouts.REQUESTED
+    assert await ledger_problems(engine) == []

@@ -158,6 +158,10 @@ def test_refunds_in_any_order_count_once(paid: Pool) -> None:
     second = control(paid, "refund", payment_intent=intent, amount=500, hold=True)  # $8 in all
     assert deliver(paid, second["id"], first["id"], second["id"]) == [200, 200, 200]
     assert user.credits()["availableUsd"] == pytest.approx(12.0)
+    # An inquiry (a "warning" dispute) takes no money: opened and closed, it changes nothing.
+    control(paid, "dispute", payment_intent=intent, status="warning_needs_response")
+    control(paid, "dispute", payment_intent=intent, status="warning_closed", closed=True)
+    assert user.credits()["availableUsd"] == pytest.approx(12.0)
     # A dispute opened before its payment's completion is known still finds the payment.
     other = user.top_up("4", hold=True)
     dispute = control(paid, "dispute", payment_intent=other["data"]["object"]["payment_intent"], hold=True)

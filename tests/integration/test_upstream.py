@@ -126,19 +126,22 @@ def priced_by_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 def test_an_unpriced_upstream_charges_the_median_offer_one_per_provider(priced_by_pool: Pool) -> None:
     """Three providers at $0.1/$0.2, $1/$2 and $10/$20 per 1M tokens, and a fourth with three
     agents at $0.001: counted once, the swarm cannot pull the price down to its own (the median
-    of every agent would be $0.001). The fallback charges $0.1/$0.2, and keeps it once the agents
-    are gone."""
+    of every agent would be $0.001). Only trusted agents count: while they are new, the price is
+    the ceiling. Once their jobs have made them trusted, the fallback charges $0.1/$0.2, and keeps
+    it once the agents are gone."""
     pool = priced_by_pool
-    backend = pool.standin(chunks=4)
-    for name, price_in, price_out, agents in (
+    backend = pool.standin(chunks=4, interval_ms=3)  # a plausible speed: their jobs earn trust
+    agents: list[str] = []
+    for name, price_in, price_out, count in (
         ("cheap", "0.1", "0.2", 1),
         ("middle", "1", "2", 1),
         ("dear", "10", "20", 1),
         ("swarm", "0.001", "0.001", 3),
     ):
-        token, _ = pool.new_provider(name)
-        for _ in range(agents):
+        token, key = pool.new_provider(name)
+        for _ in range(count):
             pool.agent(backend, [SLUG], token=token, price_in=price_in, price_out=price_out)
+        agents.append(pool.standing(key)["connected"][0]["agentId"])
 
     def platform() -> dict[str, Any]:
         body = {"model": SLUG, "messages": MSG, "provider": {"only": ["platform"]}}
@@ -150,7 +153,12 @@ def test_an_unpriced_upstream_charges_the_median_offer_one_per_provider(priced_b
         prompt, completion, cost = _charged(platform())
         return cost == pytest.approx((prompt * 0.1 + completion * 0.2) / 1e6)
 
-    eventually(at_median, timeout=10, interval=0.3)  # repriced every second
+    prompt, completion, cost = _charged(platform())
+    assert cost == pytest.approx((prompt * 50 + completion * 200) / 1e6)  # new agents: the ceiling
+    for agent in agents:  # a dozen jobs each make a token trusted (70)
+        for _ in range(12):
+            assert pool.post({"model": SLUG, "messages": MSG, "provider": {"only": [agent]}}).status_code == 200
+    eventually(at_median, timeout=15, interval=0.5)  # trust is applied every 2 s, prices every second
     pool.stop_agents()
     eventually(lambda: agents_at(pool.url) == 0, timeout=10)
     time.sleep(1.2)  # a repricing with no agent: the last median stays

@@ -188,6 +188,10 @@ def test_the_pool_price_is_the_median_offer_counting_each_provider_once_at_its_c
     swarm = [("d", Price(1, 1))] * 5  # one provider's many agents: one offer
     assert median_price(offers + swarm) == Price(10, 20)  # lower middle of 1, 10, 100, 1000
     assert median_price([("a", Price(10, 200)), ("a", Price(50, 20))]) == Price(10, 20)  # its cheapest of each
+    assert median_price(offers + swarm, least=5) is None  # fewer providers than asked for: no price
+    costly = Upstream("http://127.0.0.1:9/v1", None, {"m": "m"}, 1.0, cost=Price(5, 50))
+    costly.reprice("m", Price(1, 100), Price(7, 800))
+    assert costly.price_for("m") == Price(5, 100)  # never under what the upstream costs
     upstream = Upstream("http://127.0.0.1:9/v1", None, {"m": "m"}, 1.0)
     upstream.reprice("m", None, Price(7, 8))  # nobody ever offered it: the ceiling
     assert upstream.price_for("m") == Price(7, 8)

@@ -109,6 +109,8 @@ async def adjust_credits(request: Request[Any, Any, Any], pool: PoolState, user_
         await console.adjust(pool, user_id, amount, reason, operator.email)
     except ledger.InsufficientCredits:
         return _back("/admin/users", "short")
+    except LookupError:
+        return _back("/admin/users", "missing")
     return _back("/admin/users", "adjusted")
 
 

@@ -13,7 +13,7 @@ from msgspec import Meta
 
 from coordinator.core.errors import PoolError
 from coordinator.money import payments, payouts
-from coordinator.services.payments import BadAmount, BadSignature, PaymentsUnavailable, whole_cents
+from coordinator.services.payments import BadAmount, BadSignature, PaymentsUnavailable, TooManyCheckouts, whole_cents
 from coordinator.services.state import PoolState
 from coordinator.services.statements import PayoutFigures, PayoutOut, payout_figures, payout_out
 from coordinator.web.guards import require_account, require_admin, require_session
@@ -90,6 +90,13 @@ async def create_checkout(request: Request[Any, Any, Any], data: CheckoutIn, poo
         raise bad_amount(exc) from None
     except PaymentsUnavailable as exc:
         raise unavailable(exc) from None
+    except TooManyCheckouts as exc:
+        raise PoolError(
+            429,
+            errors.RATE_LIMIT_EXCEEDED,
+            "Too many checkouts: finish one or try again later.",
+            headers={"retry-after": str(exc.retry_after)},
+        ) from None
     return CheckoutOut(payment_id, url)
 
 

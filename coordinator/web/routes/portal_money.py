@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from coordinator.core.models import User
 from coordinator.money import payments, payouts
-from coordinator.services.payments import BadAmount, PaymentsUnavailable, whole_cents
+from coordinator.services.payments import BadAmount, PaymentsUnavailable, TooManyCheckouts, whole_cents
 from coordinator.services.state import pool_of
 from coordinator.services.statements import credit_figures
 from coordinator.services.transactions import statement, statement_csv, transactions
@@ -109,7 +109,7 @@ async def add_credits(request: Request[Any, Any, Any]) -> Redirect:
         _, url = await pool_of(request).payments.checkout(user_id, amount, "/portal/", form.get("save") == "1")
     except BadAmount:
         return _back(HOME, "topup-amount")
-    except PaymentsUnavailable:
+    except (PaymentsUnavailable, TooManyCheckouts):
         return _back(HOME, "payments-unavailable")
     return Redirect(url, status_code=303)
 

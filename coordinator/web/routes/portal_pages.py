@@ -51,7 +51,7 @@ from coordinator.web.portal_cookies import (
     csp,
     csrf_ok,
     csrf_token,
-    ended_session,
+    ended_sessions,
     page_headers,
     page_user,
     session_cookie,
@@ -228,7 +228,7 @@ async def logout(request: Request[Any, Any, Any]) -> Redirect:
     session = signed_in(request)
     if session is not None:
         await end_session(_pool(request), session)
-    return Redirect(LOGIN, status_code=303, cookies=[ended_session(request)])
+    return Redirect(LOGIN, status_code=303, cookies=ended_sessions(request))
 
 
 # --- the consumer's pages -----------------------------------------------------------------------
