@@ -6,6 +6,7 @@ tests/unit/test_verification.py."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,9 @@ async def test_the_verifier_judges_stream_cut_and_whole_canaries(tmp_path: Path)
             _body(messages=[], model="m", stream=True, stream_options={"include_usage": True}, max_tokens=30),
         ]
         verifier.shapes = Shapes(every=1)
+        # Shapes are drawn at random (the honest agent missed the unlimited stream about 1 run in 17):
+        # a seed with which it gets one.
+        verifier.rng = random.Random(1)
         for raw in shapes:
             verifier.shapes.observe(raw)
         await verifier.run(honest, "m")  # no reference yet: waits
