@@ -77,8 +77,7 @@ class Pool:
 
     def stop(self) -> None:
         self.stop_agents()
-        for proc in self.backends:
-            proc.stop()
+        localpool.stop_all(self.backends)
         if self.coordinator is not None:
             self.coordinator.stop()
 
@@ -120,8 +119,8 @@ class Pool:
         return proc
 
     def stop_agents(self) -> None:
+        localpool.stop_all(self.agents)
         for proc in self.agents:
-            proc.stop()
             if proc.alive():
                 proc.popen.kill()
         self.agents.clear()
