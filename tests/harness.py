@@ -77,7 +77,7 @@ class Pool:
 
     def stop(self) -> None:
         self.stop_agents()
-        localpool.stop_all(self.backends)
+        localpool.stop_all(self.backends, timeout=2.0)  # a stand-in holding a hung request need not drain
         if self.coordinator is not None:
             self.coordinator.stop()
 
