@@ -147,16 +147,20 @@ async def _dribble(writer: asyncio.StreamWriter, piece: bytes) -> None:
 
 async def slow_client(port: int, start: bytes, piece: bytes, first: bytes = b"") -> tuple[float, bool]:
     """Open a connection, send ``first`` (a whole request, answered), then ``start`` and ``piece``
-    after ``piece`` forever; return how long the server took, from ``start``, to close it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    after ``piece`` forever; return how long the server took, from ``start``, to close it.
+
+    Without ``first`` the clock starts before connecting: the server's starts when it accepts, and
+    among fifty clients this one may resume from its connect a few tenths of a second later."""
     loop = asyncio.get_running_loop()
+    began = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         if first:
             writer.write(first)
             await writer.drain()
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
             await reader.read(65536)  # the answer's body
-        began = loop.time()
+            began = loop.time()
         writer.write(start)
         dribbler = asyncio.create_task(_dribble(writer, piece)) if piece else None
         closed = await _closed(reader, 15)
