@@ -230,6 +230,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        proxy_headers=True,  # the client's address from a load balancer's X-Forwarded-For, for per-address limits
+        forwarded_allow_ips=settings.trusted_proxies,
     )
     DrainingServer(config, app.state.pool).run()
 

@@ -27,9 +27,11 @@ from coordinator.core.cluster import Cluster
 from coordinator.core.errors import PoolError, error_response
 from coordinator.core.ratelimit import AddressLimits, FailureLimits, KeyLimits, PoolFailureLimits, PoolKeyLimits
 from coordinator.core.settings import Settings
+from coordinator.core.viewcache import ViewCache
 from coordinator.identity import auth
 from coordinator.identity.formtokens import FormTokens
 from coordinator.identity.portal_tokens import Passwords, SessionTokens
+from coordinator.identity.providers import ProviderBook
 from coordinator.market import catalog
 from coordinator.market.mirror import Mirror
 from coordinator.market.registry import Registry
@@ -48,6 +50,7 @@ from coordinator.serving.relay import Relay
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
 from coordinator.status.metrics import Gauges, Metrics
+from coordinator.status.offerlog import OfferLog
 from coordinator.status.stats import RequestStats
 from coordinator.trust import canaries
 from coordinator.trust.references import ReferenceBook
@@ -55,11 +58,12 @@ from coordinator.trust.scores import TrustBook
 from coordinator.web.routes.account import account_router
 from coordinator.web.routes.admin import grant_credits
 from coordinator.web.routes.agent_ws import agent_connect
+from coordinator.web.routes.board import profile_router, public_router
 from coordinator.web.routes.chat import create_chat_completion
 from coordinator.web.routes.console import console_pages
 from coordinator.web.routes.directory import list_models, pool_status
 from coordinator.web.routes.ops import healthz, prometheus_metrics, readyz
-from coordinator.web.routes.pages import root, status_live, status_page
+from coordinator.web.routes.pages import model_page, provider_page, root, status_live, status_page
 from coordinator.web.routes.payments import payments_router
 from coordinator.web.routes.policies import policy_router
 from coordinator.web.routes.portal import agent_tokens_router, login, logout, signup, tokens_router
@@ -286,6 +290,7 @@ def build_state(settings: Settings) -> PoolState:
         prompts=canaries.Prompts(operator=canaries.read_prompts(settings.canary_prompts_file)),
         default_output_tokens=settings.default_output_tokens,
     )
+    views = ViewCache(settings.public_cache_seconds)
     metrics = Metrics(
         Gauges(
             agents=lambda: len(registry.local()),
@@ -297,6 +302,7 @@ def build_state(settings: Settings) -> PoolState:
             redis_dropped=lambda: cluster.dropped,
             agents_elsewhere=lambda: len(registry) - len(registry.local()),
             jobs_relayed=lambda: relay.relayed if relay is not None else 0,
+            views_computed=lambda: views.computations,
         )
     )
     metrics.watch(engine)
@@ -331,6 +337,16 @@ def build_state(settings: Settings) -> PoolState:
         replica=replica,
         mirror=mirror,
         relay=relay,
+        providers=ProviderBook(),
+        offer_log=OfferLog(
+            engine,
+            leases.instance_id,
+            retention_days=settings.price_history_days,
+            lease_seconds=settings.instance_lease_seconds,
+        ),
+        views=views,
+        public_limits=AddressLimits(settings.public_rpm, 60.0),
+        public_key_limits=AddressLimits(settings.public_rpm_keyed, 60.0),
     )
 
 
@@ -351,6 +367,7 @@ def create_app(settings: Settings) -> Litestar:
                 extra={"prices_nano_per_token": {s: [p.input, p.output] for s, p in pool.upstream.pool_prices.items()}},
             )
         await pool.verifier.refresh()
+        await pool.providers.refresh(pool.engine)
         pool.cluster.on_push(lambda push: revocation.on_push(pool, push))
         pool.cluster.on_push(pool.auth_failures.on_push)
         pool.cluster.on_push(lambda push: apply_verdict(pool.clawback, push))
@@ -375,6 +392,9 @@ def create_app(settings: Settings) -> Litestar:
             await pool.budgets.flush(everything=True)
             await pool.trust.close()
             await periodic.keep_history(pool)
+            for agent in pool.registry.local():  # their offers end with this process
+                pool.offer_log.ended(agent)
+            await periodic.write_offers(pool)
             await pool.requests.close()
             await pool.upstream.aclose()
             await pool.payments.close()
@@ -401,11 +421,15 @@ def create_app(settings: Settings) -> Litestar:
             agent_tokens_router,
             account_router,
             payments_router,
+            public_router,
+            profile_router,
             grant_credits,
             provider_agents,
             root,
             status_page,
             status_live,
+            model_page,
+            provider_page,
             portal_pages,
             portal_money,
             console_pages,

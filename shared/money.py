@@ -31,6 +31,22 @@ def nano_per_token_to_usd_per_million(nano: int) -> float:
     return float(Decimal(nano) * TOKENS_PER_PRICE_UNIT / NANO_PER_USD)
 
 
+# A blended price weighs input and output tokens 3:1, a common mix for chat (long prompts, shorter
+# replies): (3 * input + output) / 4. Kept in "blend units" (3 * input + output, nano-USD per 4
+# tokens) where it must stay exact.
+BLEND_INPUT, BLEND_OUTPUT = 3, 1
+
+
+def blend_units(price_in: int, price_out: int) -> int:
+    """3 * input + output, in nano-USD per token: four times the blended price, exactly."""
+    return BLEND_INPUT * price_in + BLEND_OUTPUT * price_out
+
+
+def blended_usd_per_million(units: int) -> float:
+    """A blended price (from :func:`blend_units`) in USD per 1M tokens."""
+    return float(Decimal(units) * TOKENS_PER_PRICE_UNIT / (NANO_PER_USD * (BLEND_INPUT + BLEND_OUTPUT)))
+
+
 def nano_to_usd(nano: int) -> float:
     """Nano-USD as dollars, for the API's ``…Usd`` fields (exact sums are in the ``…Nano`` fields)."""
     return nano / NANO_PER_USD

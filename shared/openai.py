@@ -105,7 +105,8 @@ class MaxPrice(msgspec.Struct, forbid_unknown_fields=True):
 
 class ProviderPreferences(msgspec.Struct, forbid_unknown_fields=True):
     """The request's ``provider`` object: how to route it, with OpenRouter's names. Providers are
-    named by agent id (``agt_…``), provider id (``x_pool.provider``) or ``"platform"`` (the upstream)."""
+    named by slug (``/v1/providers``; a provider's old slugs still name it), agent id (``agt_…``),
+    provider id (``x_pool.provider``) or ``"platform"`` (the upstream)."""
 
     sort: Literal["price", "latency", "throughput"] | None = None
     max_price: MaxPrice | None = None

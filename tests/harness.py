@@ -42,6 +42,11 @@ class Pool:
             "canary_interval_seconds": "0",
             # Tests sign many users up from 127.0.0.1; tests/integration/test_identity.py checks the limit.
             "signups_per_hour": "10000",
+            # Tests poll the public routes from 127.0.0.1; tests/integration/test_price_board.py checks the limits.
+            "public_rpm": "100000",
+            "public_rpm_keyed": "100000",
+            # … and read them right after a change: views cached 50 ms (test_price_board.py checks the cache)
+            "public_cache_seconds": "0.05",
             # A stopped coordinator drains (SIGTERM): requests a test left open get 5 s, not 30.
             "drain_timeout": "5",
             **settings,

@@ -418,3 +418,54 @@ class CanaryReference(Base):
     text: Mapped[str] = mapped_column(Text)
     complete: Mapped[bool] = mapped_column(Boolean)  # the model ended it (else a token limit cut it)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ProviderProfile(Base):
+    """A provider's public face: its current slug, display name (unique ignoring case and spacing:
+    ``name_key``), optional website and description, and when it first offered a model."""
+
+    __tablename__ = "provider_profiles"
+
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(40), unique=True)
+    name: Mapped[str] = mapped_column(String(60))
+    name_key: Mapped[str] = mapped_column(String(60), unique=True)
+    website: Mapped[str | None] = mapped_column(String(200), default=None)
+    description: Mapped[str | None] = mapped_column(String(500), default=None)
+    joined_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class ProviderSlug(Base):
+    """Every slug a provider has had: an old slug still names it and is never given to another."""
+
+    __tablename__ = "provider_slugs"
+
+    slug: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer, ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class OfferSpan(Base):
+    """One agent offering one model at one price, from its announcement to its leaving (``ended_at``
+    open while it stays). The replica holding the agent renews ``seen_at``; a span whose replica
+    died is ended at its last ``seen_at`` by another's sweep. Price history and uptime read these."""
+
+    __tablename__ = "offer_spans"
+    __table_args__ = (
+        Index("ix_offer_spans_model_started", "model", "started_at"),
+        Index("ix_offer_spans_user_started", "user_id", "started_at"),
+        Index("ix_offer_spans_open", "instance_id", "ended_at"),
+    )
+
+    agent_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    instance_id: Mapped[str] = mapped_column(String(40))
+    quantization: Mapped[str] = mapped_column(String(40))
+    price_in: Mapped[int] = mapped_column(BigInteger)  # nano-USD per token
+    price_out: Mapped[int] = mapped_column(BigInteger)
+    context_window: Mapped[int | None] = mapped_column(Integer, default=None)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())

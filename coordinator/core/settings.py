@@ -113,6 +113,13 @@ class Settings:
     payout_minimum: int = 25_000_000_000  # nano-USD (POOL_PAYOUT_MINIMUM_USD)
     escrow_sweep_seconds: float = 60.0  # how often matured earnings leave escrow
     auto_topup_seconds: float = 5.0  # how often balances are compared with automatic top-up thresholds
+    # the open price board and the public endpoints
+    price_history_days: float = 90.0  # offer spans that ended longer ago are pruned (open ones stay)
+    public_cache_seconds: float = 2.0  # a public view is recomputed at most once per this, however many ask
+    public_rpm: int = 120  # requests per minute per client address to the unauthenticated routes
+    public_rpm_keyed: int = 1200  # … per consumer key, for a request that brings one
+    provider_refresh_seconds: float = 5.0  # how often a process reads providers' profiles changed elsewhere
+    trusted_proxies: str = "127.0.0.1"  # addresses whose X-Forwarded-For names the client (a load balancer); "*": any
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -332,4 +339,10 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "payout_minimum": lambda raw: usd_to_nano(raw, 1_000_000),
     "escrow_sweep_seconds": _positive_float,
     "auto_topup_seconds": _positive_float,
+    "price_history_days": _positive_float,
+    "public_cache_seconds": _positive_float,
+    "public_rpm": _positive_int,
+    "public_rpm_keyed": _positive_int,
+    "provider_refresh_seconds": _positive_float,
+    "trusted_proxies": str,
 }

@@ -57,6 +57,7 @@ class Card(msgspec.Struct, array_like=True):
     concurrency_cap: int | None
     performance: dict[str, tuple[float | None, float | None]]  # slug -> (ttft ms, tokens/s)
     version: int  # the publishing replica's counter: an older card never overwrites a newer one
+    since: float = 0.0  # when the agent connected (unix seconds): the price board's ``updated_at``
 
 
 class Update(msgspec.Struct, array_like=True):
@@ -110,6 +111,7 @@ def card_of(agent: ConnectedAgent, version: int) -> Card:
         concurrency_cap=agent.concurrency_cap,
         performance={slug: (p.ttft_ms, p.tokens_per_s) for slug, p in agent.performance.items()},
         version=version,
+        since=agent.since,
     )
 
 
@@ -327,6 +329,7 @@ class Mirror:
                 link=self._link(replica, card.agent_id),
                 last_seen=time.monotonic(),
                 replica=replica,
+                since=card.since,
             )
             self.registry.add(agent)  # first: it may join a TokenShare its copy then updates
         place, agent.watcher = agent.watcher, None  # move it in the indexes once, not per field

@@ -58,7 +58,9 @@ class Routing:
     quantizations: frozenset[str] | None = None
 
     @classmethod
-    def of(cls, prefs: ProviderPreferences | None) -> Routing:
+    def of(cls, prefs: ProviderPreferences | None, resolve: Callable[[str], str] = str) -> Routing:
+        """The pool's terms for a request's ``provider`` object; ``resolve`` turns a provider's slug
+        into its id (other names, ids and ``platform`` pass unchanged)."""
         if prefs is None:
             return cls()
         max_price = None
@@ -68,9 +70,9 @@ class Routing:
             sort=prefs.sort,
             max_price=max_price,
             min_trust=prefs.min_trust or 0.0,
-            order=tuple(str(name) for name in prefs.order or ()),
-            only=None if prefs.only is None else frozenset(str(name) for name in prefs.only),
-            ignore=frozenset(str(name) for name in prefs.ignore or ()),
+            order=tuple(resolve(str(name)) for name in prefs.order or ()),
+            only=None if prefs.only is None else frozenset(resolve(str(name)) for name in prefs.only),
+            ignore=frozenset(resolve(str(name)) for name in prefs.ignore or ()),
             allow_fallbacks=prefs.allow_fallbacks,
             quantizations=(
                 None if prefs.quantizations is None else frozenset(quantization_label(q) for q in prefs.quantizations)

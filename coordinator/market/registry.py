@@ -117,6 +117,7 @@ class ConnectedAgent:
     seq: int = 0  # the order it was registered in (the registry's)
     watcher: Watcher | None = None  # the registry, while registered
     replica: str | None = None  # the replica it is connected to, when that is another one (a mirror copy)
+    since: float = 0.0  # when it connected (unix seconds): its prices were set then
 
     def __setattr__(self, name: str, value: object) -> None:
         old = self.__dict__.get(name, value)

@@ -46,7 +46,7 @@ from coordinator.trust import audit
 from coordinator.trust import scores as trust
 from shared import errors
 from shared.backend import Done, Failure
-from shared.money import format_usd, nano_to_usd
+from shared.money import format_usd, nano_per_token_to_usd_per_million, nano_to_usd
 from shared.openai import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,19 @@ DLP_INLINE_BYTES = 64 * 1024  # bodies up to this size are scanned on the event 
 
 class Refusal(PoolError):
     """The request is answered with an error instead of output; its outcome is already recorded."""
+
+
+class PricePerMillion(msgspec.Struct):
+    input: float
+    output: float
+
+
+def routed_by(routing: Routing) -> str:
+    """What the request's routing optimised: its ``order``, its ``sort``, or the balance of price,
+    speed, trust and load that placement weighs by default."""
+    if routing.order:
+        return "order"
+    return routing.sort or "balanced"
 
 
 class XPool(msgspec.Struct, omit_defaults=True):
@@ -77,6 +90,10 @@ class XPool(msgspec.Struct, omit_defaults=True):
     auto: AutoChoice | None = None  # ``model: "auto"``: which model the pool chose, why, among which
     replica: str | None = None  # with replicas: the coordinator that served the consumer
     agent_replica: str | None = None  # … and the one the agent is connected to
+    provider_slug: str | None = None  # the provider's public slug (``platform`` for the upstream)
+    provider_name: str | None = None
+    price_per_1m: PricePerMillion | None = None  # what the request was charged at, USD per 1M tokens
+    routed_by: str | None = None  # what routing optimised: price, latency, throughput, balanced or order
 
 
 @dataclass(frozen=True)
@@ -410,6 +427,8 @@ class Call:
         if agent is not None and job is not None:
             pool.clawback.served(agent.token_id, agent.agent_id, job.slug, record)  # until vouched for
         route = self.route
+        profile = self.pool.providers.get(agent.user_id) if agent is not None else None
+        price = self._price(job)
         return XPool(
             request_id=record.id,
             provider=record.provider_user_id if record.provider_user_id is not None else "platform",
@@ -426,7 +445,23 @@ class Call:
             auto=self.auto,
             replica=pool.replica,
             agent_replica=(agent.replica or pool.replica) if agent is not None else None,
+            provider_slug=(profile.slug if profile else f"provider-{agent.user_id}")
+            if agent is not None
+            else "platform",
+            provider_name=(profile.name if profile else f"Provider {agent.user_id}")
+            if agent is not None
+            else "Platform",
+            price_per_1m=PricePerMillion(
+                nano_per_token_to_usd_per_million(price.input), nano_per_token_to_usd_per_million(price.output)
+            ),
+            routed_by=routed_by(self.routing),
         )
+
+    def _price(self, job: Job | None) -> Price:
+        """The price the request is charged at: its agent's offer, or the upstream's for the model."""
+        agent = job.agent if job is not None else None
+        model = self.record.model
+        return offer_price(agent, model) if agent is not None else self.pool.upstream.price_for(model)
 
     def _conclude(self, ending: Ending) -> Outcome:
         job, reader = ending.job, self.reader
@@ -443,7 +478,7 @@ class Call:
             self.meter,
             stream=self.record.stream,
             audited=audited,
-            price=offer_price(agent, self.record.model) if agent is not None else upstream.price_for(self.record.model),
+            price=self._price(job),
             held=self.reservation.amount if self.reservation is not None else None,
             upstream_cost=upstream.cost if job is not None and agent is None else None,
         )
@@ -473,7 +508,7 @@ async def admit(
     whether anyone can serve. The admitted :class:`Call`, or :class:`Refusal`."""
     models = data.models
     record.model, record.stream = models[0], data.stream
-    routing = Routing.of(data.provider)
+    routing = Routing.of(data.provider, pool.providers.resolve)
     call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), routing, placement.NO_OFFERS, {})
     policy = principal.policy
     if policy is not None:
@@ -572,7 +607,7 @@ async def admit(
 
 def _auto(pool: PoolState, policy: KeyPolicy | None, data: ChatCompletionRequest, raw: bytes) -> AutoChoice:
     """The model ``auto`` means for this request (:mod:`coordinator.market.auto`), under the key's policy."""
-    routing = Routing.of(data.provider)
+    routing = Routing.of(data.provider, pool.providers.resolve)
     if policy is not None:
         routing = _under_policy(pool, routing, policy)
     fmt = data.response_format

@@ -11,7 +11,7 @@ from coordinator.market.auto import AUTO
 from coordinator.services.state import PoolState
 from coordinator.status.history import MINUTE, StatusPoint
 from coordinator.status.stats import Window, merged, window_bytes
-from shared.money import nano_per_token_to_usd_per_million
+from shared.money import blend_units, blended_usd_per_million, nano_per_token_to_usd_per_million
 
 # ``created`` in the OpenAI model shape: when the model was made. The pool does not know, and a
 # process start time would differ between coordinators, so it is 0 (unknown) for every model.
@@ -27,13 +27,15 @@ class ModelEntry(msgspec.Struct):
     slug: str
     displayName: str
     family: str
-    parameterCount: int | None
+    parameterCount: str | None  # the spec's label: "135M", "7B", "1.5B"
+    parameterCountExact: int | None  # … and the exact count
     contextWindow: int | None
     useCases: list[str]
     quantizations: list[str]
     aliases: list[str]
     providerCount: int
-    minPricePer1mTokensUsd: float | None
+    minPricePer1mTokensUsd: float | None  # input + output per 1M tokens, the cheapest offer by that sum
+    minBlendedPricePer1mTokensUsd: float | None  # (3 * input + output) / 4 per 1M tokens, the cheapest offer
     avgTrustScore: float | None
     fallbackAvailable: bool
 
@@ -77,6 +79,17 @@ class PoolStatus(msgspec.Struct, omit_defaults=True):
     history: PoolHistory | None = None
 
 
+def parameter_label(count: int | None) -> str | None:
+    """A parameter count as the spec labels it: ``135M``, ``7B``, ``1.5B``, ``270M``."""
+    if count is None:
+        return None
+    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= size:
+            value = f"{count / size:.1f}".removesuffix(".0")
+            return f"{value}{suffix}"
+    return str(count)
+
+
 def _available(pool: PoolState) -> list[str]:
     return sorted(pool.registry.slugs() | set(pool.upstream.models))
 
@@ -88,6 +101,7 @@ def model_list(pool: PoolState) -> ModelList:
         agents = pool.registry.able(slug, pool.settings.trust_threshold)  # who can serve: what consumers get
         info = pool.directory.get(slug)
         prices = [a.models[slug].price_in + a.models[slug].price_out for a in agents]
+        blended = [blend_units(a.models[slug].price_in, a.models[slug].price_out) for a in agents]
         windows = [w for a in agents if (w := a.models[slug].context_window) is not None]
         entries.append(
             ModelEntry(
@@ -98,13 +112,15 @@ def model_list(pool: PoolState) -> ModelList:
                 slug=slug,
                 displayName=info.display_name if info else slug,
                 family=info.family if info else slug.split("-")[0],
-                parameterCount=info.parameter_count if info else None,
+                parameterCount=parameter_label(info.parameter_count) if info else None,
+                parameterCountExact=info.parameter_count if info else None,
                 contextWindow=(info.context_window if info else None) or (min(windows) if windows else None),
                 useCases=list(info.use_cases) if info else [],
                 quantizations=list(info.quantizations) if info else [],
                 aliases=list(info.aliases) if info else [],
                 providerCount=len({a.user_id for a in agents}),
                 minPricePer1mTokensUsd=nano_per_token_to_usd_per_million(min(prices)) if prices else None,
+                minBlendedPricePer1mTokensUsd=blended_usd_per_million(min(blended)) if blended else None,
                 avgTrustScore=round(sum(a.trust for a in agents) / len(agents), 1) if agents else None,
                 fallbackAvailable=pool.upstream.serves(slug),
             )
@@ -112,6 +128,9 @@ def model_list(pool: PoolState) -> ModelList:
     if entries:  # ``auto``: the pool picks, per request, the cheapest of these that fits
         providers = {a.user_id for a in pool.registry.able_any(pool.settings.trust_threshold)}
         floors = [e.minPricePer1mTokensUsd for e in entries if e.minPricePer1mTokensUsd is not None]
+        blended_floors = [
+            e.minBlendedPricePer1mTokensUsd for e in entries if e.minBlendedPricePer1mTokensUsd is not None
+        ]
         entries.insert(
             0,
             ModelEntry(
@@ -123,12 +142,14 @@ def model_list(pool: PoolState) -> ModelList:
                 displayName="Auto: the cheapest model that fits the request",
                 family=AUTO,
                 parameterCount=None,
+                parameterCountExact=None,
                 contextWindow=max((e.contextWindow or 0 for e in entries), default=None) or None,
                 useCases=sorted({use for e in entries for use in e.useCases}),
                 quantizations=[],
                 aliases=[],
                 providerCount=len(providers),
                 minPricePer1mTokensUsd=min(floors) if floors else None,
+                minBlendedPricePer1mTokensUsd=min(blended_floors) if blended_floors else None,
                 avgTrustScore=None,
                 fallbackAvailable=any(e.fallbackAvailable for e in entries),
             ),

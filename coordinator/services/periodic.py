@@ -174,6 +174,30 @@ async def retry_transfers(pool: PoolState) -> None:
             continue
 
 
+async def write_offers(pool: PoolState) -> None:
+    """Write the offers' spans that opened and ended since the last call."""
+    try:
+        await pool.offer_log.flush()
+    except Exception:
+        log.exception("writing offer spans failed; they stay queued")
+
+
+async def sweep_offers(pool: PoolState) -> None:
+    """Renew this process's open offer spans, end dead processes' and prune old ones."""
+    try:
+        await pool.offer_log.sweep()
+    except Exception:
+        log.exception("the offer span sweep failed; the next one tries again")
+
+
+async def refresh_providers(pool: PoolState) -> None:
+    """Read the provider profiles other processes changed."""
+    try:
+        await pool.providers.refresh(pool.engine)
+    except Exception:
+        log.exception("reading provider profiles failed; the next refresh tries again")
+
+
 def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched = AsyncIOScheduler()
     settings = pool.settings
@@ -196,6 +220,9 @@ def scheduler(pool: PoolState) -> AsyncIOScheduler:
     sched.add_job(reload_directory, "interval", seconds=settings.directory_reload_seconds, **once)
     sched.add_job(reload_references, "interval", seconds=settings.directory_reload_seconds, **once)
     sched.add_job(price_upstream, "interval", seconds=1.0, **once)
+    sched.add_job(write_offers, "interval", seconds=1.0, **once)
+    sched.add_job(sweep_offers, "interval", seconds=sweep, **once)
+    sched.add_job(refresh_providers, "interval", seconds=settings.provider_refresh_seconds, **once)
     sched.add_job(mature_earnings, "interval", seconds=settings.escrow_sweep_seconds, **once)
     if pool.payments.enabled:
         sched.add_job(retry_transfers, "interval", seconds=60.0, **once)

@@ -32,6 +32,8 @@ def remove_agent(
     if evidence is not None:
         pool.trust.witness(agent, evidence, reason)
     pool.dispatcher.agent_lost(agent, reason)
+    if agent.local:
+        pool.offer_log.ended(agent)
     if not pool.registry.of_token(agent.token_id, local=True):  # another replica's copy keeps no standing here
         pool.trust.forget(agent.token_id)
     if close_code is not None:

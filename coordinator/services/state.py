@@ -12,9 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from coordinator.core.cluster import Cluster
 from coordinator.core.ratelimit import AddressLimits, PoolFailureLimits, PoolKeyLimits
 from coordinator.core.settings import Settings
+from coordinator.core.viewcache import ViewCache
 from coordinator.identity.auth import SecretCache
 from coordinator.identity.formtokens import FormTokens
 from coordinator.identity.portal_tokens import Passwords, SessionTokens
+from coordinator.identity.providers import ProviderBook
 from coordinator.market.catalog import Directory
 from coordinator.market.mirror import Mirror
 from coordinator.market.registry import Registry
@@ -29,6 +31,7 @@ from coordinator.serving.relay import Relay
 from coordinator.serving.verify import Verifier
 from coordinator.status.history import History
 from coordinator.status.metrics import Metrics
+from coordinator.status.offerlog import OfferLog
 from coordinator.status.stats import RequestStats, Window
 from coordinator.trust.scores import TrustBook
 
@@ -62,6 +65,11 @@ class PoolState:
     cluster: Cluster  # what replicas share through Redis (nothing without POOL_REDIS_URL)
     payments: Payments  # the payment provider: top-ups in, payouts out (off without POOL_STRIPE_SECRET_KEY)
     schema_head: str | None  # the newest migration this code ships (``/readyz`` compares)
+    providers: ProviderBook  # providers' public profiles and slugs, read from the database every few seconds
+    offer_log: OfferLog  # offers' spans: price history and uptime
+    views: ViewCache  # the public views, recomputed at most once per interval
+    public_limits: AddressLimits  # the public routes, per client address
+    public_key_limits: AddressLimits  # … per consumer key, for requests that bring one
     replica: str | None = None  # this replica's name (``None``: no replicas, no Redis)
     mirror: Mirror | None = None  # the other replicas' agents in the registry, ours published
     relay: Relay | None = None  # jobs between replicas

@@ -11,7 +11,7 @@ pool does not know (a 404) counts as ``other``, and so does every model past the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
@@ -42,6 +42,7 @@ class Gauges:
     redis_dropped: Callable[[], int] = lambda: 0  # messages to other replicas that never went out
     agents_elsewhere: Callable[[], int] = lambda: 0  # other replicas' agents in this one's mirror
     jobs_relayed: Callable[[], int] = lambda: 0  # jobs this process runs for other replicas' consumers
+    views_computed: Callable[[], Mapping[str, int]] = dict  # public views recomputed, by view
 
 
 class _StateCollector(Collector):
@@ -71,6 +72,12 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "pool_jobs_relayed", "Jobs this process runs on its agents for other replicas' consumers.", g.jobs_relayed()
         )
+        views = CounterMetricFamily(
+            "pool_public_views_computed", "Public views (status, prices, pages …) computed, by view.", labels=["view"]
+        )
+        for view, count in sorted(g.views_computed().items()):
+            views.add_metric([view], count)
+        yield views
 
 
 class Metrics:

@@ -65,9 +65,11 @@ def timeline(
     start: float,
     end: float,
     fmt: Callable[[float], str],
+    step: float = 60.0,
 ) -> Chart:
     """A line over time from ``(t, value)`` points between ``start`` and ``end`` (unix seconds);
-    consecutive minutes join, a gap or a missing value breaks the line."""
+    consecutive points (``step`` apart: minutes, or a price history's candles) join, a gap or a
+    missing value breaks the line."""
     values = [v for _, v in points if v is not None]
     top = _top(values)
     span = max(end - start, 1.0)
@@ -77,7 +79,7 @@ def timeline(
         if value is None:
             previous = None
             continue
-        if previous is None or t - previous > 60:
+        if previous is None or t - previous > step:
             runs.append([])
         runs[-1].append((f"{(t - start) / span * WIDTH:.1f}", f"{HEIGHT - value / top * HEIGHT:.1f}"))
         previous = t

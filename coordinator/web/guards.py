@@ -16,7 +16,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from coordinator.core.errors import PoolError, invalid_api_key
+from coordinator.core.errors import PoolError, invalid_api_key, too_many
 from coordinator.identity import keys
 from coordinator.money.requestlog import RequestRecord
 from coordinator.services.signin import check_not_blocked, portal_session
@@ -106,3 +106,26 @@ async def require_admin(connection: Connection, _: BaseRouteHandler) -> None:
     if not hmac.compare_digest(_bearer(connection).encode(), expected.encode()):
         pool.auth_failures.failed(client)
         raise PoolError(401, errors.INVALID_API_KEY, "Invalid admin token.")
+
+
+async def limit_public(connection: Connection, _: BaseRouteHandler) -> None:
+    """The unauthenticated routes, per client address (``POOL_PUBLIC_RPM``); a request that brings a
+    valid consumer key counts against the key instead, at the higher ``POOL_PUBLIC_RPM_KEYED``. An
+    invalid key is not an authentication failure here: the route needs none."""
+    pool = _pool(connection)
+    token = _bearer(connection)
+    if token.startswith(keys.CONSUMER_PREFIX):
+        principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
+        if principal is not None:
+            wait = pool.public_key_limits.take(f"key:{principal.credential_id}")
+            if wait:
+                raise PoolError(
+                    429,
+                    errors.RATE_LIMIT_EXCEEDED,
+                    f"Too many requests to the public routes with this key. Retry in {wait} s.",
+                    headers={"retry-after": str(wait)},
+                )
+            return
+    wait = pool.public_limits.take(client_address(connection))
+    if wait:
+        raise too_many("requests", wait)

@@ -25,7 +25,12 @@ def pct(value: float | None) -> str:
 
 
 def usd_per_m(value: float | None) -> str:
-    return DASH if value is None else f"${value:,.2f}"
+    """A price per 1M tokens: cents, or up to four places when finer (``$0.125``)."""
+    if value is None:
+        return DASH
+    text = f"{value:,.4f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
 
 
 def score(value: float | None) -> str:

@@ -54,6 +54,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, own_database: str, prefix:
         drain_timeout="20",
         instance_lease_seconds="2",  # a killed replica's credit leases are released after 2 s
         hold_sweep_interval="0.5",
+        public_rpm="100000",  # the tests poll the public routes, all from 127.0.0.1
     )
     agents: list[localpool.Proc] = []
     try:

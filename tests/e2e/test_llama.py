@@ -47,6 +47,27 @@ def test_two_agents_share_concurrent_real_load(pool: Pool, llama: str) -> None:
     assert len({r["x_pool"]["agent"] for r in replies}) == 2  # type: ignore[index]
 
 
+def test_a_provider_is_chosen_by_its_slug_and_the_reply_says_at_what_price(pool: Pool, llama: str) -> None:
+    pool.agent(llama, ["smollm2-135m"], price_in="0.25", price_out="0.5")
+    providers = httpx.get(f"{pool.url}/v1/providers", timeout=10).json()["data"]
+    (serving,) = [p for p in providers if p["models"] == ["smollm2-135m"] and p["status"] == "live"]
+    (offer,) = httpx.get(f"{pool.url}/v1/prices", params={"provider": serving["slug"]}, timeout=10).json()["data"]
+    assert (offer["input_per_1m"], offer["output_per_1m"], offer["blended_per_1m"]) == (0.25, 0.5, 0.3125)
+    reply = pool.client().chat.completions.create(
+        model="smollm2-135m",
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=8,
+        extra_body={"provider": {"only": [serving["slug"]], "sort": "latency"}},
+    )
+    assert reply.choices[0].message.content
+    x_pool = (reply.model_extra or {})["x_pool"]
+    assert (x_pool["provider_slug"], x_pool["provider_name"]) == (serving["slug"], serving["name"])
+    assert x_pool["price_per_1m"] == {"input": 0.25, "output": 0.5} and x_pool["routed_by"] == "latency"
+    assert reply.usage is not None
+    expected = (reply.usage.prompt_tokens * 0.25 + reply.usage.completion_tokens * 0.5) / 1_000_000
+    assert abs(x_pool["cost_usd"] - expected) < 1e-9  # charged at the prices it says
+
+
 def test_killed_agent_before_first_chunk_still_replies(pool: Pool, llama: str) -> None:
     hanging = pool.standin(mode="hang")
     stuck = pool.agent(hanging, ["smollm2-135m"], price_in="0.01", price_out="0.01")  # cheaper: the first choice

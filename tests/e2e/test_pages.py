@@ -42,7 +42,7 @@ def browser() -> Iterator[Browser]:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     """A pool with one agent for the whole module (named apart from ``pool``, whose agents the
     conftest stops after every test)."""
-    harness = Pool(tmp_path_factory.mktemp("pages"), status_flush_seconds="0.3")
+    harness = Pool(tmp_path_factory.mktemp("pages"), status_flush_seconds="0.3", public_cache_seconds="0.5")
     harness.start()
     try:
         harness.agent(harness.standin(chunks=3), ["smollm2-135m"], price_in="0.5", price_out="1.5")
@@ -102,7 +102,8 @@ def test_status_page_shows_the_numbers_of_the_api_and_updates_live(site: Pool, b
     assert f'data-metric="requestsLastHour">{hour}<' in first_paint.text  # the same numbers without script
     listed = {m["id"]: m for m in httpx.get(f"{pool.url}/v1/models", timeout=10).json()["data"]}["smollm2-135m"]
     row = page.locator('tr[data-model="smollm2-135m"]').inner_text()
-    assert "SmolLM2 135M Instruct" in row and f"${listed['minPricePer1mTokensUsd']:,.2f}" in row
+    assert listed["minBlendedPricePer1mTokensUsd"] == 0.75  # (3 * 0.5 + 1.5) / 4, the figure the page shows
+    assert "SmolLM2 135M Instruct" in row and "$0.75" in row
     assert f"\t{listed['avgTrustScore']:.0f}\t" in row
     assert page.locator("figure.chart").count() == 4
     for caption in ("Active providers", "Requests per minute", "p95 latency (ms)", "Fallback rate (%)"):
@@ -270,6 +271,51 @@ def test_a_provider_sees_its_agent_and_what_it_earned(site: Pool, browser: Brows
         expect(page.locator("#evidence tbody")).to_contain_text("completed")
         expect(page.locator("#tokens tbody tr", has_text="gpu-box")).to_contain_text("gets traffic")
         shoot(page, "provider")
+    finally:
+        agent.stop()
+        page.close()
+
+
+def test_a_provider_names_itself_and_the_price_board_shows_it(site: Pool, browser: Browser) -> None:
+    pool = site
+    page = sign_up(browser, pool, "board@example.com")
+    page.get_by_role("link", name="Provider", exact=True).click()
+    token = create(page, "Create agent token", "board-box")
+    agent = pool.agent(pool.standin(chunks=3), ["smollm2-135m"], token=token, price_in="0.1", price_out="0.2")
+    try:
+        page.goto(f"{pool.url}/portal/provider")
+        page.get_by_label("Slug").fill("lisbon-gpus")
+        page.get_by_label("Shown as").fill("Lisbon GPUs")
+        page.get_by_label("Website").fill("https://lisbon.example")
+        page.get_by_label("Description").fill("Two <b>4090s</b> by the river.")
+        page.get_by_role("button", name="Save profile").click()
+        expect(page.get_by_text("Profile saved")).to_be_visible()
+        page.get_by_label("Slug").fill("platform")  # refused, saying why, and nothing changes
+        page.get_by_role("button", name="Save profile").click()
+        expect(page.get_by_role("alert")).to_contain_text("reserved")
+
+        page.goto(f"{pool.url}/status")
+        row = page.locator('tr[data-provider="lisbon-gpus"]')
+        expect(row).to_contain_text("Lisbon GPUs")
+        expect(row).to_contain_text("live")
+        row.get_by_role("link", name="Lisbon GPUs").click()
+        expect(page.get_by_role("heading", name="Lisbon GPUs")).to_be_visible()
+        expect(page.locator('[data-metric="status"]')).to_have_text("live")
+        expect(page.get_by_text("Two <b>4090s</b> by the river.")).to_be_visible()  # text, never markup
+        link = page.get_by_role("link", name="https://lisbon.example")
+        assert "nofollow" in (link.get_attribute("rel") or "")
+        offer = page.locator('tr[data-offer="smollm2-135m"]')
+        expect(offer).to_contain_text("$0.10")
+        expect(offer).to_contain_text("$0.125")  # blended: (3 * 0.1 + 0.2) / 4
+        shoot(page, "provider-public")
+
+        offer.get_by_role("link", name="smollm2-135m").click()
+        expect(page.get_by_role("heading", name="SmolLM2 135M Instruct")).to_be_visible()
+        expect(page.locator("figcaption", has_text="Lowest blended price")).to_be_visible()
+        assert page.locator("figure.chart :is(polyline, circle)").count() >= 1  # offered this hour: a point
+        expect(page.locator('tr[data-offer="lisbon-gpus"]')).to_contain_text("$0.125")
+        expect(page.locator('[data-metric="minBlended"]')).to_have_text("$0.125")
+        shoot(page, "model")
     finally:
         agent.stop()
         page.close()

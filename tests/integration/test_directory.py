@@ -80,8 +80,10 @@ def test_an_operator_edit_reaches_the_running_coordinator(pool: Pool, tmp_path: 
     pool.agent(pool.standin(), ["my-finetune-3b.Q4_K_M.gguf"])
     try:
         entry = models(pool)["my-finetune"]
-        assert (entry["displayName"], entry["parameterCount"], entry["contextWindow"]) == (
+        fields = ("displayName", "parameterCount", "parameterCountExact", "contextWindow")
+        assert tuple(entry[field] for field in fields) == (
             "My Finetune 3B",
+            "3.2B",
             3_200_000_000,
             8192,
         )

@@ -274,10 +274,11 @@ async def test_a_policy_is_stored_with_its_key(db_url: str) -> None:
         await engine.dispose()
 
 
-async def test_spend_caps_hold_over_processes_that_lease_the_budget(db_url: str) -> None:
+@pytest.mark.parametrize("binding", [budgets.DAY, budgets.MONTH])
+async def test_spend_caps_hold_over_processes_that_lease_the_budget(db_url: str, binding: str) -> None:
     """Two processes' budgets on one database (two engines, as two processes have): together they
-    never hold more than the cap, what they give back is free for the other, and the table ends up
-    counting exactly what was spent."""
+    never hold more than the cap (the day's or the month's, whichever is lower), what they give
+    back is free for the other, and the table ends up counting exactly what was spent."""
     engines = [db.create_engine(db_url), db.create_engine(db_url)]
     try:
         await db.migrate(engines[0])
@@ -285,14 +286,15 @@ async def test_spend_caps_hold_over_processes_that_lease_the_budget(db_url: str)
             user = await users.create_user(session, "caps@example.com")
             row, _ = await users.create_credential(session, users.ApiKey, user.id, "k")
         first, second = (budgets.KeyBudgets(engine) for engine in engines)
-        caps = {budgets.DAY: 10_000, budgets.MONTH: 15_000}
+        other = budgets.MONTH if binding == budgets.DAY else budgets.DAY
+        caps = {binding: 10_000, other: 15_000}
         spent = 0
         for n in range(40):  # worst case 700 each, real cost 400: alternate processes until refused
             owner = (first, second)[n % 2]
             try:
                 hold = await owner.reserve(row.id, caps, 700)
             except budgets.CapReached as exc:
-                assert exc.period == budgets.DAY and exc.cap == 10_000
+                assert exc.period == binding and exc.cap == 10_000
                 break
             owner.finish(hold, 400)
             spent += 400
@@ -304,10 +306,10 @@ async def test_spend_caps_hold_over_processes_that_lease_the_budget(db_url: str)
         async with engines[0].connect() as conn:
             leased = (await conn.execute(select(KeyBudgetRow.leased).where(KeyBudgetRow.key_id == row.id))).scalars()
             assert sorted(leased) == [spent, spent]  # the day's and the month's rows count what was spent
-        hold = await first.reserve(row.id, {budgets.DAY: 10_000}, 10_000 - spent)  # the rest, to the last nano
+        hold = await first.reserve(row.id, {binding: 10_000}, 10_000 - spent)  # the rest, to the last nano
         assert hold.amount == 10_000 - spent
         with pytest.raises(budgets.CapReached):
-            await second.reserve(row.id, {budgets.DAY: 10_000}, 1)
+            await second.reserve(row.id, {binding: 10_000}, 1)
     finally:
         for engine in engines:
             await engine.dispose()

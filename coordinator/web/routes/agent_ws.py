@@ -18,6 +18,7 @@ from coordinator.market.offers import HelloRefused, hello_offers
 from coordinator.market.registry import ConnectedAgent
 from coordinator.money.metering import Price
 from coordinator.services.presence import remove_agent
+from coordinator.services.profiles import ensure_profile
 from coordinator.services.state import PoolState
 from coordinator.web.guards import client_address
 from shared import errors, protocol
@@ -200,9 +201,11 @@ async def agent_connect(socket: WebSocket[Any, Any, Any], pool: PoolState) -> No
         max_concurrency=hello.max_concurrency,
         link=link,
         last_seen=time.monotonic(),
+        since=time.time(),
     )
     # Its standing first: an agent whose trust cannot be read is not welcomed.
     pool.trust.apply(agent, await pool.trust.load_standing(agent.token_id, agent.user_id))
+    await ensure_profile(pool, agent.user_id)  # a provider is on the price board from its first agent
     connected = pool.registry.of_token(agent.token_id)  # checked and added with no await between
     if connected >= settings.max_connections_per_agent_token:
         await _reject(
@@ -213,6 +216,7 @@ async def agent_connect(socket: WebSocket[Any, Any, Any], pool: PoolState) -> No
         )
         return
     pool.registry.add(agent)
+    pool.offer_log.opened(agent)
     reason = "connection closed"
     try:
         await link.send(  # before any job: a lock taken without waiting orders it first

@@ -1,4 +1,5 @@
-"""Public directory and pool health: ``GET /v1/models`` and ``GET /v1/pool/status``."""
+"""Public directory and pool health: ``GET /v1/models`` and ``GET /v1/pool/status``, rate-limited
+per client address and answered from the pool's view cache."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from coordinator.core.errors import PoolError
 from coordinator.services.overview import ModelList, PoolStatus, model_list, status_of
 from coordinator.services.state import PoolState
 from coordinator.status.history import MINUTE
+from coordinator.web.guards import limit_public
 from shared import errors
 
 _SPAN = re.compile(r"(\d{1,5})([mh])")
@@ -36,11 +38,20 @@ def _span_seconds(value: str, retention: float) -> int:
     return seconds
 
 
-@get("/v1/models", summary="List the models the pool serves", tags=["directory"])
+@get("/v1/models", summary="List the models the pool serves", tags=["directory"], guards=[limit_public])
 async def list_models(pool: PoolState) -> ModelList:
-    return model_list(pool)
+    async def compute() -> ModelList:
+        return model_list(pool)
+
+    return await pool.views.get("models", None, compute)
 
 
-@get("/v1/pool/status", summary="Pool health over the recent window, and per-minute history", tags=["directory"])
+@get(
+    "/v1/pool/status",
+    summary="Pool health over the recent window, and per-minute history",
+    tags=["directory"],
+    guards=[limit_public],
+)
 async def pool_status(pool: PoolState, history: Annotated[str | None, HISTORY] = None) -> PoolStatus:
-    return await status_of(pool, None if history is None else _span_seconds(history, pool.history.retention))
+    span = None if history is None else _span_seconds(history, pool.history.retention)
+    return await pool.views.get("status", span, lambda: status_of(pool, span))

@@ -25,7 +25,8 @@ from coordinator.core.errors import PoolError
 from coordinator.core.models import AgentToken, ApiKey, User
 from coordinator.identity import policies, users
 from coordinator.identity.policies import KeyPolicy, MaxPrice, PolicyError, SpendCap
-from coordinator.services import revocation
+from coordinator.identity.providers import ProfileError
+from coordinator.services import profiles, revocation
 from coordinator.services.overview import model_list
 from coordinator.services.signin import Credentials, DisplayName, authenticate, end_session, register
 from coordinator.services.standing import provider_standing
@@ -270,6 +271,12 @@ async def provider(request: Request[Any, Any, Any]) -> Template | Redirect:
     user = await _who(request)
     if user is None:
         return Redirect(LOGIN)
+    return await _provider_page(request, user)
+
+
+async def _provider_page(
+    request: Request[Any, Any, Any], user: User, profile_error: str | None = None, status: int = 200
+) -> Template:
     pool = _pool(request)
     first, last, days = _days(datetime.now(UTC).date())
     earnings = await earnings_by_day(pool, user.id, first, last)
@@ -287,7 +294,33 @@ async def provider(request: Request[Any, Any, Any]) -> Template | Redirect:
         payments=pool.payments.enabled,
         payouts=await payout_figures(pool, user.id),
         connected=request.query_params.get("payouts") == "connected",
+        profile=pool.providers.get(user.id),
+        profile_error=profile_error,
+        status=status,
     )
+
+
+@post("/profile", summary="Save your public provider profile (form)", status_code=200)
+async def save_profile(request: Request[Any, Any, Any]) -> Template | Redirect:
+    user = await _who(request)
+    if user is None:
+        return Redirect(LOGIN, status_code=303)
+    form = await _form(request)
+    if not csrf_ok(request, form):
+        return Redirect("/portal/provider?done=expired", status_code=303)
+    try:
+        await profiles.update_profile(
+            _pool(request),
+            user.id,
+            slug=form.get("slug", ""),
+            name=form.get("name", ""),
+            website=form.get("website") or None,
+            description=form.get("description") or None,
+            clear=frozenset(f for f in ("website", "description") if not form.get(f, "").strip()),
+        )
+    except ProfileError as exc:
+        return await _provider_page(request, user, str(exc), 409 if exc.taken else 400)
+    return Redirect("/portal/provider?done=profile", status_code=303)
 
 
 # --- keys and agent tokens ----------------------------------------------------------------------
@@ -515,6 +548,7 @@ portal_pages = Router(
     route_handlers=[
         login_page,
         signup_page,
+        save_profile,
         login_form,
         signup_form,
         logout,
