@@ -456,6 +456,7 @@ class OfferSpan(Base):
         Index("ix_offer_spans_model_started", "model", "started_at"),
         Index("ix_offer_spans_user_started", "user_id", "started_at"),
         Index("ix_offer_spans_open", "instance_id", "ended_at"),
+        Index("ix_offer_spans_ended", "ended_at", "seen_at"),  # the sweep: open spans gone silent, old ones
     )
 
     agent_id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -30,7 +30,12 @@ DEFAULT_SLUG = re.compile(r"provider-(\d+)")
 DEFAULT_NAME = re.compile(r"provider(\d+)")  # a name key
 RESERVED = frozenset({"platform", "auto", "me", "new", "admin", "api", "providers", "status"})
 NAME_MAX, WEBSITE_MAX, DESCRIPTION_MAX = 60, 200, 500
-REFRESH_OVERLAP = timedelta(seconds=5)  # rows committed out of order by other processes are read again
+LOOKALIKE_SCRIPTS = frozenset({"LATIN", "GREEK", "CYRILLIC"})  # scripts with letters that pass for each other
+MAX_SLUGS = 5  # slugs one provider may ever have (each stays its own): nobody hoards names
+# Rows other processes committed late, or stamped by a clock a little behind, are read again; and
+# every FULL_RELOAD-th refresh reads everything, whatever the clocks did.
+REFRESH_OVERLAP = timedelta(seconds=60)
+FULL_RELOAD = 60
 
 
 class ProfileError(Exception):
@@ -83,6 +88,10 @@ def check_name(name: str, user_id: int) -> str:
     default = DEFAULT_NAME.fullmatch(key)
     if key in RESERVED or (default is not None and int(default[1]) != user_id):
         raise ProfileError("name", f"The name {name!r} is reserved.")
+    for word in re.split(r"\W+", name):
+        scripts = {unicodedata.name(ch, "?").split()[0] for ch in word if ch.isalpha()} & LOOKALIKE_SCRIPTS
+        if len(scripts) > 1:  # "Alpha" spelt with a Cyrillic capital A would pass for the Latin one
+            raise ProfileError("name", "A word of `name` must not mix Latin, Greek and Cyrillic letters.")
     return name
 
 
@@ -134,6 +143,11 @@ async def ensure(session: AsyncSession, user_id: int) -> Profile:
     return _profile(row)
 
 
+def default_profile(user_id: int) -> Profile:
+    """What a provider is called until it chooses (never anything from its account's e-mail)."""
+    return Profile(user_id, f"provider-{user_id}", f"Provider {user_id}", None, None, datetime.now(UTC))
+
+
 async def update_profile(
     session: AsyncSession,
     user_id: int,
@@ -144,20 +158,25 @@ async def update_profile(
     description: str | None = None,
     clear: frozenset[str] = frozenset(),
 ) -> Profile:
-    """Change what is given (``clear``: set ``website``/``description`` to nothing); a slug or name
-    another provider has, or had, is a :class:`ProfileError`."""
+    """Change what is given (``clear``: set ``website``/``description`` to nothing). Everything is
+    checked before anything is written; a slug or name another provider has (or had) is a
+    :class:`ProfileError` with ``taken``, and so is a slug past :data:`MAX_SLUGS`."""
     current = await ensure(session, user_id)
     values: dict[str, object] = {}
+    new_slug = None
     if slug is not None and (slug := check_slug(slug, user_id)) != current.slug:
         owner = await session.scalar(select(ProviderSlug.user_id).where(ProviderSlug.slug == slug))
         if owner is not None and owner != user_id:
             raise ProfileError("slug", f"The slug {slug!r} is taken.", taken=True)
         if owner is None:
-            try:
-                async with session.begin_nested():
-                    session.add(ProviderSlug(slug=slug, user_id=user_id, created_at=datetime.now(UTC)))
-            except IntegrityError:
-                raise ProfileError("slug", f"The slug {slug!r} is taken.", taken=True) from None
+            had = await session.scalar(select(func.count()).where(ProviderSlug.user_id == user_id))
+            if (had or 0) >= MAX_SLUGS:
+                raise ProfileError(
+                    "slug",
+                    f"A provider keeps every slug it had and may have {MAX_SLUGS}; go back to one of yours.",
+                    taken=True,
+                )
+            new_slug = slug
         values["slug"] = slug
     if name is not None and (name := check_name(name, user_id)) != current.name:
         key = name_key(name)
@@ -175,11 +194,14 @@ async def update_profile(
         values["updated_at"] = datetime.now(UTC)
         try:
             async with session.begin_nested():
+                if new_slug is not None:
+                    session.add(ProviderSlug(slug=new_slug, user_id=user_id, created_at=datetime.now(UTC)))
+                    await session.flush()
                 await session.execute(
                     update(ProviderProfile).where(ProviderProfile.user_id == user_id).values(**values)
                 )
-        except IntegrityError:  # a name taken by another process at the same moment
-            raise ProfileError("name", "That name is taken.", taken=True) from None
+        except IntegrityError:  # the slug or name taken by another process at the same moment
+            raise ProfileError("slug" if new_slug else "name", "That is taken.", taken=True) from None
     row = await session.get(ProviderProfile, user_id, populate_existing=True)
     assert row is not None
     return _profile(row)
@@ -193,6 +215,7 @@ class ProviderBook:
         self.by_user: dict[int, Profile] = {}
         self.by_slug: dict[str, int] = {}
         self._since = datetime.fromtimestamp(0, UTC)
+        self._refreshes = 0
         self.refreshed = 0.0  # monotonic time of the last read
 
     def put(self, profile: Profile) -> None:
@@ -214,7 +237,9 @@ class ProviderBook:
         return name if user_id is None else str(user_id)
 
     async def refresh(self, engine: AsyncEngine) -> None:
-        since = self._since - REFRESH_OVERLAP
+        self._refreshes += 1
+        whole = self._refreshes % FULL_RELOAD == 1
+        since = datetime.fromtimestamp(0, UTC) if whole else self._since - REFRESH_OVERLAP
         async with engine.connect() as conn:
             profiles = (await conn.execute(select(ProviderProfile).where(ProviderProfile.updated_at >= since))).all()
             slugs = (
@@ -231,5 +256,5 @@ class ProviderBook:
         for slug, user_id, created_at in slugs:
             self.by_slug[slug] = user_id
             latest = max(latest, created_at)
-        self._since = latest
+        self._since = min(latest, datetime.now(UTC))  # a row stamped by a clock ahead of ours can't skip others
         self.refreshed = time.monotonic()

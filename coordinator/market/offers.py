@@ -15,6 +15,7 @@ from shared.protocol import (
 )
 
 MAX_CONCURRENCY = 1024
+MAX_QUANTIZATION = 32  # characters of a quantization label (as a request's `provider.quantizations` allows)
 
 
 def _usd_per_million(nano_per_token: int) -> str:
@@ -65,6 +66,8 @@ def hello_offers(hello: Hello, directory: Directory, default_ceiling: Price) -> 
         if offer.context_window is not None and offer.context_window <= 0:
             raise HelloRefused(f"model {slug!r}: context_window must be positive")
         quantization = quantization_label(offer.quantization or normalize(offer.backend_model)[1] or "")
+        if len(quantization) > MAX_QUANTIZATION:
+            raise HelloRefused(f"model {slug!r}: quantization must be at most {MAX_QUANTIZATION} characters")
         listed = directory.entries[slug].quantizations
         if quantization and listed and quantization not in listed:
             # A label nobody else announces would have no canary reference to be checked against.

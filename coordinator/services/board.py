@@ -27,6 +27,7 @@ BLEND = "blended_per_1m = (3 * input_per_1m + output_per_1m) / 4: a 3:1 mix of i
 HOUR, DAY = 3600, 86_400
 INTERVALS = {"1h": HOUR, "1d": DAY}
 MAX_COMPARED = 5
+MAX_HOURLY_DAYS = 31  # hourly candles reach this far back (744 of them): a bounded value to cache
 LIVE, STALE, IDLE, OFFLINE = "live", "stale", "idle", "offline"
 Uptimes = dict[int, tuple[list[tuple[float, float]], float]]  # provider -> (intervals with an offer, as of)
 
@@ -108,6 +109,13 @@ def iso(at: datetime | float) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _unread(pool: PoolState, user_id: int) -> Profile | None:
+    """A connected provider whose profile this process has not read yet: its defaults."""
+    if any(agent.user_id == user_id for agent in pool.registry.agents()):
+        return profile_of(pool, user_id)
+    return None
+
+
 def profile_of(pool: PoolState, user_id: int) -> Profile:
     """A provider's profile, or its defaults while this process has not read it yet."""
     found = pool.providers.get(user_id)
@@ -181,19 +189,21 @@ def _covered(intervals: Iterable[tuple[float, float]], since: float, until: floa
     return total
 
 
-async def _uptimes(pool: PoolState) -> Uptimes:
-    """Per provider: the intervals with an offer over the last 7 days (from the spans and the agents
-    connected now, whose spans may not be written yet)."""
+async def _uptimes(pool: PoolState, user_id: int | None = None) -> Uptimes:
+    """Per provider (or for one): the intervals with an offer over the last 7 days, from the spans
+    and the agents connected now (whose spans may not be written yet)."""
     now = time.time()
     since = now - 7 * DAY
-    spans = await pool.offer_log.spans(datetime.fromtimestamp(since, UTC), datetime.fromtimestamp(now, UTC))
+    window = (datetime.fromtimestamp(since, UTC), datetime.fromtimestamp(now, UTC))
+    spans = await pool.offer_log.spans(*window, user_id=user_id)
     found: Uptimes = {}
     for span in spans:
         intervals, _ = found.setdefault(span.user_id, ([], now))
         intervals.append((span.start.timestamp(), now if span.end is None else span.end.timestamp()))
     for agent in pool.registry.agents():
-        intervals, _ = found.setdefault(agent.user_id, ([], now))
-        intervals.append((agent.since, now))
+        if user_id is None or agent.user_id == user_id:
+            intervals, _ = found.setdefault(agent.user_id, ([], now))
+            intervals.append((agent.since, now))
     return found
 
 
@@ -228,9 +238,11 @@ def _entry(pool: PoolState, profile: Profile, uptimes: Uptimes) -> dict[str, Any
 
 
 async def provider_list(pool: PoolState) -> ProviderList:
-    """Every provider with a profile, live ones first, then by name."""
+    """Every provider that offered something in the last 7 days, live ones first, then by name
+    (``/v1/providers/{slug}`` still answers for the others)."""
     uptimes = await _uptimes(pool)
-    entries = [ProviderEntry(**_entry(pool, p, uptimes)) for p in list(pool.providers.by_user.values())]
+    active = [p for user_id in uptimes if (p := pool.providers.get(user_id) or _unread(pool, user_id)) is not None]
+    entries = [ProviderEntry(**_entry(pool, p, uptimes)) for p in active]
     order = {LIVE: 0, IDLE: 1, OFFLINE: 2}
     entries.sort(key=lambda e: (order[e.status], e.name.casefold()))
     return ProviderList("list", entries)
@@ -240,7 +252,7 @@ async def provider_detail(pool: PoolState, slug: str) -> ProviderDetail | None:
     profile = pool.providers.find(slug)
     if profile is None:
         return None
-    uptimes = await _uptimes(pool)
+    uptimes = await _uptimes(pool, profile.user_id)
     return ProviderDetail(**_entry(pool, profile, uptimes), offers=live_offers(pool, user_id=profile.user_id))
 
 

@@ -208,6 +208,7 @@ class Call:
     auto: AutoChoice | None = None  # the pool's choice for ``model: "auto"`` (``x_pool.auto``)
     caps: dict[str, int] = field(default_factory=dict)  # the key policy's spend caps, nano-USD by period
     budget: BudgetHold | None = None  # the worst case, carved out of the key's spend caps
+    price: Price | None = None  # what it was charged at (``x_pool.price_per_1m``), once concluded
 
     # --- running ---------------------------------------------------------------------------
 
@@ -428,7 +429,7 @@ class Call:
             pool.clawback.served(agent.token_id, agent.agent_id, job.slug, record)  # until vouched for
         route = self.route
         profile = self.pool.providers.get(agent.user_id) if agent is not None else None
-        price = self._price(job)
+        price = self.price if self.price is not None else self._price(job)
         return XPool(
             request_id=record.id,
             provider=record.provider_user_id if record.provider_user_id is not None else "platform",
@@ -457,6 +458,11 @@ class Call:
             routed_by=routed_by(self.routing),
         )
 
+    def _charged(self, job: Job | None) -> Price:
+        """The price the request is charged at, kept for ``x_pool`` (the upstream's may move after)."""
+        self.price = self._price(job)
+        return self.price
+
     def _price(self, job: Job | None) -> Price:
         """The price the request is charged at: its agent's offer, or the upstream's for the model."""
         agent = job.agent if job is not None else None
@@ -478,7 +484,7 @@ class Call:
             self.meter,
             stream=self.record.stream,
             audited=audited,
-            price=self._price(job),
+            price=self._charged(job),
             held=self.reservation.amount if self.reservation is not None else None,
             upstream_cost=upstream.cost if job is not None and agent is None else None,
         )

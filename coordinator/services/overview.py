@@ -84,9 +84,9 @@ def parameter_label(count: int | None) -> str | None:
     if count is None:
         return None
     for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
-        if count >= size:
-            value = f"{count / size:.1f}".removesuffix(".0")
-            return f"{value}{suffix}"
+        value = f"{count / size:.1f}"
+        if float(value) >= 1:  # 999,960,000 rounds to 1.0B, never 1000.0M
+            return f"{value.removesuffix('.0')}{suffix}"
     return str(count)
 
 

@@ -4,6 +4,9 @@ within ``POOL_PROVIDER_REFRESH_SECONDS`` elsewhere."""
 
 from __future__ import annotations
 
+from sqlalchemy import func, select
+
+from coordinator.core.models import AgentToken
 from coordinator.identity import providers
 from coordinator.identity.providers import Profile
 from coordinator.services.state import PoolState
@@ -20,6 +23,15 @@ async def ensure_profile(pool: PoolState, user_id: int) -> Profile:
     return profile
 
 
+class NotAProvider(Exception):
+    """Only a provider (an account with an agent token) has a public profile."""
+
+
+def profile_or_default(pool: PoolState, user_id: int) -> Profile:
+    """The provider's profile, or what it would be (nothing is made before its first agent)."""
+    return pool.providers.get(user_id) or providers.default_profile(user_id)
+
+
 async def update_profile(
     pool: PoolState,
     user_id: int,
@@ -31,8 +43,12 @@ async def update_profile(
     clear: frozenset[str] = frozenset(),
 ) -> Profile:
     """Change the provider's profile (:class:`~coordinator.identity.providers.ProfileError` if it
-    can't be); its old slug keeps naming it."""
+    can't be, :class:`NotAProvider` for an account without an agent token); its old slug keeps
+    naming it."""
     async with pool.db_sessions() as session, session.begin():
+        tokens = await session.scalar(select(func.count()).where(AgentToken.user_id == user_id))
+        if not tokens:
+            raise NotAProvider("Only providers have a public profile: create an agent token first.")
         profile = await providers.update_profile(
             session, user_id, slug=slug, name=name, website=website, description=description, clear=clear
         )

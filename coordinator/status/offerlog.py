@@ -1,5 +1,6 @@
 """Every offer's span, kept durably: an agent announcing a model at a price opens one, its leaving
-ends it (an agent changes a price by announcing again, which is a new connection: a new span).
+ends it (an agent changes a price by announcing again, which is a new connection: a new span; the
+same offer announced again within a minute of its end continues the old one).
 
 Spans are queued in memory and written in batches (:meth:`OfferLog.flush`), off the agent's path.
 This process renews ``seen_at`` on its open spans at each sweep; a span whose process died is ended
@@ -15,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from sqlalchemy import Table, delete, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from coordinator.core.models import OfferSpan
 from coordinator.market.registry import ConnectedAgent
@@ -23,7 +25,8 @@ from coordinator.market.registry import ConnectedAgent
 log = logging.getLogger(__name__)
 
 _spans = cast(Table, OfferSpan.__table__)
-MAX_QUEUED = 100_000  # rows kept for a database that is away; beyond, the oldest are dropped (and logged)
+MAX_QUEUED = 100_000  # changes kept for a database that is away; beyond, the oldest are dropped (and logged)
+CONTINUES = timedelta(seconds=60)  # an offer announced again this soon after it ended continues its span
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +48,23 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+Opened = dict[str, object]  # an offer_spans row to insert
+Ended = tuple[str, str, datetime]  # (agent id, model, when)
+
+
 class OfferLog:
     def __init__(self, engine: AsyncEngine, instance_id: str, *, retention_days: float, lease_seconds: float) -> None:
         self.engine = engine
         self.instance_id = instance_id
         self.retention = timedelta(days=retention_days)
         self.lease = timedelta(seconds=lease_seconds)
-        self._opened: list[dict[str, object]] = []
-        self._ended: list[tuple[str, str, datetime]] = []
+        self._queue: list[Opened | Ended] = []  # in the order they happened
 
     def opened(self, agent: ConnectedAgent, at: datetime | None = None) -> None:
         """A local agent joined: a span per model it offers."""
         at = at or now()
         for slug, offer in agent.models.items():
-            self._opened.append(
+            self._queue.append(
                 {
                     "agent_id": agent.agent_id,
                     "model": slug,
@@ -78,34 +84,39 @@ class OfferLog:
     def ended(self, agent: ConnectedAgent, at: datetime | None = None) -> None:
         """A local agent left: its spans end."""
         at = at or now()
-        self._ended.extend((agent.agent_id, slug, at) for slug in agent.models)
+        self._queue.extend((agent.agent_id, slug, at) for slug in agent.models)
         self._bound()
 
     def _bound(self) -> None:
-        for queue in (self._opened, self._ended):
-            if len(queue) > MAX_QUEUED:
-                log.warning("offer log queue full; oldest spans dropped", extra={"dropped": len(queue) - MAX_QUEUED})
-                del queue[: len(queue) - MAX_QUEUED]
+        if len(self._queue) > MAX_QUEUED:
+            log.warning(
+                "offer log queue full; oldest changes dropped", extra={"dropped": len(self._queue) - MAX_QUEUED}
+            )
+            del self._queue[: len(self._queue) - MAX_QUEUED]
 
     async def flush(self) -> None:
-        """Write what was queued: openings first, then endings (an agent that came and went between
-        two flushes is one whole span). On a database error everything stays queued."""
-        opened, ended = self._opened, self._ended
-        if not opened and not ended:
+        """Write what was queued, in order. While the database is away everything stays queued; a
+        change the database refuses for good (a value it cannot store) is dropped alone, logged, so
+        one bad row never holds up the others."""
+        queue, self._queue = self._queue, []
+        if not queue:
             return
-        self._opened, self._ended = [], []
         try:
             async with self.engine.begin() as conn:
-                if opened:
-                    await conn.execute(insert(_spans), opened)
-                for agent_id, model, at in ended:
-                    await conn.execute(
-                        update(_spans)
-                        .where(_spans.c.agent_id == agent_id, _spans.c.model == model, _spans.c.ended_at.is_(None))
-                        .values(ended_at=at, seen_at=at)
-                    )
-        except Exception:
-            self._opened[:0], self._ended[:0] = opened, ended
+                for event in queue:
+                    await _write(conn, event)
+        except DBAPIError as exc:
+            if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+                self._queue[:0] = queue
+                raise
+            for event in queue:  # one by one: keep what the database takes
+                try:
+                    async with self.engine.begin() as conn:
+                        await _write(conn, event)
+                except DBAPIError as refused:
+                    log.warning("an offer span change was refused; dropped", extra={"error": type(refused).__name__})
+        except (OSError, ConnectionError):
+            self._queue[:0] = queue
             raise
 
     async def sweep(self, at: datetime | None = None) -> None:
@@ -153,3 +164,43 @@ class OfferLog:
             )
             for r in rows
         ]
+
+
+async def _write(conn: AsyncConnection, event: Opened | Ended) -> None:
+    """One change. An agent that comes back within :data:`CONTINUES` with the very same offer as a
+    span its provider just ended continues that span (a reconnecting agent, or one flapping on
+    purpose, costs no new row); otherwise a new span opens."""
+    if isinstance(event, tuple):
+        agent_id, model, at = event
+        await conn.execute(
+            update(_spans)
+            .where(_spans.c.agent_id == agent_id, _spans.c.model == model, _spans.c.ended_at.is_(None))
+            .values(ended_at=at, seen_at=at)
+        )
+        return
+    c = _spans.c
+    started = cast(datetime, event["started_at"])
+    same = (
+        select(c.agent_id)
+        .where(
+            c.user_id == event["user_id"],
+            c.model == event["model"],
+            c.quantization == event["quantization"],
+            c.price_in == event["price_in"],
+            c.price_out == event["price_out"],
+            c.context_window.is_not_distinct_from(event["context_window"]),
+            c.ended_at >= started - CONTINUES,
+            c.ended_at <= started,
+        )
+        .order_by(c.ended_at.desc())
+        .limit(1)
+    )
+    previous = (await conn.execute(same)).scalar()
+    if previous is None:
+        await conn.execute(insert(_spans), [event])
+        return
+    await conn.execute(
+        update(_spans)
+        .where(c.agent_id == previous, c.model == event["model"])
+        .values(agent_id=event["agent_id"], instance_id=event["instance_id"], ended_at=None, seen_at=started)
+    )

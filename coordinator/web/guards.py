@@ -110,11 +110,13 @@ async def require_admin(connection: Connection, _: BaseRouteHandler) -> None:
 
 async def limit_public(connection: Connection, _: BaseRouteHandler) -> None:
     """The unauthenticated routes, per client address (``POOL_PUBLIC_RPM``); a request that brings a
-    valid consumer key counts against the key instead, at the higher ``POOL_PUBLIC_RPM_KEYED``. An
-    invalid key is not an authentication failure here: the route needs none."""
+    valid consumer key counts against the key instead, at the higher ``POOL_PUBLIC_RPM_KEYED``. A key
+    that does not resolve is a failed authentication, as anywhere else (an address that keeps
+    trying is blocked before any lookup), and the request counts against the address."""
     pool = _pool(connection)
-    token = _bearer(connection)
-    if token.startswith(keys.CONSUMER_PREFIX):
+    client = client_address(connection)
+    check_not_blocked(pool, client)
+    if _bearer(connection).startswith(keys.CONSUMER_PREFIX):
         principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
         if principal is not None:
             wait = pool.public_key_limits.take(f"key:{principal.credential_id}")
@@ -126,6 +128,7 @@ async def limit_public(connection: Connection, _: BaseRouteHandler) -> None:
                     headers={"retry-after": str(wait)},
                 )
             return
-    wait = pool.public_limits.take(client_address(connection))
+        pool.auth_failures.failed(client)
+    wait = pool.public_limits.take(client)
     if wait:
         raise too_many("requests", wait)

@@ -54,6 +54,7 @@ def upgrade() -> None:
     op.create_index("ix_offer_spans_model_started", "offer_spans", ["model", "started_at"])
     op.create_index("ix_offer_spans_user_started", "offer_spans", ["user_id", "started_at"])
     op.create_index("ix_offer_spans_open", "offer_spans", ["instance_id", "ended_at"])
+    op.create_index("ix_offer_spans_ended", "offer_spans", ["ended_at", "seen_at"])
 
 
 def downgrade() -> None:

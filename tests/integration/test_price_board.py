@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -151,6 +151,15 @@ def test_providers_choose_a_public_face_and_are_listed(board: Board) -> None:
     _error(_put_profile(board, "beta", description="x" * 501), 400, "invalid_request", "description")
     anonymous = httpx.put(f"{board.pool.url}/v1/provider/profile", json={"name": "Nobody"}, timeout=10)
     assert anonymous.status_code == 401
+    consumer = board.pool.sign_up(f"consumer-{board.pool.port}@example.com", PASSWORD)  # no agent token
+    headers = {"authorization": f"Bearer {consumer['token']}"}
+    refused = httpx.put(f"{board.pool.url}/v1/provider/profile", json={"name": "Squatter"}, headers=headers, timeout=10)
+    _error(refused, 409, "conflict")
+    # five slugs at most, ever (each stays the provider's): nobody hoards names
+    for n in range(3):
+        assert _put_profile(board, "alpha", slug=f"alpha-{n}").status_code == 200
+    _error(_put_profile(board, "alpha", slug="alpha-3"), 409, "conflict", "slug")
+    assert _put_profile(board, "alpha", slug="alpha-gpu").json()["slug"] == "alpha-gpu"  # back to one of its own
 
     listed = _ok(board, "/v1/providers")["data"]
     by_slug = {entry["slug"]: entry for entry in listed}
@@ -428,3 +437,33 @@ def test_the_openapi_schema_documents_the_board(board: Board) -> None:
     assert fields("ProviderEntry") >= {"slug", "name", "models", "status", "trust", "uptime_24h", "uptime_7d"}
     assert fields("ModelComparison") >= {"cheapest_provider", "average_blended_per_1m", "p95_latency_ms"}
     assert fields("ModelEntry") >= {"parameterCount", "parameterCountExact", "minBlendedPricePer1mTokensUsd"}
+
+
+async def test_the_offer_log_continues_a_returning_offer_and_drops_only_a_refused_change(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        await db.migrate(engine)
+        log = OfferLog(engine, "crd_a", retention_days=90, lease_seconds=10**9)  # alive however old its spans
+        base = datetime(2026, 12, 1, tzinfo=UTC)
+
+        def agent(agent_id: str, price_in: int | None = 100) -> ConnectedAgent:
+            offer = ModelOffer(SMOL, SMOL, price_in, 200, None, "q4_k_m")  # type: ignore[arg-type]
+            return ConnectedAgent(agent_id, 1, 0, {SMOL: offer}, 1, None, 0.0)  # type: ignore[arg-type]
+
+        first, again, later, broken = agent("agt_1"), agent("agt_2"), agent("agt_3"), agent("agt_bad", None)
+        log.opened(first, base)
+        log.ended(first, base + timedelta(seconds=30))
+        log.opened(again, base + timedelta(seconds=50))  # back within a minute, same offer: the same span
+        log.opened(broken, base + timedelta(seconds=55))  # a change the database refuses (no price)
+        log.ended(again, base + timedelta(seconds=70))
+        log.opened(later, base + timedelta(seconds=200))  # back after two minutes: a new span
+        await log.flush()
+        spans = sorted(await log.spans(base - timedelta(hours=1), base + timedelta(hours=1)), key=lambda s: s.start)
+        assert [(s.agent_id, s.start - base, None if s.end is None else s.end - base) for s in spans] == [
+            ("agt_2", timedelta(0), timedelta(seconds=70)),
+            ("agt_3", timedelta(seconds=200), None),
+        ]
+        await log.flush()  # nothing was left queued: the refused change was dropped alone
+        assert not log._queue
+    finally:
+        await engine.dispose()

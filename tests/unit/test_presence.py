@@ -10,6 +10,7 @@ from coordinator.market.registry import ConnectedAgent, Registry
 from coordinator.market.upstream import Upstream
 from coordinator.services.presence import remove_agent
 from coordinator.serving.dispatch import Dispatcher
+from coordinator.status.offerlog import OfferLog
 from coordinator.trust import scores as trust
 from coordinator.trust.scores import Reputation, TrustBook
 from shared import errors
@@ -41,7 +42,8 @@ async def test_every_way_to_lose_an_agent_takes_the_same_steps() -> None:
     registry = Registry()
     book = TrustBook(engine=None, half_life=3600.0, new_agent_concurrency=2)  # type: ignore[arg-type]
     dispatcher = Dispatcher(registry, Upstream(None, None, {}, 5.0), 5.0, 60.0, trust=book)
-    pool: Any = SimpleNamespace(registry=registry, dispatcher=dispatcher, trust=book)
+    offers = OfferLog(None, "crd_test", retention_days=1, lease_seconds=30)  # type: ignore[arg-type]  # queues only
+    pool: Any = SimpleNamespace(registry=registry, dispatcher=dispatcher, trust=book, offer_log=offers)
     frozen_link, revoked_link = Link(), Link()
     frozen, revoked = agent("agt_a", frozen_link), agent("agt_b", revoked_link)  # one token, two machines
     registry.add(frozen)
@@ -67,3 +69,4 @@ async def test_every_way_to_lose_an_agent_takes_the_same_steps() -> None:
     assert revoked_link.closed == [(CLOSE_REVOKED, "agent token revoked")]
     assert len(book.pending) == 1 and TOKEN not in book.reputations
     assert len(registry) == 0 and registry.of_token(TOKEN) == 0
+    assert [event[:2] for event in offers._queue] == [("agt_a", "m"), ("agt_b", "m")]  # their offers end, once each

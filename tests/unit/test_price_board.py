@@ -118,8 +118,10 @@ def test_profiles_are_checked() -> None:
             check_slug(bad, 7)
         assert refused.value.field == "slug"
     assert check_name("  Alpha   GPU ", 7) == "Alpha GPU"
+    assert check_name("Лиссабон GPU", 7) == "Лиссабон GPU"  # one script per word is fine
+
     assert name_key("Alpha GPU") == name_key("alpha-gpu!") == name_key("\uff21lpha GPU") == "alphagpu"
-    for bad in ("a", "--", "Provider 8", "x" * 61, "bell\x07name"):
+    for bad in ("a", "--", "Provider 8", "x" * 61, "bell\x07name", "\u0410lpha GPU"):  # (a Cyrillic capital A)
         with pytest.raises(ProfileError):
             check_name(bad, 7)
     assert check_website("https://alpha.example/gpu") == "https://alpha.example/gpu"

@@ -19,6 +19,7 @@ from coordinator.services import board, profiles
 from coordinator.services.board import (
     INTERVALS,
     MAX_COMPARED,
+    MAX_HOURLY_DAYS,
     Comparison,
     PriceHistory,
     PriceList,
@@ -28,8 +29,6 @@ from coordinator.services.board import (
 from coordinator.services.state import PoolState
 from coordinator.web.guards import limit_public, require_session
 from shared import errors
-
-Query = Annotated[str | None, Parameter(required=False)]
 
 
 def _model(pool: PoolState, name: str | None, param: str = "model") -> str:
@@ -87,17 +86,25 @@ async def price_history(
     pool: PoolState,
     model: Annotated[str | None, Parameter(required=False, description="the model (required)")] = None,
     provider: Annotated[str | None, Parameter(required=False, description="one provider's price (slug)")] = None,
-    days: Annotated[int | None, Parameter(required=False, description="how far back (default 7; 30 for 1d)")] = None,
+    days: Annotated[
+        int | None, Parameter(required=False, description="how far back (default 7; 30 for 1d; 1h: at most 31)")
+    ] = None,
     interval: Annotated[str, Parameter(description="candle width: 1h or 1d")] = "1h",
 ) -> PriceHistory:
     slug = _model(pool, model)
     if interval not in INTERVALS:
         raise PoolError(400, errors.INVALID_REQUEST, "`interval` must be `1h` or `1d`.", param="interval")
-    retention = max(1, math.floor(pool.settings.price_history_days))
-    span = days if days is not None else min(retention, 30 if interval == "1d" else 7)
-    if not 1 <= span <= retention:
+    reach = max(1, math.floor(pool.settings.price_history_days))
+    if interval == "1h":
+        reach = min(reach, MAX_HOURLY_DAYS)
+    span = days if days is not None else min(reach, 30 if interval == "1d" else 7)
+    if not 1 <= span <= reach:
         raise PoolError(
-            400, errors.INVALID_REQUEST, f"`days` must be from 1 to {retention} (the retention).", param="days"
+            400,
+            errors.INVALID_REQUEST,
+            f"`days` must be from 1 to {reach} for `{interval}` candles (the retention; hourly ones, "
+            f"{MAX_HOURLY_DAYS} days at most).",
+            param="days",
         )
     profile = _provider(pool, provider) if provider is not None else None
     key = (slug, profile.user_id if profile else None, span, interval)
@@ -116,7 +123,7 @@ async def compare_models(
         raise PoolError(
             400, errors.INVALID_REQUEST, f"`models` names {len(names)} models; at most {MAX_COMPARED}.", "models"
         )
-    slugs = [_model(pool, name, "models") for name in names]
+    slugs = list(dict.fromkeys(_model(pool, name, "models") for name in names))  # an alias and its slug: once
 
     async def compute() -> Comparison:
         return board.compare(pool, slugs)
@@ -157,7 +164,7 @@ def _view(profile: Profile) -> ProfileView:
 
 @get("/v1/provider/profile", summary="Your public provider profile", tags=["portal"])
 async def read_profile(request: Request[Any, Any, Any], pool: PoolState) -> ProfileView:
-    return _view(await profiles.ensure_profile(pool, request.state.user_id))
+    return _view(profiles.profile_or_default(pool, request.state.user_id))
 
 
 @put("/v1/provider/profile", summary="Change your public provider profile", tags=["portal"])
@@ -173,6 +180,8 @@ async def change_profile(request: Request[Any, Any, Any], pool: PoolState, data:
             description=data.description or None,
             clear=clear,
         )
+    except profiles.NotAProvider as exc:
+        raise PoolError(409, errors.CONFLICT, str(exc)) from None
     except ProfileError as exc:
         if exc.taken:
             raise PoolError(409, errors.CONFLICT, str(exc), exc.field) from None

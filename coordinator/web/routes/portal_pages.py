@@ -318,6 +318,8 @@ async def save_profile(request: Request[Any, Any, Any]) -> Template | Redirect:
             description=form.get("description") or None,
             clear=frozenset(f for f in ("website", "description") if not form.get(f, "").strip()),
         )
+    except profiles.NotAProvider as exc:
+        return await _provider_page(request, user, str(exc), 409)
     except ProfileError as exc:
         return await _provider_page(request, user, str(exc), 409 if exc.taken else 400)
     return Redirect("/portal/provider?done=profile", status_code=303)
