@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ import asyncpg
 import httpx
 from openai import OpenAI
 
-from coordinator.identity import keys
+from coordinator.core import db
+from coordinator.identity import keys, users
+from coordinator.money import ledger
 from scripts import localpool
 from scripts.localpool import Proc
+from shared.money import usd_to_nano
 from tests.waiting import eventually
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
@@ -63,12 +67,7 @@ class Pool:
         self._names = 0
 
     def start(self) -> None:
-        localpool.admin(self.env, "create-user", "--email", CONSUMER)
-        localpool.admin(self.env, "create-user", "--email", PROVIDER)
-        if self.credits_usd:
-            localpool.admin(self.env, "grant-credits", "--email", CONSUMER, "--usd", self.credits_usd)
-        self.key = localpool.admin(self.env, "create-key", "--email", CONSUMER)
-        self.token = localpool.admin(self.env, "create-agent-token", "--email", PROVIDER)
+        self.key, self.token = asyncio.run(_seed(self.db_url, self.credits_usd))
         self.coordinator = localpool.start_coordinator(self.port, self.env, self.dir)
 
     def restart(self, **settings: str) -> None:
@@ -152,12 +151,7 @@ class Pool:
     def new_provider(self, name: str) -> tuple[str, str]:
         """A new provider ``name@providers.example``: its agent token and a consumer key to read its
         provider API with."""
-        email = f"{name}@providers.example"
-        localpool.admin(self.env, "create-user", "--email", email)
-        return (
-            localpool.admin(self.env, "create-agent-token", "--email", email),
-            localpool.admin(self.env, "create-key", "--email", email),
-        )
+        return asyncio.run(_new_provider(self.db_url, f"{name}@providers.example"))
 
     def standing(self, key: str) -> dict[str, Any]:
         """``GET /v1/provider/agents`` as the provider of ``key``, who has exactly one agent token."""
@@ -192,6 +186,36 @@ class Pool:
 
     def status(self) -> dict[str, object]:
         return dict(httpx.get(f"{self.url}/v1/pool/status", timeout=5).json())
+
+
+async def _seed(db_url: str, credits_usd: str) -> tuple[str, str]:
+    """A new pool's database as ``pool-coordinator admin`` would leave it (migrated; the consumer
+    with credits and a key, the provider with an agent token), done here: each admin command is a
+    Python process of its own, about 1.5 s, and every pool needed five. Returns (key, token)."""
+    engine = db.create_engine(db_url)
+    try:
+        await db.migrate(engine)
+        async with db.sessionmaker(engine)() as session, session.begin():
+            consumer = await users.create_user(session, CONSUMER)
+            await users.create_user(session, PROVIDER)
+            key = await users.create_api_key(session, CONSUMER)
+            token = await users.create_agent_token(session, PROVIDER)
+        if credits_usd:
+            amount = usd_to_nano(credits_usd, ledger.MAX_GRANT_USD)
+            await ledger.topup(engine, f"seed:{consumer.id}", consumer.id, amount)
+        return key, token
+    finally:
+        await engine.dispose()
+
+
+async def _new_provider(db_url: str, email: str) -> tuple[str, str]:
+    engine = db.create_engine(db_url)
+    try:
+        async with db.sessionmaker(engine)() as session, session.begin():
+            await users.create_user(session, email)
+            return await users.create_agent_token(session, email), await users.create_api_key(session, email)
+    finally:
+        await engine.dispose()
 
 
 def last_request(backend: str) -> dict[str, Any]:
