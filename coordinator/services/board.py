@@ -165,13 +165,7 @@ def live_offers(pool: PoolState, model: str | None = None, user_id: int | None =
     return offers
 
 
-async def price_list(pool: PoolState, model: str | None, provider: str | None) -> PriceList:
-    user_id = None
-    if provider is not None:
-        found = pool.providers.find(provider)
-        if found is None:
-            return PriceList("list", BLEND, [])
-        user_id = found.user_id
+async def price_list(pool: PoolState, model: str | None, user_id: int | None) -> PriceList:
     return PriceList("list", BLEND, live_offers(pool, model, user_id))
 
 

@@ -57,7 +57,3 @@ async def update_profile(
     if old is not None:
         pool.providers.by_slug[old.slug] = user_id
     return profile
-
-
-async def refresh(pool: PoolState) -> None:
-    await pool.providers.refresh(pool.engine)

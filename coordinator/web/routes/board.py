@@ -72,9 +72,8 @@ async def list_prices(
     provider: Annotated[str | None, Parameter(required=False, description="only this provider's (slug)")] = None,
 ) -> PriceList:
     slug = _model(pool, model) if model is not None else None
-    if provider is not None:
-        _provider(pool, provider)
-    return await pool.views.get("prices", (slug, provider), lambda: board.price_list(pool, slug, provider))
+    user_id = _provider(pool, provider).user_id if provider is not None else None
+    return await pool.views.get("prices", (slug, user_id), lambda: board.price_list(pool, slug, user_id))
 
 
 @get(
