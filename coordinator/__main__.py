@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--parameter-count", type=int)
     add.add_argument("--context-window", type=int)
     add.add_argument("--use-case", action="append", default=[])
+    add.add_argument("--dimensions", type=int, help="an embedding model's vector size (use case: embedding)")
+    add.add_argument("--matryoshka", action="store_true", help="its vectors may be cut short (`dimensions`)")
     add.add_argument("--quantization", action="append", default=[])
     add.add_argument("--alias", action="append", default=[])
     add.add_argument("--max-price-in", type=usd_per_million_to_nano_per_token, help="USD per 1M tokens")
@@ -173,6 +175,8 @@ def _admin(args: argparse.Namespace, settings: Settings) -> str:
                 aliases=tuple(args.alias),
                 max_price_in=args.max_price_in,
                 max_price_out=args.max_price_out,
+                dimensions=args.dimensions,
+                matryoshka=args.matryoshka,
             )
         try:
             directory.check_names(info)

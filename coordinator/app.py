@@ -7,11 +7,11 @@ import logging
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -59,9 +59,11 @@ from coordinator.web.routes.account import account_router
 from coordinator.web.routes.admin import grant_credits
 from coordinator.web.routes.agent_ws import agent_connect
 from coordinator.web.routes.board import profile_router, public_router
-from coordinator.web.routes.chat import create_chat_completion
+from coordinator.web.routes.chat import create_chat_completion, create_completion
 from coordinator.web.routes.console import console_pages
 from coordinator.web.routes.directory import list_models, pool_status
+from coordinator.web.routes.embeddings import create_embeddings
+from coordinator.web.routes.messages import anthropic_errors, create_message
 from coordinator.web.routes.ops import healthz, prometheus_metrics, readyz
 from coordinator.web.routes.pages import model_page, provider_page, root, status_live, status_page
 from coordinator.web.routes.payments import payments_router
@@ -70,6 +72,7 @@ from coordinator.web.routes.portal import agent_tokens_router, login, logout, si
 from coordinator.web.routes.portal_money import portal_money
 from coordinator.web.routes.portal_pages import portal_pages
 from coordinator.web.routes.provider import provider_agents
+from coordinator.web.routes.responses import create_response
 from coordinator.web.templating import STATIC, template_config
 from shared import errors, logs
 
@@ -245,6 +248,7 @@ def build_state(settings: Settings) -> PoolState:
         settings.upstream_timeout,
         price=Price(*settings.upstream_price) if settings.upstream_price is not None else None,
         cost=Price(settings.upstream_cost_in, settings.upstream_cost_out),
+        kinds=settings.upstream_kinds,
     )
     requests = RequestLog(engine)
     trust_book = TrustBook(engine, settings.trust_half_life, settings.new_agent_concurrency)
@@ -350,6 +354,18 @@ def build_state(settings: Settings) -> PoolState:
     )
 
 
+# Every error becomes the API's envelope (``/v1/messages`` reshapes these into Anthropic's).
+HANDLERS: MutableMapping[int | type[Exception], Any] = {
+    PoolError: _pool_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    RecursionError: _too_deep,
+    DBAPIError: _database_error,
+    ConnectionError: _database_error,
+    Exception: _internal_error,
+}
+
+
 def create_app(settings: Settings) -> Litestar:
     pool = build_state(settings)
 
@@ -407,6 +423,11 @@ def create_app(settings: Settings) -> Litestar:
     app = Litestar(
         route_handlers=[
             create_chat_completion,
+            create_completion,
+            create_embeddings,
+            create_response,
+            # Anthropic's clients read errors in Anthropic's shape: this route's are reshaped.
+            Router("/", route_handlers=[create_message], exception_handlers=anthropic_errors(HANDLERS)),
             list_models,
             pool_status,
             agent_connect,
@@ -440,15 +461,7 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[request_id_middleware],
         before_send=[_request_id_everywhere],
         dependencies={"pool": Provide(provide_pool, sync_to_thread=False)},
-        exception_handlers={
-            PoolError: _pool_error,
-            ValidationException: _validation_error,
-            HTTPException: _http_error,
-            RecursionError: _too_deep,
-            DBAPIError: _database_error,
-            ConnectionError: _database_error,
-            Exception: _internal_error,
-        },
+        exception_handlers=HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         request_class=PoolRequest,
         openapi_config=OpenAPIConfig(title="Provider Pool", version=__version__, path="/schema"),

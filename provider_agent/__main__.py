@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--price-out", help="USD per 1M completion tokens")
     run.add_argument("--max-concurrency", type=int, help="jobs served at once (default 4)")
     run.add_argument("--context-window", type=int, help="context window to announce")
+    run.add_argument(
+        "--kinds",
+        help="job kinds every model serves: chat, completion, embedding, comma-separated "
+        "(default: found by asking the backend one tiny request of each at start)",
+    )
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING …")
     return parser
 

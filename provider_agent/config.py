@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.money import usd_per_million_to_nano_per_token
+from shared.protocol import KINDS
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,7 @@ class AgentConfig:
     drain_timeout: float = 600.0
     log_level: str = "INFO"
     other_coordinators: tuple[str, ...] = ()  # tried in turn after the first (``--coordinator A,B``)
+    kinds: tuple[str, ...] = ()  # job kinds every model serves (empty: probe the backend at start)
 
     @property
     def coordinator_urls(self) -> tuple[str, ...]:
@@ -73,6 +75,7 @@ FIELDS: dict[str, str] = {
     "reconnect_max": "float",
     "drain_timeout": "float",
     "log_level": "str",
+    "kinds": "list",
 }
 
 
@@ -159,6 +162,16 @@ def _price(name: str, value: Any) -> int:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+def _kinds(value: Any) -> tuple[str, ...]:
+    """``chat,completion,embedding`` (or a list in the config file): the kinds every model serves."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    kinds = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise ConfigError(f"kinds: {', '.join(unknown)} unknown (use {', '.join(KINDS)})")
+    return kinds
+
+
 def load(flags: Mapping[str, Any], env: Mapping[str, str], config_file: Path | None = None) -> AgentConfig:
     """Merge the three sources (flags win) and validate."""
     merged: dict[str, Any] = {}
@@ -187,4 +200,5 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str], config_file: Path | N
         reconnect_max=_float("reconnect-max", merged.get("reconnect_max", 30.0)),
         drain_timeout=_float("drain-timeout", merged.get("drain_timeout", 600.0)),
         log_level=str(merged.get("log_level", "INFO")).upper(),
+        kinds=_kinds(merged["kinds"]) if merged.get("kinds") else (),
     )

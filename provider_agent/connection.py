@@ -21,6 +21,7 @@ from provider_agent.config import AgentConfig
 from provider_agent.runner import Runner
 from shared import protocol
 from shared.protocol import (
+    CHAT,
     CLOSE_DRAINING,
     Draining,
     Heartbeat,
@@ -51,9 +52,10 @@ def backoff_delay(attempt: int, minimum: float, maximum: float) -> float:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, backend: Backend) -> None:
+    def __init__(self, config: AgentConfig, backend: Backend, kinds: dict[str, list[str]] | None = None) -> None:
         self.config = config
         self.backend = backend
+        self.kinds = kinds or {}  # backend model -> the job kinds announced for it (none named: chat)
         self.runner = Runner(backend, config.max_concurrency)
         self.stopping = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -65,7 +67,17 @@ class Agent:
         return Hello(
             protocol=protocol.PROTOCOL_VERSION,
             agent_version=__version__,
-            models=[ModelOffer(m.slug, m.backend_model, c.price_in, c.price_out, c.context_window) for m in c.models],
+            models=[
+                ModelOffer(
+                    m.slug,
+                    m.backend_model,
+                    c.price_in,
+                    c.price_out,
+                    c.context_window,
+                    kinds=[] if self.kinds.get(m.backend_model) == [CHAT] else self.kinds.get(m.backend_model, []),
+                )
+                for m in c.models
+            ],
             max_concurrency=c.max_concurrency,
         )
 
@@ -223,7 +235,9 @@ async def run_agent(config: AgentConfig) -> int:
         missing = [m.backend_model for m in config.models if names and m.backend_model not in names]
         if missing:
             log.info("backend does not list some model names; sending them anyway", extra={"names": missing})
-        agent = Agent(config, backend)
+        kinds = {m.backend_model: list(config.kinds) or await backend.kinds(m.backend_model) for m in config.models}
+        log.info("job kinds", extra={"kinds": {name: ",".join(served) for name, served in kinds.items()}})
+        agent = Agent(config, backend, kinds)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.request_stop)

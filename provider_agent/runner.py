@@ -11,7 +11,7 @@ import msgspec
 
 from provider_agent.backends import Backend
 from shared import errors, logs
-from shared.backend import Chunk, Done
+from shared.backend import ENDPOINTS, Chunk, Done
 from shared.protocol import JobAssign, JobChunk, JobDone, JobFailed, JobProgress, Message
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,14 @@ class Runner:
         whole: list[bytes] = []  # a non-streamed reply that goes out with its JobDone
         try:
             async with asyncio.timeout(max(0.1, assign.deadline - time.time())):
-                events = self.backend.chat(
-                    assign.request, assign.backend_model, stream=assign.stream, want_usage=assign.want_usage
+                if assign.kind not in ENDPOINTS:  # a newer coordinator's kind: not this agent's to guess
+                    raise ValueError(f"job kind {assign.kind!r} is not one this agent serves")
+                events = self.backend.run(
+                    assign.kind,
+                    assign.request,
+                    assign.backend_model,
+                    stream=assign.stream,
+                    want_usage=assign.want_usage,
                 )
                 async for event in events:
                     if isinstance(event, Chunk):

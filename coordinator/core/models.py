@@ -351,6 +351,8 @@ class RequestLogRow(Base):
     tags: Mapped[str | None] = mapped_column(Text())  # the request's ``metadata``, as JSON
     dlp: Mapped[str | None] = mapped_column(Text())  # what data protection found: detector -> count, JSON
     agent_token_id: Mapped[int | None] = mapped_column(Integer)  # the agent's token (refunds after a restart)
+    # the API it came through: chat, completion, embedding (their job kinds), responses, messages (chat jobs)
+    kind: Mapped[str] = mapped_column(String(20), default="chat", server_default="chat")
 
 
 class DirectoryModel(Base):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from shared.money import usd_per_million_to_nano_per_token, usd_to_nano
+from shared.protocol import KINDS
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///pool.db"
 
@@ -31,6 +32,23 @@ def _parse_models(value: str) -> dict[str, str]:
     return mapping
 
 
+def _parse_kinds(value: str) -> dict[str, frozenset[str]]:
+    """Parse ``slug=kind+kind,slug2=kind`` (job kinds: chat, completion, embedding)."""
+    mapping: dict[str, frozenset[str]] = {}
+    for item in value.split(","):
+        slug, _, kinds = item.strip().partition("=")
+        if not slug.strip():
+            continue
+        named = frozenset(kind.strip() for kind in kinds.split("+") if kind.strip())
+        unknown = named - set(KINDS)
+        if not named or unknown:
+            raise SettingsError(
+                f"POOL_UPSTREAM_KINDS: {item.strip()!r} must name kinds among {', '.join(KINDS)}, joined by +"
+            )
+        mapping[slug.strip()] = named
+    return mapping
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
@@ -49,6 +67,7 @@ class Settings:
     upstream_base_url: str | None = None
     upstream_api_key: str | None = None
     upstream_models: dict[str, str] = field(default_factory=dict)
+    upstream_kinds: dict[str, frozenset[str]] = field(default_factory=dict)  # per model; unnamed: chat
     upstream_timeout: float = 300.0
     status_window_seconds: float = 900.0
     status_history: float = 86_400.0  # seconds of per-minute status history kept (POOL_STATUS_HISTORY_HOURS)
@@ -281,6 +300,7 @@ _FIELDS: dict[str, Callable[[str], object]] = {
     "upstream_base_url": lambda raw: raw.rstrip("/"),
     "upstream_api_key": str,
     "upstream_models": _parse_models,
+    "upstream_kinds": _parse_kinds,
     "upstream_timeout": _positive_float,
     "status_window_seconds": _positive_float,
     "status_history": lambda raw: _positive_float(raw) * 3600,

@@ -66,6 +66,8 @@ def choose(
         if window is None or window < needs.prompt_tokens + needs.output_tokens:
             continue
         uses = set(info.use_cases) if info else set()
+        if info is not None and info.embeds:  # not a chat model
+            continue
         if (needs.tools and "tools" not in uses) or (needs.json and "json" not in uses and "tools" not in uses):
             continue
         fitting.append(slug)

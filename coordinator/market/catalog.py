@@ -64,6 +64,9 @@ def precision(label: str) -> str | None:
     return None
 
 
+EMBEDDING_USE = "embedding"  # the use case of an embedding model
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     slug: str
     display_name: str
@@ -75,6 +78,13 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     aliases: tuple[str, ...] = ()
     max_price_in: int | None = None  # nano-USD per token an agent may ask at most (None: the default)
     max_price_out: int | None = None
+    dimensions: int | None = None  # an embedding model's vector size
+    matryoshka: bool = False  # its vectors keep their meaning cut short: requests may ask fewer ``dimensions``
+
+    @property
+    def embeds(self) -> bool:
+        """An embedding model: served at ``/v1/embeddings``, not for chat or completions."""
+        return EMBEDDING_USE in self.use_cases
 
     def ceiling(self, default: Price) -> Price:
         """The highest prices agents may announce for this model."""
@@ -105,7 +115,11 @@ def check(info: ModelInfo) -> ModelInfo:
         raise DirectoryError(f"invalid slug {info.slug!r} (lowercase letters, digits, . _ : -, at most 64)")
     if not info.display_name.strip() or not info.family.strip():
         raise DirectoryError(f"{info.slug}: display name and family are required")
-    for name, value in (("parameter count", info.parameter_count), ("context window", info.context_window)):
+    for name, value in (
+        ("parameter count", info.parameter_count),
+        ("context window", info.context_window),
+        ("dimensions", info.dimensions),
+    ):
         if value is not None and value <= 0:
             raise DirectoryError(f"{info.slug}: {name} must be positive")
     for name, value in (("max price in", info.max_price_in), ("max price out", info.max_price_out)):

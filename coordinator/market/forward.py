@@ -22,23 +22,51 @@ from typing import Any
 import msgspec
 
 from coordinator.core import bodies, dlp
-from shared.openai import ChatCompletionRequest
+from shared.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ConsumerRequest,
+    EmbeddingRequest,
+    NotAPrompt,
+    prompt_items,
+)
+from shared.protocol import CHAT, COMPLETION, EMBEDDING
 
 # Sampling fields outside OpenAI's API that llama.cpp, vLLM and others read alike and that change
 # only which tokens are drawn, never how many.
 PASS_THROUGH = frozenset({"top_k", "min_p", "typical_p", "repetition_penalty", "repeat_penalty"})
 FORWARDED = frozenset(ChatCompletionRequest.__struct_fields__) - {"provider", "metadata"} | PASS_THROUGH
+# Per job kind. A completion's ``echo`` and ``suffix`` are refused (:func:`content_problem`); an
+# embedding goes out as floats whatever the consumer asked: the coordinator encodes and cuts it.
+FORWARDED_BY_KIND = {
+    CHAT: FORWARDED,
+    COMPLETION: frozenset(CompletionRequest.__struct_fields__) - {"provider", "metadata", "echo", "suffix"}
+    | PASS_THROUGH,
+    EMBEDDING: frozenset({"model", "input"}),
+}
+
+
+def kind_of(request: ConsumerRequest) -> str:
+    """The job kind a consumer's request runs as."""
+    if isinstance(request, EmbeddingRequest):
+        return EMBEDDING
+    return COMPLETION if isinstance(request, CompletionRequest) else CHAT
+
+
 CONTENT_PARTS = frozenset({"text", "image_url", "input_audio", "refusal"})
 
 _decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
 
 
-def backend_body(raw: bytes, completion_bound: int) -> bytes:
-    """The body to send a backend: the forwarded fields in the consumer's order, the output limit
-    set to ``completion_bound``."""
+def backend_body(raw: bytes, completion_bound: int, kind: str = CHAT) -> bytes:
+    """The body to send a backend for a job of ``kind``: the forwarded fields in the consumer's
+    order, the output limit set to ``completion_bound`` (an embedding has none)."""
     body: dict[str, Any] = bodies.decode(_decoder, raw)
-    forwarded = {key: value for key, value in body.items() if key in FORWARDED}
+    forwarded = {key: value for key, value in body.items() if key in FORWARDED_BY_KIND[kind]}
+    if kind == EMBEDDING:
+        forwarded["encoding_format"] = "float"
+        return _encoder.encode(forwarded)
     if "max_completion_tokens" in forwarded:
         forwarded["max_completion_tokens"] = completion_bound
     if "max_tokens" in forwarded or "max_completion_tokens" not in forwarded:
@@ -46,8 +74,20 @@ def backend_body(raw: bytes, completion_bound: int) -> bytes:
     return _encoder.encode(forwarded)
 
 
-def content_problem(request: ChatCompletionRequest) -> tuple[str, str] | None:
-    """``(param, message)`` for the first content part the pool does not forward, else ``None``."""
+def content_problem(request: ConsumerRequest) -> tuple[str, str] | None:
+    """``(param, message)`` for the first part of the request the pool does not forward (a content
+    part, a completion's ``echo`` or ``suffix``, a malformed prompt or input), else ``None``."""
+    if isinstance(request, CompletionRequest):
+        if request.echo:
+            return "echo", "`echo` is not supported: providers' servers differ in whether they can echo the prompt."
+        if request.suffix is not None:
+            return "suffix", "`suffix` (insertion) is not supported."
+        problem = _prompt_problem(request.prompt, "prompt")
+        if problem is None and len(prompt_items(request.prompt, "prompt")) > 1:
+            return "prompt", "One prompt per request: send several prompts as several requests."
+        return problem
+    if isinstance(request, EmbeddingRequest):
+        return _prompt_problem(request.input, "input")
     for i, message in enumerate(request.messages):
         if not isinstance(message.content, list):
             continue
@@ -61,6 +101,14 @@ def content_problem(request: ChatCompletionRequest) -> tuple[str, str] | None:
                     f"{where}.image_url.url",
                     "Images must be sent inline as `data:` URLs: providers' servers do not fetch URLs.",
                 )
+    return None
+
+
+def _prompt_problem(value: str | list[Any], name: str) -> tuple[str, str] | None:
+    try:
+        prompt_items(value, name)
+    except NotAPrompt as exc:
+        return exc.param, str(exc)
     return None
 
 

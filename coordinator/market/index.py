@@ -15,6 +15,8 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from shared.protocol import CHAT
+
 if TYPE_CHECKING:
     from coordinator.market.registry import ConnectedAgent
 
@@ -81,9 +83,10 @@ class ModelIndex:
         return len(self.trust)
 
     def update(self, agent: ConnectedAgent) -> None:
-        """Index ``agent`` as it is now (or take it out: no free slot)."""
+        """Index ``agent`` as it is now (or take it out: no free slot). Only chat is placed from
+        the index: an offer without it is left for placement's scan of the other kinds."""
         offer = agent.models.get(self.slug)
-        if offer is None or agent.free_slots <= 0:
+        if offer is None or agent.free_slots <= 0 or not offer.serves(CHAT):
             self.remove(agent)
             return
         self.open[agent.agent_id] = agent

@@ -33,10 +33,11 @@ def hello_offers(hello: Hello, directory: Directory, default_ceiling: Price) -> 
     name through the directory's aliases; either way the model must be in the directory, and its
     prices within the entry's ceiling (``default_ceiling`` where the entry sets none): what one
     agent asks must not raise what every consumer's request holds without bound."""
-    if hello.protocol != protocol.PROTOCOL_VERSION:
+    if hello.protocol not in protocol.SUPPORTED_VERSIONS:
+        versions = ", ".join(str(v) for v in sorted(protocol.SUPPORTED_VERSIONS))
         raise HelloRefused(
-            f"protocol version {hello.protocol} is not supported; this coordinator speaks version "
-            f"{protocol.PROTOCOL_VERSION}: upgrade pool-agent"
+            f"protocol version {hello.protocol} is not supported; this coordinator speaks versions {versions}: "
+            "upgrade pool-agent"
         )
     if not hello.models:
         raise HelloRefused("hello announces no models")
@@ -75,5 +76,23 @@ def hello_offers(hello: Hello, directory: Directory, default_ceiling: Price) -> 
                 f"model {slug!r}: quantization {quantization!r} is not one the directory lists for it "
                 f"({', '.join(listed)}); announce one of those, or ask the operator to add it"
             )
-        offers[slug] = msgspec.structs.replace(offer, slug=slug, quantization=quantization)
+        kinds = _kinds(slug, offer.kinds, directory.entries[slug].embeds) if hello.protocol > 1 else []
+        if hello.protocol == 1 and directory.entries[slug].embeds:
+            raise HelloRefused(f"model {slug!r} is an embedding model: serving it needs pool-agent with job kinds")
+        offers[slug] = msgspec.structs.replace(offer, slug=slug, quantization=quantization, kinds=kinds)
     return offers
+
+
+def _kinds(slug: str, announced: list[str], embeds: bool) -> list[str]:
+    """The job kinds an offer is taken for: those this coordinator knows (a newer agent's others
+    are ignored) that the directory's entry allows (an embedding model embeds, other models chat
+    and complete); an offer of none of them serves nothing here."""
+    allowed = (protocol.EMBEDDING,) if embeds else (protocol.CHAT, protocol.COMPLETION)
+    kinds = [kind for kind in allowed if kind in (announced or [protocol.CHAT])]
+    if not kinds:
+        served = ", ".join(kind[:20] for kind in (announced or [protocol.CHAT])[:5])
+        listed = "as an embedding model" if embeds else "for chat and completions"
+        raise HelloRefused(
+            f"model {slug!r}: the backend serves it for {served}, and the pool's directory lists it {listed}"
+        )
+    return [] if kinds == [protocol.CHAT] else kinds

@@ -24,6 +24,7 @@ from coordinator.market.upstream import Upstream
 from coordinator.money.metering import Price
 from shared.money import NANO_PER_USD, TOKENS_PER_PRICE_UNIT
 from shared.openai import ProviderPreferences
+from shared.protocol import CHAT
 
 PLATFORM = "platform"  # how consumers name the platform upstream in ``order``/``only``/``ignore``
 UNKNOWN_QUANTIZATION = "unknown"
@@ -56,13 +57,14 @@ class Routing:
     ignore: frozenset[str] = frozenset()
     allow_fallbacks: bool = True
     quantizations: frozenset[str] | None = None
+    kind: str = CHAT  # the job's kind: only agents whose offer serves it may take it
 
     @classmethod
-    def of(cls, prefs: ProviderPreferences | None, resolve: Callable[[str], str] = str) -> Routing:
-        """The pool's terms for a request's ``provider`` object; ``resolve`` turns a provider's slug
-        into its id (other names, ids and ``platform`` pass unchanged)."""
+    def of(cls, prefs: ProviderPreferences | None, resolve: Callable[[str], str] = str, kind: str = CHAT) -> Routing:
+        """The pool's terms for a request's ``provider`` object, for a job of ``kind``; ``resolve``
+        turns a provider's slug into its id (other names, ids and ``platform`` pass unchanged)."""
         if prefs is None:
-            return cls()
+            return cls(kind=kind)
         max_price = None
         if prefs.max_price is not None:
             max_price = Price(nano_cap(prefs.max_price.prompt), nano_cap(prefs.max_price.completion))
@@ -77,6 +79,7 @@ class Routing:
             quantizations=(
                 None if prefs.quantizations is None else frozenset(quantization_label(q) for q in prefs.quantizations)
             ),
+            kind=kind,
         )
 
     def admits(self, agent: ConnectedAgent, slug: str) -> bool:
@@ -88,6 +91,8 @@ class Routing:
         if self.order and not self.allow_fallbacks and not any(name in self.order for name in names):
             return False
         offer = agent.models[slug]
+        if not offer.serves(self.kind):
+            return False
         if self.max_price is not None and not self.max_price.covers(Price(offer.price_in, offer.price_out)):
             return False
         if self.quantizations is None:
@@ -152,12 +157,12 @@ def eligible(
     for agent in registry.serving(slug):
         offer = agent.models[slug]
         if (
-            agent.free_slots > 0
+            (offer.serves(CHAT) if default else routing.admits(agent, slug))
+            and agent.free_slots > 0
             and agent.trust >= floor
             and offer.price_in <= most_in
             and offer.price_out <= most_out
             and agent.agent_id not in exclude
-            and (default or routing.admits(agent, slug))
         ):
             found.append(agent)
     return found
@@ -233,9 +238,11 @@ _RANDOM = random.Random()
 
 
 def _indexed(routing: Routing) -> bool:
-    """Whether the index answers this routing: everything but ``sort`` and ``min_trust`` at its default."""
+    """Whether the index answers this routing: everything but ``sort`` and ``min_trust`` at its
+    default, for chat (the index holds the agents that serve chat)."""
     return (
-        not routing.order
+        routing.kind == CHAT
+        and not routing.order
         and routing.only is None
         and not routing.ignore
         and routing.max_price is None
@@ -440,7 +447,7 @@ def prices(registry: Registry, upstream: Upstream, slugs: list[str], routing: Ro
         found = []
         for slug in slugs:
             found += [offer_price(agent, slug) for agent in eligible(registry, slug, routing, trust_floor=trust_floor)]
-            if upstream.serves(slug) and routing.admits_upstream(upstream.price_for(slug)):
+            if upstream.serves(slug, routing.kind) and routing.admits_upstream(upstream.price_for(slug)):
                 found.append(upstream.price_for(slug))
         return found
 
@@ -456,7 +463,7 @@ def prices(registry: Registry, upstream: Upstream, slugs: list[str], routing: Ro
             most_in = max(most_in, _dearest(index.price_in, floor))
             most_out = max(most_out, _dearest(index.price_out, floor))
         fallback = upstream.price_for(slug)
-        if upstream.serves(slug) and routing.admits_upstream(fallback):
+        if upstream.serves(slug, routing.kind) and routing.admits_upstream(fallback):
             most_in, most_out = max(most_in, fallback.input), max(most_out, fallback.output)
     return Offers(Price(most_in, most_out) if most_in >= 0 else None, everyone)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 
 from coordinator.money.metering import Price
-from shared.backend import Event, HttpClient, prepare_body, run_chat
+from shared.backend import ENDPOINTS, Event, HttpClient, prepare_body, run_chat
+from shared.protocol import CHAT
 
 FREE = Price(0, 0)
 MIN_PROVIDERS = 3  # trusted providers whose offers make a pool price
@@ -38,7 +39,8 @@ def median_price(offers: Iterable[tuple[str, Price]], least: int = 1) -> Price |
 
 class Upstream:
     """``fixed`` is what consumers pay for a fallback request if the operator set it (else the pool
-    price, :meth:`price_for`); ``cost`` what the upstream bills the platform."""
+    price, :meth:`price_for`); ``cost`` what the upstream bills the platform; ``kinds`` the job
+    kinds it serves per model (a model not named there: chat)."""
 
     def __init__(
         self,
@@ -48,17 +50,19 @@ class Upstream:
         timeout: float,
         price: Price | None = None,
         cost: Price = FREE,
+        kinds: dict[str, frozenset[str]] | None = None,
     ) -> None:
         self.models = models if base_url else {}
+        self.kinds = kinds or {}
         self.fixed = price
         self.pool_prices: dict[str, Price] = {}  # per model, kept by :meth:`reprice`
         self.cost = cost
-        self._url = f"{base_url}/chat/completions" if base_url else ""
+        self._base = base_url or ""
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = HttpClient(256, timeout, trust_env=True)  # an operator's proxy settings apply
 
-    def serves(self, slug: str) -> bool:
-        return slug in self.models
+    def serves(self, slug: str, kind: str = CHAT) -> bool:
+        return slug in self.models and kind in self.kinds.get(slug, (CHAT,))
 
     def price_for(self, slug: str) -> Price:
         """What a consumer pays per token for ``slug`` through the upstream (the pool's price never
@@ -75,9 +79,10 @@ class Upstream:
         elif slug not in self.pool_prices:
             self.pool_prices[slug] = ceiling
 
-    def run(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> AsyncIterator[Event]:
+    def run(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool, kind: str = CHAT) -> AsyncIterator[Event]:
         body = prepare_body(raw, self.models[slug], stream)
-        return run_chat(self._client, self._url, body, stream=stream, want_usage=want_usage, headers=self._headers)
+        url = self._base + ENDPOINTS[kind]
+        return run_chat(self._client, url, body, stream=stream, want_usage=want_usage, headers=self._headers)
 
     async def aclose(self) -> None:
         await self._client.aclose()

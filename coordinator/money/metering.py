@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.openai import ChatCompletionRequest
+from shared.openai import ChatCompletionRequest, ConsumerRequest, EmbeddingRequest
 from shared.protocol import Usage
 
 # A chat template adds a few tokens per message (and some templates a default system prompt) beyond
@@ -44,10 +44,14 @@ CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 
 
-def prompt_estimate(request: ChatCompletionRequest) -> int:
+def prompt_estimate(request: ConsumerRequest) -> int:
     """What a prompt's tokens probably are, without a tokenizer: its text's characters / 4 plus a
-    few per message. Billed only when the backend's own count is missing (the consumer hung up) or
-    unbelievable (above :func:`prompt_bound`)."""
+    few per message (token ids count one each). Billed only when the backend's own count is missing
+    (the consumer hung up) or unbelievable (above :func:`prompt_bound`)."""
+    if not isinstance(request, ChatCompletionRequest):
+        prompt = request.input if isinstance(request, EmbeddingRequest) else request.prompt
+        items = [prompt] if isinstance(prompt, str) else prompt
+        return sum(len(item) // CHARS_PER_TOKEN if isinstance(item, str) else _ids(item) for item in items)
     chars = 0
     for message in request.messages:
         content = message.content
@@ -58,8 +62,15 @@ def prompt_estimate(request: ChatCompletionRequest) -> int:
     return chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * len(request.messages)
 
 
-def output_bound(request: ChatCompletionRequest, model_cap: int) -> int:
-    """The most completion tokens the request can produce: its own limit, else the model's cap."""
+def _ids(item: object) -> int:
+    return len(item) if isinstance(item, list) else 1
+
+
+def output_bound(request: ConsumerRequest, model_cap: int) -> int:
+    """The most completion tokens the request can produce: its own limit, else the model's cap
+    (an embedding produces none)."""
+    if isinstance(request, EmbeddingRequest):
+        return 0
     asked = request.max_completion_tokens or request.max_tokens
     return min(asked, model_cap) if asked else model_cap
 

@@ -63,6 +63,7 @@ class RequestRecord:
     tags: str | None = None  # the request's ``metadata``, JSON
     dlp: str | None = None  # what data protection found, detector -> count, JSON (never the text)
     agent_token_id: int | None = None  # the served agent's token: whose jobs a failed canary refunds
+    kind: str = "chat"  # the API: chat, completion, embedding, responses, messages
 
     def values(self) -> tuple[object, ...]:
         """The row, in the order of :data:`COLUMNS`."""

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -30,7 +30,7 @@ from coordinator.identity.policies import KeyPolicy
 from coordinator.identity.users import Principal
 from coordinator.market import auto, placement, registry
 from coordinator.market.auto import AUTO, AutoChoice, NothingFits
-from coordinator.market.forward import backend_body, content_problem, protect
+from coordinator.market.forward import backend_body, content_problem, kind_of, protect
 from coordinator.market.placement import DEFAULT_ROUTING, Offers, Routing, offer_price
 from coordinator.market.present import present
 from coordinator.money.budgets import DAY, BudgetHold, CapReached
@@ -47,7 +47,8 @@ from coordinator.trust import scores as trust
 from shared import errors
 from shared.backend import Done, Failure
 from shared.money import format_usd, nano_per_token_to_usd_per_million, nano_to_usd
-from shared.openai import ChatCompletionRequest
+from shared.openai import ChatCompletionRequest, ConsumerRequest, has_token_ids
+from shared.protocol import CHAT, EMBEDDING
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,12 @@ class Piece:
 
 @dataclass(eq=False)
 class Call:
-    """One chat request in flight: what it may cost, what it did, and how it ended (once)."""
+    """One request in flight (a chat, a completion or an embedding: ``kind``): what it may cost,
+    what it did, and how it ended (once)."""
 
     pool: PoolState
     record: RequestRecord
-    data: ChatCompletionRequest
+    data: ConsumerRequest
     body: bytes  # what reaches the backend (:func:`coordinator.market.forward.backend_body`)
     meter: Meter
     routing: Routing
@@ -209,6 +211,8 @@ class Call:
     caps: dict[str, int] = field(default_factory=dict)  # the key policy's spend caps, nano-USD by period
     budget: BudgetHold | None = None  # the worst case, carved out of the key's spend caps
     price: Price | None = None  # what it was charged at (``x_pool.price_per_1m``), once concluded
+    kind: str = CHAT  # the job kind it runs as
+    output_bytes: int = 0  # what the job may send in all (0: what its completion bound allows)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -242,7 +246,7 @@ class Call:
             want_usage=bool(data.stream and data.stream_options and data.stream_options.include_usage),
             routing=self.routing,
             max_price=ceiling,
-            budget=output_budget(self.meter.completion_bound, bool(data.logprobs)),
+            budget=self.output_bytes or output_budget(self.meter.completion_bound, bool(data.logprobs)),
         )
         if attempt is None:
             raise self.no_capacity()
@@ -293,14 +297,23 @@ class Call:
         """Non-stream: the reply as the consumer sees it. The agent says it is alive while its
         backend works; silence for ``POOL_WHOLE_REPLY_SILENCE`` ends the job as a failure
         (:class:`Refusal`)."""
+        body, x_pool = await self.reply()
+        return self.show(body, x_pool)
+
+    async def reply(self, unusable: Callable[[bytes], str | None] | None = None) -> tuple[bytes, XPool | None]:
+        """Non-stream: the backend's reply as it came, and the ``x_pool`` to show with it. A reply
+        ``unusable`` finds a problem with (an embedding's vectors that don't fit its inputs) fails
+        the job: nothing is billed and the agent is blamed (:class:`Refusal`)."""
         reader = self._reader()
         body = await reader.whole(self.pool.dispatcher.silence(stream=False))
         if isinstance(body, Failure):
             raise self.failed(body, reader.job)
+        problem = unusable(body) if unusable is not None else None
+        if problem is not None:
+            raise self.failed(Failure(errors.BACKEND_ERROR, f"the reply is unusable: {problem}", True), reader.job)
         assert isinstance(reader.end, Done)
         self.meter.usage = reader.end.usage
-        x_pool = self.end(Ending(200, job=reader.job, completed=True))
-        return self.show(body, x_pool)
+        return body, self.end(Ending(200, job=reader.job, completed=True))
 
     async def relay(self) -> AsyncGenerator[Piece, None]:
         """A stream as the consumer sees it, piece by piece; the last piece says how it ended.
@@ -369,7 +382,8 @@ class Call:
     def no_capacity(self) -> Refusal:
         retry_after = self.pool.settings.no_capacity_retry_after
         names = ", ".join(f"`{slug}`" for slug in self.data.models)
-        matching = " matching the request's `provider` preferences" if self.routing != DEFAULT_ROUTING else ""
+        plain = dataclasses.replace(DEFAULT_ROUTING, kind=self.kind)
+        matching = " matching the request's `provider` preferences" if self.routing != plain else ""
         return self.refuse(
             503,
             errors.NO_CAPACITY,
@@ -508,25 +522,29 @@ class Call:
 
 
 async def admit(
-    pool: PoolState, principal: Principal, record: RequestRecord, data: ChatCompletionRequest, raw: bytes
+    pool: PoolState, principal: Principal, record: RequestRecord, data: ConsumerRequest, raw: bytes
 ) -> Call:
     """Check what costs nothing, in order of cost: the model, the content, the key's rate limits,
     whether anyone can serve. The admitted :class:`Call`, or :class:`Refusal`."""
     models = data.models
+    kind = kind_of(data)
     record.model, record.stream = models[0], data.stream
-    routing = Routing.of(data.provider, pool.providers.resolve)
-    call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), routing, placement.NO_OFFERS, {})
+    routing = Routing.of(data.provider, pool.providers.resolve, kind)
+    call = Call(pool, record, data, b"", Meter(prompt_bound(raw), 0, 0), routing, placement.NO_OFFERS, {}, kind=kind)
     policy = principal.policy
     if policy is not None:
         record.project = policy.project or None
         if policy.paused:  # before anything else, ``auto`` too
             raise call.refuse(403, errors.API_DISABLED, "This key is paused by its owner; resume it to use it again.")
     if models == [""]:  # left out: ``auto`` for a key whose policy names its models, else required
-        if policy is None or not policy.models:
+        if policy is None or not policy.models or kind != CHAT:
             message = "`model` is required: name a model (GET /v1/models lists them), or `auto` to let the pool pick."
             raise call.refuse(400, errors.INVALID_REQUEST, message, "model")
         models = [AUTO]
     if models == [AUTO]:
+        if not isinstance(data, ChatCompletionRequest):
+            message = "`auto` picks among chat models: name the model (GET /v1/models lists them)."
+            raise call.refuse(400, errors.INVALID_REQUEST, message, "model")
         try:
             call.auto = _auto(pool, policy, data, raw)
         except NothingFits as exc:
@@ -557,6 +575,13 @@ async def admit(
                 "model",
             )
         info = pool.directory.get(slug)
+        if info is not None and info.embeds != (kind == EMBEDDING):
+            message = (
+                f"`{slug}` is an embedding model: POST /v1/embeddings."
+                if info.embeds
+                else f"`{slug}` is not an embedding model (GET /v1/models lists each model's useCases)."
+            )
+            raise call.refuse(400, errors.INVALID_REQUEST, message, "model")
         if policy is not None and not policy.allows(slug, info.family if info else None):
             raise call.refuse(
                 403,
@@ -571,7 +596,14 @@ async def admit(
     problem = content_problem(data)
     if problem is not None:
         raise call.refuse(400, errors.INVALID_REQUEST, problem[1], problem[0])
-    call.body = backend_body(raw, bound)
+    call.body = backend_body(raw, bound, kind)
+    if policy is not None and policy.dlp and has_token_ids(data):
+        raise call.refuse(
+            403,
+            errors.POLICY_BLOCKED,
+            "This key's policy checks prompts for sensitive data, which token ids hide: send text (rule: dlp).",
+            "input" if kind == EMBEDDING else "prompt",
+        )
     if policy is not None and policy.dlp:
         if len(call.body) > DLP_INLINE_BYTES:  # a big prompt is scanned off the event loop: others go on meanwhile
             protected = await asyncio.to_thread(protect, call.body, policy.dlp)
@@ -602,7 +634,8 @@ async def admit(
             **decision.headers,
         )
     call.token_estimate, call.limits = estimate, decision.headers
-    pool.verifier.observe(raw)  # canaries copy the shapes of admitted requests
+    if kind == CHAT:
+        pool.verifier.observe(raw)  # canaries copy the shapes of admitted requests
     call.offers = placement.prices(
         pool.registry, pool.upstream, models, routing, trust_floor=pool.settings.trust_threshold
     )

@@ -12,6 +12,7 @@ from coordinator.services.state import PoolState
 from coordinator.status.history import MINUTE, StatusPoint
 from coordinator.status.stats import Window, merged, window_bytes
 from shared.money import blend_units, blended_usd_per_million, nano_per_token_to_usd_per_million
+from shared.protocol import KINDS
 
 # ``created`` in the OpenAI model shape: when the model was made. The pool does not know, and a
 # process start time would differ between coordinators, so it is 0 (unknown) for every model.
@@ -38,6 +39,9 @@ class ModelEntry(msgspec.Struct):
     minBlendedPricePer1mTokensUsd: float | None  # (3 * input + output) / 4 per 1M tokens, the cheapest offer
     avgTrustScore: float | None
     fallbackAvailable: bool
+    # the job kinds someone serves now (chat, completion, embedding): which endpoints take the model
+    kinds: list[str] = []
+    dimensions: int | None = None  # an embedding model's vector size
 
 
 class ModelList(msgspec.Struct):
@@ -122,7 +126,13 @@ def model_list(pool: PoolState) -> ModelList:
                 minPricePer1mTokensUsd=nano_per_token_to_usd_per_million(min(prices)) if prices else None,
                 minBlendedPricePer1mTokensUsd=blended_usd_per_million(min(blended)) if blended else None,
                 avgTrustScore=round(sum(a.trust for a in agents) / len(agents), 1) if agents else None,
-                fallbackAvailable=pool.upstream.serves(slug),
+                fallbackAvailable=any(pool.upstream.serves(slug, kind) for kind in KINDS),
+                kinds=[
+                    kind
+                    for kind in KINDS
+                    if pool.upstream.serves(slug, kind) or any(a.models[slug].serves(kind) for a in agents)
+                ],
+                dimensions=info.dimensions if info else None,
             )
         )
     if entries:  # ``auto``: the pool picks, per request, the cheapest of these that fits

@@ -48,12 +48,25 @@ class UsageRow(msgspec.Struct):
     completionTokens: int
     costUsd: float
     costNano: int
+    kind: str = "chat"  # the API: chat, completion, embedding, responses, messages
+
+
+class KindTotal(msgspec.Struct):
+    """One API's share of the period: requests, tokens and spend."""
+
+    kind: str
+    requests: int
+    promptTokens: int
+    completionTokens: int
+    costUsd: float
+    costNano: int
 
 
 class Usage(msgspec.Struct):
     fromDate: str
     toDate: str
-    data: list[UsageRow]
+    data: list[UsageRow]  # per day, model and kind
+    byKind: list[KindTotal] = []  # the period's totals per kind, the most spent first
 
 
 class Generation(msgspec.Struct):
@@ -81,6 +94,7 @@ class Generation(msgspec.Struct):
     user: str | None = None  # the request's ``user`` field
     metadata: dict[str, str] | None = None  # the request's ``metadata`` tags
     dlp: dict[str, int] | None = None  # what data protection found in the prompt, per detector
+    kind: str = "chat"  # the API it came through: chat, completion, embedding, responses, messages
 
 
 class EarningsRow(msgspec.Struct):
@@ -196,15 +210,18 @@ def _unless_refunded(amount: Any) -> Any:
     return case((_log.c.refunded.is_(True), 0), else_=amount)
 
 
-async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) -> list[tuple[Any, ...]]:
-    """Per day and model, for the rows ``who`` selects: requests, failures, tokens in/out, ``amount``.
-    Requests refused before a model was read (a body that isn't JSON, say) belong to no model and
-    cost nothing: they are in ``/v1/generation/{id}``, not here."""
+async def _daily(
+    pool: PoolState, who: Any, amount: Any, first: str, last: str, *, by_kind: bool = False
+) -> list[tuple[Any, ...]]:
+    """Per day and model (and kind, with ``by_kind``: the kind comes after the model), for the rows
+    ``who`` selects: requests, failures, tokens in/out, ``amount``. Requests refused before a model
+    was read (a body that isn't JSON, say) belong to no model and cost nothing: they are in
+    ``/v1/generation/{id}``, not here."""
     await pool.requests.flush()
+    keys = (_log.c.day, _log.c.model, *((_log.c.kind,) if by_kind else ()))
     query = (
         select(
-            _log.c.day,
-            _log.c.model,
+            *keys,
             func.count(),
             func.sum(case((_log.c.status != 200, 1), else_=0)),
             func.sum(_log.c.prompt_tokens),
@@ -212,20 +229,29 @@ async def _daily(pool: PoolState, who: Any, amount: Any, first: str, last: str) 
             func.sum(amount),
         )
         .where(who, _log.c.model != "", _log.c.day >= first, _log.c.day <= last)
-        .group_by(_log.c.day, _log.c.model)
-        .order_by(_log.c.day, _log.c.model)
+        .group_by(*keys)
+        .order_by(*keys)
     )
     async with pool.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
-    return [(day, model, *(int(v or 0) for v in sums)) for day, model, *sums in rows]
+    width = len(keys)
+    return [(*row[:width], *(int(v or 0) for v in row[width:])) for row in rows]
 
 
 async def usage_by_day(pool: PoolState, user_id: int, first: str, last: str) -> Usage:
-    rows = await _daily(pool, _log.c.user_id == user_id, _unless_refunded(_log.c.cost), first, last)
+    rows = await _daily(pool, _log.c.user_id == user_id, _unless_refunded(_log.c.cost), first, last, by_kind=True)
     data = [
-        UsageRow(day, model, n, failed, p, c, nano_to_usd(cost), cost) for day, model, n, failed, p, c, cost in rows
+        UsageRow(day, model, n, failed, p, c, nano_to_usd(cost), cost, kind)
+        for day, model, kind, n, failed, p, c, cost in rows
     ]
-    return Usage(first, last, data)
+    totals: dict[str, list[int]] = {}
+    for row in data:
+        total = totals.setdefault(row.kind, [0, 0, 0, 0])
+        for i, value in enumerate((row.requests, row.promptTokens, row.completionTokens, row.costNano)):
+            total[i] += value
+    by_kind = [KindTotal(kind, n, p, c, nano_to_usd(cost), cost) for kind, (n, p, c, cost) in totals.items()]
+    by_kind.sort(key=lambda total: (-total.costNano, total.kind))
+    return Usage(first, last, data, by_kind)
 
 
 async def recent_requests(pool: PoolState, user_id: int, limit: int = 20) -> list[Generation]:
@@ -264,6 +290,7 @@ def _generation(r: Any) -> Generation:
         user=r.end_user,
         metadata=msgspec.json.decode(r.tags) if r.tags else None,
         dlp=msgspec.json.decode(r.dlp) if r.dlp else None,
+        kind=r.kind,
     )
 
 
@@ -373,6 +400,7 @@ CSV_COLUMNS = (
     "project",
     "user",
     "model",
+    "kind",
     "status",
     "errorCode",
     "stream",

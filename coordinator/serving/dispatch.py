@@ -20,7 +20,7 @@ from coordinator.serving.jobs import DEFAULT_BUDGET, Job, JobTable, Reply, new_j
 from coordinator.trust.scores import TrustBook, is_rejection
 from shared import errors, logs
 from shared.backend import Event, Failure
-from shared.protocol import JobAssign, JobCancel, JobChunk, JobDone, JobFailed, JobProgress
+from shared.protocol import CHAT, JobAssign, JobCancel, JobChunk, JobDone, JobFailed, JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Dispatcher:
         stream: bool,
         want_usage: bool,
         budget: int = DEFAULT_BUDGET,
+        kind: str = CHAT,
     ) -> Job:
         job, message = self.table.open(
             agent,
@@ -108,6 +109,7 @@ class Dispatcher:
             loop_now=asyncio.get_running_loop().time(),
             stop=self.cancel,
             request_id=logs.request_id.get() or "",  # the agent logs it with the job
+            kind=kind,
         )
         try:
             await agent.link.send(message)
@@ -123,7 +125,8 @@ class Dispatcher:
     ) -> bool:
         """Run a job another replica placed on ``agent`` (connected here), sending its events to
         ``forward``; ``False`` if the agent has no free slot for it: this replica decides that."""
-        if not agent.local or agent.free_slots <= 0 or assign.model not in agent.models:
+        offer = agent.models.get(assign.model)
+        if not agent.local or agent.free_slots <= 0 or offer is None or not offer.serves(assign.kind):
             return False
         loop_now = asyncio.get_running_loop().time()
         job = self.table.adopt(agent, assign, forward, budget=budget, loop_now=loop_now, stop=self.cancel)
@@ -163,8 +166,8 @@ class Dispatcher:
         else:
             self.table.progress(agent, frame.job_id)
 
-    def run_upstream(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool) -> Job:
-        events = self.upstream.run(slug, raw, stream=stream, want_usage=want_usage)
+    def run_upstream(self, slug: str, raw: bytes, *, stream: bool, want_usage: bool, kind: str = CHAT) -> Job:
+        events = self.upstream.run(slug, raw, stream=stream, want_usage=want_usage, kind=kind)
 
         def stop(job: Job) -> None:
             job.finished = True
@@ -212,7 +215,9 @@ class Dispatcher:
                 attempts += 1
                 agent = choice.agent
                 tried.add(agent.agent_id)
-                job = await self.assign(agent, slug, raw, stream=stream, want_usage=want_usage, budget=budget)
+                job = await self.assign(
+                    agent, slug, raw, stream=stream, want_usage=want_usage, budget=budget, kind=routing.kind
+                )
                 first = await job.next(silence)
                 route = Route(slug, choice.reason, choice.candidates, attempts)
                 if not isinstance(first, Failure):
@@ -234,11 +239,11 @@ class Dispatcher:
                 )
             price = self.upstream.price_for(slug)
             if (
-                self.upstream.serves(slug)
+                self.upstream.serves(slug, routing.kind)
                 and routing.admits_upstream(price)
                 and (max_price is None or max_price.covers(price))
             ):
-                job = self.run_upstream(slug, raw, stream=stream, want_usage=want_usage)
+                job = self.run_upstream(slug, raw, stream=stream, want_usage=want_usage, kind=routing.kind)
                 first = await job.next(self.first_chunk_timeout)
                 job.first_at = time.perf_counter()
                 if not isinstance(first, Failure) or not is_rejection(first):

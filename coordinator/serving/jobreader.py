@@ -77,6 +77,7 @@ class JobReader:
         set) counts at once, so the outcome can bill it. Output past ``bound`` is not relayed: the
         job is cut and ``end`` says so."""
         job, event, output = self.job, self.first, self.output
+        output.stream = True
         most = None if self.bound is None else self.bound + OVERRUN_SLACK
         while True:
             out: list[bytes] = []

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from coordinator.market.registry import ConnectedAgent
 from shared import errors
 from shared.backend import Chunk, Done, Event, Failure
-from shared.protocol import JobAssign, JobCancel, JobChunk, JobDone, JobFailed
+from shared.protocol import CHAT, JobAssign, JobCancel, JobChunk, JobDone, JobFailed
 
 # Output bytes a job may send when the request sets no budget (verification jobs), and the backlog
 # waiting for a consumer at which the agent's socket stops being read until it falls to QUEUE_LOW.
@@ -165,6 +165,7 @@ class JobTable:
         loop_now: float,
         stop: Callable[[Job], None] | None = None,
         request_id: str = "",
+        kind: str = CHAT,
     ) -> tuple[Job, JobAssign]:
         """A new job of ``agent``'s, counted against its capacity, and the message that assigns it
         (``now``: wall time, for the agent's deadline; ``loop_now``: the loop's, for the reader's)."""
@@ -179,6 +180,7 @@ class JobTable:
             want_usage=want_usage,
             deadline=now + self.job_deadline,
             request_id=request_id,
+            kind=kind,
         )
         return job, message
 

@@ -13,7 +13,9 @@ not billed and not paid. A pass vouches for the consumer jobs the agent served f
 its last pass (when the operator has prompts of its own, only a pass on one of those: the shipped
 ones are public); failures on distinct prompts, once confirmed, refund them (``clawback.py``).
 Canary evidence names no job and no prompt, so a provider's evidence list does not say which of
-its jobs were canaries.
+its jobs were canaries. An embedding model's canary asks for the prompt's embedding, as a consumer's
+embeddings request would, and its vector is compared with the references' by cosine similarity.
+An offer that serves neither chat nor embeddings (completions alone) gets no canaries yet.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from coordinator.market import vectors
 from coordinator.market.catalog import Directory
 from coordinator.market.forward import backend_body
 from coordinator.market.registry import ConnectedAgent, Registry
@@ -34,18 +37,24 @@ from coordinator.money.clawback import Verdicts
 from coordinator.money.metering import output_bound
 from coordinator.serving.dispatch import Dispatcher
 from coordinator.serving.jobreader import JobReader
-from coordinator.serving.jobs import output_budget
+from coordinator.serving.jobs import BUDGET_BASE, output_budget
 from coordinator.trust import audit, canaries
 from coordinator.trust import scores as trust
 from coordinator.trust.canaries import Canary, Prompts, Shapes
 from coordinator.trust.references import PLATFORM, UNLABELED, Answer, Comparison, ReferenceBook, agrees
 from shared.backend import Chunk, Done, Failure
 from shared.openai import ChatCompletionRequest
+from shared.protocol import CHAT, EMBEDDING
 
 log = logging.getLogger(__name__)
 
 CANARY = "canary: "  # how evidence from verification jobs begins
 JUDGED_SHARE = 0.5  # without an upstream, canaries that ask a prompt a reference already answers
+
+
+def _verifiable(agent: ConnectedAgent) -> list[str]:
+    """The models of ``agent`` a canary can check: those it serves for chat or embeddings."""
+    return sorted(slug for slug, offer in agent.models.items() if offer.serves(CHAT) or offer.serves(EMBEDDING))
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Verifier:
     _secret: set[str] = field(default_factory=set)  # digests of the operator's prompts
     _asking: set[tuple[str, str]] = field(default_factory=set)  # (model, digest) the upstream is asked
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+    sizes: dict[str, int | None] = field(default_factory=dict)  # an embedding model's vector size, per model
 
     def observe(self, raw: bytes) -> None:
         """Note an admitted consumer request's shape (one in a few is read), for canaries to copy."""
@@ -74,12 +84,14 @@ class Verifier:
 
     def pick(self) -> tuple[ConnectedAgent, str] | None:
         """The agent to verify next: the one with the fewest canaries, ties at random; and a model."""
-        free = [a for a in self.registry.local() if not a.draining and a.in_flight < a.max_concurrency]
+        free = [
+            a for a in self.registry.local() if not a.draining and a.in_flight < a.max_concurrency and _verifiable(a)
+        ]
         if not free:
             return None
         self.rng.shuffle(free)
         agent = min(free, key=lambda a: self.done.get(a.token_id, 0))
-        return agent, self.rng.choice(sorted(agent.models))
+        return agent, self.rng.choice(_verifiable(agent))
 
     def start_one(self, directory: Directory) -> None:
         """Start a canary on the agent verified least so far, in the background (canaries run
@@ -93,6 +105,7 @@ class Verifier:
         quantization = label if info is not None and label in info.quantizations else UNLABELED
         parameters = info.parameter_count if info is not None else None
         model_cap = info.context_window if info is not None and info.context_window else None
+        self.sizes[slug] = info.dimensions if info is not None else None
         task = asyncio.create_task(self._run_logged(agent, slug, quantization, parameters, model_cap))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -154,13 +167,18 @@ class Verifier:
         source = self.references.source_of(agent)
         prompt = self.prompt_for(slug, source)
         key = canaries.digest(slug, prompt)
-        canary = canaries.build(self.shapes.draw(self.rng), slug, prompt, self.cap)
+        kind = EMBEDDING if agent.models[slug].serves(EMBEDDING) else CHAT
         self.done[agent.token_id] = self.done.get(agent.token_id, 0) + 1
         asking = None
-        if source is None and not self.references.has(slug, key) and self.dispatcher.upstream.serves(slug):
-            asking = asyncio.create_task(self._ask_upstream(slug, prompt, key))
+        if source is None and not self.references.has(slug, key) and self.dispatcher.upstream.serves(slug, kind):
+            asking = asyncio.create_task(self._ask_upstream(slug, prompt, key, kind))
         try:
-            result = await self._answer(agent, slug, canary, parameter_count, model_cap or self.default_output_tokens)
+            if kind == EMBEDDING:
+                result = await self._embedding(agent, slug, prompt, parameter_count)
+            else:
+                canary = canaries.build(self.shapes.draw(self.rng), slug, prompt, self.cap)
+                cap = model_cap or self.default_output_tokens
+                result = await self._answer(agent, slug, canary, parameter_count, cap)
         finally:
             if asking is not None:
                 await asking
@@ -215,12 +233,45 @@ class Verifier:
         complete = not reader.cut and output.finish_reason == "stop"
         return Answer(output.text, complete, canary.limit), not verdict.findings
 
-    async def _ask_upstream(self, slug: str, prompt: str, key: str) -> None:
+    async def _embedding(
+        self, agent: ConnectedAgent, slug: str, prompt: str, parameter_count: int | None
+    ) -> tuple[Answer, bool] | None:
+        """Ask the agent for the prompt's embedding, as a consumer's embeddings request reaches it,
+        and audit it: its vector as an answer and whether the audit found nothing; ``None`` if it
+        failed or sent no usable vector (evidence either way)."""
+        raw = msgspec.json.encode({"model": slug, "input": prompt})
+        job = await self.dispatcher.assign(
+            agent,
+            slug,
+            backend_body(raw, 0, EMBEDDING),
+            stream=False,
+            want_usage=False,
+            budget=BUDGET_BASE + vectors.reply_budget(1, self.sizes.get(slug)),
+            kind=EMBEDDING,
+        )
+        reader = JobReader(job, await job.next(self.first_chunk_timeout))
+        body = await reader.whole(self.dispatcher.silence(stream=False))
+        if isinstance(body, Failure):
+            self.book.witness_failure(agent, body, started=reader.started, job_id=job.job_id, origin=CANARY)
+            return None
+        found = vectors.vectors(body, 1, self.sizes.get(slug))
+        if isinstance(found, str):
+            self.book.witness(agent, trust.BAD_OUTPUT, f"{CANARY}{slug}: {found}")
+            return None
+        verdict = audit.judge(reader.audited(False, parameter_count))
+        for kind, detail in verdict.findings:
+            self.book.witness(agent, kind, CANARY + detail)
+        return Answer(vectors.as_text(found[0]), True, 0), not verdict.findings
+
+    async def _ask_upstream(self, slug: str, prompt: str, key: str, kind: str = CHAT) -> None:
         """Ask the platform upstream for its reference answer to ``prompt`` (once at a time)."""
         if (slug, key) in self._asking:
             return
         self._asking.add((slug, key))
         try:
+            if kind == EMBEDDING:
+                await self._upstream_embedding(slug, prompt, key)
+                return
             body = canaries.reference_body(slug, prompt, self.cap)
             job = self.dispatcher.run_upstream(slug, body, stream=False, want_usage=False)
             parts: list[bytes] = []
@@ -240,6 +291,21 @@ class Verifier:
                 self._settle(verdict)
         finally:
             self._asking.discard((slug, key))
+
+    async def _upstream_embedding(self, slug: str, prompt: str, key: str) -> None:
+        raw = msgspec.json.encode({"model": slug, "input": prompt})
+        job = self.dispatcher.run_upstream(
+            slug, backend_body(raw, 0, EMBEDDING), stream=False, want_usage=False, kind=EMBEDDING
+        )
+        body = await JobReader(job, await job.next(self.first_chunk_timeout)).whole(self.idle_timeout)
+        found = vectors.vectors(body, 1, self.sizes.get(slug)) if isinstance(body, bytes) else "failed"
+        if isinstance(found, str):
+            job.cancel()
+            log.warning("upstream reference failed", extra={"model": slug, "problem": found})
+            return
+        answer = Answer(vectors.as_text(found[0]), True, 0)
+        for verdict in await self.references.contribute(slug, UNLABELED, key, PLATFORM, None, answer):
+            self._settle(verdict)
 
     def _settle(self, verdict: Comparison) -> None:
         """Evidence from a verdict, and what it means for the agent's consumer jobs."""

@@ -60,6 +60,7 @@ class _Delta(msgspec.Struct):
 class _StreamChoice(msgspec.Struct):
     delta: _Delta | None = None
     message: _Delta | None = None
+    text: str | None = None  # a text completion's
     finish_reason: str | None = None
 
 
@@ -83,6 +84,7 @@ class Output:
     reasoning, refusal and tool calls. Work and memory are O(output): each payload is decoded once,
     and at most ``TEXT_KEPT`` characters of text are kept for the sanity checks."""
 
+    stream: bool = False  # payloads are stream chunks (a completion's text is one token per chunk then)
     tool_calls: int = 0  # tool calls begun (a name seen)
     finish_reason: str | None = None
     valid: bool = True  # every payload was valid UTF-8 JSON
@@ -101,6 +103,11 @@ class Output:
             return 0
         carried = 0
         for choice in decoded.choices:
+            if choice.text:  # a text completion: its text is the output
+                carried += 1
+                self._keep(choice.text)
+                extra = _non_ascii(choice.text)
+                self.token_bound += 1 + extra if self.stream else len(choice.text) + extra
             streamed = choice.delta is not None
             part = choice.delta if streamed else choice.message
             if part is not None:

@@ -9,7 +9,8 @@ its own label, or, when its label has none, of any label. References are rows of
 ``canary_references`` (kept across restarts, read by every process); answers given before any
 reference exists wait here, a bounded number of them, and are judged once one forms.
 
-Answers are compared on what both texts cover: greedy decoding with a lower token limit gives a
+Embeddings (of a prompt, by an embedding model) are compared by cosine similarity. Texts are
+compared on what both cover: greedy decoding with a lower token limit gives a
 prefix of the answer with a higher one, so an answer cut by its limit must begin like the reference,
 and one the model ended must end where the reference does. An answer cut by its limit holds at least a
 byte per token; one far shorter than its limit claims to stop early without saying so, and fails.
@@ -30,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from coordinator.core.models import CanaryReference, User
 from coordinator.identity import users
+from coordinator.market import vectors
 from coordinator.market.registry import ConnectedAgent
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ _table = cast(Table, CanaryReference.__table__)
 _users = cast(Table, User.__table__)
 
 SIMILAR = 0.8  # difflib ratio at which two answers count as the same
+# Cosine similarity at which two embeddings of a prompt count as one model's: quantisations of one
+# model stay above it, another model (or noise) falls far below.
+EMBEDDING_SIMILAR = 0.98
 PLATFORM = "platform"  # the source name of the platform upstream
 UNLABELED = ""  # no quantisation label (or one the directory does not list)
 WAITING = 4096  # answers kept waiting for a reference; the oldest prompts' answers leave first
@@ -84,7 +89,11 @@ def similar(a: str, b: str) -> bool:
 
 
 def agrees(answer: Answer, reference: Reference) -> bool:
-    """Whether ``answer`` is what the reference's model says, over what both texts cover."""
+    """Whether ``answer`` is what the reference's model says, over what both texts cover; an
+    embedding (:func:`coordinator.market.vectors.as_text`) by its cosine similarity."""
+    mine, theirs = vectors.from_text(answer.text), vectors.from_text(reference.text)
+    if mine is not None or theirs is not None:
+        return mine is not None and theirs is not None and vectors.cosine(mine, theirs) >= EMBEDDING_SIMILAR
     a, r = answer.text.strip(), reference.text.strip()
     if not answer.complete and len(answer.text.encode()) < answer.limit // 2:
         return False  # cut by a limit it cannot have reached

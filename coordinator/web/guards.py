@@ -48,21 +48,37 @@ def _bearer(connection: Connection) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+# The request log's ``kind`` of each inference route: the API a request came through.
+API_KINDS = {
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+}
+
+
 async def require_consumer_key(connection: Connection) -> None:
-    """A valid ``pool_live_`` key, checked before the body is read; opens the request's log record.
+    """A valid ``pool_live_`` key (``Authorization: Bearer …``, or ``x-api-key`` as Anthropic's
+    clients send it), checked before the body is read; opens the request's log record.
 
     The chat route runs it as its ``before_request`` hook rather than as a guard: Litestar copies
     the route handler for every guard call, about 3 % of the route's CPU."""
     pool = _pool(connection)
     client = client_address(connection)
     check_not_blocked(pool, client)
-    principal = await pool.consumer_keys.resolve(connection.headers.get("authorization"))
+    authorization = connection.headers.get("authorization")
+    if not authorization and (api_key := connection.headers.get("x-api-key")):
+        authorization = f"Bearer {api_key}"  # how Anthropic's clients send a key
+    principal = await pool.consumer_keys.resolve(authorization)
     if principal is None:
         pool.auth_failures.failed(client)
         raise invalid_api_key()
     connection.state.principal = principal
     connection.state.record = RequestRecord(
-        id=logs.request_id.get() or "req_unknown", user_id=principal.user_id, key_id=principal.credential_id
+        id=logs.request_id.get() or "req_unknown",
+        user_id=principal.user_id,
+        key_id=principal.credential_id,
+        kind=API_KINDS.get(connection.url.path, "chat"),
     )
 
 

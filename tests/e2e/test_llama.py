@@ -70,7 +70,8 @@ def test_a_provider_is_chosen_by_its_slug_and_the_reply_says_at_what_price(pool:
 
 def test_killed_agent_before_first_chunk_still_replies(pool: Pool, llama: str) -> None:
     hanging = pool.standin(mode="hang")
-    stuck = pool.agent(hanging, ["smollm2-135m"], price_in="0.01", price_out="0.01")  # cheaper: the first choice
+    # cheaper: the first choice; a hanging backend can't be asked what it serves, so its kinds are given
+    stuck = pool.agent(hanging, ["smollm2-135m"], price_in="0.01", price_out="0.01", kinds="chat")
     pool.agent(llama, ["smollm2-135m"], price_in="1", price_out="1")
     client = pool.client()
     with ThreadPoolExecutor(1) as thread:

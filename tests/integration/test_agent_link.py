@@ -56,8 +56,9 @@ async def _session(pool: Pool, *frames: bytes | str) -> tuple[int | None, str]:
 
 
 async def _received(client: httpx.AsyncClient, backend: str) -> bool:
-    """Whether the stand-in at ``backend`` has received a request (it serves back the last one)."""
-    return bool((await client.get(f"{backend}/_last")).json())
+    """Whether the stand-in at ``backend`` has received the test's request (it serves back the last
+    one; the agent's probes at its start are requests too)."""
+    return bool((await client.get(f"{backend}/_last")).json().get("messages") == BODY["messages"])
 
 
 def _serving(pool: Pool) -> None:
@@ -157,7 +158,7 @@ def test_the_agent_logs_a_jobs_request_id(pool: Pool) -> None:
 
 def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
     backend = pool.standin(mode="hang")
-    hanging = pool.agent(backend, ["smollm2-135m"], price_in="0.01", price_out="0.01")
+    hanging = pool.agent(backend, ["smollm2-135m"], price_in="0.01", price_out="0.01", kinds="chat")  # no probe
     pool.agent(pool.standin(chunks=3), ["smollm2-135m"], price_in="1", price_out="1")  # dearer: second choice
 
     async def run() -> httpx.Response:
@@ -182,7 +183,7 @@ def test_killed_agent_before_first_chunk_fails_over(pool: Pool) -> None:
 
 
 def test_agent_missing_heartbeats_is_dropped_and_its_job_fails_over(pool: Pool) -> None:
-    frozen = pool.agent(pool.standin(mode="hang"), ["smollm2-135m"], price_in="0.01", price_out="0.01")
+    frozen = pool.agent(pool.standin(mode="hang"), ["smollm2-135m"], price_in="0.01", price_out="0.01", kinds="chat")
     pool.agent(pool.standin(chunks=2), ["smollm2-135m"], price_in="1", price_out="1")
     frozen.signal(signal.SIGSTOP)
     try:

@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from coordinator.core import db
 from coordinator.identity import users
+from coordinator.market import vectors
 from coordinator.market.registry import ConnectedAgent, Registry
 from coordinator.market.upstream import Upstream
 from coordinator.money.clawback import Clawback
@@ -27,7 +28,8 @@ from coordinator.trust import scores as trust
 from coordinator.trust.canaries import Prompts, Shapes
 from coordinator.trust.references import PLATFORM, Answer, Reference, ReferenceBook
 from coordinator.trust.scores import TrustBook
-from shared.protocol import JobAssign, JobChunk, JobDone, Message, ModelOffer
+from shared.protocol import EMBEDDING, JobAssign, JobChunk, JobDone, Message, ModelOffer, Usage
+from tests.standin import vector
 
 PARIS = "Paris is the capital of France. It is known for the Eiffel Tower."
 WRONG = "The capital of France is Lyon, a city on the Rhone river in the east."
@@ -233,5 +235,69 @@ async def test_the_verifier_judges_stream_cut_and_whole_canaries(tmp_path: Path)
         assert honest.link.cancelled > 0  # type: ignore[attr-defined]  # a stream without a limit was cut
         # one prompt in the pool: the failures never confirm (distinct prompts needed)
         assert clawback.strikes[(3, "m")] == {canaries.digest("m", "Q?")} and (3, "m") not in clawback.discredited_now
+    finally:
+        await engine.dispose()
+
+
+class EmbeddingLink(ScriptedLink):
+    """An embedding agent's socket: answers each job with the stand-in backend's vector of its input,
+    or of the input salted (a different model passing as this one), or with no vector at all."""
+
+    def __init__(self, dispatcher: Dispatcher, salt: str = "", broken: bool = False) -> None:
+        super().__init__(dispatcher, "")
+        self.salt, self.broken = salt, broken
+
+    async def _serve(self, job: JobAssign) -> None:
+        body = msgspec.json.decode(job.request)
+        data = (
+            []
+            if self.broken
+            else [{"object": "embedding", "index": 0, "embedding": vector(self.salt + body["input"], 8)}]
+        )
+        reply = {"object": "list", "data": data, "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+        done = JobDone(job_id=job.job_id, usage=Usage(2, 0, 2), tail=[msgspec.json.encode(reply)])
+        self.dispatcher.on_done(self.agent, done)
+
+
+async def test_embedding_canaries_are_judged_by_cosine_similarity(tmp_path: Path) -> None:
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
+    try:
+        await db.migrate(engine)
+        vouched, ordinary = await _users(engine, "v@p.example", "o@p.example")
+        await _vouch(engine, "v@p.example")
+        registry = Registry()
+        dispatcher = Dispatcher(registry, Upstream(None, None, {}, 5.0), 5.0, 60.0)
+        book = TrustBook(engine, 3600.0, 2)
+        clawback = Clawback(engine, None, confirmations=2)  # type: ignore[arg-type]
+        verifier = Verifier(
+            registry, dispatcher, book, clawback, 5.0, 5.0, ReferenceBook(engine), prompts=Prompts(shipped=("Q?",))
+        )
+        await verifier.refresh()
+
+        def embedder(token_id: int, user_id: int, link: EmbeddingLink) -> ConnectedAgent:
+            offer = ModelOffer("e", "local", 100, 0, kinds=[EMBEDDING])
+            agent = ConnectedAgent(f"agt_{token_id}", user_id, token_id, {"e": offer}, 4, link, time.monotonic())  # type: ignore[arg-type]
+            registry.add(agent)
+            book.reputations[token_id] = trust.Reputation()
+            return agent
+
+        source = embedder(1, vouched, EmbeddingLink(dispatcher))
+        honest = embedder(2, ordinary, EmbeddingLink(dispatcher))
+        other_model = embedder(3, ordinary + 100, EmbeddingLink(dispatcher, salt="another model: "))
+        broken = embedder(4, ordinary + 101, EmbeddingLink(dispatcher, broken=True))
+        assert verifier.pick() is not None and verifier.pick()[1] == "e"  # type: ignore[index]
+        await verifier.run(source, "e")  # the vouched provider's vector is the reference
+        (reference,) = verifier.references.answers[("e", canaries.digest("e", "Q?"))]
+        assert vectors.from_text(reference.text) == pytest.approx(vector("Q?", 8), abs=1e-6)
+        for agent in (honest, other_model, broken):
+            await verifier.run(agent, "e")
+        verdicts = [(e.token_id, e.kind) for e in book.pending]
+        assert (2, trust.CANARY_PASSED) in verdicts and (3, trust.CANARY_FAILED) in verdicts
+        assert (4, trust.BAD_OUTPUT) in verdicts and not any(
+            token == 4 and kind.startswith("canary") for token, kind in verdicts
+        )
+        jobs = [job for agent in (source, honest, other_model) for job in agent.link.assigned]  # type: ignore[attr-defined]
+        assert {job.kind for job in jobs} == {EMBEDDING}  # never a chat canary to an embedding model
+        assert msgspec.json.decode(jobs[0].request) == {"model": "e", "input": "Q?", "encoding_format": "float"}
     finally:
         await engine.dispose()

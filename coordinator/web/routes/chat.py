@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``: OpenAI-compatible, streamed (SSE) or not.
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI-compatible, streamed (SSE) or not.
 
 The route keeps HTTP: the body is decoded by Litestar, :mod:`coordinator.services.inference` runs the
 request from admission to its outcome, and this module turns what it returns into a JSON reply,
@@ -24,7 +24,7 @@ from coordinator.services.inference import Call, Ending, Refusal
 from coordinator.services.state import PoolState
 from coordinator.web.guards import require_consumer_key
 from shared import errors
-from shared.openai import ChatCompletionRequest
+from shared.openai import ChatCompletionRequest, CompletionRequest
 
 _json = msgspec.json.Encoder()
 
@@ -46,6 +46,28 @@ DONE = b"data: [DONE]\n\n"
 )
 async def create_chat_completion(
     request: Request[Any, Any, Any], data: ChatCompletionRequest, pool: PoolState
+) -> Response[Any]:
+    return await _complete(request, data, pool)
+
+
+@post(
+    "/v1/completions",
+    before_request=require_consumer_key,
+    summary="Create a text completion",
+    description=(
+        "OpenAI-compatible (legacy) text completions: `prompt` is a string, a list of strings, token ids or lists "
+        "of token ids. Served by an agent whose backend serves completions for the model, or the platform "
+        "upstream; held, charged and logged as chat completions are. `echo` and `suffix` are not supported."
+    ),
+    tags=["inference"],
+    status_code=200,
+)
+async def create_completion(request: Request[Any, Any, Any], data: CompletionRequest, pool: PoolState) -> Response[Any]:
+    return await _complete(request, data, pool)
+
+
+async def _complete(
+    request: Request[Any, Any, Any], data: ChatCompletionRequest | CompletionRequest, pool: PoolState
 ) -> Response[Any]:
     principal: Principal = request.state.principal
     record: RequestRecord = request.state.record

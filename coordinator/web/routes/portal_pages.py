@@ -253,6 +253,7 @@ async def home(request: Request[Any, Any, Any]) -> Template | Redirect:
         credits=await credit_figures(pool, user.id),
         keys=keys,
         usage=list(reversed(usage.data)),
+        by_kind=usage.byKind,
         chart=_per_day("Spend", days, [(row.date, row.model, row.costNano) for row in usage.data]),
         recent=await recent_requests(pool, user.id),
         model=next((m.slug for m in model_list(pool).data), "smollm2-135m"),
