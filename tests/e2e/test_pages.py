@@ -170,6 +170,7 @@ def test_a_developer_signs_up_creates_a_key_uses_it_sees_it_and_revokes_it(site:
     expect(recent).to_contain_text("smollm2-135m")
     expect(recent).to_contain_text("200")
     expect(page.locator("#usage tbody tr", has_text="smollm2-135m")).to_contain_text(f"${cost:.6f}")
+    expect(page.locator("#usage-by-kind tbody tr", has_text="chat")).to_contain_text(f"${cost:.6f}")  # spend by API
     expect(page.locator('[data-metric="balance"]')).to_have_text(f"${5 - cost:,.4f}")
     bars = page.locator("figure.chart rect.bar")  # one bar: today's, for the one model used
     assert bars.count() == 1 and ", smollm2-135m: $" in (bars.first.locator("title").text_content() or "")
