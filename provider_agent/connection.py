@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 _decoder = protocol.coordinator_decoder()
 
 
+class OlderCoordinator(Exception):
+    """The coordinator refused this protocol version: it is older than this agent."""
+
+
 class Rejected(Exception):
     """The coordinator refused this agent; retrying would not help."""
 
@@ -56,6 +60,10 @@ class Agent:
         self.config = config
         self.backend = backend
         self.kinds = kinds or {}  # backend model -> the job kinds announced for it (none named: chat)
+        # 1 after a coordinator refused this one (an older one), until that connection ends: the next
+        # one tries the agent's own again (the coordinator may have been upgraded meanwhile)
+        self.protocol = protocol.PROTOCOL_VERSION
+        self._older_welcomed = False
         self.runner = Runner(backend, config.max_concurrency)
         self.stopping = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -63,22 +71,24 @@ class Agent:
         self._send_lock = asyncio.Lock()
 
     def hello(self) -> Hello:
+        """The hello to send. To a coordinator of protocol 1 (older than job kinds), only the models
+        served for chat, announced as version 1 did: without kinds."""
         c = self.config
+        offers = []
+        for m in c.models:
+            kinds = self.kinds.get(m.backend_model) or [CHAT]
+            if self.protocol == 1 and CHAT not in kinds:
+                continue
+            announced = [] if self.protocol == 1 or kinds == [CHAT] else kinds
+            offers.append(
+                ModelOffer(m.slug, m.backend_model, c.price_in, c.price_out, c.context_window, kinds=announced)
+            )
+        if not offers:
+            raise Rejected(
+                "the coordinator speaks protocol version 1, which serves chat only, and no model here serves chat"
+            )
         return Hello(
-            protocol=protocol.PROTOCOL_VERSION,
-            agent_version=__version__,
-            models=[
-                ModelOffer(
-                    m.slug,
-                    m.backend_model,
-                    c.price_in,
-                    c.price_out,
-                    c.context_window,
-                    kinds=[] if self.kinds.get(m.backend_model) == [CHAT] else self.kinds.get(m.backend_model, []),
-                )
-                for m in c.models
-            ],
-            max_concurrency=c.max_concurrency,
+            protocol=self.protocol, agent_version=__version__, models=offers, max_concurrency=c.max_concurrency
         )
 
     async def send(self, message: Message) -> None:
@@ -115,6 +125,8 @@ class Agent:
                 welcomed = await self._session(url)
             except Rejected:
                 raise
+            except OlderCoordinator:
+                continue  # at once, with the older hello
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as exc:
                 if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == CLOSE_DRAINING:
                     self.drained = True
@@ -136,6 +148,8 @@ class Agent:
 
     async def _session(self, url: str) -> bool:
         """One connection's life; returns whether the coordinator welcomed us."""
+        if self._older_welcomed:
+            self.protocol, self._older_welcomed = protocol.PROTOCOL_VERSION, False
         headers = {"Authorization": f"Bearer {self.config.token}"}
         try:
             ws = await connect(
@@ -165,10 +179,18 @@ class Agent:
         await ws.send(protocol.encode(self.hello()))
         first = _decoder.decode(await asyncio.wait_for(ws.recv(decode=False), 15))
         if isinstance(first, Reject):
+            if self.protocol > 1 and first.reason.startswith("protocol version") and "not supported" in first.reason:
+                # An older coordinator (a pool mid-upgrade): speak its version, chat only, and reconnect.
+                log.warning(
+                    "the coordinator speaks an older protocol: announcing chat only", extra={"reason": first.reason}
+                )
+                self.protocol = 1
+                raise OlderCoordinator(first.reason)
             raise Rejected(first.reason)
         if not isinstance(first, Welcome):
             raise Rejected(f"unexpected first message from the coordinator: {type(first).__name__}")
         self._ws = ws
+        self._older_welcomed = self.protocol < protocol.PROTOCOL_VERSION
         self.runner.set_frame_limit(first.limits.max_frame_bytes)
         self.runner.whole_replies = first.whole_replies
         self.runner.progress_interval = first.progress_interval

@@ -118,8 +118,9 @@ class Standin:
         completion = self.chunks * (2 if self.mode == "inflate" else 1)
         usage = {"prompt_tokens": 5, "completion_tokens": completion, "total_tokens": 5 + completion}
         if not request.get("stream"):
-            if self.interval:
-                await asyncio.sleep(self.interval * self.chunks)
+            if self.interval:  # as long as the tokens the request allows would take (a probe asks one)
+                allowed = request.get("max_tokens") or request.get("max_completion_tokens") or self.chunks
+                await asyncio.sleep(self.interval * min(self.chunks, allowed))
             content = " ".join(self._token(i) for i in range(self.chunks))
             choice: dict[str, object] = (
                 {"index": 0, "text": content, "logprobs": None, "finish_reason": "stop"}

@@ -14,8 +14,10 @@ its last pass (when the operator has prompts of its own, only a pass on one of t
 ones are public); failures on distinct prompts, once confirmed, refund them (``clawback.py``).
 Canary evidence names no job and no prompt, so a provider's evidence list does not say which of
 its jobs were canaries. An embedding model's canary asks for the prompt's embedding, as a consumer's
-embeddings request would, and its vector is compared with the references' by cosine similarity.
-An offer that serves neither chat nor embeddings (completions alone) gets no canaries yet.
+embeddings request would, and its vector is compared with the references' by cosine similarity. An
+offer that serves completions gets completion canaries too (all of them when it serves no chat),
+judged against references of completions, so an agent cannot serve chat honestly and completions
+from a cheaper model.
 """
 
 from __future__ import annotations
@@ -43,18 +45,22 @@ from coordinator.trust import scores as trust
 from coordinator.trust.canaries import Canary, Prompts, Shapes
 from coordinator.trust.references import PLATFORM, UNLABELED, Answer, Comparison, ReferenceBook, agrees
 from shared.backend import Chunk, Done, Failure
-from shared.openai import ChatCompletionRequest
-from shared.protocol import CHAT, EMBEDDING
+from shared.openai import ChatCompletionRequest, CompletionRequest
+from shared.protocol import CHAT, COMPLETION, EMBEDDING, ModelOffer
 
 log = logging.getLogger(__name__)
 
 CANARY = "canary: "  # how evidence from verification jobs begins
+# A completion canary's references are kept apart from chat's, under the slug with this suffix (a
+# slug never holds ``#``): the same prompt completed is another text than answered in a chat.
+COMPLETION_KEY = "#completion"
+COMPLETION_SHARE = 0.3  # of the canaries to an offer that serves chat and completions, completions
 JUDGED_SHARE = 0.5  # without an upstream, canaries that ask a prompt a reference already answers
 
 
 def _verifiable(agent: ConnectedAgent) -> list[str]:
-    """The models of ``agent`` a canary can check: those it serves for chat or embeddings."""
-    return sorted(slug for slug, offer in agent.models.items() if offer.serves(CHAT) or offer.serves(EMBEDDING))
+    """The models of ``agent`` a canary can check: every one of a kind there are canaries for."""
+    return sorted(slug for slug, offer in agent.models.items() if any(map(offer.serves, (CHAT, COMPLETION, EMBEDDING))))
 
 
 @dataclass
@@ -165,19 +171,23 @@ class Verifier:
         """Send one canary to ``agent`` and count what it shows as evidence; ``quantization`` is the
         label whose references judge it (one the directory lists, else unlabeled)."""
         source = self.references.source_of(agent)
-        prompt = self.prompt_for(slug, source)
-        key = canaries.digest(slug, prompt)
-        kind = EMBEDDING if agent.models[slug].serves(EMBEDDING) else CHAT
+        kind = self._kind(agent.models[slug])
+        model = slug + COMPLETION_KEY if kind == COMPLETION else slug  # whose references judge it
+        prompt = self.prompt_for(model, source)
+        key = canaries.digest(model, prompt)
         self.done[agent.token_id] = self.done.get(agent.token_id, 0) + 1
         asking = None
-        if source is None and not self.references.has(slug, key) and self.dispatcher.upstream.serves(slug, kind):
+        if source is None and not self.references.has(model, key) and self.dispatcher.upstream.serves(slug, kind):
             asking = asyncio.create_task(self._ask_upstream(slug, prompt, key, kind))
         try:
+            cap = model_cap or self.default_output_tokens
             if kind == EMBEDDING:
                 result = await self._embedding(agent, slug, prompt, parameter_count)
+            elif kind == COMPLETION:
+                canary = canaries.completion(slug, prompt, self.cap, stream=self.rng.random() < 0.5)
+                result = await self._answer(agent, slug, canary, parameter_count, cap, COMPLETION)
             else:
                 canary = canaries.build(self.shapes.draw(self.rng), slug, prompt, self.cap)
-                cap = model_cap or self.default_output_tokens
                 result = await self._answer(agent, slug, canary, parameter_count, cap)
         finally:
             if asking is not None:
@@ -187,32 +197,53 @@ class Verifier:
         answer, clean = result
         answered = time.monotonic()
         if source is None:
-            verdicts = self.references.judge(slug, quantization, key, agent, answer, answered)
+            verdicts = self.references.judge(model, quantization, key, agent, answer, answered)
         else:  # the operator trusts this provider: judged by the other sources, if any; a reference if agreeing
-            others = self.references.references(slug, quantization, key, other_than=source)
+            others = self.references.references(model, quantization, key, other_than=source)
             passed = any(agrees(answer, reference) for reference in others)
-            verdicts = [Comparison(agent, passed, answered, slug, key)] if others else []
+            verdicts = [Comparison(agent, passed, answered, model, key)] if others else []
             if not others:
                 self.clawback.vouched(agent.token_id, agent.agent_id, slug, answered)
             if clean and (passed or not others):
-                verdicts += await self.references.contribute(slug, quantization, key, source, agent.user_id, answer)
+                verdicts += await self.references.contribute(model, quantization, key, source, agent.user_id, answer)
         for verdict in verdicts:
             self._settle(verdict)
 
+    def _kind(self, offer: ModelOffer) -> str:
+        """The kind of the next canary to an offer: an embedding model's embed; an offer that serves
+        completions gets some completion canaries (all, when it serves no chat), the rest chat."""
+        if offer.serves(EMBEDDING):
+            return EMBEDDING
+        if offer.serves(COMPLETION) and (not offer.serves(CHAT) or self.rng.random() < COMPLETION_SHARE):
+            return COMPLETION
+        return CHAT
+
     async def _answer(
-        self, agent: ConnectedAgent, slug: str, canary: Canary, parameter_count: int | None, model_cap: int
+        self,
+        agent: ConnectedAgent,
+        slug: str,
+        canary: Canary,
+        parameter_count: int | None,
+        model_cap: int,
+        kind: str = CHAT,
     ) -> tuple[Answer, bool] | None:
         """Run the canary on the agent and audit it: its answer and whether the audit found nothing;
         ``None`` if it failed. The agent gets the body a consumer's request in this shape would reach
         it as (:func:`coordinator.market.forward.backend_body`), output limit and all."""
-        bound = output_bound(msgspec.json.decode(canary.body, type=ChatCompletionRequest), model_cap)
+        asked: ChatCompletionRequest | CompletionRequest = (
+            msgspec.json.decode(canary.body, type=CompletionRequest)
+            if kind == COMPLETION
+            else msgspec.json.decode(canary.body, type=ChatCompletionRequest)
+        )
+        bound = output_bound(asked, model_cap)
         job = await self.dispatcher.assign(
             agent,
             slug,
-            backend_body(canary.body, bound),
+            backend_body(canary.body, bound, kind),
             stream=canary.stream,
             want_usage=canary.want_usage,
             budget=output_budget(bound, logprobs=False),
+            kind=kind,
         )
         first = await job.next(self.first_chunk_timeout)
         reader = JobReader(job, first, bound=bound, stop_after=canary.limit if canary.cut else None)
@@ -272,8 +303,11 @@ class Verifier:
             if kind == EMBEDDING:
                 await self._upstream_embedding(slug, prompt, key)
                 return
-            body = canaries.reference_body(slug, prompt, self.cap)
-            job = self.dispatcher.run_upstream(slug, body, stream=False, want_usage=False)
+            if kind == COMPLETION:
+                body = canaries.completion(slug, prompt, self.cap).body
+            else:
+                body = canaries.reference_body(slug, prompt, self.cap)
+            job = self.dispatcher.run_upstream(slug, body, stream=False, want_usage=False, kind=kind)
             parts: list[bytes] = []
             event = await job.next(self.first_chunk_timeout)
             while isinstance(event, Chunk):
@@ -287,7 +321,8 @@ class Verifier:
             if audit.bad_output(output) is not None:
                 return
             answer = Answer(output.text, output.finish_reason == "stop", self.cap)
-            for verdict in await self.references.contribute(slug, UNLABELED, key, PLATFORM, None, answer):
+            model = slug + COMPLETION_KEY if kind == COMPLETION else slug
+            for verdict in await self.references.contribute(model, UNLABELED, key, PLATFORM, None, answer):
                 self._settle(verdict)
         finally:
             self._asking.discard((slug, key))
@@ -309,14 +344,15 @@ class Verifier:
 
     def _settle(self, verdict: Comparison) -> None:
         """Evidence from a verdict, and what it means for the agent's consumer jobs."""
-        agent, passed, at, slug, prompt = verdict
+        agent, passed, at, model, prompt = verdict
+        slug = model.removesuffix(COMPLETION_KEY)  # a completion canary vouches for the model's jobs too
         kind = trust.CANARY_PASSED if passed else trust.CANARY_FAILED
         detail = f"{CANARY}{slug}: answer {'matches' if passed else 'differs from'} the reference"
         self.book.witness(agent, kind, detail)
         if passed:
             # The shipped prompts are public: a cheater can answer those alone honestly. When the
             # operator has prompts of its own, only those vouch for jobs (and clear strikes).
-            if not self._public(slug, prompt):
+            if not self._public(model, prompt):
                 self.clawback.vouched(agent.token_id, agent.agent_id, slug, at)
         else:
             self.clawback.disagreed(agent.token_id, slug, prompt)

@@ -383,3 +383,12 @@ def reference_body(slug: str, prompt: str, cap: int = CAP) -> bytes:
     """The request that asks a trusted source (the platform upstream) for a reference answer."""
     messages = [{"role": "user", "content": prompt}]
     return msgspec.json.encode({"messages": messages, "model": slug, "max_tokens": cap, "temperature": 0})
+
+
+def completion(slug: str, prompt: str, cap: int = CAP, stream: bool = False) -> Canary:
+    """A canary asking a text completion of ``prompt`` (greedy, ``cap`` tokens), streamed or not,
+    as a consumer's ``/v1/completions`` request; its body is also what asks a trusted source."""
+    body: dict[str, Any] = {"model": slug, "prompt": prompt, "max_tokens": cap, "temperature": 0}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return Canary(msgspec.json.encode(body), stream, stream, cap, False)

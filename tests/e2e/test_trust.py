@@ -101,17 +101,19 @@ def test_adversarial_pool_catches_every_cheater(judged: Pool, llama: str, gemma:
     # nothing is known of it yet; once a canary shows what it runs, those jobs are refunded.
     keys = {}
     token, keys["wrong-model"] = pool.new_provider("wrong-model")
-    pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2)  # Gemma 3 270M
+    # Chat canaries catch these cheats (completion canaries are tests/integration/test_verification.py's):
+    # every agent here announces chat alone.
+    pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2, kinds="chat")  # Gemma 3 270M
     forced = _served_by(pool, pool.standing(keys["wrong-model"])["connected"][0]["agentId"], 2)
     assert all(cost > 0 for _, cost in forced), forced
     honest = {}
     for name in ("honest-a", "honest-b"):  # providers the operator vouches for: their answers are references
         token, honest[name] = pool.new_provider(name)
         localpool.admin(pool.env, "vouch", "--email", f"{name}@providers.example")
-        pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
+        pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4, kinds="chat")
     for name, (options, _) in CHEATS.items():
         token, keys[name] = pool.new_provider(name)
-        pool.agent(pool.standin(**options), ["smollm2-135m"], token=token, max_concurrency=4)
+        pool.agent(pool.standin(**options), ["smollm2-135m"], token=token, max_concurrency=4, kinds="chat")
     expected = {**{name: kind for name, (_, kind) in CHEATS.items()}, "wrong-model": trust.CANARY_FAILED}
     standings = {name: pool.standing(key) for name, key in {**keys, **honest}.items()}
     agent_of = {name: standing["connected"][0]["agentId"] for name, standing in standings.items()}
@@ -436,7 +438,7 @@ def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
         keys = {}
         for name in ("sybil-a", "sybil-b"):
             token, keys[name] = pool.new_provider(name)
-            pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2)
+            pool.agent(gemma, ["smollm2-135m=local-model"], token=token, max_concurrency=2, kinds="chat")
             _served_by(pool, pool.standing(keys[name])["connected"][0]["agentId"], 4)  # 7 of 10: trusted
         for name, key in keys.items():
             assert pool.standing(key)["trustScore"] >= trust.TRUSTED, name  # bought their way in
@@ -445,7 +447,7 @@ def test_colluding_accounts_cannot_make_their_wrong_answer_the_reference(
 
         token, honest = pool.new_provider("honest")
         localpool.admin(pool.env, "vouch", "--email", "honest@providers.example")
-        pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4)
+        pool.agent(llama, ["smollm2-135m"], token=token, max_concurrency=4, kinds="chat")  # chat canaries only
 
         def sybils_out() -> dict[str, dict[str, Any]] | None:
             """The sybils' standings once none is routable; until then, a round of consumer requests."""

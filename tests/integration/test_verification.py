@@ -6,8 +6,11 @@ tests/unit/test_verification.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from coordinator.trust import scores as trust
 from coordinator.trust.canaries import Prompts, Shapes
 from coordinator.trust.references import PLATFORM, Answer, Reference, ReferenceBook
 from coordinator.trust.scores import TrustBook
-from shared.protocol import EMBEDDING, JobAssign, JobChunk, JobDone, Message, ModelOffer, Usage
+from shared.protocol import COMPLETION, EMBEDDING, JobAssign, JobChunk, JobDone, Message, ModelOffer, Usage
 from tests.standin import vector
 
 PARIS = "Paris is the capital of France. It is known for the Eiffel Tower."
@@ -162,14 +165,17 @@ class ScriptedLink:
         limit = body.get("max_tokens") or body.get("max_completion_tokens") or 10_000
         words = [f"{word} " for word in self.answer.split()][:limit]
         finish = "stop" if len(words) == len(self.answer.split()) else "length"
+        text = job.kind == COMPLETION  # a text completion: ``choices[].text``
         if not job.stream:
             message = {"role": "assistant", "content": "".join(words)}
-            whole = {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+            answer = {"text": "".join(words)} if text else {"message": message}
+            whole = {"choices": [{"index": 0, **answer, "finish_reason": finish}]}
             done = JobDone(job_id=job.job_id, finish_reason=finish, tail=[msgspec.json.encode(whole)])
             self.dispatcher.on_done(self.agent, done)
             return
         for seq, word in enumerate(words):
-            chunk = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            piece = {"text": word} if text else {"delta": {"content": word}}
+            chunk = {"choices": [{"index": 0, **piece, "finish_reason": None}]}
             await self.dispatcher.on_chunk(
                 self.agent, JobChunk(job_id=job.job_id, seq=seq, data=msgspec.json.encode(chunk))
             )
@@ -239,6 +245,52 @@ async def test_the_verifier_judges_stream_cut_and_whole_canaries(tmp_path: Path)
         await engine.dispose()
 
 
+@dataclass
+class World:
+    """A verifier over a database with one vouched provider and one ordinary one; agents join with
+    :meth:`join`."""
+
+    engine: Any
+    vouched: int
+    ordinary: int
+    dispatcher: Dispatcher
+    book: TrustBook
+    clawback: Clawback
+    verifier: Verifier
+
+    def join(self, token_id: int, user_id: int, offer: ModelOffer, link: ScriptedLink) -> ConnectedAgent:
+        agent = ConnectedAgent(f"agt_{token_id}", user_id, token_id, {offer.slug: offer}, 4, link, time.monotonic())  # type: ignore[arg-type]
+        self.dispatcher.registry.add(agent)
+        self.book.reputations[token_id] = trust.Reputation()
+        return agent
+
+
+@contextlib.asynccontextmanager
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
+    try:
+        await db.migrate(engine)
+        vouched, ordinary = await _users(engine, "v@p.example", "o@p.example")
+        await _vouch(engine, "v@p.example")
+        dispatcher = Dispatcher(Registry(), Upstream(None, None, {}, 5.0), 5.0, 60.0)
+        book = TrustBook(engine, 3600.0, 2)
+        clawback = Clawback(engine, None, confirmations=2)  # type: ignore[arg-type]
+        verifier = Verifier(
+            dispatcher.registry,
+            dispatcher,
+            book,
+            clawback,
+            5.0,
+            5.0,
+            ReferenceBook(engine),
+            prompts=Prompts(shipped=("Q?",)),
+        )
+        await verifier.refresh()
+        yield World(engine, vouched, ordinary, dispatcher, book, clawback, verifier)
+    finally:
+        await engine.dispose()
+
+
 class EmbeddingLink(ScriptedLink):
     """An embedding agent's socket: answers each job with the stand-in backend's vector of its input,
     or of the input salted (a different model passing as this one), or with no vector at all."""
@@ -260,31 +312,16 @@ class EmbeddingLink(ScriptedLink):
 
 
 async def test_embedding_canaries_are_judged_by_cosine_similarity(tmp_path: Path) -> None:
-    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
-    try:
-        await db.migrate(engine)
-        vouched, ordinary = await _users(engine, "v@p.example", "o@p.example")
-        await _vouch(engine, "v@p.example")
-        registry = Registry()
-        dispatcher = Dispatcher(registry, Upstream(None, None, {}, 5.0), 5.0, 60.0)
-        book = TrustBook(engine, 3600.0, 2)
-        clawback = Clawback(engine, None, confirmations=2)  # type: ignore[arg-type]
-        verifier = Verifier(
-            registry, dispatcher, book, clawback, 5.0, 5.0, ReferenceBook(engine), prompts=Prompts(shipped=("Q?",))
-        )
-        await verifier.refresh()
+    async with world(tmp_path) as w:
+        book, verifier = w.book, w.verifier
 
         def embedder(token_id: int, user_id: int, link: EmbeddingLink) -> ConnectedAgent:
-            offer = ModelOffer("e", "local", 100, 0, kinds=[EMBEDDING])
-            agent = ConnectedAgent(f"agt_{token_id}", user_id, token_id, {"e": offer}, 4, link, time.monotonic())  # type: ignore[arg-type]
-            registry.add(agent)
-            book.reputations[token_id] = trust.Reputation()
-            return agent
+            return w.join(token_id, user_id, ModelOffer("e", "local", 100, 0, kinds=[EMBEDDING]), link)
 
-        source = embedder(1, vouched, EmbeddingLink(dispatcher))
-        honest = embedder(2, ordinary, EmbeddingLink(dispatcher))
-        other_model = embedder(3, ordinary + 100, EmbeddingLink(dispatcher, salt="another model: "))
-        broken = embedder(4, ordinary + 101, EmbeddingLink(dispatcher, broken=True))
+        source = embedder(1, w.vouched, EmbeddingLink(w.dispatcher))
+        honest = embedder(2, w.ordinary, EmbeddingLink(w.dispatcher))
+        other_model = embedder(3, w.ordinary + 100, EmbeddingLink(w.dispatcher, salt="another model: "))
+        broken = embedder(4, w.ordinary + 101, EmbeddingLink(w.dispatcher, broken=True))
         assert verifier.pick() is not None and verifier.pick()[1] == "e"  # type: ignore[index]
         await verifier.run(source, "e")  # the vouched provider's vector is the reference
         (reference,) = verifier.references.answers[("e", canaries.digest("e", "Q?"))]
@@ -299,5 +336,27 @@ async def test_embedding_canaries_are_judged_by_cosine_similarity(tmp_path: Path
         jobs = [job for agent in (source, honest, other_model) for job in agent.link.assigned]  # type: ignore[attr-defined]
         assert {job.kind for job in jobs} == {EMBEDDING}  # never a chat canary to an embedding model
         assert msgspec.json.decode(jobs[0].request) == {"model": "e", "input": "Q?", "encoding_format": "float"}
-    finally:
-        await engine.dispose()
+
+
+async def test_completion_canaries_have_references_of_their_own(tmp_path: Path) -> None:
+    async with world(tmp_path) as w:
+        book, verifier, clawback = w.book, w.verifier, w.clawback
+        vouched, ordinary = w.vouched, w.ordinary
+
+        def completer(token_id: int, user_id: int, answer: str) -> ConnectedAgent:
+            offer = ModelOffer("m", "local", 100, 200, kinds=[COMPLETION])  # a base model's server: no chat
+            return w.join(token_id, user_id, offer, ScriptedLink(w.dispatcher, answer))
+
+        source, honest, cheat = completer(1, vouched, PARIS), completer(2, ordinary, PARIS), completer(3, 99, WRONG)
+        assert verifier.pick() is not None  # a completion-only offer is verified too
+        await verifier.run(source, "m")
+        for agent in (honest, cheat):
+            await verifier.run(agent, "m")
+        verdicts = [(e.token_id, e.kind) for e in book.pending]
+        assert (2, trust.CANARY_PASSED) in verdicts and (3, trust.CANARY_FAILED) in verdicts
+        assert all(e.detail.startswith(f"{CANARY}m:") for e in book.pending)  # evidence names the model, not the key
+        assert set(verifier.references.answers) == {("m#completion", canaries.digest("m#completion", "Q?"))}
+        jobs = [job for agent in (source, honest, cheat) for job in agent.link.assigned]  # type: ignore[attr-defined]
+        assert {job.kind for job in jobs} == {COMPLETION}
+        assert all("prompt" in msgspec.json.decode(job.request) for job in jobs)
+        assert clawback.strikes[(3, "m")] == {canaries.digest("m#completion", "Q?")}  # strikes against the model
