@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -19,6 +22,7 @@ from scripts.localpool import Proc
 from shared.money import usd_to_nano
 from tests.waiting import eventually
 
+T = TypeVar("T")
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 ADMIN_TOKEN = "test-admin-token"
 CONSUMER = "consumer@example.com"
@@ -151,7 +155,16 @@ class Pool:
     def new_provider(self, name: str) -> tuple[str, str]:
         """A new provider ``name@providers.example``: its agent token and a consumer key to read its
         provider API with."""
-        return asyncio.run(_new_provider(self.db_url, f"{name}@providers.example"))
+        return in_thread(_new_provider(self.db_url, f"{name}@providers.example"))
+
+    def new_consumer(self, email: str, usd: str = "1", keys: int = 1) -> list[str]:
+        """A new account ``email`` with ``usd`` of credit and ``keys`` consumer keys, made here (as
+        ``pool-coordinator admin`` would, without its process)."""
+        return in_thread(new_consumer(self.db_url, email, usd, keys))
+
+    def grant(self, email: str, usd: str) -> None:
+        """Credit ``usd`` to ``email``'s wallet, as ``admin grant-credits`` does."""
+        in_thread(grant(self.db_url, email, usd))
 
     def standing(self, key: str) -> dict[str, Any]:
         """``GET /v1/provider/agents`` as the provider of ``key``, who has exactly one agent token."""
@@ -204,6 +217,37 @@ async def _seed(db_url: str, credits_usd: str) -> tuple[str, str]:
             amount = usd_to_nano(credits_usd, ledger.MAX_GRANT_USD)
             await ledger.topup(engine, f"seed:{consumer.id}", consumer.id, amount)
         return key, token
+    finally:
+        await engine.dispose()
+
+
+def in_thread(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end from synchronous code, whether or not an event loop runs here (an
+    async test's helpers are synchronous)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, work).result()
+
+
+async def new_consumer(db_url: str, email: str, usd: str = "1", keys: int = 1) -> list[str]:
+    """A new account with credit and consumer keys in the database at ``db_url``; the keys."""
+    engine = db.create_engine(db_url)
+    try:
+        async with db.sessionmaker(engine)() as session, session.begin():
+            user = await users.create_user(session, email)
+            made = [await users.create_api_key(session, email) for _ in range(keys)]
+        if usd and usd != "0":
+            await ledger.topup(engine, f"test:{secrets.token_hex(8)}", user.id, usd_to_nano(usd, ledger.MAX_GRANT_USD))
+        return made
+    finally:
+        await engine.dispose()
+
+
+async def grant(db_url: str, email: str, usd: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        async with db.sessionmaker(engine)() as session:
+            user = await users.user_by_email(session, email)
+        await ledger.topup(engine, f"test:{secrets.token_hex(8)}", user.id, usd_to_nano(usd, ledger.MAX_GRANT_USD))
     finally:
         await engine.dispose()
 

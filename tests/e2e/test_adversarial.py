@@ -19,7 +19,6 @@ import msgspec
 import pytest
 
 from coordinator.trust import scores as trust
-from scripts import localpool
 from shared import errors
 from shared.protocol import Draining, JobAssign, JobChunk, JobDone, JobFailed, Usage
 from tests.harness import Pool
@@ -55,19 +54,14 @@ _names = iter(range(10_000))
 
 def provider(pool: Pool) -> tuple[str, int]:
     """A new provider account and agent token; returns (token, token id)."""
-    email = f"hostile{next(_names)}@providers.example"
-    localpool.admin(pool.env, "create-user", "--email", email)
-    token = localpool.admin(pool.env, "create-agent-token", "--email", email)
+    token, _ = pool.new_provider(f"hostile{next(_names)}")
     digest = hashlib.sha256(token.encode()).hexdigest()
     (token_id,) = _query(pool, "SELECT id FROM agent_tokens WHERE digest = ?", digest)[0]
     return token, int(token_id)
 
 
 def consumer(pool: Pool, usd: str) -> str:
-    email = f"consumer{next(_names)}@consumers.example"
-    localpool.admin(pool.env, "create-user", "--email", email)
-    localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", usd)
-    return localpool.admin(pool.env, "create-key", "--email", email)
+    return pool.new_consumer(f"consumer{next(_names)}@consumers.example", usd)[0]
 
 
 def _query(pool: Pool, sql: str, *args: object) -> list[tuple[Any, ...]]:

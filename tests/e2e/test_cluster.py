@@ -21,7 +21,7 @@ from scripts import cluster as cluster_script
 from scripts import localpool
 from scripts.cluster import Cluster
 from tests.conftest import redis_url
-from tests.harness import agents_at
+from tests.harness import agents_at, in_thread, new_consumer
 from tests.ledger_checks import books_of
 from tests.waiting import eventually
 
@@ -59,9 +59,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, own_database: str, prefix:
     agents: list[localpool.Proc] = []
     try:
         env = cluster.env
-        localpool.admin(env, "create-user", "--email", "cluster@example.com")
-        localpool.admin(env, "grant-credits", "--email", "cluster@example.com", "--usd", "50")
-        key = localpool.admin(env, "create-key", "--email", "cluster@example.com")
+        (key,) = in_thread(new_consumer(env["POOL_DATABASE_URL"], "cluster@example.com", "50"))
         token = localpool.admin(env, "create-agent-token", "--email", "cluster@example.com")
         for n in (1, 2):
             agents.append(

@@ -20,7 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator.core import db
 from coordinator.money import ledger
-from scripts import localpool
 from tests.harness import CONSUMER, Pool
 from tests.ledger_checks import balance, ledger_problems, pending_holds
 from tests.waiting import eventually
@@ -105,7 +104,7 @@ def test_exactly_the_covered_requests_are_served(db_url: str, llama: str, tmp_pa
     hold = max_tokens * PRICE_OUT_NANO  # input is free, so the prompt's bound adds nothing
     pool = start_pool(tmp_path, db_url, llama)
     try:
-        localpool.admin(pool.env, "grant-credits", "--email", CONSUMER, "--usd", f"{10 * hold / 1e9:.9f}")
+        pool.grant(CONSUMER, f"{10 * hold / 1e9:.9f}")
         payload = body(max_tokens)
 
         async def fire() -> list[httpx.Response]:

@@ -15,7 +15,6 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from scripts import localpool
 from tests.harness import Pool
 from tests.waiting import eventually
 
@@ -159,7 +158,7 @@ def test_a_developer_signs_up_creates_a_key_uses_it_sees_it_and_revokes_it(site:
     expect(row).to_have_count(1)
     assert page.locator("#keys b").count() == 0
 
-    localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", "5")
+    pool.grant(email, "5")
     client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key=key, max_retries=0)
     reply = client.chat.completions.create(model="smollm2-135m", messages=MSG)  # type: ignore[arg-type]
     request_id = (reply.model_extra or {})["x_pool"]["request_id"]
@@ -215,7 +214,7 @@ def test_a_developer_sets_a_keys_policy_and_audits_its_requests(site: Pool, brow
     page.get_by_role("button", name="Save policy").click()
     expect(page.get_by_role("status")).to_contain_text("Policy saved")
 
-    localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", "5")
+    pool.grant(email, "5")
     client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key=key, max_retries=0)
     mail = [{"role": "user", "content": "Write to ann@example.org"}]
     reply = client.chat.completions.create(model="smollm2-135m", messages=mail)  # type: ignore[arg-type]
@@ -328,7 +327,7 @@ def test_one_user_cannot_see_or_touch_another_users_keys_usage_or_agents(site: P
     key = create(owner, "Create key", "owner-key")
     owner.get_by_role("link", name="Done").click()
     key_id = owner.locator("#keys tbody tr", has_text="owner-key").get_attribute("data-key")
-    localpool.admin(pool.env, "grant-credits", "--email", "owner@example.com", "--usd", "1")
+    pool.grant("owner@example.com", "1")
     assert pool.post({"model": "smollm2-135m", "messages": MSG}, key=key).status_code == 200
     owner.get_by_role("link", name="Provider", exact=True).click()
     create(owner, "Create agent token", "owner-gpu")

@@ -162,7 +162,7 @@ def operator(browser: Browser, pool: Pool) -> Page:  # noqa: F811
 def test_the_operator_console_shows_users_agents_and_the_books_and_adjusts_credit(shop: Pool, browser: Browser) -> None:  # noqa: F811
     client = "client@example.com"
     shop.sign_up(client, PASSWORD)
-    localpool.admin(shop.env, "grant-credits", "--email", client, "--usd", "5")
+    shop.grant(client, "5")
     outsider = sign_up(browser, shop, "outsider@example.com")
     try:
         assert outsider.goto(f"{shop.url}/admin/").status == 404  # not an operator: no console

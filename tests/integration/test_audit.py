@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from scripts import localpool
 from tests.harness import Pool, last_request
 
 SLUG = "smollm2-135m"
@@ -44,9 +43,7 @@ def _list(pool: Pool, secret: str, **params: Any) -> httpx.Response:
 def test_requests_are_listed_with_their_tags_filtered_paged_and_exported(audited: Pool) -> None:
     pool = audited
     email = "audited@example.com"
-    localpool.admin(pool.env, "create-user", "--email", email)
-    localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", "1")
-    web, batch = (localpool.admin(pool.env, "create-key", "--email", email) for _ in range(2))
+    web, batch = pool.new_consumer(email, "1", keys=2)
     auth = {"authorization": f"Bearer {web}"}
     for n in range(5):
         body = {

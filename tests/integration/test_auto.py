@@ -67,9 +67,7 @@ def test_auto_needs_tools_json_and_room_for_the_prompt(chooser: Pool) -> None:
 
 def test_auto_keeps_to_the_keys_policy_and_refuses_clearly(chooser: Pool) -> None:
     email = f"auto-{secrets.token_hex(3)}@example.com"
-    localpool.admin(chooser.env, "create-user", "--email", email)
-    localpool.admin(chooser.env, "grant-credits", "--email", email, "--usd", "1")
-    key = localpool.admin(chooser.env, "create-key", "--email", email)
+    (key,) = chooser.new_consumer(email, "1")
     key_id = chooser.query("SELECT id FROM api_keys ORDER BY id DESC LIMIT 1")[0][0]
 
     def policy(value: str) -> None:

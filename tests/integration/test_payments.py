@@ -310,7 +310,7 @@ def page_client(pool: Pool, email: str) -> tuple[httpx.Client, str]:
 
 def test_only_an_operator_can_adjust_credit_and_only_with_the_consoles_form(paid: Pool) -> None:
     target = User(paid)
-    localpool.admin(paid.env, "grant-credits", "--email", target.email, "--usd", "5")
+    paid.grant(target.email, "5")
     target_id = int(asyncio.run(user_ids(paid.db_url, target.email)))
     form = {"amount": "-5", "reason": "taken"}
     outsider, outsider_csrf = page_client(paid, f"outsider-{secrets.token_hex(3)}@example.com")

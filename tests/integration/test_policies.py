@@ -60,7 +60,7 @@ class Owner:
     def __init__(self, pool: Pool) -> None:
         email = f"owner-{secrets.token_hex(3)}@example.com"
         session = pool.sign_up(email, "correct horse battery staple")
-        localpool.admin(pool.env, "grant-credits", "--email", email, "--usd", "5")
+        pool.grant(email, "5")
         self.pool, self.portal = pool, {"authorization": f"Bearer {session['token']}"}
         created = httpx.post(f"{pool.url}/v1/tokens", json={"displayName": "k"}, headers=self.portal, timeout=10)
         assert created.status_code == 201, created.text
