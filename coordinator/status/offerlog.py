@@ -52,6 +52,11 @@ Opened = dict[str, object]  # an offer_spans row to insert
 Ended = tuple[str, str, datetime]  # (agent id, model, when)
 
 
+def _away(exc: DBAPIError) -> bool:
+    """Whether the error says the database is out of reach (not that it refuses the change)."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+
+
 class OfferLog:
     def __init__(self, engine: AsyncEngine, instance_id: str, *, retention_days: float, lease_seconds: float) -> None:
         self.engine = engine
@@ -106,15 +111,21 @@ class OfferLog:
                 for event in queue:
                     await _write(conn, event)
         except DBAPIError as exc:
-            if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            if _away(exc):
                 self._queue[:0] = queue
                 raise
-            for event in queue:  # one by one: keep what the database takes
+            for i, event in enumerate(queue):  # one by one: keep what the database takes
                 try:
                     async with self.engine.begin() as conn:
                         await _write(conn, event)
                 except DBAPIError as refused:
+                    if _away(refused):  # gone meanwhile: this change and the rest wait for it
+                        self._queue[:0] = queue[i:]
+                        raise
                     log.warning("an offer span change was refused; dropped", extra={"error": type(refused).__name__})
+                except (OSError, ConnectionError):
+                    self._queue[:0] = queue[i:]
+                    raise
         except (OSError, ConnectionError):
             self._queue[:0] = queue
             raise

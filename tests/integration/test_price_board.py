@@ -20,9 +20,11 @@ import httpx
 import openai
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from coordinator.core import db
 from coordinator.market.registry import ConnectedAgent
+from coordinator.status import offerlog
 from coordinator.status.offerlog import OfferLog
 from scripts import localpool
 from shared.protocol import ModelOffer
@@ -440,6 +442,7 @@ def test_the_openapi_schema_documents_the_board(board: Board) -> None:
 
 
 async def test_the_offer_log_continues_a_returning_offer_and_drops_only_a_refused_change(db_url: str) -> None:
+    """Also: a database lost while changes go one by one keeps the rest queued."""
     engine = db.create_engine(db_url)
     try:
         await db.migrate(engine)
@@ -465,5 +468,29 @@ async def test_the_offer_log_continues_a_returning_offer_and_drops_only_a_refuse
         ]
         await log.flush()  # nothing was left queued: the refused change was dropped alone
         assert not log._queue
+
+        # The database goes away while changes are written one by one (after one it refused): the
+        # change at hand and those after it wait for it, none is dropped as refused.
+        log.opened(agent("agt_bad2", None), base + timedelta(seconds=300))  # refused: one by one from here
+        log.opened(agent("agt_4"), base + timedelta(seconds=310))
+        log.opened(agent("agt_5"), base + timedelta(seconds=320))
+        write, calls = offerlog._write, []
+
+        async def away_once(conn: Any, event: Any) -> None:  # the fault: a connection lost mid-loop
+            calls.append(event)
+            if len(calls) == 3:  # the batch's, then agt_bad2 alone, then agt_4's: the database is gone
+                raise OperationalError("INSERT", {}, ConnectionError("connection lost"))
+            await write(conn, event)
+
+        offerlog._write = away_once  # type: ignore[assignment]
+        try:
+            with pytest.raises(OperationalError):
+                await log.flush()
+        finally:
+            offerlog._write = write  # type: ignore[assignment]
+        assert len(log._queue) == 2  # agt_4's and agt_5's, in order
+        await log.flush()
+        spans = await log.spans(base, base + timedelta(hours=1))
+        assert {"agt_4", "agt_5"} <= {s.agent_id for s in spans}
     finally:
         await engine.dispose()
