@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import msgspec
 import pytest
+from anthropic import _base_client as base_client  # which HTTP library the SDK runs on
+from anthropic.lib.streaming import _messages as streaming  # the SDK's own stream accumulator
+from anthropic.types import Message
 
 from coordinator.market.messages_api import (
     MessagesRequest,
@@ -302,11 +306,7 @@ def completion(message: dict[str, Any], finish: str | None = "stop", **choice: A
 
 
 def sdk_message(message: dict[str, Any]) -> None:
-    """Anthropic's SDK takes it as a Message, where the SDK is installed (the rest holds without it)."""
-    try:
-        from anthropic.types import Message
-    except ImportError:
-        return
+    """Anthropic's SDK (a dev dependency) takes it as a Message."""
     assert Message.model_validate(message).id == message["id"]
 
 
@@ -529,7 +529,6 @@ def test_stream_fail() -> None:
 
 def final_message(frames: list[bytes]) -> Any:
     """The message Anthropic's SDK builds out of the events, with its own accumulator."""
-    streaming = pytest.importorskip("anthropic.lib.streaming._messages")
     snapshot, buffers = None, {}
     for event in parse(frames):
         if event["type"] != "ping":
@@ -560,16 +559,14 @@ def test_sdk_accumulates_tool_calls() -> None:
 
 def sdk_http() -> Any:
     """The HTTP library Anthropic's SDK is built on (httpx, or httpx2 in newer SDKs)."""
-    base = pytest.importorskip("anthropic._base_client")
-    http = getattr(base, "httpx2", None) or getattr(base, "httpx", None)
-    if http is None or not hasattr(http, "MockTransport"):
-        pytest.skip("this SDK's HTTP library has no MockTransport")
+    http = getattr(base_client, "httpx2", None) or getattr(base_client, "httpx", None)
+    assert http is not None and hasattr(http, "MockTransport"), "the SDK's HTTP library has changed"
     return http
 
 
 def test_sdk_client_streams_and_creates() -> None:
     """The SDK's own client, over an in-memory transport (no sockets), reads both replies."""
-    anthropic, http = pytest.importorskip("anthropic"), sdk_http()
+    http = sdk_http()
 
     def handler(req: Any) -> Any:
         body = msgspec.json.decode(req.content, type=MessagesRequest)
@@ -599,7 +596,7 @@ def test_sdk_client_streams_and_creates() -> None:
 
 
 def test_sdk_client_raises_a_stream_error() -> None:
-    anthropic, http = pytest.importorskip("anthropic"), sdk_http()
+    http = sdk_http()
     stream = MessageStream(message_id="msg_e", model="m")
     events = b"".join(stream.start() + stream.feed(delta(content="Hi")) + stream.fail(503, "no capacity"))
 

@@ -6,18 +6,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from coordinator.market.responses_api import ResponsesRequest, ResponseStream, ShapeError, from_chat, to_chat
 from shared.openai import ChatCompletionRequest
 
-try:
-    from openai.types.responses import Response, ResponseStreamEvent
-    from pydantic import TypeAdapter
-
-    EVENT: TypeAdapter[Any] | None = TypeAdapter(ResponseStreamEvent)
-except ImportError:  # the SDK is a dev dependency; without it the shapes are checked by hand only
-    Response = None  # type: ignore[assignment,misc]
-    EVENT = None
+EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)  # the SDK (a dev dependency) checks every event
 
 RID = "resp_abc"
 
@@ -40,19 +35,17 @@ def refused(req: ResponsesRequest) -> ShapeError:
 
 
 def sdk_response(body: dict[str, Any]) -> None:
-    if Response is not None:
-        Response.model_validate(body)
+    Response.model_validate(body)
 
 
 def events(frames: list[bytes]) -> list[dict[str, Any]]:
-    """The SSE frames' data, each checked against its ``event:`` line and, with the SDK, its union."""
+    """The SSE frames' data, each checked against its ``event:`` line and the SDK's event union."""
     out = []
     for frame in frames:
         head, data, end = frame.split(b"\n", 2)
         event = msgspec.json.decode(data.removeprefix(b"data: "))
         assert head == b"event: " + event["type"].encode() and end == b"\n"
-        if EVENT is not None:
-            EVENT.validate_python(event)
+        EVENT.validate_python(event)
         out.append(event)
     return out
 
@@ -275,9 +268,7 @@ def test_from_chat_text() -> None:
         None,
         None,
     )
-    sdk_response(body)
-    if Response is not None:
-        assert Response.model_validate(body).output_text == "Hello"
+    assert Response.model_validate(body).output_text == "Hello"
 
 
 def test_from_chat_tool_calls() -> None:
@@ -378,9 +369,7 @@ def test_stream_text() -> None:
     final = got[-1]["response"]
     assert final["status"] == "completed" and final["usage"]["total_tokens"] == 10
     assert final["x_pool"] == {"cost_usd": 0.1}
-    sdk_response(final)
-    if Response is not None:
-        assert Response.model_validate(final).output_text == "Hello"
+    assert Response.model_validate(final).output_text == "Hello"
     assert stream.feed(chunk({"content": "late"})) == [] and stream.finish() == []
 
 
